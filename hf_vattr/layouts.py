@@ -1,0 +1,316 @@
+"""Where each image's visual tokens sit, and what pixels each one covers.
+
+Model support is *declared*, never guessed from a model name: every supported
+``config.model_type`` has one :class:`ArchitectureSpec` row saying which config
+fields hold the image token id, the ViT patch size and the spatial merge size,
+and where the text decoder's attention modules live. Everything else comes
+from the processor outputs: ``input_ids`` (token positions) and
+``image_grid_thw`` (patch grid per image, *in patches*; the LLM token grid is
+``h / merge x w / merge``).
+
+Geometry: a visual token (row r, col c) of an image covers, in the resized
+image the processor fed the vision tower, the box
+``[r*u, (r+1)*u) x [c*u, (c+1)*u)`` with ``u = patch * merge`` pixels; in the
+original image the same box scaled by separate y and x factors
+(``orig_h / resized_h`` and ``orig_w / resized_w``), because processors round
+each side to a multiple of ``u`` independently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+__all__ = [
+    "ArchitectureSpec",
+    "ARCHITECTURES",
+    "register_architecture",
+    "architecture_spec",
+    "UnsupportedModelError",
+    "ImageTokens",
+    "VisualLayout",
+    "visual_layout",
+]
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not in the declarative table."""
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Declarative facts about one VLM architecture family.
+
+    Attribute paths are dotted paths relative to the top-level model
+    (``XForConditionalGeneration``) or config.
+    """
+
+    image_token_id: str = "image_token_id"  # config attribute
+    patch_size: str = "vision_config.patch_size"  # config attribute (pixels per ViT patch)
+    merge_size: str = "vision_config.spatial_merge_size"  # config attribute (patches per LLM token side)
+    decoder_layers: str = "model.language_model.layers"  # model attribute: the text decoder's layer list
+    attention: str = "self_attn"  # attribute of each decoder layer holding its attention module
+    text_config: str = "text_config"  # config attribute holding num_hidden_layers / num_attention_heads
+    family: str = ""  # human-readable family name for messages and docs
+
+
+_QWEN_FAMILY = ArchitectureSpec(family="Qwen2.5-VL / Qwen3-VL")
+_GLM_FAMILY = ArchitectureSpec(family="GLM-4.1V")
+
+#: ``config.model_type`` -> spec. Extend with :func:`register_architecture`.
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "qwen2_5_vl": ArchitectureSpec(family="Qwen2.5-VL (MiMo-VL, Cosmos-Reason1)"),
+    "qwen3_vl": ArchitectureSpec(family="Qwen3-VL"),
+    "qwen3_vl_moe": ArchitectureSpec(family="Qwen3-VL-MoE"),
+    "glm4v": ArchitectureSpec(family="GLM-4.1V"),
+    "glm4v_moe": ArchitectureSpec(family="GLM-4.5V (GLM-4.1V MoE)"),
+}
+
+
+def register_architecture(model_type: str, spec: ArchitectureSpec, *, overwrite: bool = False) -> None:
+    """Declare support for another ``config.model_type`` (explicit, never inferred)."""
+    if model_type in ARCHITECTURES and not overwrite:
+        raise ValueError(f"{model_type!r} is already declared; pass overwrite=True to replace it.")
+    ARCHITECTURES[model_type] = spec
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _config_of(model_or_config: Any):
+    return getattr(model_or_config, "config", model_or_config)
+
+
+def architecture_spec(model_or_config: Any) -> ArchitectureSpec:
+    """The declared spec for a model or config; a clear error if there is none."""
+    config = _config_of(model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"hf_vattr has no layout declared for model_type={model_type!r}. Supported: "
+            f"{sorted(ARCHITECTURES)}. To add one, declare where its facts live, e.g.\n"
+            "    from hf_vattr.layouts import ArchitectureSpec, register_architecture\n"
+            f"    register_architecture({model_type!r}, ArchitectureSpec(image_token_id='image_token_id', "
+            "patch_size='vision_config.patch_size', merge_size='vision_config.spatial_merge_size', "
+            "decoder_layers='model.language_model.layers', attention='self_attn'))"
+        )
+    spec = ARCHITECTURES[model_type]
+    missing = []
+    for name in ("image_token_id", "patch_size", "merge_size", "text_config"):
+        try:
+            _get_path(config, getattr(spec, name))
+        except AttributeError:
+            missing.append(f"{name} (config.{getattr(spec, name)})")
+    if missing:
+        raise UnsupportedModelError(
+            f"The config of model_type={model_type!r} lacks what its declared layout needs: {', '.join(missing)}. "
+            "Fix the ArchitectureSpec paths with register_architecture(..., overwrite=True)."
+        )
+    return spec
+
+
+def text_dims(model_or_config: Any) -> tuple[int, int]:
+    """(num_layers, num_heads) of the text decoder: the shape of the estimator's weights."""
+    config = _config_of(model_or_config)
+    text = _get_path(config, architecture_spec(config).text_config)
+    return int(text.num_hidden_layers), int(text.num_attention_heads)
+
+
+def attention_modules(model: Any) -> list[Any]:
+    """The text decoder's attention modules, in layer order."""
+    spec = architecture_spec(model)
+    try:
+        layers = _get_path(model, spec.decoder_layers)
+    except AttributeError as err:
+        raise UnsupportedModelError(
+            f"Could not find the decoder layers at model.{spec.decoder_layers} for "
+            f"{type(model).__name__}: {err}. Pass the *ForConditionalGeneration model, or fix the "
+            "declared path with register_architecture(..., overwrite=True)."
+        ) from None
+    return [getattr(layer, spec.attention) for layer in layers]
+
+
+@dataclass
+class ImageTokens:
+    """One image's visual tokens in the sequence, with their pixel geometry."""
+
+    image_index: int
+    positions: torch.Tensor  # (N,) sequence positions of this image's visual tokens, row-major
+    grid_thw: tuple[int, int, int]  # token grid (t, h, w) after merging
+    token_size: int  # pixels per token side in the resized image (patch * merge)
+    original_size: tuple[int, int] | None = None  # (height, width) of the image the user passed
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.numel())
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        return self.grid_thw[1], self.grid_thw[2]
+
+    @property
+    def resized_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the image as the vision tower saw it."""
+        return self.grid_thw[1] * self.token_size, self.grid_thw[2] * self.token_size
+
+    @property
+    def scale_yx(self) -> tuple[float, float]:
+        """Original pixels per resized pixel, separately for y and x."""
+        if self.original_size is None:
+            return 1.0, 1.0
+        rh, rw = self.resized_size
+        return self.original_size[0] / rh, self.original_size[1] / rw
+
+    def token_rc(self, token: int) -> tuple[int, int]:
+        """(row, col) of a token in the token grid (frame 0 for images)."""
+        w = self.grid_thw[2]
+        within = token % (self.grid_thw[1] * w)
+        return within // w, within % w
+
+    def token_box_resized(self, token: int) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1) pixel box of a token in the resized image (end-exclusive)."""
+        r, c = self.token_rc(token)
+        u = self.token_size
+        return r * u, c * u, (r + 1) * u, (c + 1) * u
+
+    def token_box_original(self, token: int) -> tuple[float, float, float, float]:
+        """(y0, x0, y1, x1) box of a token in original-image pixels (floats, end-exclusive)."""
+        y0, x0, y1, x1 = self.token_box_resized(token)
+        sy, sx = self.scale_yx
+        return y0 * sy, x0 * sx, y1 * sy, x1 * sx
+
+    def token_at_original(self, y: float, x: float) -> int:
+        """Index of the token covering original-image pixel (y, x)."""
+        sy, sx = self.scale_yx
+        u = self.token_size
+        h, w = self.grid_hw
+        r = min(max(int((y / sy) // u), 0), h - 1)
+        c = min(max(int((x / sx) // u), 0), w - 1)
+        return r * w + c
+
+    def grid_to_original_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per original-pixel row and column, the token row / col that covers it.
+
+        Lets callers paint token-level maps onto the original image with two
+        gathers (``grid[rows][:, cols]``) instead of a resize that could shift pixels.
+        """
+        if self.original_size is None:
+            raise ValueError("original_size is unknown; pass the images (or their sizes) when building the layout.")
+        oh, ow = self.original_size
+        sy, sx = self.scale_yx
+        u = self.token_size
+        h, w = self.grid_hw
+        ys = ((torch.arange(oh, dtype=torch.float64) + 0.5) / sy // u).long().clamp_(0, h - 1)
+        xs = ((torch.arange(ow, dtype=torch.float64) + 0.5) / sx // u).long().clamp_(0, w - 1)
+        return ys, xs
+
+
+@dataclass
+class VisualLayout:
+    """All images of one prompt (batch of one)."""
+
+    images: list[ImageTokens]
+    sequence_length: int
+    model_type: str = ""
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Sequence positions of every visual token, image after image."""
+        return torch.cat([im.positions for im in self.images])
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return sum(im.num_tokens for im in self.images)
+
+    @property
+    def first_visual_position(self) -> int:
+        return int(self.images[0].positions[0])
+
+    def image_slices(self) -> list[slice]:
+        """Slices of each image's tokens in the concatenated visual-token order."""
+        out, start = [], 0
+        for im in self.images:
+            out.append(slice(start, start + im.num_tokens))
+            start += im.num_tokens
+        return out
+
+
+def _image_sizes(images: Sequence[Any] | None) -> list[tuple[int, int]] | None:
+    if images is None:
+        return None
+    sizes = []
+    for img in images:
+        if isinstance(img, tuple) and len(img) == 2:
+            sizes.append((int(img[0]), int(img[1])))
+        elif hasattr(img, "size") and not hasattr(img, "shape"):  # PIL: (width, height)
+            sizes.append((int(img.size[1]), int(img.size[0])))
+        elif hasattr(img, "shape"):  # array: HWC (or CHW for torch)
+            shape = tuple(img.shape)
+            if isinstance(img, torch.Tensor) and len(shape) == 3 and shape[0] in (1, 3, 4):
+                sizes.append((int(shape[1]), int(shape[2])))
+            else:
+                sizes.append((int(shape[0]), int(shape[1])))
+        else:
+            raise TypeError(f"Cannot read the size of image {type(img).__name__}; pass PIL images, arrays or (h, w).")
+    return sizes
+
+
+def visual_layout(
+    model_or_config: Any,
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    images: Sequence[Any] | None = None,
+) -> VisualLayout:
+    """Locate every image's visual tokens in ``input_ids`` (batch of one).
+
+    ``images`` (PIL images, arrays or ``(height, width)`` tuples, in prompt order)
+    is optional; without it boxes are given in resized-image pixels only.
+    """
+    config = _config_of(model_or_config)
+    spec = architecture_spec(config)
+    if input_ids.dim() == 2:
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"hf_vattr attributes one sequence at a time, got a batch of {input_ids.shape[0]}. "
+                "Call it once per example (batching is not supported yet)."
+            )
+        input_ids = input_ids[0]
+    image_token_id = int(_get_path(config, spec.image_token_id))
+    patch = int(_get_path(config, spec.patch_size))
+    merge = int(_get_path(config, spec.merge_size))
+    positions = (input_ids == image_token_id).nonzero().flatten().cpu()
+    if positions.numel() == 0 or image_grid_thw is None or len(image_grid_thw) == 0:
+        raise ValueError(
+            "The prompt has no image: no token equals the image token id "
+            f"{image_token_id} (config.{spec.image_token_id}) or image_grid_thw is missing. Build the inputs with the "
+            "model's processor from a chat message that contains an image."
+        )
+    grids = [tuple(int(v) for v in row) for row in torch.as_tensor(image_grid_thw).tolist()]
+    counts = [t * (h // merge) * (w // merge) for t, h, w in grids]
+    if sum(counts) != positions.numel():
+        raise ValueError(
+            f"image_grid_thw {grids} implies {sum(counts)} visual tokens (merge size {merge}) but input_ids holds "
+            f"{positions.numel()} image tokens. Were input_ids and image_grid_thw produced by the same processor call?"
+        )
+    sizes = _image_sizes(images)
+    if sizes is not None and len(sizes) != len(grids):
+        raise ValueError(f"Got {len(sizes)} images but the prompt has {len(grids)}; pass them all, in prompt order.")
+    out, start = [], 0
+    for i, ((t, h, w), n) in enumerate(zip(grids, counts)):
+        out.append(
+            ImageTokens(
+                image_index=i,
+                positions=positions[start:start + n],
+                grid_thw=(t, h // merge, w // merge),
+                token_size=patch * merge,
+                original_size=None if sizes is None else sizes[i],
+            )
+        )
+        start += n
+    return VisualLayout(images=out, sequence_length=int(input_ids.numel()), model_type=config.model_type)

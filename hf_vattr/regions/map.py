@@ -1,0 +1,186 @@
+"""The region map: which visual token belongs to which region, and where regions are in pixels.
+
+A :class:`RegionMap` partitions the visual tokens of *one* image into K
+regions. Attribution is computed per region, so everything downstream (capture
+pooling, estimator scores, ablations, overlays) speaks in region indices.
+:class:`PromptRegions` stacks the maps of all images of a prompt into one
+global region index (image 0's regions first).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..layouts import ImageTokens, VisualLayout
+
+__all__ = ["RegionMap", "PromptRegions", "grid_regions", "prompt_regions"]
+
+
+@dataclass
+class RegionMap:
+    """K regions over one image's visual tokens.
+
+    ``membership`` (tokens x K) is fractional so that methods computed at a finer
+    resolution than the token grid (pixel masks, superpixels) can share a token
+    between regions; rows sum to 1. ``assignment`` is its arg-max.
+    """
+
+    image: ImageTokens
+    membership: torch.Tensor  # (N_tokens, K) float, rows sum to 1
+    method: str = "grid"
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        m = torch.as_tensor(self.membership, dtype=torch.float32)
+        if m.dim() != 2 or m.shape[0] != self.image.num_tokens:
+            raise ValueError(
+                f"membership must be (num_tokens={self.image.num_tokens}, K), got {tuple(m.shape)}."
+            )
+        if (m < 0).any() or not torch.allclose(m.sum(1), torch.ones(m.shape[0]), atol=1e-4):
+            raise ValueError("membership rows must be non-negative and sum to 1 (every token fully covered).")
+        self.membership = m
+
+    @classmethod
+    def from_assignment(cls, image: ImageTokens, assignment: Sequence[int] | torch.Tensor, method: str = "custom",
+                        info: dict | None = None) -> "RegionMap":
+        """Hard partition from one region label per token (labels are renumbered 0..K-1 in order of appearance)."""
+        labels = torch.as_tensor(np.asarray(assignment), dtype=torch.long).flatten()
+        _, inverse = torch.unique(labels, sorted=True, return_inverse=True)
+        k = int(inverse.max()) + 1
+        membership = torch.zeros(labels.numel(), k)
+        membership[torch.arange(labels.numel()), inverse] = 1.0
+        return cls(image, membership, method, dict(info or {}))
+
+    @property
+    def num_regions(self) -> int:
+        return int(self.membership.shape[1])
+
+    @property
+    def assignment(self) -> torch.Tensor:
+        """(N_tokens,) hard region index of each token."""
+        return self.membership.argmax(1)
+
+    def token_grid(self) -> torch.Tensor:
+        """(h, w) region label of each token of frame 0, in the token grid."""
+        h, w = self.image.grid_hw
+        return self.assignment[: h * w].reshape(h, w)
+
+    def pixel_labels(self) -> np.ndarray:
+        """(H, W) region label per pixel of the *original* image (resized image if the size is unknown)."""
+        grid = self.token_grid()
+        if self.image.original_size is None:
+            u = self.image.token_size
+            return grid.repeat_interleave(u, 0).repeat_interleave(u, 1).numpy()
+        ys, xs = self.image.grid_to_original_index()
+        return grid[ys][:, xs].numpy()
+
+    def pixel_masks(self) -> np.ndarray:
+        """(K, H, W) boolean masks at the original image resolution, for drawing."""
+        labels = self.pixel_labels()
+        return labels[None] == np.arange(self.num_regions)[:, None, None]
+
+    def to_dict(self) -> dict:
+        im = self.image
+        return {
+            "method": self.method,
+            "info": self.info,
+            "image": {
+                "image_index": im.image_index,
+                "positions": im.positions.tolist(),
+                "grid_thw": list(im.grid_thw),
+                "token_size": im.token_size,
+                "original_size": None if im.original_size is None else list(im.original_size),
+            },
+            "membership": self.membership.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RegionMap":
+        im = data["image"]
+        image = ImageTokens(
+            image_index=int(im["image_index"]),
+            positions=torch.tensor(im["positions"], dtype=torch.long),
+            grid_thw=tuple(im["grid_thw"]),
+            token_size=int(im["token_size"]),
+            original_size=None if im["original_size"] is None else tuple(im["original_size"]),
+        )
+        return cls(image, torch.tensor(data["membership"]), data["method"], data.get("info", {}))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RegionMap":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def grid_regions(image: ImageTokens, k: int = 16) -> RegionMap:
+    """A regular rows x cols grid of about ``k`` regions over the token grid.
+
+    The fallback that needs nothing but the layout: rows and cols are chosen
+    to match the image aspect ratio, each at most the token grid's size.
+    """
+    h, w = image.grid_hw
+    k = max(1, min(int(k), h * w))
+    rows = max(1, min(h, int(round(np.sqrt(k * h / w)))))
+    cols = max(1, min(w, int(round(k / rows))))
+    r_edges = np.linspace(0, h, rows + 1).round().astype(int)
+    c_edges = np.linspace(0, w, cols + 1).round().astype(int)
+    row_of = np.searchsorted(r_edges, np.arange(h), side="right") - 1
+    col_of = np.searchsorted(c_edges, np.arange(w), side="right") - 1
+    labels = (row_of[:, None] * cols + col_of[None, :]).reshape(-1)
+    frames = image.grid_thw[0]
+    labels = np.tile(labels, frames)
+    return RegionMap.from_assignment(image, labels, method="grid", info={"rows": rows, "cols": cols})
+
+
+@dataclass
+class PromptRegions:
+    """The region maps of every image of a prompt, as one global region index."""
+
+    layout: VisualLayout
+    maps: list[RegionMap]
+
+    def __post_init__(self) -> None:
+        if len(self.maps) != len(self.layout.images):
+            raise ValueError(f"Got {len(self.maps)} region maps for {len(self.layout.images)} images.")
+
+    @property
+    def num_regions(self) -> int:
+        return sum(m.num_regions for m in self.maps)
+
+    def region_offsets(self) -> list[int]:
+        offsets, start = [], 0
+        for m in self.maps:
+            offsets.append(start)
+            start += m.num_regions
+        return offsets
+
+    def region_owner(self, region: int) -> tuple[int, int]:
+        """(image index, local region index) of a global region index."""
+        for i, off in enumerate(self.region_offsets()):
+            if off <= region < off + self.maps[i].num_regions:
+                return i, region - off
+        raise IndexError(f"region {region} out of range 0..{self.num_regions - 1}")
+
+    def membership(self) -> torch.Tensor:
+        """(N_visual, K_total) block-diagonal membership over all visual tokens of the prompt."""
+        return torch.block_diag(*[m.membership for m in self.maps])
+
+    def token_masks(self) -> torch.Tensor:
+        """(K_total, N_visual) bool: tokens whose hard assignment is each region (for ablation)."""
+        hard = torch.block_diag(*[torch.nn.functional.one_hot(m.assignment, m.num_regions) for m in self.maps])
+        return hard.T.bool()
+
+
+def prompt_regions(layout: VisualLayout, maps: Sequence[RegionMap] | None = None, k: int = 16) -> PromptRegions:
+    """Region maps for every image; a ``k``-region grid where none is given."""
+    if maps is None:
+        maps = [grid_regions(im, k) for im in layout.images]
+    return PromptRegions(layout, list(maps))
