@@ -1,0 +1,371 @@
+"""Faithfulness metrics: how well attribution scores predict real ablation effects.
+
+Every function here is pure and numeric: array-likes in (numpy arrays, lists, or torch
+tensors, including ones on GPU, requiring grad, or in half precision), Python floats or
+numpy arrays out. Nothing imports torch.
+
+Conventions shared by the whole module
+
+* ``scores`` / ``predicted``: one value per image region, shape ``(K,)``. Higher means
+  "this region matters more for the span" (a predicted log-prob drop).
+* ``masks``: boolean, shape ``(M, K)``. **True means the region is ABLATED** (knocked
+  out) in that subset; False means it is kept. This is the opposite of "keep masks" used
+  by some ContextCite code, so convert before calling if yours are keep-masks
+  (``~keep``).
+* ``actual`` / ``actual_effects``: measured log-prob drops,
+  ``log p(S | x) - log p(S | x with the subset ablated)``; positive = the regions helped.
+
+Undefined correlations (an input that is constant) come back as ``nan`` instead of
+raising, because that happens legitimately per span (e.g. a span that ignores the image)
+and aggregates should skip it and count it; see :func:`summarize` and :func:`mean_lds`.
+Malformed inputs (wrong shapes, empty, NaN/inf) raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "as_array",
+    "subset_predictions",
+    "lds",
+    "LDSSummary",
+    "mean_lds",
+    "topk_regions",
+    "topk_mask",
+    "topk_drop",
+    "ablation_from_table",
+    "pearson",
+    "spearman",
+    "r2_score",
+    "calibrated_r2",
+    "per_span_correlation",
+    "summarize",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def as_array(x: Any, *, dtype: Any = np.float64) -> np.ndarray:
+    """Convert an array-like or torch tensor to a numpy array of ``dtype``.
+
+    Torch tensors are detached and moved to CPU first so that GPU / grad / bfloat16
+    tensors work without the caller thinking about it (``np.asarray`` alone fails on all
+    three).
+    """
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, duck-typed
+        x = x.detach().cpu()
+        if x.is_floating_point():
+            x = x.double()
+        x = x.numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _vector(x: Any, name: str) -> np.ndarray:
+    """A finite, non-empty 1-D float64 vector, or a ValueError that says what to fix."""
+    a = as_array(x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one value per region/subset); got shape {a.shape}.")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty; pass at least one value.")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(
+            f"{name} contains NaN or inf at positions {np.flatnonzero(~np.isfinite(a)).tolist()}; "
+            "drop or impute those entries before computing metrics."
+        )
+    return a
+
+
+def _same_length(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same length; got {a.shape[0]} and {b.shape[0]}. "
+            "Pass one value per region (or per subset) in both."
+        )
+
+
+def _ablation_masks(masks: Any, num_regions: int) -> np.ndarray:
+    """Validate an (M, K) ablation-mask matrix (True = ablated) and return it as bool."""
+    raw = as_array(masks, dtype=None)
+    if raw.ndim != 2:
+        raise ValueError(f"masks must be 2-D (subsets x regions); got shape {raw.shape}.")
+    if raw.shape[0] == 0:
+        raise ValueError("masks has no subsets (M=0); pass at least one ablation subset.")
+    if raw.shape[1] != num_regions:
+        raise ValueError(
+            f"masks has {raw.shape[1]} columns but there are {num_regions} region scores; "
+            "columns must be regions in the same order as the scores."
+        )
+    if raw.dtype != bool:
+        if not np.all(np.isin(raw, (0, 1))):
+            raise ValueError(
+                "masks must be boolean (True = region ablated) or 0/1; got other values."
+            )
+        raw = raw.astype(bool)
+    return raw
+
+
+def _is_constant(a: np.ndarray) -> bool:
+    return bool(np.all(a == a[0]))
+
+
+# --------------------------------------------------------------------------- correlations
+
+
+def pearson(predicted: Any, actual: Any) -> float:
+    """Pearson correlation of two equal-length vectors; ``nan`` if either is constant.
+
+    Scale- and shift-free, which is why the estimator is trained on it (DESIGN item 5).
+    """
+    p, a = _vector(predicted, "predicted"), _vector(actual, "actual")
+    _same_length(p, a, "predicted", "actual")
+    if p.size < 2 or _is_constant(p) or _is_constant(a):
+        return float("nan")
+    pc, ac = p - p.mean(), a - a.mean()
+    r = float(pc @ ac / np.sqrt((pc @ pc) * (ac @ ac)))
+    return float(np.clip(r, -1.0, 1.0))
+
+
+def spearman(predicted: Any, actual: Any) -> float:
+    """Spearman rank correlation; ``nan`` if either input is constant (no ranking)."""
+    p, a = _vector(predicted, "predicted"), _vector(actual, "actual")
+    _same_length(p, a, "predicted", "actual")
+    if p.size < 2 or _is_constant(p) or _is_constant(a):
+        return float("nan")
+    return float(stats.spearmanr(p, a).statistic)
+
+
+def r2_score(predicted: Any, actual: Any) -> float:
+    """Raw coefficient of determination ``1 - SS_res / SS_tot`` of ``predicted`` for ``actual``.
+
+    This is the *uncalibrated* R^2: predictions are taken at face value, so it is
+    scale-sensitive (scores that rank perfectly but are off by a factor of 2 score < 1,
+    and it can be arbitrarily negative). Use it when scores claim to be log-prob drops in
+    their own units. ``nan`` if ``actual`` is constant (SS_tot = 0).
+    """
+    p, a = _vector(predicted, "predicted"), _vector(actual, "actual")
+    _same_length(p, a, "predicted", "actual")
+    ss_tot = float(np.sum((a - a.mean()) ** 2))
+    if ss_tot == 0.0:
+        return float("nan")
+    return 1.0 - float(np.sum((a - p) ** 2)) / ss_tot
+
+
+def calibrated_r2(predicted: Any, actual: Any) -> float:
+    """R^2 after least-squares fitting ``actual ~ a * predicted + b``; equals Pearson^2.
+
+    Scale-free counterpart of :func:`r2_score`: measures how much variance of the actual
+    effects a linear recalibration of the scores can explain (what "R^2 of predicted vs
+    actual" in a scatter plot with a fitted line reports). ``nan`` if either is constant.
+    """
+    r = pearson(predicted, actual)
+    return r * r
+
+
+def per_span_correlation(
+    predicted: Iterable[Any],
+    actual: Iterable[Any],
+    method: Literal["pearson", "spearman", "r2", "calibrated_r2"] = "pearson",
+) -> np.ndarray:
+    """One correlation value per span, from parallel sequences of per-span vectors.
+
+    Spans have different region counts K, so inputs are sequences, not matrices. The
+    result may contain ``nan`` (constant spans); aggregate with :func:`summarize`.
+    """
+    fns: dict[str, Callable[[Any, Any], float]] = {
+        "pearson": pearson,
+        "spearman": spearman,
+        "r2": r2_score,
+        "calibrated_r2": calibrated_r2,
+    }
+    if method not in fns:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(fns)}.")
+    preds, acts = list(predicted), list(actual)
+    if len(preds) != len(acts):
+        raise ValueError(
+            f"got {len(preds)} predicted spans but {len(acts)} actual spans; pass one of each per span."
+        )
+    if not preds:
+        raise ValueError("no spans given; pass at least one span.")
+    return np.array([fns[method](p, a) for p, a in zip(preds, acts)], dtype=np.float64)
+
+
+def summarize(values: Any) -> dict[str, float]:
+    """Mean, sample std (ddof=1), count, and standard error of per-span metric values.
+
+    NaN entries mean "undefined for this span" and are skipped but counted in ``n_nan`` so
+    a report can say how many spans were excluded. ``inf`` is kept (it is a real value,
+    e.g. tortuosity of a closed loop). Keys: ``mean, std, sem, n, n_nan``.
+    """
+    v = as_array(values).ravel()
+    if v.size == 0:
+        raise ValueError("values is empty; pass at least one metric value.")
+    ok = v[~np.isnan(v)]
+    n = int(ok.size)
+    mean = float(ok.mean()) if n else float("nan")
+    std = float(ok.std(ddof=1)) if n >= 2 else float("nan")
+    sem = std / np.sqrt(n) if n >= 2 else float("nan")
+    return {"mean": mean, "std": std, "sem": float(sem), "n": n, "n_nan": int(v.size - n)}
+
+
+# --------------------------------------------------------------------------- LDS
+
+
+def subset_predictions(predicted_scores: Any, masks: Any) -> np.ndarray:
+    """Predicted effect of ablating each subset: the sum of its ablated regions' scores.
+
+    This additivity is the linear-datamodel assumption LDS tests (ContextCite / AT2).
+    """
+    s = _vector(predicted_scores, "predicted_scores")
+    m = _ablation_masks(masks, s.size)
+    return m.astype(np.float64) @ s
+
+
+def lds(predicted_scores: Any, masks: Any, actual_effects: Any) -> float:
+    """Linear Datamodeling Score of one span.
+
+    Args:
+        predicted_scores: ``(K,)`` per-region attribution scores.
+        masks: ``(M, K)`` bool, **True = region ablated** in subset m.
+        actual_effects: ``(M,)`` measured log-prob drop of the span under each subset.
+
+    Returns:
+        Spearman correlation over the M subsets between the predicted subset effect
+        (sum of ablated regions' scores) and the actual one; ``nan`` if either side is
+        constant (e.g. all scores equal and every subset the same size).
+    """
+    pred = subset_predictions(predicted_scores, masks)
+    act = _vector(actual_effects, "actual_effects")
+    if act.shape != pred.shape:
+        raise ValueError(
+            f"actual_effects has {act.size} entries but masks has {pred.size} subsets; "
+            "pass one measured effect per mask row."
+        )
+    return spearman(pred, act)
+
+
+@dataclass(frozen=True)
+class LDSSummary:
+    """Aggregate LDS over spans. ``mean``/``std``/``sem`` skip the ``n_nan`` undefined spans."""
+
+    mean: float
+    std: float
+    sem: float
+    n: int
+    n_nan: int
+    values: np.ndarray = field(repr=False)
+
+
+def mean_lds(spans: Iterable[tuple[Any, Any, Any]]) -> LDSSummary:
+    """LDS averaged over spans, ignoring (and counting) spans where it is undefined.
+
+    Args:
+        spans: iterable of ``(predicted_scores, masks, actual_effects)`` triples, one per
+            span, each as in :func:`lds`. K and M may differ between spans.
+    """
+    values = []
+    for i, span in enumerate(spans):
+        if len(span) != 3:
+            raise ValueError(
+                f"span {i} has {len(span)} items; expected (predicted_scores, masks, actual_effects)."
+            )
+        try:
+            values.append(lds(*span))
+        except ValueError as e:
+            raise ValueError(f"span {i}: {e}") from e
+    if not values:
+        raise ValueError("no spans given; pass at least one (scores, masks, effects) triple.")
+    v = np.array(values, dtype=np.float64)
+    s = summarize(v)
+    return LDSSummary(s["mean"], s["std"], s["sem"], s["n"], s["n_nan"], v)
+
+
+# --------------------------------------------------------------------------- top-k drop
+
+
+def _check_k(k: int, num_regions: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k must be an integer; got {k!r}.")
+    if not 1 <= k <= num_regions:
+        raise ValueError(
+            f"k={k} is out of range for {num_regions} regions; use 1 <= k <= {num_regions} "
+            "(clip k to the number of regions for small images)."
+        )
+    return int(k)
+
+
+def topk_regions(scores: Any, k: int) -> np.ndarray:
+    """Indices of the k highest scores, best first; ties go to the lower region index.
+
+    Deterministic tie-breaking keeps Top-K drop reproducible when scores tie (e.g. the
+    all-zero scores of a text-only span, or the random baseline with coarse values).
+    """
+    s = _vector(scores, "scores")
+    k = _check_k(k, s.size)
+    return np.argsort(-s, kind="stable")[:k]
+
+
+def topk_mask(scores: Any, k: int) -> np.ndarray:
+    """``(K,)`` bool ablation mask (True = ablated) selecting :func:`topk_regions`."""
+    s = _vector(scores, "scores")
+    mask = np.zeros(s.size, dtype=bool)
+    mask[topk_regions(s, k)] = True
+    return mask
+
+
+def topk_drop(scores: Any, ablate: Callable[[np.ndarray], float], k: int) -> float:
+    """Top-K drop: the log-prob drop when the k top-scored regions are ablated together.
+
+    Higher is more faithful: a good attribution puts the regions the span truly needs at
+    the top. ``ablate`` receives a fresh ``(K,)`` bool mask, **True = ablate**, and must
+    return the measured drop ``log p(S|x) - log p(S|x ablated)``; it is called exactly
+    once. Use :func:`ablation_from_table` to evaluate against precomputed ablations.
+    """
+    mask = topk_mask(scores, k)
+    drop = ablate(mask.copy())
+    try:
+        value = float(np.asarray(as_array(drop)).item())
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"ablate must return one number (the log-prob drop); got {drop!r}.") from e
+    if not np.isfinite(value):
+        raise ValueError(f"ablate returned {value} for mask {mask.astype(int).tolist()}; expected a finite drop.")
+    return value
+
+
+def ablation_from_table(masks: Any, effects: Any) -> Callable[[np.ndarray], float]:
+    """An ``ablate`` function that looks a mask up in precomputed ablation results.
+
+    Lets :func:`topk_drop` run offline against ground truth collected once (e.g. LDS
+    subsets plus leave-one-out and top-k masks). A mask not in the table raises
+    ``KeyError`` naming the missing regions, rather than silently guessing.
+    """
+    m = as_array(masks, dtype=None)
+    if m.ndim != 2:
+        raise ValueError(f"masks must be 2-D (subsets x regions); got shape {m.shape}.")
+    m = _ablation_masks(m, m.shape[1])
+    e = _vector(effects, "effects")
+    if e.size != m.shape[0]:
+        raise ValueError(f"got {m.shape[0]} masks but {e.size} effects; pass one effect per mask.")
+    table: dict[bytes, float] = {}
+    for row, eff in zip(m, e):
+        key = np.packbits(row).tobytes()
+        if key in table and table[key] != eff:
+            raise ValueError(f"mask {np.flatnonzero(row).tolist()} appears twice with different effects.")
+        table[key] = float(eff)
+    num_regions = m.shape[1]
+
+    def ablate(mask: np.ndarray) -> float:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (num_regions,):
+            raise ValueError(f"mask must have shape ({num_regions},); got {mask.shape}.")
+        key = np.packbits(mask).tobytes()
+        if key not in table:
+            raise KeyError(f"no precomputed ablation for regions {np.flatnonzero(mask).tolist()}.")
+        return table[key]
+
+    return ablate

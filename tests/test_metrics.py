@@ -1,0 +1,208 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hf_vattr import metrics as M
+
+
+# --------------------------------------------------------------------------- LDS
+
+
+def test_lds_perfect_monotone_is_one_and_reversed_is_minus_one():
+    scores = np.array([0.5, 1.0, 2.0, 4.0])
+    masks = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=bool)
+    pred = masks @ scores  # 0.5, 1, 1.5, 2, 6
+    assert M.lds(scores, masks, np.exp(pred)) == pytest.approx(1.0)  # monotone, not linear
+    assert M.lds(scores, masks, -pred**3) == pytest.approx(-1.0)
+
+
+def test_lds_three_subset_hand_example():
+    # predicted subset effects: [1, 5, 3] -> ranks [1, 3, 2]; actual ranks [2, 1, 3]
+    # d = [-1, 2, -1], sum d^2 = 6, rho = 1 - 6*6 / (3*8) = -0.5
+    scores = [1.0, 2.0, 3.0]
+    masks = [[True, False, False], [False, True, True], [True, True, False]]
+    np.testing.assert_allclose(M.subset_predictions(scores, masks), [1.0, 5.0, 3.0])
+    assert M.lds(scores, masks, [0.5, 0.2, 0.9]) == pytest.approx(-0.5)
+
+
+def test_lds_mask_convention_true_means_ablated():
+    # Only region 0 matters; subsets that ablate it have the big drop.
+    scores = [1.0, 0.1]
+    masks = [[True, False], [False, True], [False, False]]
+    assert M.lds(scores, masks, [2.0, 0.1, 0.0]) == pytest.approx(1.0)
+    # The complementary (keep-mask) reading ranks exactly the other way.
+    assert M.lds(scores, ~np.array(masks), [2.0, 0.1, 0.0]) == pytest.approx(-1.0)
+
+
+def test_lds_constant_prediction_or_effect_is_nan():
+    masks = [[1, 0], [0, 1], [1, 0]]
+    assert math.isnan(M.lds([1.0, 1.0], masks, [0.1, 0.2, 0.3]))
+    assert math.isnan(M.lds([1.0, 2.0], masks, [0.3, 0.3, 0.3]))
+
+
+def test_mean_lds_ignores_and_counts_nan_spans():
+    masks = np.array([[1, 0], [0, 1], [1, 1]], dtype=bool)
+    spans = [
+        ([1.0, 2.0], masks, [1.0, 2.0, 3.0]),  # +1
+        ([1.0, 2.0], masks, [3.0, 2.0, 1.0]),  # -1
+        ([1.0, 1.0], masks[:2], [0.1, 0.2]),  # constant prediction -> nan
+    ]
+    res = M.mean_lds(spans)
+    assert res.mean == pytest.approx(0.0)
+    assert res.n == 2 and res.n_nan == 1
+    assert res.std == pytest.approx(math.sqrt(2.0))
+    assert res.values.shape == (3,) and math.isnan(res.values[2])
+
+
+def test_mean_lds_reports_which_span_is_bad():
+    good = ([1.0, 2.0], [[1, 0], [0, 1]], [1.0, 2.0])
+    with pytest.raises(ValueError, match="span 1"):
+        M.mean_lds([good, ([1.0, 2.0], [[1, 0], [0, 1]], [1.0])])
+    with pytest.raises(ValueError, match="no spans"):
+        M.mean_lds([])
+
+
+def test_lds_validation_errors():
+    with pytest.raises(ValueError, match="columns"):
+        M.lds([1.0, 2.0, 3.0], [[1, 0], [0, 1]], [1.0, 2.0])
+    with pytest.raises(ValueError, match="one measured effect per mask row"):
+        M.lds([1.0, 2.0], [[1, 0], [0, 1]], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="NaN"):
+        M.lds([1.0, float("nan")], [[1, 0], [0, 1]], [1.0, 2.0])
+    with pytest.raises(ValueError, match="NaN"):
+        M.lds([1.0, 2.0], [[1, 0], [0, 1]], [1.0, float("nan")])
+    with pytest.raises(ValueError, match="boolean"):
+        M.lds([1.0, 2.0], [[2, 0], [0, 1]], [1.0, 2.0])
+    with pytest.raises(ValueError, match="empty"):
+        M.lds([], np.zeros((2, 0), bool), [1.0, 2.0])
+    with pytest.raises(ValueError, match="M=0"):
+        M.lds([1.0, 2.0], np.zeros((0, 2), bool), [])
+    with pytest.raises(ValueError, match="2-D"):
+        M.lds([1.0, 2.0], [1, 0], [1.0])
+
+
+def test_lds_accepts_torch_tensors_with_grad():
+    scores = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    masks = torch.tensor([[True, False, False], [False, True, True], [True, True, False]])
+    actual = torch.tensor([0.5, 0.2, 0.9], dtype=torch.bfloat16)
+    assert M.lds(scores, masks, actual) == pytest.approx(-0.5)
+
+
+# --------------------------------------------------------------------------- top-k
+
+
+def test_topk_regions_order_and_ties():
+    np.testing.assert_array_equal(M.topk_regions([0.1, 0.5, 0.5, 0.2], 2), [1, 2])
+    np.testing.assert_array_equal(M.topk_regions([0.1, 0.5, 0.5, 0.2], 3), [1, 2, 3])
+    np.testing.assert_array_equal(M.topk_regions([0.3, 0.3, 0.3], 1), [0])
+    np.testing.assert_array_equal(M.topk_regions([0.0, 0.3, 0.3, 0.9], 2), [3, 1])
+    many = np.tile([0.2, 0.7, 0.1, 0.7], 25)  # 50 tied 0.7s at odd indices
+    np.testing.assert_array_equal(M.topk_regions(many, 4), [1, 3, 5, 7])
+
+
+def test_topk_drop_calls_ablation_with_expected_mask():
+    calls = []
+
+    def ablate(mask):
+        calls.append(mask)
+        return 1.25
+
+    assert M.topk_drop([0.1, 0.9, -0.4, 0.5, 0.5], ablate, k=2) == 1.25
+    assert len(calls) == 1
+    assert calls[0].dtype == bool
+    np.testing.assert_array_equal(calls[0], [False, True, False, True, False])
+
+
+def test_topk_drop_against_table():
+    masks = [[1, 0, 0], [0, 1, 0], [0, 1, 1], [1, 1, 0]]
+    ablate = M.ablation_from_table(masks, [0.3, 0.7, 1.5, 2.0])
+    assert M.topk_drop([0.0, 5.0, 1.0], ablate, 1) == pytest.approx(0.7)
+    assert M.topk_drop([0.0, 5.0, 1.0], ablate, 2) == pytest.approx(1.5)
+    assert M.topk_drop([2.0, 5.0, 1.0], ablate, 2) == pytest.approx(2.0)
+    with pytest.raises(KeyError, match=r"\[0, 1, 2\]"):
+        M.topk_drop([2.0, 5.0, 1.0], ablate, 3)
+
+
+def test_topk_validation_errors():
+    with pytest.raises(ValueError, match="out of range"):
+        M.topk_regions([0.1, 0.2], 3)
+    with pytest.raises(ValueError, match="out of range"):
+        M.topk_drop([0.1, 0.2], lambda m: 0.0, 0)
+    with pytest.raises(ValueError, match="integer"):
+        M.topk_regions([0.1, 0.2], 1.5)
+    with pytest.raises(ValueError, match="one number"):
+        M.topk_drop([0.1, 0.2], lambda m: [1.0, 2.0], 1)
+    with pytest.raises(ValueError, match="finite"):
+        M.topk_drop([0.1, 0.2], lambda m: float("nan"), 1)
+    with pytest.raises(ValueError, match="one effect per mask"):
+        M.ablation_from_table([[1, 0]], [0.1, 0.2])
+    with pytest.raises(ValueError, match="twice"):
+        M.ablation_from_table([[1, 0], [1, 0]], [0.1, 0.2])
+
+
+# --------------------------------------------------------------------------- R^2 / Pearson
+
+
+def test_r2_known_values():
+    a = [1.0, 2.0, 3.0]
+    assert M.r2_score(a, a) == pytest.approx(1.0)
+    assert M.r2_score([2.0, 2.0, 2.0], a) == pytest.approx(0.0)  # predicting the mean
+    assert M.r2_score([1.0, 2.0, 4.0], a) == pytest.approx(0.5)  # SS_res 1, SS_tot 2
+    # Raw R^2 is scale-sensitive, calibrated R^2 is not.
+    assert M.r2_score([2.0, 4.0, 6.0], a) == pytest.approx(-6.0)  # 1 - 14/2
+    assert M.calibrated_r2([2.0, 4.0, 6.0], a) == pytest.approx(1.0)
+    assert math.isnan(M.r2_score([1.0, 2.0, 3.0], [5.0, 5.0, 5.0]))
+
+
+def test_pearson_known_values():
+    # centered: [-1, 0, 1] and [-1, 1, 0] -> cov 1 / (sqrt2*sqrt2) = 0.5
+    assert M.pearson([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]) == pytest.approx(0.5)
+    assert M.calibrated_r2([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]) == pytest.approx(0.25)
+    assert M.pearson([1.0, 2.0, 3.0], [30.0, 20.0, 10.0]) == pytest.approx(-1.0)
+    assert math.isnan(M.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+    assert math.isnan(M.calibrated_r2([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]))
+
+
+def test_calibrated_r2_matches_least_squares_fit():
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=20)
+    a = 3.0 * p + rng.normal(size=20)
+    slope, intercept = np.polyfit(p, a, 1)
+    assert M.calibrated_r2(p, a) == pytest.approx(M.r2_score(slope * p + intercept, a))
+
+
+def test_correlation_validation_errors():
+    with pytest.raises(ValueError, match="same length"):
+        M.pearson([1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="same length"):
+        M.r2_score([1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="empty"):
+        M.pearson([], [])
+    with pytest.raises(ValueError, match="NaN"):
+        M.r2_score([1.0, float("nan")], [1.0, 2.0])
+    with pytest.raises(ValueError, match="1-D"):
+        M.pearson([[1.0, 2.0]], [[1.0, 2.0]])
+
+
+def test_per_span_correlation_and_summarize():
+    vals = M.per_span_correlation(
+        [[1.0, 2.0, 3.0], [1.0, 2.0], [1.0, 1.0]],
+        [[1.0, 3.0, 2.0], [2.0, 1.0], [0.0, 1.0]],
+    )
+    np.testing.assert_allclose(vals, [0.5, -1.0, np.nan])
+    s = M.summarize(vals)
+    assert s["mean"] == pytest.approx(-0.25)
+    assert s["n"] == 2 and s["n_nan"] == 1
+    assert s["std"] == pytest.approx(math.sqrt(2 * 0.75**2))
+    assert s["sem"] == pytest.approx(s["std"] / math.sqrt(2))
+    sp = M.per_span_correlation([[1.0, 2.0, 3.0]], [[1.0, 4.0, 9.0]], method="spearman")
+    assert sp[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown method"):
+        M.per_span_correlation([[1.0]], [[1.0]], method="kendall")
+    with pytest.raises(ValueError, match="2 predicted spans but 1"):
+        M.per_span_correlation([[1.0], [2.0]], [[1.0]])
+    with pytest.raises(ValueError, match="empty"):
+        M.summarize([])
+    assert M.summarize([float("nan")])["n"] == 0
