@@ -1,0 +1,94 @@
+"""The embedded toy: a tiny Qwen3-VL thinking model trained on a synthetic grounded task.
+
+    from hf_vattr.toy import load_toy_model, make_examples, prompt_messages, check_answer
+
+    model, processor = load_toy_model()
+    ex = make_examples(1, seed=123)[0]
+    prompt = processor.apply_chat_template(prompt_messages(ex), add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], images=[ex.image], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=64)
+    text = processor.decode(out[0, inputs["input_ids"].shape[1]:])
+    check_answer(ex, text)  # (answer_correct, steps_correct_fraction)
+
+The checkpoint ships inside the package (``toy/assets/toy-qwen3-vl``) and is a
+plain Hub-style folder: ``Qwen3VLForConditionalGeneration.from_pretrained`` and
+``AutoProcessor.from_pretrained`` load it like any model. It is reproduced by
+``python -m hf_vattr.toy.train_toy --out hf_vattr/toy/assets/toy-qwen3-vl``.
+Nothing is loaded at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .task import (
+    COLOURS,
+    COUNT_WORDS,
+    GRID,
+    IMAGE_SIZE,
+    KINDS,
+    SHAPES,
+    ToyExample,
+    ToyObject,
+    check_answer,
+    evidence_for_step,
+    example_seed,
+    make_example,
+    make_examples,
+    parse_trace,
+    position_name,
+    prompt_messages,
+    step_object,
+    task_vocabulary,
+)
+
+__all__ = [
+    "toy_checkpoint_path",
+    "load_toy_model",
+    "COLOURS",
+    "COUNT_WORDS",
+    "GRID",
+    "IMAGE_SIZE",
+    "KINDS",
+    "SHAPES",
+    "ToyExample",
+    "ToyObject",
+    "check_answer",
+    "evidence_for_step",
+    "example_seed",
+    "make_example",
+    "make_examples",
+    "parse_trace",
+    "position_name",
+    "prompt_messages",
+    "step_object",
+    "task_vocabulary",
+]
+
+#: Seed of the held-out evaluation stream (training uses a different seed).
+EVAL_SEED = 1_000_001
+
+
+def toy_checkpoint_path() -> Path:
+    """Folder of the shipped checkpoint (config, safetensors, processor, chat template)."""
+    return Path(__file__).resolve().parent / "assets" / "toy-qwen3-vl"
+
+
+def load_toy_model(attn_implementation: str = "sdpa", *, path: str | Path | None = None):
+    """(model, processor) of the shipped toy thinking VLM, via the public ``from_pretrained`` API.
+
+    The model is in eval mode, float32, on CPU; its generation config decodes greedily
+    and stops at ``<|im_end|>``.
+    """
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    folder = Path(path) if path is not None else toy_checkpoint_path()
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(
+            f"No toy checkpoint at {folder}. Reinstall hf_vattr, or rebuild it with "
+            f"`python -m hf_vattr.toy.train_toy --out {folder}`."
+        )
+    model = Qwen3VLForConditionalGeneration.from_pretrained(folder, attn_implementation=attn_implementation)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    return model, processor

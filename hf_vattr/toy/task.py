@@ -1,0 +1,383 @@
+"""A synthetic grounded-reasoning task whose visual evidence is known exactly.
+
+Each example is a small RGB image (192 x 192 px, a 3 x 3 layout of 64 px
+cells, i.e. 2 x 2 Qwen3-VL visual tokens per cell) holding three or four
+objects, every one a different shape, each with a colour from a small palette.
+A question asks about specific objects; the target answer is a short thinking
+trace, one step per line, in which **every step names exactly one object**,
+followed by the answer::
+
+    <think>
+    The circle is at the top left.
+    The circle is red.
+    </think>
+    red
+
+Because each step names one object, the pixels that step *should* rely on are
+known: ``example.step_evidence_masks[i]`` (bool, H x W) and
+``example.step_evidence_boxes[i]`` (x0, y0, x1, y1; exclusive ends).
+
+Question kinds (drawn uniformly, answers balanced within each kind):
+
+``colour``  "What colour is the circle?"      steps: locate it, read its colour; answer a colour.
+``count``   "How many red objects are there?"  one step per red object (reading order); answer one/two/three.
+``left``    "Is the circle left of the square?" locate each; answer yes/no.
+``above``   "Is the circle above the square?"   locate each; answer yes/no.
+
+No answer can be read off the text: colours, positions and counts are drawn
+independently of the wording, so a model must look at the image.
+
+Everything is deterministic from a seed: ``make_example(seed)`` rebuilds the
+same example (``example.seed``), and ``make_examples(n, seed)`` the same list.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_SIZE",
+    "GRID",
+    "SHAPES",
+    "COLOURS",
+    "KINDS",
+    "COUNT_WORDS",
+    "ToyObject",
+    "ToyExample",
+    "make_example",
+    "make_examples",
+    "position_name",
+    "prompt_messages",
+    "parse_trace",
+    "check_answer",
+    "step_object",
+    "evidence_for_step",
+    "task_vocabulary",
+]
+
+IMAGE_SIZE = (192, 192)  # (height, width) in pixels
+GRID = (3, 3)  # rows x cols of the coarse layout
+CELL = IMAGE_SIZE[0] // GRID[0]  # 64 px = 2 x 2 Qwen3-VL tokens (32 px each)
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 45, 40),
+    "green": (40, 160, 60),
+    "blue": (45, 90, 215),
+    "yellow": (235, 200, 35),
+}
+KINDS = ("colour", "count", "left", "above")
+COUNT_WORDS = ("zero", "one", "two", "three", "four")
+
+_ROW_NAMES = ("top", "middle", "bottom")
+_COL_NAMES = ("left", "center", "right")
+
+
+def position_name(row: int, col: int) -> str:
+    """Name of a layout cell: 'top left', 'top center', ..., 'center', ..., 'bottom right'."""
+    if row == 1 and col == 1:
+        return "center"
+    return f"{_ROW_NAMES[row]} {_COL_NAMES[col]}"
+
+
+@dataclass
+class ToyObject:
+    """One drawn object: what it is, where it is, and exactly which pixels it covers."""
+
+    shape: str
+    colour: str
+    row: int
+    col: int
+    rgb: tuple[int, int, int]  # the exact (jittered) colour its pixels were painted with
+    mask: np.ndarray  # bool (H, W): its pixels
+    bbox: tuple[int, int, int, int]  # (x0, y0, x1, y1) tight box of mask, exclusive ends
+
+    @property
+    def position(self) -> str:
+        return position_name(self.row, self.col)
+
+
+@dataclass
+class ToyExample:
+    """One image + question + target thinking trace, with per-step evidence.
+
+    ``thinking_steps[i]`` names object ``objects[step_objects[i]]`` whose pixels are
+    ``step_evidence_masks[i]`` (bool, H x W) inside ``step_evidence_boxes[i]``.
+    """
+
+    image: "PIL.Image.Image"  # noqa: F821
+    question: str
+    thinking_steps: list[str]
+    answer: str
+    step_evidence_masks: list[np.ndarray]
+    objects: list[ToyObject]
+    seed: int
+    kind: str = ""
+    step_objects: list[int] = field(default_factory=list)
+    step_evidence_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    @property
+    def thinking(self) -> str:
+        """The thinking block's body: one step per line."""
+        return "\n".join(self.thinking_steps)
+
+    @property
+    def completion(self) -> str:
+        """What the model writes after the chat prompt (which already ends with ``<think>\\n``)."""
+        return f"{self.thinking}\n</think>\n{self.answer}"
+
+    @property
+    def trace(self) -> str:
+        """The full target assistant text: ``<think>\\n`` steps ``\\n</think>\\n`` answer."""
+        return f"<think>\n{self.completion}"
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _draw_mask(shape: str, cx: float, cy: float, size: int) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    h, w = IMAGE_SIZE
+    canvas = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    half = size / 2
+    x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
+    if shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=255)
+    elif shape == "square":
+        s = 0.42 * size
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=255)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=255)
+    elif shape == "cross":
+        t = size / 6
+        draw.rectangle([x0, cy - t, x1, cy + t], fill=255)
+        draw.rectangle([cx - t, y0, cx + t, y1], fill=255)
+    else:  # pragma: no cover - guarded by SHAPES
+        raise ValueError(f"unknown shape {shape!r}")
+    return np.asarray(canvas) > 0
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def _jitter_rgb(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int = 18) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)  # type: ignore[return-value]
+
+
+def _render(rng: np.random.Generator, specs: list[tuple[str, str, int, int]]):
+    """Paint objects (shape, colour, row, col) on a plain background; returns (image, objects)."""
+    from PIL import Image
+
+    h, w = IMAGE_SIZE
+    grey = int(rng.integers(195, 236))
+    background = _jitter_rgb(rng, (grey, grey, grey), 8)
+    pixels = np.empty((h, w, 3), dtype=np.uint8)
+    pixels[:] = background
+    objects: list[ToyObject] = []
+    for shape, colour, row, col in specs:
+        size = int(rng.integers(38, 53))
+        slack = (CELL - size) / 2 - 3  # keep 3 px clear of the cell border
+        cx = col * CELL + CELL / 2 + rng.uniform(-slack, slack)
+        cy = row * CELL + CELL / 2 + rng.uniform(-slack, slack)
+        mask = _draw_mask(shape, cx, cy, size)
+        rgb = _jitter_rgb(rng, COLOURS[colour])
+        pixels[mask] = rgb
+        objects.append(ToyObject(shape, colour, row, col, rgb, mask, _bbox(mask)))
+    return Image.fromarray(pixels), objects
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+def _scene(rng: np.random.Generator, n: int) -> tuple[list[str], list[tuple[int, int]]]:
+    shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:n]]
+    cells = [(int(c) // GRID[1], int(c) % GRID[1]) for c in rng.permutation(GRID[0] * GRID[1])[:n]]
+    return shapes, cells
+
+
+def _reading_order(cells: Sequence[tuple[int, int]]) -> list[int]:
+    return sorted(range(len(cells)), key=lambda i: cells[i])
+
+
+def make_example(seed: int, kind: str | None = None) -> ToyExample:
+    """The example for `seed` (deterministic). `kind` forces a question kind."""
+    rng = np.random.default_rng(int(seed))
+    colour_names = list(COLOURS)
+    kind_drawn = KINDS[int(rng.integers(len(KINDS)))]
+    kind = kind or kind_drawn
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    n = int(rng.integers(3, 5))  # 3 or 4 objects, all different shapes
+
+    if kind == "count":
+        target_colour = colour_names[int(rng.integers(len(colour_names)))]
+        k = int(rng.integers(1, 4))  # 1..3 objects of that colour
+        shapes, cells = _scene(rng, n)
+        others = [c for c in colour_names if c != target_colour]
+        chosen = set(rng.permutation(n)[:k].tolist())
+        colours = [target_colour if i in chosen else others[int(rng.integers(len(others)))] for i in range(n)]
+    else:
+        colours = [colour_names[int(rng.integers(len(colour_names)))] for _ in range(n)]
+        axis = {"left": 1, "above": 0}.get(kind)
+        while True:
+            shapes, cells = _scene(rng, n)
+            if axis is None or len({c[axis] for c in cells}) > 1:
+                break
+
+    image, objects = _render(rng, [(s, c, r, cc) for s, c, (r, cc) in zip(shapes, colours, cells)])
+
+    if kind == "colour":
+        t = int(rng.integers(n))
+        o = objects[t]
+        question = f"What colour is the {o.shape}?"
+        steps = [f"The {o.shape} is at the {o.position}.", f"The {o.shape} is {o.colour}."]
+        step_objs = [t, t]
+        answer = o.colour
+    elif kind == "count":
+        order = [i for i in _reading_order(cells) if objects[i].colour == target_colour]
+        question = f"How many {target_colour} objects are there?"
+        steps = [f"The {objects[i].shape} at the {objects[i].position} is {target_colour}." for i in order]
+        step_objs = order
+        answer = COUNT_WORDS[len(order)]
+    else:
+        axis = 1 if kind == "left" else 0
+        pairs = [(i, j) for i in range(n) for j in range(n) if i < j and cells[i][axis] != cells[j][axis]]
+        i, j = pairs[int(rng.integers(len(pairs)))]
+        if cells[i][axis] > cells[j][axis]:
+            i, j = j, i  # now i is left of / above j
+        yes = bool(rng.integers(2))
+        a, b = (i, j) if yes else (j, i)
+        relation = "left of" if kind == "left" else "above"
+        question = f"Is the {objects[a].shape} {relation} the {objects[b].shape}?"
+        steps = [f"The {objects[a].shape} is at the {objects[a].position}.",
+                 f"The {objects[b].shape} is at the {objects[b].position}."]
+        step_objs = [a, b]
+        answer = "yes" if yes else "no"
+
+    return ToyExample(
+        image=image,
+        question=question,
+        thinking_steps=steps,
+        answer=answer,
+        step_evidence_masks=[objects[i].mask for i in step_objs],
+        objects=objects,
+        seed=int(seed),
+        kind=kind,
+        step_objects=list(step_objs),
+        step_evidence_boxes=[objects[i].bbox for i in step_objs],
+    )
+
+
+def example_seed(seed: int, index: int) -> int:
+    """The per-example seed of item `index` of the stream ``make_examples(..., seed)``."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def make_examples(n: int, seed: int = 0, *, start: int = 0) -> list[ToyExample]:
+    """`n` examples, deterministic from `seed` (items ``start .. start+n-1`` of that stream)."""
+    return [make_example(example_seed(seed, i)) for i in range(start, start + n)]
+
+
+# ----------------------------------------------------------------------------- chat + scoring
+
+
+def prompt_messages(example: ToyExample) -> list[dict]:
+    """Chat messages (one user turn: the image, then the question) for ``apply_chat_template``."""
+    return [{"role": "user", "content": [{"type": "image", "image": example.image},
+                                         {"type": "text", "text": example.question}]}]
+
+
+_END_MARKERS = ("<|im_end|>", "<|endoftext|>")
+
+
+def parse_trace(text: str) -> tuple[list[str], str | None]:
+    """(steps, answer) from generated text; answer is None when ``</think>`` never came.
+
+    Accepts text with or without the leading ``<think>`` (the chat prompt already
+    holds it) and with trailing end-of-turn markers.
+    """
+    for marker in _END_MARKERS:
+        text = text.split(marker)[0]
+    text = text.lstrip()
+    if text.startswith("<think>"):
+        text = text[len("<think>"):]
+    if "</think>" in text:
+        thinking, answer = text.split("</think>", 1)
+        answer = answer.strip()
+    else:
+        thinking, answer = text, None
+    steps = [line.strip() for line in thinking.split("\n") if line.strip()]
+    return steps, answer
+
+
+def _normalise_answer(answer: str | None) -> str:
+    return (answer or "").strip().rstrip(".").strip().lower()
+
+
+def check_answer(example: ToyExample, generated_text: str) -> tuple[bool, float]:
+    """(answer_correct, steps_correct_fraction) of a generated trace.
+
+    A step is correct when it equals the target step at the same index; the
+    fraction divides by the longer of the two step lists, so missing and extra
+    steps both count against it.
+    """
+    steps, answer = parse_trace(generated_text)
+    answer_correct = answer is not None and _normalise_answer(answer) == _normalise_answer(example.answer)
+    target = example.thinking_steps
+    matches = sum(1 for a, b in zip(steps, target) if a == b)
+    denom = max(len(steps), len(target))
+    return bool(answer_correct), (matches / denom if denom else 1.0)
+
+
+_SHAPE_RE = re.compile(r"\b(" + "|".join(SHAPES) + r")\b")
+
+
+def step_object(example: ToyExample, step: str) -> int | None:
+    """Index into ``example.objects`` of the object a (generated) step names, or None.
+
+    Steps name one object by its shape, and shapes are unique within an image.
+    """
+    names = _SHAPE_RE.findall(step)
+    if len(set(names)) != 1:
+        return None
+    for i, obj in enumerate(example.objects):
+        if obj.shape == names[0]:
+            return i
+    return None
+
+
+def evidence_for_step(example: ToyExample, step: str) -> np.ndarray | None:
+    """Pixel mask (bool H x W) of the object a generated step names, or None."""
+    i = step_object(example, step)
+    return None if i is None else example.objects[i].mask
+
+
+def task_vocabulary() -> list[str]:
+    """Every text the task can produce, in short sentences (tokenizer training corpus)."""
+    positions = [position_name(r, c) for r in range(GRID[0]) for c in range(GRID[1])]
+    texts = []
+    for s in SHAPES:
+        texts.append(f"What colour is the {s}?")
+        for p in positions:
+            texts.append(f"The {s} is at the {p}.")
+            for c in COLOURS:
+                texts.append(f"The {s} at the {p} is {c}.")
+        for c in COLOURS:
+            texts.append(f"The {s} is {c}.")
+        for s2 in SHAPES:
+            if s2 != s:
+                texts.append(f"Is the {s} left of the {s2}?")
+                texts.append(f"Is the {s} above the {s2}?")
+    for c in COLOURS:
+        texts.append(f"How many {c} objects are there?")
+        texts.append(c)
+    texts.extend(["yes", "no", *COUNT_WORDS])
+    return texts
