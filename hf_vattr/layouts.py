@@ -314,3 +314,29 @@ def visual_layout(
         )
         start += n
     return VisualLayout(images=out, sequence_length=int(input_ids.numel()), model_type=config.model_type)
+
+
+def extend_inputs(inputs: Any, sequence: torch.Tensor) -> dict:
+    """Model inputs for a teacher-forced forward over ``sequence`` (prompt + generated tokens).
+
+    Copies the image tensors and extends every per-token input (attention mask,
+    ``mm_token_type_ids``, ...) with values for text tokens, so the processor's
+    multimodal bookkeeping still lines up with the longer sequence.
+    """
+    if sequence.dim() == 1:
+        sequence = sequence[None]
+    prompt_len = inputs["input_ids"].shape[-1]
+    extra = sequence.shape[-1] - prompt_len
+    if extra < 0 or not torch.equal(sequence[:, :prompt_len].cpu(), inputs["input_ids"].cpu()):
+        raise ValueError("sequence must start with the prompt's input_ids (pass the output of generate).")
+    out = {}
+    for name, value in inputs.items():
+        if name == "input_ids":
+            out[name] = sequence
+        elif isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[-1] == prompt_len:
+            fill = 1 if name == "attention_mask" else 0
+            pad = torch.full((value.shape[0], extra), fill, dtype=value.dtype, device=value.device)
+            out[name] = torch.cat([value, pad], dim=-1)
+        else:
+            out[name] = value
+    return out
