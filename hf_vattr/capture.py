@@ -29,7 +29,13 @@ import torch
 
 from .layouts import attention_modules, text_dims
 
-__all__ = ["AttentionCapture", "attention_row_features", "CaptureError", "patched_attention_lookup"]
+__all__ = [
+    "AttentionCapture",
+    "attention_row_features",
+    "attention_intervention",
+    "CaptureError",
+    "patched_attention_lookup",
+]
 
 
 class CaptureError(RuntimeError):
@@ -89,6 +95,7 @@ def attention_row_features(
 
 _LOCK = threading.RLock()
 _ACTIVE: dict[Any, "AttentionCapture"] = {}  # attention module -> capture
+_INTERVENTIONS: dict[Any, Callable] = {}  # attention module -> mask intervention (used by ablations)
 _WRAPPERS: dict[Callable, Callable] = {}  # original attention fn -> wrapped fn
 _PATCH: dict[str, Any] = {}  # saved original lookup while patched
 _USERS = 0
@@ -100,6 +107,9 @@ def _wrap(original: Callable) -> Callable:
         return wrapped
 
     def capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        intervention = _INTERVENTIONS.get(module)
+        if intervention is not None:
+            attention_mask = intervention(module, query, key, attention_mask)
         output = original(module, query, key, value, attention_mask, *args, **kwargs)
         capture = _ACTIVE.get(module)
         if capture is not None:
@@ -306,3 +316,28 @@ def capture_attention(model: Any, visual_positions: torch.Tensor, membership: to
     cap = AttentionCapture(model, visual_positions, membership, **kwargs)
     with cap:
         yield cap
+
+
+@contextmanager
+def attention_intervention(model: Any, intervene: Callable[[Any, torch.Tensor, torch.Tensor, Any], Any]) -> Iterator[None]:
+    """Let ``intervene(module, query, key, attention_mask) -> attention_mask`` rewrite the mask of every
+    text-decoder attention call of ``model`` (e.g. to knock regions out of attention for ablations).
+
+    The returned mask is passed to the model's own attention function, so it must be in a form that
+    function accepts: a boolean (True = attend) or additive float 4D mask works for ``sdpa`` and ``eager``.
+    Restored on exit, also on error.
+    """
+    modules = attention_modules(model)
+    with _LOCK:
+        if any(m in _INTERVENTIONS for m in modules):
+            raise CaptureError("This model already has an active attention intervention.")
+        _install()
+        for m in modules:
+            _INTERVENTIONS[m] = intervene
+    try:
+        yield
+    finally:
+        with _LOCK:
+            for m in modules:
+                _INTERVENTIONS.pop(m, None)
+            _uninstall()
