@@ -1,0 +1,766 @@
+"""Fitting a :class:`~hf_vattr.estimator.LinearEstimator` on collected ablation ground truth.
+
+DESIGN.md item 5. For every span ``S`` of every collected example we have the pooled
+attention features ``f(S) : (L, H, K)`` and measured ablation effects: leave-one-out
+effects ``loo(S) : (K,)`` and/or the effects of ``M`` random region subsets
+``subset(S) : (M,)`` with their ``(M, K)`` ablation masks. The estimator predicts
+
+    score(S, k) = sum_{l,h} w[l, h] * f[l, h](S, k)
+
+and is trained with a **scale-free** loss: minus the Pearson correlation, per span,
+between predicted and actual effects, averaged over spans.
+
+* ``target="loo"``: across the K regions, ``score(S, :)`` vs ``loo(S)``.
+* ``target="subsets"``: across the M masks, ``masks @ score(S, :)`` (the additive
+  prediction of a subset's effect, as in LDS) vs ``subset(S)``.
+* ``target="both"``: the mean of the two losses.
+
+Spans whose actual effects are constant (e.g. a span that ignores the image) have no
+correlation and are left out of the loss (and counted in the report).
+
+Optimisation is full batch (the model has only ``L * H`` parameters): Adam with the
+weights projected back onto the unit sphere after every step (the loss does not depend on
+the scale of ``w``; keeping the norm fixed keeps Adam's step size meaningful), or L-BFGS.
+Non-negativity is a projection (``clamp_min(0)`` before renormalising; for L-BFGS the
+parametrisation ``w = theta**2``). Initialisation: uniform weights, i.e. raw attention
+(the mean over layers and heads). ``weight_decay`` shrinks the *direction* of ``w``
+towards that uniform initialisation (``weight_decay * ||w/|w| - u/|u|||^2``): since the
+loss is scale-free an ordinary L2 penalty would only change the norm.
+
+**Calibration.** The Pearson loss fixes ``w`` only up to a positive scale. After fitting,
+``calibrate=True`` fits one scale ``a`` (and a bias ``b`` if ``use_bias``) by least
+squares on the *training* examples, ``loo ~ a * score + b`` (or, without LOO data,
+``subset ~ a * masks @ score + b * |mask|``), and folds it into the estimator, so raw
+scores are in log-prob units (a predicted log-prob drop). Raw R^2 needs that; calibrated
+R^2 and every correlation metric do not. Without calibration the weights are rescaled to
+``sum |w| = 1`` (for non-negative weights: sum to 1, the units of raw attention).
+
+The held-out split is by **example**, never by span (spans of one trace share an image
+and a trace, so a span split would leak). Seeds fix the split; the optimisation itself is
+deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "TrainingConfig",
+    "ExampleView",
+    "as_example",
+    "SpanDataset",
+    "split_examples",
+    "masked_pearson",
+    "pearson_loss",
+    "fit_estimator",
+    "TARGETS",
+    "synthetic_examples",
+]
+
+TARGETS = ("loo", "subsets", "both")
+OPTIMIZERS = ("adam", "lbfgs")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of :func:`fit_estimator`.
+
+    Args:
+        epochs: full-batch optimisation steps (passes over all training spans; with
+            ``batch_size`` set, passes of mini-batches).
+        lr: learning rate (Adam) or step size (L-BFGS).
+        weight_decay: shrinkage of the weight *direction* towards uniform (raw attention).
+        nonnegative: constrain weights to be >= 0 (the estimator also records it).
+        use_bias: give the estimator a scalar bias (fit by calibration; it never changes
+            rankings nor the Pearson loss).
+        val_fraction: fraction of *examples* held out for validation/metrics (0 disables).
+        seed: seed of the example split and of mini-batch order.
+        target: ``"loo"``, ``"subsets"`` or ``"both"`` (see the module docstring).
+        optimizer: ``"adam"`` or ``"lbfgs"``.
+        calibrate: fit scale (and bias) by least squares on train after the correlation fit.
+        eval_every: validate every this many steps and keep the best weights by validation loss.
+        batch_size: spans per step (``None`` = full batch).
+        min_effect_std: spans whose actual effects have a smaller standard deviation are
+            left out of the loss (no correlation is defined).
+        device: where to optimise (``None``: CPU).
+    """
+
+    epochs: int = 300
+    lr: float = 0.02
+    weight_decay: float = 0.0
+    nonnegative: bool = False
+    use_bias: bool = False
+    val_fraction: float = 0.2
+    seed: int = 0
+    target: str = "loo"
+    optimizer: str = "adam"
+    calibrate: bool = True
+    eval_every: int = 10
+    batch_size: int | None = None
+    min_effect_std: float = 1e-8
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}.")
+        if int(self.epochs) < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs!r}.")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}.")
+        if int(self.eval_every) < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- example view
+
+
+def _get(record: Any, *names: str, default: Any = None) -> Any:
+    """First present, non-None field among ``names`` (attribute, mapping key, or ``metadata[name]``)."""
+    for name in names:
+        if isinstance(record, Mapping):
+            value = record.get(name)
+        else:
+            value = getattr(record, name, None)
+        if value is not None:
+            return value
+    meta = record.get("metadata") if isinstance(record, Mapping) else getattr(record, "metadata", None)
+    if isinstance(meta, Mapping):
+        for name in names:
+            if meta.get(name) is not None:
+                return meta[name]
+    return default
+
+
+def _tensor(x: Any, dtype: torch.dtype | None = torch.float32) -> torch.Tensor | None:
+    if x is None:
+        return None
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    t = t.detach().cpu()
+    return t if dtype is None else t.to(dtype)
+
+
+@dataclass
+class ExampleView:
+    """The fields of one collected example that training and evaluation read.
+
+    Built from a :class:`hf_vattr.collection.ExampleRecord` (or any object / dict with the
+    same field names) by :func:`as_example`. Shapes: ``span_features (S, L, H, K)``,
+    ``loo_effects (S, K)``, ``subset_masks (M, K)`` bool (True = ablated),
+    ``subset_effects (S, M)``, ``base_logprobs (S,)``.
+    """
+
+    example_id: str
+    span_features: torch.Tensor
+    loo_effects: torch.Tensor | None = None
+    subset_masks: torch.Tensor | None = None
+    subset_effects: torch.Tensor | None = None
+    base_logprobs: torch.Tensor | None = None
+    spans: list[tuple[int, int]] | None = None
+    model_type: str | None = None
+    pooling: str | None = None
+    record: Any = field(default=None, repr=False)
+
+    @property
+    def num_spans(self) -> int:
+        return int(self.span_features.shape[0])
+
+    @property
+    def num_regions(self) -> int:
+        return int(self.span_features.shape[-1])
+
+    @property
+    def num_subsets(self) -> int:
+        return 0 if self.subset_masks is None else int(self.subset_masks.shape[0])
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return int(self.span_features.shape[1]), int(self.span_features.shape[2])
+
+
+def as_example(record: Any, index: int = 0) -> ExampleView:
+    """Normalise a collected record (or dict, or :class:`ExampleView`) and check its shapes."""
+    if isinstance(record, ExampleView):
+        return record
+    feats = _tensor(_get(record, "span_features", "features"))
+    if feats is None:
+        raise ValueError(f"record {index} has no span_features (S, L, H, K); is it a hf_vattr collection record?")
+    if feats.dim() != 4:
+        raise ValueError(f"record {index}: span_features must be (S, L, H, K), got shape {tuple(feats.shape)}.")
+    s, _, _, k = feats.shape
+    loo = _tensor(_get(record, "loo_effects"))
+    masks = _tensor(_get(record, "subset_masks"), dtype=torch.bool)
+    subs = _tensor(_get(record, "subset_effects"))
+    base = _tensor(_get(record, "base_logprobs"))
+    if loo is not None and tuple(loo.shape) != (s, k):
+        raise ValueError(f"record {index}: loo_effects must be (S={s}, K={k}), got {tuple(loo.shape)}.")
+    if (masks is None) != (subs is None):
+        raise ValueError(f"record {index}: subset_masks and subset_effects must both be present or both absent.")
+    if masks is not None:
+        if masks.dim() != 2 or masks.shape[1] != k:
+            raise ValueError(f"record {index}: subset_masks must be (M, K={k}), got {tuple(masks.shape)}.")
+        if tuple(subs.shape) != (s, masks.shape[0]):
+            raise ValueError(
+                f"record {index}: subset_effects must be (S={s}, M={masks.shape[0]}), got {tuple(subs.shape)}."
+            )
+    spans = _get(record, "spans")
+    if spans is not None:
+        spans = [tuple(int(v) for v in sp[:2]) if not isinstance(sp, Mapping) else (int(sp["start"]), int(sp["end"]))
+                 for sp in (spans.tolist() if isinstance(spans, torch.Tensor) else spans)]
+    eid = _get(record, "example_id", "id", "uid", "name")
+    return ExampleView(
+        example_id=str(eid) if eid is not None else str(index),
+        span_features=feats,
+        loo_effects=loo,
+        subset_masks=masks,
+        subset_effects=subs,
+        base_logprobs=base,
+        spans=spans,
+        model_type=_get(record, "model_type") or None,
+        pooling=_get(record, "pooling") or _config_value(record, "pooling"),
+        record=record,
+    )
+
+
+def _config_value(record: Any, name: str) -> Any:
+    """``record.config[name]`` (collection records keep their CollectionConfig there), else None."""
+    cfg = _get(record, "config")
+    return cfg.get(name) if isinstance(cfg, Mapping) else None
+
+
+def split_examples(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) example indices: a seeded permutation, ``round(val_fraction * n)`` held out.
+
+    At least one example is held out when ``val_fraction > 0`` and there are >= 2 examples;
+    at least one stays in train.
+    """
+    if n <= 0:
+        return [], []
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    n_val = int(round(val_fraction * n))
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    else:
+        n_val = 0
+    val = sorted(perm[:n_val])
+    train = sorted(perm[n_val:])
+    return train, val
+
+
+# ----------------------------------------------------------------------------- padded span tensors
+
+
+@dataclass
+class SpanDataset:
+    """All spans of a set of examples as padded tensors (regions padded to ``K_max``).
+
+    ``features (N, L, H, Kmax)``, ``region_valid (N, Kmax)``, ``loo (N, Kmax)`` or None,
+    ``masks (E, Mmax, Kmax)`` per example and ``subset_valid (E, Mmax)``, ``subsets (N, Mmax)``,
+    ``example_index (N,)`` (the example of each span).
+    """
+
+    features: torch.Tensor
+    region_valid: torch.Tensor
+    example_index: torch.Tensor
+    example_ids: list[str]
+    loo: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+    subset_valid: torch.Tensor | None = None
+    subsets: torch.Tensor | None = None
+    examples: list[ExampleView] = field(default_factory=list, repr=False)
+
+    @property
+    def num_spans(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return int(self.features.shape[1]), int(self.features.shape[2])
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Any], dtype: torch.dtype = torch.float32) -> SpanDataset:
+        views = [as_example(r, i) for i, r in enumerate(examples)]
+        views = [v for v in views if v.num_spans > 0]
+        if not views:
+            raise ValueError("no spans to train on: every example is empty (S = 0) or no examples were given.")
+        dims = {v.dims for v in views}
+        if len(dims) != 1:
+            raise ValueError(f"examples come from models of different sizes: (L, H) in {sorted(dims)}.")
+        l_, h_ = dims.pop()
+        kmax = max(v.num_regions for v in views)
+        n = sum(v.num_spans for v in views)
+        has_loo = all(v.loo_effects is not None for v in views)
+        has_sub = all(v.subset_masks is not None for v in views)
+        if not has_loo and any(v.loo_effects is not None for v in views):
+            logger.warning("Some examples lack loo_effects; the LOO target is disabled for the whole dataset.")
+        mmax = max((v.num_subsets for v in views), default=0) if has_sub else 0
+
+        feats = torch.zeros(n, l_, h_, kmax, dtype=dtype)
+        rvalid = torch.zeros(n, kmax, dtype=torch.bool)
+        loo = torch.zeros(n, kmax, dtype=torch.float32) if has_loo else None
+        masks = torch.zeros(len(views), mmax, kmax, dtype=torch.bool) if has_sub else None
+        svalid = torch.zeros(len(views), mmax, dtype=torch.bool) if has_sub else None
+        subs = torch.zeros(n, mmax, dtype=torch.float32) if has_sub else None
+        ex_index = torch.empty(n, dtype=torch.long)
+        start = 0
+        for e, v in enumerate(views):
+            s, k, m = v.num_spans, v.num_regions, v.num_subsets
+            sl = slice(start, start + s)
+            feats[sl, :, :, :k] = v.span_features.to(dtype)
+            rvalid[sl, :k] = True
+            ex_index[sl] = e
+            if loo is not None:
+                loo[sl, :k] = v.loo_effects
+            if masks is not None:
+                masks[e, :m, :k] = v.subset_masks
+                svalid[e, :m] = True
+                subs[sl, :m] = v.subset_effects
+            start += s
+        return cls(feats, rvalid, ex_index, [v.example_id for v in views], loo, masks, svalid, subs, views)
+
+    def subset(self, example_indices: Sequence[int]) -> SpanDataset:
+        """The spans of the given examples (indices into ``self.examples``)."""
+        keep = list(example_indices)
+        if not keep:
+            raise ValueError("empty example subset")
+        remap = torch.full((len(self.example_ids),), -1, dtype=torch.long)
+        remap[torch.tensor(keep)] = torch.arange(len(keep))
+        span_sel = remap[self.example_index] >= 0
+        idx = span_sel.nonzero().flatten()
+        return SpanDataset(
+            features=self.features[idx],
+            region_valid=self.region_valid[idx],
+            example_index=remap[self.example_index[idx]],
+            example_ids=[self.example_ids[i] for i in keep],
+            loo=None if self.loo is None else self.loo[idx],
+            masks=None if self.masks is None else self.masks[keep],
+            subset_valid=None if self.subset_valid is None else self.subset_valid[keep],
+            subsets=None if self.subsets is None else self.subsets[idx],
+            examples=[self.examples[i] for i in keep] if self.examples else [],
+        )
+
+    def to(self, device: torch.device | str) -> SpanDataset:
+        def mv(t):
+            return None if t is None else t.to(device)
+
+        return SpanDataset(mv(self.features), mv(self.region_valid), mv(self.example_index), self.example_ids,
+                           mv(self.loo), mv(self.masks), mv(self.subset_valid), mv(self.subsets), self.examples)
+
+    def summary(self) -> dict:
+        ks = [v.num_regions for v in self.examples] or [int(self.region_valid.sum(1).max())]
+        ms = [v.num_subsets for v in self.examples]
+        out = {
+            "num_examples": len(self.example_ids),
+            "num_spans": self.num_spans,
+            "num_regions_min": int(min(ks)),
+            "num_regions_max": int(max(ks)),
+            "has_loo": self.loo is not None,
+            "has_subsets": self.masks is not None,
+        }
+        if self.masks is not None and ms:
+            out["masks_per_example_min"] = int(min(ms))
+            out["masks_per_example_max"] = int(max(ms))
+        return out
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def masked_pearson(pred: torch.Tensor, actual: torch.Tensor, valid: torch.Tensor,
+                   min_std: float = 1e-8, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row Pearson correlation over the ``valid`` entries of the last dimension.
+
+    Returns ``(r, usable)``: ``r (N,)`` and a bool ``usable (N,)`` that is False for rows with
+    fewer than 2 valid entries or (near-)constant ``actual`` (their ``r`` is 0 and must be
+    left out of averages). A constant *prediction* gives ``r = 0`` with a finite gradient.
+    """
+    v = valid.to(pred.dtype)
+    n = v.sum(-1)
+    safe_n = n.clamp_min(1.0)
+    pm = (pred * v).sum(-1, keepdim=True) / safe_n[..., None]
+    am = (actual * v).sum(-1, keepdim=True) / safe_n[..., None]
+    pc = (pred - pm) * v
+    ac = (actual - am) * v
+    a_var = (ac * ac).sum(-1)
+    usable = (n >= 2) & (a_var / safe_n > min_std**2)
+    num = (pc * ac).sum(-1)
+    den = torch.sqrt((pc * pc).sum(-1) * a_var + eps)
+    r = torch.where(usable, num / den, torch.zeros_like(num))
+    return r, usable
+
+
+def _span_predictions(weight: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("nlhk,lh->nk", features, weight.to(features.dtype)).float()
+
+
+def pearson_loss(weight: torch.Tensor, data: SpanDataset, target: str = "loo", *, min_std: float = 1e-8,
+                 span_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Minus the mean per-span Pearson correlation of predicted vs actual effects.
+
+    ``target="loo"`` correlates across regions, ``"subsets"`` across ablation masks
+    (prediction = mask @ scores), ``"both"`` averages the two. Returns ``(loss, info)``
+    with ``info["pearson_loo"]`` / ``info["pearson_subsets"]`` (floats) and the number of
+    spans used / skipped for each.
+    """
+    feats = data.features if span_index is None else data.features[span_index]
+    rvalid = data.region_valid if span_index is None else data.region_valid[span_index]
+    pred = _span_predictions(weight, feats)
+    losses, info = [], {}
+    if target in ("loo", "both"):
+        if data.loo is None:
+            raise ValueError("target 'loo' needs loo_effects in every example; use target='subsets'.")
+        loo = data.loo if span_index is None else data.loo[span_index]
+        r, ok = masked_pearson(pred, loo, rvalid, min_std)
+        used = int(ok.sum())
+        info.update(pearson_loo=float((r.sum() / max(used, 1)).detach()), spans_loo=used,
+                    skipped_loo=int((~ok).sum()))
+        if used:
+            losses.append(-r.sum() / used)
+    if target in ("subsets", "both"):
+        if data.masks is None:
+            raise ValueError("target 'subsets' needs subset_masks/subset_effects in every example; use target='loo'.")
+        ex = data.example_index if span_index is None else data.example_index[span_index]
+        masks = data.masks[ex].to(pred.dtype)  # (N, M, K)
+        svalid = data.subset_valid[ex]
+        subs = data.subsets if span_index is None else data.subsets[span_index]
+        sub_pred = torch.bmm(masks, pred.unsqueeze(-1)).squeeze(-1)  # (N, M)
+        r, ok = masked_pearson(sub_pred, subs, svalid, min_std)
+        used = int(ok.sum())
+        info.update(pearson_subsets=float((r.sum() / max(used, 1)).detach()), spans_subsets=used,
+                    skipped_subsets=int((~ok).sum()))
+        if used:
+            losses.append(-r.sum() / used)
+    if not losses:
+        # Nothing to correlate (every span constant): a zero loss that still depends on weight.
+        return weight.sum() * 0.0, info
+    return torch.stack(losses).mean(), info
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _calibration(weight: torch.Tensor, data: SpanDataset, use_bias: bool) -> tuple[float, float]:
+    """Least-squares (scale, bias) so that ``scale * score + bias`` matches measured effects on ``data``."""
+    with torch.no_grad():
+        pred = _span_predictions(weight, data.features).double()
+        if data.loo is not None:
+            v = data.region_valid
+            x = pred[v]
+            y = data.loo.double()[v]
+            ones = torch.ones_like(x)
+        else:
+            masks = data.masks[data.example_index].double()
+            sv = data.subset_valid[data.example_index]
+            sub_pred = torch.bmm(masks, pred.unsqueeze(-1)).squeeze(-1)
+            x = sub_pred[sv]
+            y = data.subsets.double()[sv]
+            ones = masks.sum(-1)[sv]  # a bias adds b per ablated region
+        if use_bias:
+            a_mat = torch.stack([x, ones], 1)
+            sol = torch.linalg.lstsq(a_mat, y[:, None]).solution.flatten()
+            return float(sol[0]), float(sol[1])
+        denom = float((x * x).sum())
+        return (float((x * y).sum()) / denom if denom > 0 else 1.0), 0.0
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def _unit(w: torch.Tensor) -> torch.Tensor:
+    return w / w.norm().clamp_min(1e-12)
+
+
+def fit_estimator(
+    data: Sequence[Any] | SpanDataset,
+    num_layers: int | None = None,
+    num_heads: int | None = None,
+    config: TrainingConfig | None = None,
+    *,
+    model_type: str | None = None,
+    base_model_id: str | None = None,
+    base_model_revision: str | None = None,
+    pooling: str | None = None,
+    region_method: str = "grid",
+    k_policy: dict | None = None,
+    extra_training_data: dict | None = None,
+    progress: bool = False,
+):
+    """Fit a :class:`LinearEstimator` on collected records; returns ``(estimator, report)``.
+
+    Args:
+        data: collection records (:class:`hf_vattr.collection.ExampleRecord`, dicts or
+            :class:`ExampleView`) or a :class:`SpanDataset` built from them.
+        num_layers, num_heads: ``L`` and ``H``; default: read from the features.
+        config: :class:`TrainingConfig` (defaults if None).
+        model_type, base_model_id, base_model_revision, pooling, region_method, k_policy:
+            recorded in the estimator's config (``model_type``/``pooling`` default to the
+            records' values).
+        extra_training_data: merged into the recorded training-data summary (task name...).
+
+    The report holds ``config``, ``data`` (summary), ``split`` (train/val example ids),
+    ``history`` (loss curve), ``calibration`` and ``metrics`` ({"train": ..., "val": ...},
+    see :func:`hf_vattr.evaluation.stored_metrics`). The estimator's ``training_metrics``
+    are the held-out ones (train ones when nothing is held out) and its ``training_data``
+    the data summary.
+    """
+    from .estimator import LinearEstimator
+    from .evaluation import stored_metrics
+
+    config = config or TrainingConfig()
+    t0 = time.perf_counter()
+    full = data if isinstance(data, SpanDataset) else SpanDataset.from_examples(data)
+    l_, h_ = full.dims
+    if num_layers is not None and num_layers != l_ or num_heads is not None and num_heads != h_:
+        raise ValueError(f"features are (L={l_}, H={h_}) but num_layers={num_layers}, num_heads={num_heads} given.")
+    if config.target in ("loo", "both") and full.loo is None:
+        raise ValueError("target needs leave-one-out effects but the examples have none; use target='subsets'.")
+    if config.target in ("subsets", "both") and full.masks is None:
+        raise ValueError("target needs subset ablations but the examples have none; use target='loo'.")
+    first = full.examples[0] if full.examples else None
+    model_type = model_type or (first.model_type if first else None)
+    pooling = pooling or (first.pooling if first else None) or "sum"
+
+    n_ex = len(full.example_ids)
+    train_idx, val_idx = split_examples(n_ex, config.val_fraction, config.seed)
+    train = full.subset(train_idx)
+    val = full.subset(val_idx) if val_idx else None
+    device = torch.device(config.device or "cpu")
+    train_d = train.to(device)
+    val_d = val.to(device) if val is not None else None
+
+    uniform = torch.full((l_, h_), 1.0, device=device)
+    u_dir = _unit(uniform)
+    param_sq = config.nonnegative and config.optimizer == "lbfgs"
+    theta = (uniform.sqrt() if param_sq else u_dir).clone().requires_grad_(True)
+
+    def weight_of(th: torch.Tensor) -> torch.Tensor:
+        return th * th if param_sq else th
+
+    def objective(th: torch.Tensor, d: SpanDataset, span_index=None) -> tuple[torch.Tensor, dict]:
+        w = weight_of(th)
+        loss, info = pearson_loss(w, d, config.target, min_std=config.min_effect_std, span_index=span_index)
+        if config.weight_decay:
+            loss = loss + config.weight_decay * (_unit(w) - u_dir).pow(2).sum()
+        return loss, info
+
+    gen = torch.Generator().manual_seed(int(config.seed))
+    history: list[dict] = []
+    best = (math.inf, theta.detach().clone(), -1)
+    steps = int(config.epochs)
+    batch = config.batch_size
+
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam([theta], lr=config.lr)
+    else:
+        opt = torch.optim.LBFGS([theta], lr=config.lr, max_iter=20, line_search_fn="strong_wolfe")
+
+    def evaluate_step(step: int, train_loss: float, info: dict) -> None:
+        nonlocal best
+        entry = {"step": step, "train_loss": train_loss, **{f"train_{k}": v for k, v in info.items()}}
+        with torch.no_grad():
+            if val_d is not None:
+                vl, vinfo = objective(theta, val_d)
+                entry["val_loss"] = float(vl)
+                entry.update({f"val_{k}": v for k, v in vinfo.items()})
+                score = float(vl)
+            else:
+                score = train_loss
+        history.append(entry)
+        if score < best[0] - 1e-12:
+            best = (score, theta.detach().clone(), step)
+
+    iterator = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="training estimator", unit="step")
+    with torch.no_grad():
+        loss0, info0 = objective(theta, train_d)
+    evaluate_step(0, float(loss0), info0)
+    for step in iterator:
+        if batch is None or batch >= train_d.num_spans:
+            orders = [None]
+        else:
+            perm = torch.randperm(train_d.num_spans, generator=gen).to(device)
+            orders = [perm[i:i + batch] for i in range(0, len(perm), batch)]
+        last_loss, last_info = float("nan"), {}
+        for idx in orders:
+            if config.optimizer == "adam":
+                opt.zero_grad()
+                loss, last_info = objective(theta, train_d, idx)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    if config.nonnegative:
+                        theta.clamp_(min=0.0)
+                        if float(theta.sum()) == 0.0:  # projected onto the origin: restart from uniform
+                            theta.copy_(u_dir)
+                    theta.copy_(_unit(theta))
+                last_loss = float(loss.detach())
+            else:
+                def closure():
+                    opt.zero_grad()
+                    loss, _ = objective(theta, train_d, idx)
+                    loss.backward()
+                    return loss
+
+                last_loss = float(opt.step(closure).detach())
+        if (step + 1) % config.eval_every == 0 or step + 1 == steps:
+            with torch.no_grad():
+                full_loss, info = objective(theta, train_d)
+            evaluate_step(step + 1, float(full_loss), info)
+            if progress and hasattr(iterator, "set_postfix"):
+                iterator.set_postfix(train=f"{float(full_loss):.4f}",
+                                     val=f"{history[-1].get('val_loss', float('nan')):.4f}")
+
+    with torch.no_grad():
+        w = weight_of(best[1]).detach().float().cpu()
+        if config.nonnegative:
+            w = w.clamp_min(0.0)
+        calibration: dict[str, Any] = {"applied": False}
+        scale, bias = 1.0, 0.0
+        if config.calibrate:
+            a, b = _calibration(w, train, config.use_bias)
+            if a > 0:
+                scale, bias = a, b
+                calibration = {"applied": True, "scale": a, "bias": b,
+                               "fit_on": "loo" if train.loo is not None else "subsets"}
+            else:
+                logger.warning(
+                    f"Calibration found a non-positive scale ({a:.4g}): the fitted scores anti-correlate with the "
+                    "training effects. Leaving the weights uncalibrated (sum |w| = 1); check the data."
+                )
+                calibration = {"applied": False, "reason": f"non-positive scale {a:.4g}"}
+        if not calibration["applied"]:
+            scale = 1.0 / float(w.abs().sum().clamp_min(1e-12))
+        w = w * scale
+
+    estimator = LinearEstimator(
+        l_, h_,
+        use_bias=config.use_bias,
+        model_type=model_type,
+        base_model_id=base_model_id,
+        base_model_revision=base_model_revision,
+        pooling=pooling,
+        region_method=region_method,
+        k_policy=k_policy,
+        nonnegative=config.nonnegative,
+    )
+    with torch.no_grad():
+        estimator.weight.copy_(w)
+        if estimator.bias is not None:
+            estimator.bias.fill_(bias)
+    estimator.eval()
+
+    def metrics_on(d: SpanDataset | None) -> dict | None:
+        if d is None:
+            return None
+        with torch.no_grad():
+            scores = [estimator(v.span_features) for v in d.examples]
+        return stored_metrics(scores, d.examples)
+
+    train_metrics = metrics_on(train)
+    val_metrics = metrics_on(val)
+    held = val_metrics if val_metrics is not None else train_metrics
+    summary = full.summary()
+    summary.update(
+        num_train_examples=len(train_idx), num_val_examples=len(val_idx),
+        num_train_spans=train.num_spans, num_val_spans=0 if val is None else val.num_spans,
+        target=config.target, seed=config.seed, split="by example",
+    )
+    if extra_training_data:
+        summary.update(extra_training_data)
+    training_metrics = {
+        "split": "val" if val_metrics is not None else "train",
+        **{k: v for k, v in held.items() if isinstance(v, (int, float)) and v is not None and not _isnan(v)},
+        "val_loss": float(best[0]) if val is not None else None,
+    }
+    training_metrics = {k: v for k, v in training_metrics.items() if v is not None}
+    estimator.set_training_info(training_metrics=training_metrics, training_data=summary)
+    report = {
+        "config": config.to_dict(),
+        "data": summary,
+        "split": {"train": [full.example_ids[i] for i in train_idx], "val": [full.example_ids[i] for i in val_idx]},
+        "best_step": best[2],
+        "history": history,
+        "calibration": calibration,
+        "metrics": {"train": train_metrics, "val": val_metrics},
+        "seconds": time.perf_counter() - t0,
+    }
+    return estimator, report
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def synthetic_examples(
+    num_examples: int = 30,
+    num_layers: int = 3,
+    num_heads: int = 4,
+    *,
+    regions: tuple[int, int] = (8, 12),
+    spans: tuple[int, int] = (2, 5),
+    num_subsets: int = 16,
+    noise: float = 0.05,
+    weight: torch.Tensor | None = None,
+    seed: int = 0,
+    model_type: str = "qwen3_vl",
+) -> tuple[list[dict], torch.Tensor]:
+    """Examples whose effects follow a known linear rule (for tests, tutorials and sanity checks).
+
+    Features look like pooled attention (non-negative, peaked over regions); leave-one-out
+    effects are ``sum_lh weight[l,h] * f[l,h](S,k)`` plus Gaussian noise, and subset effects
+    are the sum of the ablated regions' true effects plus noise. Returns ``(records, weight)``;
+    each record is a dict with the fields of a collection record.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    if weight is None:
+        weight = torch.randn(num_layers, num_heads, generator=g)
+    out = []
+    for e in range(num_examples):
+        k = int(torch.randint(regions[0], regions[1] + 1, (1,), generator=g))
+        s = int(torch.randint(spans[0], spans[1] + 1, (1,), generator=g))
+        f = torch.rand(s, num_layers, num_heads, k, generator=g) ** 3
+        f = f / f.sum(-1, keepdim=True) * torch.rand(s, num_layers, num_heads, 1, generator=g)
+        clean = torch.einsum("slhk,lh->sk", f, weight)
+        loo = clean + noise * torch.randn(s, k, generator=g)
+        masks = torch.rand(num_subsets, k, generator=g) < 0.5
+        subs = clean @ masks.float().T + noise * torch.randn(s, num_subsets, generator=g)
+        out.append({
+            "example_id": e,
+            "span_features": f,
+            "loo_effects": loo,
+            "subset_masks": masks,
+            "subset_effects": subs,
+            "base_logprobs": -torch.rand(s, generator=g) * 10,
+            "spans": [{"start": 2 * i, "end": 2 * i + 2} for i in range(s)],
+            "model_type": model_type,
+            "num_regions": k,
+        })
+    return out, weight
