@@ -1,0 +1,573 @@
+"""Ground-truth collection: generate, split spans, record features and ablation effects, on disk.
+
+One example = one greedy generation. For each reasoning span it records the
+estimator's input (span features, ``(L, H, K)``: the mean over the span's
+tokens of region-pooled attention of each token's predicting query) and the
+targets (leave-one-out effects per region and effects of ``M`` random region
+subsets, from :mod:`hf_vattr.ablation`).
+
+Why this shape: training needs per-span (features, effects) pairs; LDS needs
+the subset masks with their effects; everything else (text, spans, region
+map, sequence) is kept so that evaluation and plots can be redone without
+re-generating.
+
+Scale-out: :func:`collect` shards a dataset across processes started by
+``accelerate launch`` (example ``i`` goes to process ``i % num_processes``),
+writes one file per example atomically, and skips examples whose file
+exists, so an interrupted run resumes where it stopped and produces the
+same bytes as an uninterrupted one. The on-disk format is documented in
+``docs/collection.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from transformers.utils import logging
+
+from .ablation import AblationEngine, leave_one_out_masks, random_subset_masks
+from .capture import AttentionCapture
+from .layouts import text_dims, visual_layout
+from .spans import ReasoningStepSplitter, SpanSplitter
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "CollectionConfig",
+    "ExampleRecord",
+    "SpanRecord",
+    "collect_example",
+    "collect",
+    "load_collection",
+    "iter_spans",
+    "read_manifest",
+    "decode_pieces",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+]
+
+FORMAT_NAME = "hf_vattr.collection"
+FORMAT_VERSION = 1
+MANIFEST = "collection.json"
+EXAMPLES_DIR = "examples"
+
+RegionsFn = Callable[[Any, Any, Any, Sequence[Any]], Any]  # (model, processor, layout, images) -> PromptRegions
+
+
+@dataclass
+class CollectionConfig:
+    """What to collect. Fields that change the data are checked against the manifest on resume.
+
+    Args:
+        num_subsets: random region subsets per example (LDS ground truth; AT2 uses 32).
+        keep_prob: probability that a region is *kept* in a random subset (0.5 as in ContextCite/AT2).
+        max_new_tokens: generation budget per example (greedy).
+        region_method: ``"grid"`` (default, needs nothing) or any method of
+            :func:`hf_vattr.regions.build_regions` (``"vlm"``, ``"dinov3"``, ...).
+        k: regions per image.
+        regions_fn: optional hook ``(model, processor, layout, images) -> PromptRegions`` that overrides
+            ``region_method`` (plug in your own region maps). Recorded by name only.
+        pooling: ``"sum"`` or ``"mean"`` pooling of attention over a region's tokens.
+        batch_size: ablation masks per forward.
+        seed: seeds the random subsets (combined with the example id, so shards agree with one process).
+        method: ablation method, ``"attention"`` or ``"pixel"``.
+        pixel_fill: ``"mean"`` or ``"blur"`` for the pixel method.
+        keep_token_features: also store per-token ``(G, L, H, K)`` features.
+        generate_kwargs: extra keyword arguments for ``generate`` (sampling stays off).
+    """
+
+    num_subsets: int = 32
+    keep_prob: float = 0.5
+    max_new_tokens: int = 256
+    region_method: str = "grid"
+    k: int = 16
+    regions_fn: RegionsFn | None = None
+    pooling: str = "sum"
+    batch_size: int = 16
+    seed: int = 0
+    method: str = "attention"
+    pixel_fill: str = "mean"
+    keep_token_features: bool = False
+    generate_kwargs: dict = field(default_factory=dict)
+
+    #: fields that do not change the collected numbers (safe to change when resuming)
+    RUNTIME_FIELDS = ("batch_size",)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "regions_fn":
+                value = None if value is None else f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
+            out[f.name] = value
+        return json.loads(json.dumps(out, default=str))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CollectionConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names and k != "regions_fn"}
+        return cls(**kwargs)
+
+
+@dataclass
+class ExampleRecord:
+    """Everything collected for one example (tensors on CPU)."""
+
+    example_id: int
+    span_features: torch.Tensor  # (S, L, H, K) float32
+    loo_effects: torch.Tensor  # (S, K) float32
+    subset_masks: torch.Tensor  # (M, K) bool, True = ablated
+    subset_effects: torch.Tensor  # (S, M) float32
+    base_logprobs: torch.Tensor  # (S,) float32
+    sequence: torch.Tensor  # (T,) int64, prompt + generated ids
+    prompt_len: int
+    spans: list[dict]  # {"start", "end", "text", "section"}; start/end among generated tokens
+    text: str  # generated text as displayed (special tokens other than think tags removed)
+    num_regions: int
+    model_type: str = ""
+    config: dict = field(default_factory=dict)
+    regions: dict | None = None  # PromptRegions.to_dict()
+    token_features: torch.Tensor | None = None  # (G', L, H, K) when keep_token_features
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_spans(self) -> int:
+        return len(self.spans)
+
+    @property
+    def num_generated(self) -> int:
+        return int(self.sequence.numel()) - self.prompt_len
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {
+            "span_features": self.span_features.float().contiguous(),
+            "loo_effects": self.loo_effects.float().contiguous(),
+            "subset_masks": self.subset_masks.bool().contiguous(),
+            "subset_effects": self.subset_effects.float().contiguous(),
+            "base_logprobs": self.base_logprobs.float().contiguous(),
+            "sequence": self.sequence.long().contiguous(),
+        }
+        if self.token_features is not None:
+            out["token_features"] = self.token_features.float().contiguous()
+        return out
+
+    def metadata(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "example_id": self.example_id,
+            "prompt_len": self.prompt_len,
+            "spans": self.spans,
+            "text": self.text,
+            "num_regions": self.num_regions,
+            "model_type": self.model_type,
+            "config": self.config,
+            "regions": self.regions,
+            "extra": self.extra,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temporary file in the same folder, then ``os.replace``)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"hf_vattr": json.dumps(self.metadata(), sort_keys=True)}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(self.tensors(), tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ExampleRecord":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["hf_vattr"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if meta.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path} is not an hf_vattr collection example (format={meta.get('format')!r}).")
+        return cls(
+            example_id=int(meta["example_id"]),
+            span_features=tensors["span_features"],
+            loo_effects=tensors["loo_effects"],
+            subset_masks=tensors["subset_masks"].bool(),
+            subset_effects=tensors["subset_effects"],
+            base_logprobs=tensors["base_logprobs"],
+            sequence=tensors["sequence"],
+            prompt_len=int(meta["prompt_len"]),
+            spans=list(meta["spans"]),
+            text=meta["text"],
+            num_regions=int(meta["num_regions"]),
+            model_type=meta.get("model_type", ""),
+            config=meta.get("config", {}),
+            regions=meta.get("regions"),
+            token_features=tensors.get("token_features"),
+            extra=meta.get("extra", {}),
+        )
+
+    def prompt_regions(self):
+        """The region maps the effects refer to (a :class:`~hf_vattr.regions.PromptRegions`)."""
+        from .regions import PromptRegions
+
+        if self.regions is None:
+            raise ValueError("This record was saved without its region maps.")
+        return PromptRegions.from_dict(self.regions)
+
+
+@dataclass
+class SpanRecord:
+    """One span of one example: the unit the estimator is trained and evaluated on."""
+
+    example_id: int
+    span_index: int
+    features: torch.Tensor  # (L, H, K)
+    loo_effects: torch.Tensor  # (K,)
+    subset_masks: torch.Tensor  # (M, K) bool (shared by the example's spans)
+    subset_effects: torch.Tensor  # (M,)
+    base_logprob: float
+    text: str
+    section: str
+    token_range: tuple[int, int]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def decode_pieces(tokenizer: Any, token_ids: Sequence[int], tag_texts: Iterable[str] = ("<think>", "</think>")
+                  ) -> list[str]:
+    """Display text of each generated token, decoded incrementally the way the streamer does.
+
+    Special tokens show as ``""`` except the think tags (the span splitter needs them); a token
+    ending in an incomplete multi-byte character shows ``""`` and its text arrives with the next one.
+    """
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    tags = set(tag_texts)
+    shown: list[int] = []
+    decoded_len = 0
+    pieces = []
+    for token_id in token_ids:
+        token_id = int(token_id)
+        if token_id in special and tokenizer.decode([token_id], skip_special_tokens=False) not in tags:
+            pieces.append("")
+            continue
+        shown.append(token_id)
+        text = tokenizer.decode(shown, skip_special_tokens=False)
+        piece = text[decoded_len:]
+        if piece.endswith("\ufffd"):
+            pieces.append("")
+            continue
+        decoded_len = len(text)
+        pieces.append(piece)
+    return pieces
+
+
+def _build_inputs(processor: Any, images: Sequence[Any], prompt: Any) -> Any:
+    """Processor outputs for (images, prompt): chat messages, raw question text, formatted text, or ready inputs."""
+    if hasattr(prompt, "keys") and "input_ids" in prompt:
+        return prompt
+    images = list(images)
+    if isinstance(prompt, str):
+        image_token = getattr(processor, "image_token", None)
+        if image_token and image_token in prompt:
+            text = prompt
+        else:
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+            text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                 tokenize=False)
+    else:
+        text = processor.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=images or None, return_tensors="pt")
+
+
+def _regions_for(model: Any, processor: Any, layout: Any, images: Sequence[Any], inputs: Any,
+                 config: CollectionConfig):
+    if config.regions_fn is not None:
+        return config.regions_fn(model, processor, layout, images)
+    if config.region_method == "grid":
+        from .regions import prompt_regions
+
+        return prompt_regions(layout, k=config.k)
+    from .regions import build_regions
+
+    return build_regions(layout, method=config.region_method, k=config.k, images=list(images), model=model,
+                         inputs=inputs)
+
+
+def _example_generator(seed: int, example_id: int) -> torch.Generator:
+    # Depends only on (seed, id): the same masks whichever process or order collects the example.
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(example_id)) % (2**63 - 1))
+
+
+def _to_device(inputs: Any, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+# ----------------------------------------------------------------------------- one example
+
+
+def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, prompt: Any,
+                    config: CollectionConfig | None = None, splitter: SpanSplitter | None = None,
+                    example_id: int = 0) -> ExampleRecord:
+    """Generate greedily, split spans, and record span features and ablation effects for one example.
+
+    Args:
+        images: one image or a list (PIL, arrays), in prompt order.
+        prompt: chat messages, a question (wrapped in a user turn with the images), chat-formatted
+            text containing the image token, or ready processor outputs.
+        splitter: span splitter; default :class:`~hf_vattr.spans.ReasoningStepSplitter`.
+        example_id: recorded, and seeds the random subsets together with ``config.seed``.
+
+    Features are the captured attention of each token's predicting query, recomputed in one
+    teacher-forced forward over the generated sequence (the same rows the streamer sees during
+    generation; tested to agree). That forward is the ablation engine's unablated pass, so it
+    costs nothing extra.
+    """
+    config = config or CollectionConfig()
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    images = list(images)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    device = model.get_input_embeddings().weight.device
+    inputs = _build_inputs(processor, images, prompt)
+    prompt_len = int(inputs["input_ids"].shape[-1])
+    layout = visual_layout(model, inputs["input_ids"], inputs.get("image_grid_thw"), images)
+    regions = _regions_for(model, processor, layout, images, inputs, config)
+    num_regions = int(regions.num_regions)
+
+    gen_kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=False)
+    gen_kwargs.update(config.generate_kwargs)
+    with torch.no_grad():
+        sequence = model.generate(**_to_device(inputs, device), **gen_kwargs)
+    if not isinstance(sequence, torch.Tensor):
+        sequence = sequence.sequences
+    sequence = sequence[:1].cpu()
+    generated = sequence[0, prompt_len:].tolist()
+
+    splitter = splitter or ReasoningStepSplitter()
+    splitter.reset(tokenizer.decode(inputs["input_ids"][0].tolist(), skip_special_tokens=False))
+    tags = (getattr(splitter, "think_open", "<think>"), getattr(splitter, "think_close", "</think>"))
+    pieces = decode_pieces(tokenizer, generated, tags)
+    closed = []
+    for i, piece in enumerate(pieces):
+        closed += splitter.push(i, piece)
+    closed += splitter.flush()
+    spans = [{"start": int(s.start), "end": int(s.end), "text": s.text, "section": s.section} for s in closed]
+    span_ranges = [(s["start"], s["end"]) for s in spans]
+
+    num_layers, num_heads = text_dims(model)
+    scored = len(generated) if config.keep_token_features else max([e for _, e in span_ranges] + [1])
+    # The engine's unablated forward runs with the capture on: one pass gives features and base log-probs.
+    capture = AttentionCapture(model, layout.positions, regions.membership(), pooling=config.pooling, rows="all",
+                               first_row=prompt_len - 1)
+    with capture:
+        engine = AblationEngine(model, inputs, sequence, regions, max_generated=scored)
+        token_features = capture.pop().float().cpu()  # (scored, L, H, K)
+    if token_features.shape[0] != scored:
+        raise RuntimeError(f"captured {token_features.shape[0]} feature rows for {scored} generated tokens.")
+
+    num_spans = len(spans)
+    subset_masks = random_subset_masks(num_regions, config.num_subsets, config.keep_prob,
+                                       _example_generator(config.seed, example_id))
+    if num_spans:
+        span_features = torch.stack([token_features[s:e].mean(0) for s, e in span_ranges])
+        masks = torch.cat([leave_one_out_masks(num_regions), subset_masks])
+        effects = engine.span_effects(span_ranges, masks, batch_size=config.batch_size, method=config.method,
+                                      pixel_fill=config.pixel_fill)  # (K + M, S)
+        loo_effects = effects[:num_regions].T.contiguous()
+        subset_effects = effects[num_regions:].T.contiguous()
+        base = engine.base_logprobs(span_ranges)
+    else:
+        span_features = torch.zeros(0, num_layers, num_heads, num_regions)
+        loo_effects = torch.zeros(0, num_regions)
+        subset_effects = torch.zeros(0, config.num_subsets)
+        base = torch.zeros(0)
+
+    regions_dict = regions.to_dict() if hasattr(regions, "to_dict") else None
+    return ExampleRecord(
+        example_id=int(example_id),
+        span_features=span_features,
+        loo_effects=loo_effects,
+        subset_masks=subset_masks,
+        subset_effects=subset_effects,
+        base_logprobs=base,
+        sequence=sequence[0],
+        prompt_len=prompt_len,
+        spans=spans,
+        text="".join(pieces),
+        num_regions=num_regions,
+        model_type=str(model.config.model_type),
+        config={k: v for k, v in config.to_dict().items() if k not in CollectionConfig.RUNTIME_FIELDS},
+        regions=regions_dict,
+        token_features=token_features if config.keep_token_features else None,
+        extra={"num_generated": len(generated), "image_sizes": [list(im.original_size) if im.original_size else None
+                                                                for im in layout.images]},
+    )
+
+
+# ----------------------------------------------------------------------------- many examples
+
+
+def _model_summary(model: Any) -> dict:
+    num_layers, num_heads = text_dims(model)
+    text_config = model.config.get_text_config()
+    return {
+        "model_type": str(model.config.model_type),
+        "name_or_path": str(getattr(model.config, "_name_or_path", "") or ""),
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "hidden_size": int(getattr(text_config, "hidden_size", 0) or 0),
+        "vocab_size": int(getattr(text_config, "vocab_size", 0) or 0),
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The ``collection.json`` of a collection folder."""
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def _check_resume(out_dir: Path, manifest: dict) -> None:
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    ignore = set(CollectionConfig.RUNTIME_FIELDS)
+    old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in ignore}
+    new_cfg = {k: v for k, v in manifest["config"].items() if k not in ignore}
+    differences = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+    if old.get("model") != manifest["model"]:
+        differences.append("model")
+    if differences:
+        raise ValueError(
+            f"{out_dir} already holds a collection made with different settings ({', '.join(differences)}). "
+            "Resume with the same model and CollectionConfig, or collect into a new folder."
+        )
+
+
+def example_path(out_dir: str | os.PathLike, example_id: int) -> Path:
+    """Where an example's file lives: ``examples/{id:06d}.safetensors``."""
+    return Path(out_dir) / EXAMPLES_DIR / f"{int(example_id):06d}.safetensors"
+
+
+def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]], out_dir: str | os.PathLike,
+            config: CollectionConfig | None = None, accelerator: Any = None, *,
+            splitter_factory: Callable[[], SpanSplitter] | None = None,
+            callback: Callable[[int, Path], None] | None = None, progress: bool = True) -> dict:
+    """Collect ground truth for ``(example_id, images, prompt)`` items into ``out_dir``; resumable and sharded.
+
+    Run it under ``accelerate launch --num_processes N`` (or pass an ``Accelerator``): item ``i`` of
+    ``examples`` is handled by process ``i % N``. Every process needs the model: load it per process
+    (``device_map={"": accelerator.device}``) or, for a model too big for one device, run one process
+    and load it with ``device_map="auto"``. Items whose file already exists are skipped, so re-running
+    after an interruption finishes the job. The main process writes ``collection.json`` at the start
+    and again, listing every example on disk, once all processes are done.
+
+    Args:
+        examples: iterable of ``(example_id, images, prompt)``; ids are non-negative ints, unique.
+        splitter_factory: makes a fresh span splitter per example (default ReasoningStepSplitter).
+        callback: called as ``callback(example_id, path)`` after each example is written.
+
+    Returns:
+        ``{"written": [...], "skipped": [...]}`` example ids of this process.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    config = config or CollectionConfig()
+    # ACCELERATE_USE_CPU=1 makes CPU processes started by `accelerate launch` form a gloo group.
+    if accelerator is not None:
+        state = accelerator.state
+    else:
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    out_dir = Path(out_dir)
+    (out_dir / EXAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    num_layers, num_heads = text_dims(model)
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "model": _model_summary(model),
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "layout": f"{EXAMPLES_DIR}/{{example_id:06d}}.safetensors",
+    }
+    _check_resume(out_dir, manifest)
+    if state.is_main_process and not (out_dir / MANIFEST).exists():
+        _write_json(out_dir / MANIFEST, dict(manifest, examples=[], complete=False))
+
+    items = examples if isinstance(examples, Sequence) else list(examples)
+    mine = [item for i, item in enumerate(items) if i % state.num_processes == state.process_index]
+    from tqdm.auto import tqdm
+
+    written, skipped = [], []
+    bar = tqdm(mine, desc=f"collect [{state.process_index}/{state.num_processes}]", disable=not progress,
+               position=state.process_index, leave=True)
+    for example_id, images, prompt in bar:
+        path = example_path(out_dir, example_id)
+        if path.exists():
+            skipped.append(int(example_id))
+            continue
+        splitter = splitter_factory() if splitter_factory is not None else None
+        record = collect_example(model, processor, images, prompt, config, splitter=splitter, example_id=example_id)
+        record.save(path)
+        written.append(int(example_id))
+        bar.set_postfix(spans=record.num_spans, tokens=record.num_generated)
+        if callback is not None:
+            callback(int(example_id), path)
+    bar.close()
+    if skipped:
+        logger.info(f"process {state.process_index}: skipped {len(skipped)} examples already on disk.")
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        ids = sorted(int(p.stem) for p in (out_dir / EXAMPLES_DIR).glob("*.safetensors"))
+        expected = sorted(int(item[0]) for item in items)
+        _write_json(out_dir / MANIFEST, dict(manifest, examples=ids, complete=set(expected) <= set(ids)))
+    return {"written": written, "skipped": skipped}
+
+
+def load_collection(path: str | os.PathLike) -> list[ExampleRecord]:
+    """Every example of a collection folder, in example-id order."""
+    folder = Path(path) / EXAMPLES_DIR
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path} holds no '{EXAMPLES_DIR}/' folder; is it a collection made by collect()?")
+    return [ExampleRecord.load(p) for p in sorted(folder.glob("*.safetensors"))]
+
+
+def iter_spans(collection: str | os.PathLike | Iterable[ExampleRecord]) -> Iterator[SpanRecord]:
+    """Every span of a collection (a folder or loaded records), with its features and effects."""
+    records = load_collection(collection) if isinstance(collection, (str, os.PathLike)) else collection
+    for rec in records:
+        for j, span in enumerate(rec.spans):
+            yield SpanRecord(
+                example_id=rec.example_id,
+                span_index=j,
+                features=rec.span_features[j],
+                loo_effects=rec.loo_effects[j],
+                subset_masks=rec.subset_masks,
+                subset_effects=rec.subset_effects[j],
+                base_logprob=float(rec.base_logprobs[j]),
+                text=span["text"],
+                section=span["section"],
+                token_range=(int(span["start"]), int(span["end"])),
+            )
