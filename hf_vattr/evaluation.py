@@ -1,0 +1,623 @@
+"""Faithfulness evaluation of attribution methods against ablation ground truth (DESIGN items 6 and 8).
+
+:func:`evaluate` runs every method (the estimator and the baselines of
+:mod:`hf_vattr.baselines`) over the same collected examples through the same code path,
+times each, and scores each against the measured effects:
+
+* **LDS**: Spearman, per span, of predicted subset effects (sum of member scores) vs the
+  stored effects of the M random subsets; mean over spans.
+* **Top-k drop** (k = 1, 3, 5): log-prob drop of the span when the k top-scored regions are
+  ablated together. With a model, measured for real with :mod:`hf_vattr.ablation`
+  (same ablation method as collection); without one, looked up in the stored tables
+  (leave-one-out rows give k = 1; a larger k is found only if a stored subset happens to
+  be exactly that top-k set, otherwise it is left out and counted).
+* **R^2** of predicted vs actual leave-one-out effects pooled over all (span, region)
+  points, raw (scores taken as log-prob drops: needs calibrated units) and calibrated
+  (after one least-squares line ``actual ~ a * score + b``: Pearson^2 of the pooled points).
+* **Pearson**: per-span Pearson of predicted vs actual leave-one-out effects, mean over spans.
+* **Time per span**: wall-clock seconds a method spends producing a trace's scores,
+  divided by its number of spans. For the estimator and raw attention that is the scoring
+  of features the model computed anyway during generation (see ``docs/training.md``).
+
+:func:`trajectory_report` turns per-step region-effect vectors into the paper's
+trajectory statistics (path length, tortuosity, concentration) and the failure-prediction
+AUC over reasoning progress.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from . import metrics as M
+from .training import ExampleView, as_example
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "stored_metrics",
+    "span_level_metrics",
+    "EvalReport",
+    "evaluate",
+    "context_from_record",
+    "trajectory_report",
+    "DEFAULT_KS",
+    "METRIC_LABELS",
+]
+
+DEFAULT_KS = (1, 3, 5)
+
+METRIC_LABELS = {
+    "lds": "LDS",
+    "top1_drop": "Top-1 drop",
+    "top3_drop": "Top-3 drop",
+    "top5_drop": "Top-5 drop",
+    "r2": "R^2",
+    "r2_calibrated": "R^2 (cal.)",
+    "pearson": "Pearson",
+    "time_per_span_ms": "Time / span (ms)",
+}
+
+
+# ----------------------------------------------------------------------------- per-span metrics
+
+
+def _np(x: Any) -> np.ndarray | None:
+    return None if x is None else M.as_array(x)
+
+
+def _nan_to_none(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    return v
+
+
+def _table_lookup(loo: np.ndarray | None, masks: np.ndarray | None, subsets: np.ndarray | None):
+    """``ablate(mask) -> effect`` for one span over its stored LOO rows and subsets (LOO wins ties)."""
+    table: dict[bytes, float] = {}
+    if masks is not None and subsets is not None:
+        for row, eff in zip(masks.astype(bool), subsets):
+            table[np.packbits(row).tobytes()] = float(eff)
+    if loo is not None:
+        k = loo.shape[0]
+        eye = np.eye(k, dtype=bool)
+        for i in range(k):
+            table[np.packbits(eye[i]).tobytes()] = float(loo[i])
+
+    def ablate(mask: np.ndarray) -> float:
+        key = np.packbits(np.asarray(mask, dtype=bool)).tobytes()
+        if key not in table:
+            raise KeyError("not in table")
+        return table[key]
+
+    return ablate
+
+
+def span_level_metrics(scores: Sequence[Any], examples: Sequence[Any], ks: Sequence[int] = DEFAULT_KS,
+                       topk_effects: Sequence[Mapping[int, Any]] | None = None) -> dict[str, np.ndarray]:
+    """Per-span metric values of ``scores[e] (S_e, K_e)`` against the stored effects of ``examples[e]``.
+
+    Returns arrays over all spans (``nan`` where undefined) for ``lds``, ``pearson``,
+    ``top{k}_drop``, and the pooled point lists ``loo_pred`` / ``loo_actual`` used for R^2.
+    ``topk_effects[e][k]`` (``(S_e,)``), when given, are measured top-k drops that replace
+    the table lookup.
+    """
+    views = [as_example(r, i) for i, r in enumerate(examples)]
+    if len(scores) != len(views):
+        raise ValueError(f"got scores for {len(scores)} examples but {len(views)} examples.")
+    out: dict[str, list] = {"lds": [], "pearson": [], "loo_pred": [], "loo_actual": []}
+    for k in ks:
+        out[f"top{k}_drop"] = []
+    for e, (sc, v) in enumerate(zip(scores, views)):
+        sc = _np(sc)
+        if sc.shape != (v.num_spans, v.num_regions):
+            raise ValueError(f"example {v.example_id}: scores have shape {sc.shape}, expected "
+                             f"({v.num_spans}, {v.num_regions}).")
+        loo = _np(v.loo_effects)
+        masks = None if v.subset_masks is None else v.subset_masks.numpy().astype(bool)
+        subs = _np(v.subset_effects)
+        for s in range(v.num_spans):
+            if masks is not None and masks.shape[0] >= 2:
+                out["lds"].append(M.lds(sc[s], masks, subs[s]))
+            else:
+                out["lds"].append(float("nan"))
+            if loo is not None:
+                out["pearson"].append(M.pearson(sc[s], loo[s]))
+                out["loo_pred"].extend(sc[s].tolist())
+                out["loo_actual"].extend(loo[s].tolist())
+            else:
+                out["pearson"].append(float("nan"))
+            ablate = _table_lookup(None if loo is None else loo[s], masks, None if subs is None else subs[s])
+            for k in ks:
+                kk = min(k, v.num_regions)
+                if topk_effects is not None and k in topk_effects[e]:
+                    out[f"top{k}_drop"].append(float(_np(topk_effects[e][k])[s]))
+                    continue
+                try:
+                    out[f"top{k}_drop"].append(M.topk_drop(sc[s], ablate, kk))
+                except KeyError:
+                    out[f"top{k}_drop"].append(float("nan"))
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+def _aggregate(per_span: Mapping[str, np.ndarray], ks: Sequence[int]) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    for name in ["lds", "pearson", *[f"top{k}_drop" for k in ks]]:
+        vals = per_span.get(name)
+        if vals is None or vals.size == 0:
+            continue
+        s = M.summarize(vals)
+        res[name] = s["mean"]
+        res[f"{name}_sem"] = s["sem"]
+        res[f"{name}_n"] = s["n"]
+    pred, act = per_span.get("loo_pred"), per_span.get("loo_actual")
+    if pred is not None and pred.size >= 2:
+        res["r2"] = M.r2_score(pred, act)
+        res["r2_calibrated"] = M.calibrated_r2(pred, act)
+        res["pearson_pooled"] = M.pearson(pred, act)
+    res["num_spans"] = int(next(iter(per_span.values())).size) if per_span else 0
+    return res
+
+
+def stored_metrics(scores: Sequence[Any], examples: Sequence[Any], ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+    """Metrics of ``scores`` against the ground truth *stored* with ``examples`` (no model needed).
+
+    Keys: ``lds``, ``pearson`` (mean per-span), ``top{k}_drop`` (from the stored tables,
+    ``top{k}_drop_n`` spans found), ``r2`` / ``r2_calibrated`` / ``pearson_pooled`` (pooled
+    LOO points), each mean with ``_sem`` and ``_n``; ``nan`` is reported as missing.
+    """
+    res = _aggregate(span_level_metrics(scores, examples, ks), ks)
+    return {k: _nan_to_none(v) for k, v in res.items()}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass
+class EvalReport:
+    """Methods x metrics, laid out like the paper's main table.
+
+    ``rows[method][metric]`` holds means (``None`` = undefined / not computed);
+    ``per_span[method][metric]`` the per-span values; ``info`` what was evaluated.
+    """
+
+    rows: dict[str, dict[str, Any]]
+    per_span: dict[str, dict[str, list]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    COLUMNS = ("lds", "top1_drop", "top3_drop", "top5_drop", "r2", "r2_calibrated", "pearson", "time_per_span_ms")
+
+    def columns(self) -> list[str]:
+        cols = [c for c in self.COLUMNS if any(r.get(c) is not None for r in self.rows.values())]
+        extra = [c for r in self.rows.values() for c in r if c.startswith("top") and c.endswith("_drop")
+                 and c not in cols]
+        for c in extra:
+            if c not in cols:
+                cols.insert(cols.index("r2") if "r2" in cols else len(cols), c)
+        return cols
+
+    def to_markdown(self, digits: int = 3) -> str:
+        cols = self.columns()
+        head = "| Method | " + " | ".join(METRIC_LABELS.get(c, c) for c in cols) + " |"
+        sep = "|---|" + "|".join("---:" for _ in cols) + "|"
+        lines = [head, sep]
+        for name, row in self.rows.items():
+            cells = []
+            for c in cols:
+                v = row.get(c)
+                if v is None:
+                    cells.append("n/a")
+                elif c == "time_per_span_ms":
+                    cells.append(f"{v:.3g}" if v < 100 else f"{v:.0f}")
+                else:
+                    sem = row.get(f"{c}_sem")
+                    cells.append(f"{v:.{digits}f}" + (f" ± {sem:.{digits}f}" if sem is not None and c != "r2"
+                                                      and c != "r2_calibrated" else ""))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        notes = []
+        if self.info:
+            n = self.info.get("num_examples")
+            s = self.info.get("num_spans")
+            notes.append(f"{n} examples, {s} spans" + (f", K in [{self.info.get('k_min')}, {self.info.get('k_max')}]"
+                                                       if self.info.get("k_min") is not None else ""))
+            if self.info.get("topk_source"):
+                notes.append(f"top-k drop: {self.info['topk_source']}")
+        if notes:
+            lines.append("")
+            lines.append("_" + "; ".join(notes) + "; ± is the standard error over spans._")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "per_span": self.per_span, "info": self.info}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(_jsonable(self.to_dict()), indent=indent)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> EvalReport:
+        p = Path(text_or_path)
+        text = p.read_text() if p.suffix == ".json" and p.exists() else str(text_or_path)
+        data = json.loads(text)
+        return cls(data["rows"], data.get("per_span", {}), data.get("info", {}))
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+    def _repr_markdown_(self) -> str:  # notebooks
+        return self.to_markdown()
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return [_jsonable(v) for v in x.tolist()]
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return None if math.isnan(v) or math.isinf(v) else v
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.detach().cpu().numpy())
+    return x
+
+
+# ----------------------------------------------------------------------------- contexts from records
+
+
+def _field(record: Any, name: str) -> Any:
+    if isinstance(record, Mapping):
+        v = record.get(name)
+    else:
+        v = getattr(record, name, None)
+    if v is None:
+        meta = record.get("metadata") if isinstance(record, Mapping) else getattr(record, "metadata", None)
+        if isinstance(meta, Mapping):
+            v = meta.get(name)
+    return v
+
+
+def _record_inputs(record: Any, model: Any) -> dict | None:
+    """Prompt inputs stored with a record: ``record.inputs`` or its image tensors + the prompt ids."""
+    inputs = _field(record, "inputs")
+    if isinstance(inputs, Mapping):
+        return {k: (torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    pv, grid = _field(record, "pixel_values"), _field(record, "image_grid_thw")
+    seq, plen = _field(record, "sequence"), _field(record, "prompt_len")
+    if pv is None or grid is None or seq is None or plen is None:
+        return None
+    seq = torch.as_tensor(seq)
+    seq = seq[None] if seq.dim() == 1 else seq
+    ids = seq[:, : int(plen)]
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.as_tensor(pv),
+           "image_grid_thw": torch.as_tensor(grid)}
+    mm = _field(record, "mm_token_type_ids")
+    if mm is not None:
+        out["mm_token_type_ids"] = torch.as_tensor(mm).reshape(1, -1)[:, : int(plen)]
+    elif model is not None:
+        from .layouts import _get_path, architecture_spec
+
+        spec = architecture_spec(model)
+        image_id = int(_get_path(model.config, spec.image_token_id))
+        out["mm_token_type_ids"] = (ids == image_id).long()
+    return out
+
+
+def _record_regions(record: Any) -> Any:
+    from .regions import PromptRegions
+
+    regions = _field(record, "regions")
+    if regions is None:
+        return None
+    if isinstance(regions, PromptRegions):
+        return regions
+    if isinstance(regions, str):
+        regions = json.loads(regions)
+    return PromptRegions.from_dict(regions)
+
+
+def _record_method(record: Any) -> str | None:
+    cfg = _field(record, "config")
+    return cfg.get("method") if isinstance(cfg, Mapping) else _field(record, "ablation_method")
+
+
+def context_from_record(record: Any, model: Any = None, *, index: int = 0, ablation_method: str = "attention",
+                        batch_size: int = 16, inputs_fn: Callable[[Any], Mapping] | None = None):
+    """An :class:`~hf_vattr.baselines.ExampleContext` for a collected record.
+
+    The stored span features are used as they are (the estimator and raw attention need no
+    forward). Inputs for the model come from ``inputs_fn(record)`` when given, else from
+    the record (``inputs`` or its stored ``pixel_values`` / ``image_grid_thw`` + prompt ids).
+    """
+    from .baselines import ExampleContext
+
+    view = as_example(record, index)
+    inputs = inputs_fn(record) if inputs_fn is not None else _record_inputs(record, model)
+    seq = _field(record, "sequence")
+    seq = None if seq is None else torch.as_tensor(seq)
+    return ExampleContext(
+        model=model,
+        inputs=inputs,
+        sequence=seq,
+        spans=view.spans or [],
+        regions=_record_regions(record),
+        span_features=view.span_features,
+        pooling=view.pooling or "sum",
+        example_id=view.example_id,
+        ablation_method=_record_method(record) or ablation_method,
+        batch_size=batch_size,
+        extras={"view": view},
+    )
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def _measured_topk(ctx: Any, all_scores: Mapping[str, torch.Tensor], ks: Sequence[int], batch_size: int,
+                   method: str) -> dict[str, dict[int, np.ndarray]]:
+    """Real top-k drops for every method: one ablation engine per example, unique masks batched."""
+    from .ablation import AblationEngine
+
+    k_regions = ctx.num_regions
+    keys: dict[bytes, int] = {}
+    rows: list[np.ndarray] = []
+    where: dict[str, dict[int, list[int]]] = {}
+    for name, sc in all_scores.items():
+        sc = M.as_array(sc)
+        where[name] = {}
+        for k in ks:
+            kk = min(k, k_regions)
+            idx = []
+            for s in range(sc.shape[0]):
+                mask = M.topk_mask(sc[s], kk)
+                key = np.packbits(mask).tobytes()
+                if key not in keys:
+                    keys[key] = len(rows)
+                    rows.append(mask)
+                idx.append(keys[key])
+            where[name][k] = idx
+    if not rows:
+        return {}
+    max_end = max(b for _, b in ctx.spans)
+    engine = AblationEngine(ctx.model, ctx.inputs, ctx.sequence, ctx.regions, max_generated=max_end)
+    eff = engine.span_effects(ctx.spans, torch.as_tensor(np.stack(rows)), batch_size=batch_size,
+                              method=method).numpy()  # (U, S)
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for name in all_scores:
+        out[name] = {}
+        for k in ks:
+            idx = where[name][k]
+            drops = np.empty(len(idx))
+            for s, u in enumerate(idx):
+                # through metrics.topk_drop so the definition stays in one place
+                sc_s = M.as_array(all_scores[name])[s]
+                drops[s] = M.topk_drop(sc_s, lambda _mask, u=u, s=s: eff[u, s], min(k, k_regions))
+            out[name][k] = drops
+    return out
+
+
+def evaluate(
+    methods: Sequence[Any],
+    records: Sequence[Any],
+    model: Any = None,
+    processor: Any = None,
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    topk: str = "auto",
+    batch_size: int = 16,
+    ablation_method: str = "attention",
+    inputs_fn: Callable[[Any], Mapping] | None = None,
+    progress: bool = True,
+    keep_scores: bool = False,
+) -> EvalReport:
+    """Run every method over ``records`` and score it; returns an :class:`EvalReport`.
+
+    Args:
+        methods: :class:`~hf_vattr.baselines.AttributionMethod` instances (names must differ).
+        records: collected examples (:func:`hf_vattr.collection.load_collection` records,
+            or objects / dicts with the same fields).
+        model: the VLM; needed by ablation / gradient methods and for measured top-k drops.
+            Without it those methods are skipped (with a warning).
+        processor: unused by the built-in code path (kept for symmetry with collection and
+            for ``inputs_fn`` closures).
+        ks: top-k drop sizes (clipped to the number of regions of an example).
+        topk: ``"measure"`` (real ablation, needs the model), ``"table"`` (stored tables
+            only) or ``"auto"`` (measure when a model and the record's inputs are there).
+        batch_size / ablation_method: for the ablation engine (default: the collection's method
+            when the records say which).
+        inputs_fn: ``inputs_fn(record) -> processor outputs`` when records do not store them.
+        keep_scores: also return every method's ``(S, K)`` scores in ``report.info["scores"]``.
+    """
+    from .baselines import AttributionMethod
+
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must be unique, got {names}.")
+    if topk not in ("auto", "measure", "table"):
+        raise ValueError(f"topk must be 'auto', 'measure' or 'table', got {topk!r}.")
+    runnable = []
+    for m in methods:
+        if not isinstance(m, AttributionMethod):
+            raise TypeError(f"{m!r} is not an AttributionMethod.")
+        if m.requires_model and model is None:
+            logger.warning(f"Skipping method {m.name!r}: it runs the model, and no model was given.")
+            continue
+        runnable.append(m)
+    views = [as_example(r, i) for i, r in enumerate(records)]
+    if not views:
+        raise ValueError("no examples to evaluate.")
+
+    scores: dict[str, list[torch.Tensor]] = {m.name: [] for m in runnable}
+    seconds: dict[str, float] = {m.name: 0.0 for m in runnable}
+    measured: dict[str, list[dict[int, np.ndarray]]] = {m.name: [] for m in runnable}
+    topk_source = "stored tables (LOO rows for k=1; a stored subset when one equals the top-k set)"
+    iterator = range(len(views))
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="evaluating", unit="example")
+    measured_any = False
+    for e in iterator:
+        rec, view = records[e], views[e]
+        ctx = context_from_record(rec, model, index=e, ablation_method=ablation_method, batch_size=batch_size,
+                                  inputs_fn=inputs_fn)
+        if view.num_spans == 0:
+            for m in runnable:
+                scores[m.name].append(torch.zeros(0, view.num_regions))
+                measured[m.name].append({})
+            continue
+        if model is not None and ctx.inputs is None and any(m.requires_model for m in runnable):
+            raise ValueError(
+                f"example {view.example_id}: the record stores no prompt inputs (pixel_values, image_grid_thw); "
+                "pass inputs_fn=... to rebuild them for the model-running methods."
+            )
+        per_example: dict[str, torch.Tensor] = {}
+        for m in runnable:
+            t0 = time.perf_counter()
+            sc = m.span_scores(ctx)
+            seconds[m.name] += time.perf_counter() - t0
+            sc = torch.as_tensor(sc).detach().float().cpu()
+            if tuple(sc.shape) != (view.num_spans, view.num_regions):
+                raise ValueError(f"method {m.name!r} returned shape {tuple(sc.shape)} for example {view.example_id}; "
+                                 f"expected ({view.num_spans}, {view.num_regions}).")
+            scores[m.name].append(sc)
+            per_example[m.name] = sc
+        do_measure = topk == "measure" or (topk == "auto" and model is not None and ctx.inputs is not None
+                                           and ctx.regions is not None and ctx.sequence is not None)
+        if do_measure:
+            if model is None or ctx.inputs is None or ctx.regions is None:
+                raise ValueError("topk='measure' needs the model and records with inputs and regions.")
+            got = _measured_topk(ctx, per_example, ks, batch_size, ctx.ablation_method)
+            measured_any = True
+            for m in runnable:
+                measured[m.name].append(got.get(m.name, {}))
+        else:
+            for m in runnable:
+                measured[m.name].append({})
+    if measured_any:
+        topk_source = "measured (real ablation of the top-k regions)"
+
+    total_spans = sum(v.num_spans for v in views)
+    rows: dict[str, dict[str, Any]] = {}
+    per_span_out: dict[str, dict[str, list]] = {}
+    for m in runnable:
+        per = span_level_metrics(scores[m.name], views, ks, topk_effects=measured[m.name])
+        agg = _aggregate(per, ks)
+        agg["time_per_span_ms"] = 1000.0 * seconds[m.name] / max(total_spans, 1)
+        rows[m.name] = {k: _nan_to_none(v) for k, v in agg.items()}
+        per_span_out[m.name] = {k: v.tolist() for k, v in per.items() if k not in ("loo_pred", "loo_actual")}
+    ks_all = [v.num_regions for v in views]
+    info = {
+        "num_examples": len(views),
+        "num_spans": total_spans,
+        "k_min": min(ks_all),
+        "k_max": max(ks_all),
+        "masks_per_example": sorted({v.num_subsets for v in views}),
+        "ks": list(ks),
+        "topk_source": topk_source,
+        "methods": [m.name for m in runnable],
+        "skipped_methods": [m.name for m in methods if m not in runnable],
+        "example_ids": [v.example_id for v in views],
+        "model_type": views[0].model_type,
+    }
+    if keep_scores:
+        info["scores"] = {k: [s.tolist() for s in v] for k, v in scores.items()}
+    return EvalReport(rows, per_span_out, info)
+
+
+# ----------------------------------------------------------------------------- trajectories
+
+
+def trajectory_report(
+    records: Sequence[Any],
+    labels: Sequence[bool] | Mapping[str, bool],
+    *,
+    scores: Sequence[Any] | Callable[[Any], Any] | None = None,
+    fractions: Sequence[float] | None = None,
+    num_bins: int = 10,
+    method: str = "entropy",
+) -> dict[str, Any]:
+    """Reasoning-trajectory statistics (paper sec. 4.4) and failure-prediction AUC.
+
+    Args:
+        records: collected examples; each gives one trajectory, its ``(S, K)`` region-effect
+            vectors (one per reasoning step).
+        labels: ``True`` = the trace was **correct**, one per record (or a mapping from
+            example id to correctness).
+        scores: the step vectors. ``None``: the stored leave-one-out effects (ground truth);
+            a list of ``(S, K)`` arrays (e.g. estimator scores, one per record); or a
+            callable ``record -> (S, K)`` (e.g. ``lambda r: estimator(r.span_features)``).
+        fractions: progress fractions for the early-failure AUC (default 0.1 .. 1.0).
+
+    Returns a dict with ``per_trace`` (id, correct, num_steps, path_length, displacement,
+    tortuosity, mean_concentration), ``groups`` (means per correct / incorrect),
+    ``concentration_curve`` (mean per progress bin and group) and ``failure_auc``
+    (``fraction``, ``auc``, ``n``: AUC of tortuosity on the first part of each trace
+    predicting failure).
+    """
+    from . import trajectory as T
+
+    views = [as_example(r, i) for i, r in enumerate(records)]
+    if isinstance(labels, Mapping):
+        correct = [bool(labels[v.example_id]) for v in views]
+    else:
+        correct = [bool(x) for x in labels]
+    if len(correct) != len(views):
+        raise ValueError(f"got {len(correct)} labels for {len(views)} records.")
+    trajs = []
+    for i, (r, v) in enumerate(zip(records, views)):
+        if scores is None:
+            if v.loo_effects is None:
+                raise ValueError(f"record {v.example_id} has no loo_effects; pass scores=.")
+            t = v.loo_effects
+        elif callable(scores):
+            t = scores(r)
+        else:
+            t = scores[i]
+        trajs.append(M.as_array(t))
+    keep = [i for i, t in enumerate(trajs) if t.ndim == 2 and t.shape[0] >= 1]
+    per_trace = []
+    for i in keep:
+        st = T.trajectory_stats(trajs[i], method=method)  # type: ignore[arg-type]
+        per_trace.append({"example_id": views[i].example_id, "correct": correct[i], "num_steps": st.num_steps,
+                          "path_length": st.path_length, "displacement": st.displacement,
+                          "tortuosity": st.tortuosity, "mean_concentration": st.mean_concentration})
+    groups = {}
+    for label, name in ((True, "correct"), (False, "incorrect")):
+        rows = [p for p in per_trace if p["correct"] is label]
+        g: dict[str, Any] = {"n": len(rows)}
+        for key in ("num_steps", "path_length", "tortuosity", "mean_concentration"):
+            vals = np.array([p[key] for p in rows], dtype=np.float64)
+            vals = vals[np.isfinite(vals)]
+            g[key] = float(vals.mean()) if vals.size else None
+            g[f"{key}_median"] = float(np.median(vals)) if vals.size else None
+        curves = [T.concentration_curve(trajs[i], num_bins, method) for i in keep if correct[i] is label]
+        if curves:
+            with np.errstate(all="ignore"):
+                c = np.nanmean(np.stack(curves), axis=0) if np.isfinite(np.stack(curves)).any() else None
+            g["concentration_curve"] = None if c is None else [_nan_to_none(float(x)) for x in c]
+        groups[name] = g
+    auc = None
+    if keep:
+        fr = fractions if fractions is not None else T.DEFAULT_FRACTIONS
+        res = T.failure_auc_over_progress([trajs[i] for i in keep], [not correct[i] for i in keep], fr)
+        auc = {"fraction": [float(x) for x in res["fraction"]], "auc": [_nan_to_none(float(x)) for x in res["auc"]],
+               "n": [int(x) for x in res["n"]]}
+    return _jsonable({"per_trace": per_trace, "groups": groups, "failure_auc": auc, "num_traces": len(keep),
+                      "source": "loo_effects" if scores is None else "scores"})
