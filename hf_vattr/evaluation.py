@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -609,7 +610,8 @@ def trajectory_report(
             g[f"{key}_median"] = float(np.median(vals)) if vals.size else None
         curves = [T.concentration_curve(trajs[i], num_bins, method) for i in keep if correct[i] is label]
         if curves:
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # bins no trace reaches: nan, reported as None
                 c = np.nanmean(np.stack(curves), axis=0) if np.isfinite(np.stack(curves)).any() else None
             g["concentration_curve"] = None if c is None else [_nan_to_none(float(x)) for x in c]
         groups[name] = g

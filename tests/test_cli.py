@@ -1,0 +1,171 @@
+"""`hf-vattr` end to end: collect -> train -> eval -> push, on a tiny model saved to disk and a local Hub."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_vattr.cli import build_parser, main
+from hf_vattr.estimator import LinearEstimator
+from hf_vattr.testing_hub import local_hub  # noqa: F401  (pytest fixture)
+from hf_vattr.training import synthetic_examples
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from hf_vattr.testing import tiny_vlm
+
+    path = tmp_path_factory.mktemp("tiny-qwen3-vl")
+    model, processor = tiny_vlm("qwen3_vl")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def write_synthetic_collection(folder: Path, n: int = 15, seed: int = 0):
+    """A collection in the documented on-disk format (collection.json + examples/*.safetensors)."""
+    collection = pytest.importorskip("hf_vattr.collection")
+    records, w = synthetic_examples(n, 2, 4, noise=0.02, seed=seed)
+    for r in records:
+        s = r["span_features"].shape[0]
+        rec = collection.ExampleRecord(
+            example_id=r["example_id"], span_features=r["span_features"], loo_effects=r["loo_effects"],
+            subset_masks=r["subset_masks"], subset_effects=r["subset_effects"], base_logprobs=r["base_logprobs"],
+            sequence=torch.arange(30), prompt_len=15,
+            spans=[dict(sp, text=f"step {i}", section="thinking") for i, sp in enumerate(r["spans"][:s])],
+            text="...", num_regions=r["num_regions"], model_type="qwen3_vl",
+            config={"pooling": "sum", "method": "attention", "k": 10, "region_method": "grid"},
+        )
+        rec.save(collection.example_path(folder, r["example_id"]))
+    manifest = {"format": collection.FORMAT_NAME, "version": collection.FORMAT_VERSION,
+                "config": {"pooling": "sum", "method": "attention", "k": 10, "region_method": "grid", "keep_prob": 0.5},
+                "model": {"model_type": "qwen3_vl", "name_or_path": "synthetic/model", "num_layers": 2, "num_heads": 4},
+                "examples": list(range(n)), "complete": True}
+    (folder / "collection.json").write_text(json.dumps(manifest))
+    return w
+
+
+def test_train_and_eval_on_a_synthetic_collection(tmp_path, capsys):
+    gt, est_dir = tmp_path / "gt", tmp_path / "est"
+    w_true = write_synthetic_collection(gt)
+    assert main(["train", str(gt), "--out", str(est_dir), "--epochs", "150", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out (val)" in out
+    est = LinearEstimator.from_pretrained(est_dir)
+    assert torch.corrcoef(torch.stack([est.weight.detach().flatten(), w_true.flatten()]))[0, 1] > 0.95
+    assert est.base_model_id == "synthetic/model" and est.model_type == "qwen3_vl"
+    assert est.k_policy == {"k": 10} and est.training_data["collection"] == "gt"
+    report = json.loads((est_dir / "training_report.json").read_text())
+    val_ids = report["split"]["val"]
+    assert len(val_ids) == 3 and report["data"]["split"] == "by example"
+
+    assert main(["eval", str(gt), "--estimator", str(est_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    table = [ln for ln in out.splitlines() if ln.startswith("|")]
+    assert table[0].startswith("| Method | LDS |") and [r.split("|")[1].strip() for r in table[2:]] == \
+        ["estimator", "raw_attention", "random"]
+    data = json.loads((est_dir / "eval_report.json").read_text())
+    assert data["info"]["split"] == "val" and sorted(data["info"]["example_ids"]) == sorted(val_ids)
+    assert data["rows"]["estimator"]["lds"] > 0.8 > data["rows"]["random"]["lds"]
+
+    target = tmp_path / "all.json"
+    assert main(["eval", str(gt), "--estimator", str(est_dir), "--split", "all", "--methods", "estimator",
+                 "--json", str(target), "--quiet"]) == 0
+    assert json.loads(target.read_text())["info"]["num_examples"] == 15
+
+
+def test_collect_train_eval_push_end_to_end(tmp_path, tiny_model_dir, capsys, local_hub):  # noqa: F811
+    gt, est_dir = tmp_path / "gt", tmp_path / "est"
+    assert main(["collect", "--model", str(tiny_model_dir), "--toy", "4", "--out", str(gt), "--max-new-tokens", "10",
+                 "--k", "4", "--num-subsets", "6", "--quiet"]) == 0
+    assert len(list((gt / "examples").glob("*.safetensors"))) == 4
+    spec = json.loads((gt / "dataset.json").read_text())
+    assert spec["kind"] == "toy" and spec["n"] == 4 and spec["model"] == str(tiny_model_dir)
+    # resuming is a no-op
+    assert main(["collect", "--model", str(tiny_model_dir), "--toy", "4", "--out", str(gt), "--max-new-tokens", "10",
+                 "--k", "4", "--num-subsets", "6", "--quiet"]) == 0
+    assert "0 examples (4 already on disk)" in capsys.readouterr().out
+
+    assert main(["train", str(gt), "--out", str(est_dir), "--epochs", "30", "--val-fraction", "0.25", "--quiet"]) == 0
+    est = LinearEstimator.from_pretrained(est_dir)
+    assert est.model_type == "qwen3_vl" and est.base_model_id == str(tiny_model_dir)
+    capsys.readouterr()
+
+    assert main(["eval", str(gt), "--estimator", str(est_dir), "--with-model", "--ig-steps", "2", "--ks", "1", "3",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    names = [ln.split("|")[1].strip() for ln in out.splitlines() if ln.startswith("| ")][1:]
+    assert names == ["estimator", "raw_attention", "leave_one_out", "grad_x_input", "integrated_gradients", "random"]
+    data = json.loads((est_dir / "eval_report.json").read_text())
+    assert "measured" in data["info"]["topk_source"]
+    assert data["rows"]["leave_one_out"]["r2"] == pytest.approx(1.0, abs=1e-3)
+    assert all(row["time_per_span_ms"] > 0 for row in data["rows"].values())
+
+    assert main(["push", str(est_dir), "local-user/tiny-estimator"]) == 0
+    files = local_hub.files("local-user/tiny-estimator")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    pulled = LinearEstimator.from_pretrained("local-user/tiny-estimator")
+    assert torch.equal(pulled.weight, est.weight) and pulled.training_data == est.training_data
+
+
+def test_collect_from_a_jsonl_dataset_and_eval_rebuilds_prompts(tmp_path, tiny_model_dir, capsys):
+    from hf_vattr.testing import example_image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        example_image(seed=i).save(data / f"img{i}.png")
+    rows = [{"id": 10, "image": "img0.png", "prompt": "What colour is the circle?", "answer": "red"},
+            {"id": 11, "images": ["img1.png"], "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count the shapes."}]}]}]
+    (data / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    gt = tmp_path / "gt"
+    assert main(["collect", "--model", str(tiny_model_dir), "--prompts", str(data / "prompts.jsonl"), "--out", str(gt),
+                 "--max-new-tokens", "8", "--k", "4", "--num-subsets", "4", "--quiet"]) == 0
+    assert sorted(p.stem for p in (gt / "examples").glob("*.safetensors")) == ["000010", "000011"]
+    report = tmp_path / "r.json"
+    assert main(["eval", str(gt), "--model", str(tiny_model_dir), "--methods", "raw_attention,leave_one_out",
+                 "--json", str(report), "--quiet"]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    if rows["leave_one_out"].get("r2") is not None:  # defined when the spans have non-constant effects
+        assert rows["leave_one_out"]["r2"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_cli_errors(tmp_path, tiny_model_dir):
+    with pytest.raises(SystemExit, match="exactly one dataset"):
+        main(["collect", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x")])
+    gt = tmp_path / "gt"
+    write_synthetic_collection(gt, n=4)
+    with pytest.raises(SystemExit, match="--estimator"):
+        main(["eval", str(gt), "--methods", "estimator", "--quiet"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["frobnicate"])
+
+
+def test_demo_subcommand_dispatches_lazily(monkeypatch, capsys):
+    calls = []
+    fake = types.ModuleType("hf_vattr.demo")
+    fake.main = lambda args: calls.append(args.demo_args) or 0
+    monkeypatch.setitem(sys.modules, "hf_vattr.demo", fake)
+    assert main(["demo", "--port", "7860"]) == 0
+    assert calls == [["--port", "7860"]]
+    monkeypatch.setitem(sys.modules, "hf_vattr.demo", None)  # as if hf_vattr/demo.py did not exist
+    assert main(["demo"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_module_and_console_entry_points():
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "hf_vattr.cli", "--help"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0 and "collect" in res.stdout and "push" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "hf_vattr.cli", "train", "--help"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0 and "--nonnegative" in res.stdout
