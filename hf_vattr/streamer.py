@@ -293,17 +293,23 @@ class AttributionStreamer(TextStreamer):
         self._work.put(self._failure)
 
     # ------------------------------------------------------------------ worker thread
-    def _piece(self, ids: list[int], token_id: int) -> tuple[str, str]:
-        """(display text, raw text) of the newest token, decoding incrementally like TextStreamer."""
-        raw = self.tokenizer.decode([token_id], skip_special_tokens=False)
-        if token_id in self._special_ids and raw not in self._tag_texts:
-            return "", raw
+    def _piece(self, ids: list[int], token_id: int) -> str:
+        """Display text of the newest token, decoding incrementally like TextStreamer.
+
+        Special tokens (end of turn, vision markers) show as "" except the think tags,
+        which the span splitter needs to see. ``ids`` accumulates the displayed tokens.
+        """
+        if token_id in self._special_ids:
+            raw = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            if raw not in self._tag_texts:
+                return ""
+        ids.append(token_id)
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         piece = text[self._decoded_len:]
         if piece.endswith("\ufffd"):  # incomplete multi-byte character: wait for the next token
-            return "", raw
+            return ""
         self._decoded_len = len(text)
-        return piece, raw
+        return piece
 
     def _work_loop(self) -> None:
         ids: list[int] = []
@@ -323,9 +329,8 @@ class AttributionStreamer(TextStreamer):
                 token_ids, scores, features = item
                 for token_id in token_ids:
                     index = len(self.trace.tokens)
-                    ids.append(token_id)
-                    piece, raw = self._piece(ids, token_id)
-                    closed = self.splitter.push(index, piece if piece else ("" if raw not in self._tag_texts else raw))
+                    piece = self._piece(ids, token_id)
+                    closed = self.splitter.push(index, piece)
                     event = TokenAttribution(
                         index=index,
                         token_id=token_id,
@@ -391,10 +396,17 @@ class AttributionStreamer(TextStreamer):
         return self
 
     async def __anext__(self) -> TokenAttribution | SpanAttribution:
+        # StopIteration cannot cross a Future boundary, so the executor returns a sentinel instead.
+        event = await asyncio.get_running_loop().run_in_executor(None, self._next_or_end)
+        if event is _END:
+            raise StopAsyncIteration
+        return event
+
+    def _next_or_end(self) -> Any:
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self._next_event)
+            return self._next_event()
         except StopIteration:
-            raise StopAsyncIteration from None
+            return _END
 
     def generate_in_thread(self, **generate_kwargs: Any) -> threading.Thread:
         """Start ``model.generate(**generate_kwargs, streamer=self)`` in a daemon thread and return it."""

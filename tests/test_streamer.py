@@ -1,0 +1,236 @@
+"""End-to-end streaming on tiny models of every family, checked against eager attention."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution, TokenAttribution
+from hf_vattr.capture import patched_attention_lookup
+from hf_vattr.layouts import extend_inputs
+from hf_vattr.streamer import AttributionTimeout, GenerationError
+from hf_vattr.testing import example_image, example_inputs
+
+from conftest import get_tiny
+
+NEW_TOKENS = 12
+
+
+def _random_estimator(model, seed=0):
+    text = model.config.get_text_config()
+    est = LinearEstimator(text.num_hidden_layers, text.num_attention_heads, model_type=model.config.model_type)
+    with torch.no_grad():
+        est.weight.copy_(torch.randn(est.weight.shape, generator=torch.Generator().manual_seed(seed)))
+    return est
+
+
+def _eager_token_features(family, inputs, sequence, streamer):
+    """Reference features: eager attention weights of each predicting row, pooled to regions."""
+    eager, _ = get_tiny(family, attn_implementation="eager")
+    with torch.no_grad():
+        out = eager(**extend_inputs(inputs, sequence), output_attentions=True, use_cache=False)
+    att = torch.stack(out.attentions)[:, 0]  # (L, H, T, T)
+    prompt_len = inputs["input_ids"].shape[1]
+    rows = att[:, :, prompt_len - 1 : sequence.shape[1] - 1]  # rows predicting each generated token
+    pooled = rows[..., streamer.layout.positions] @ streamer.regions.membership()  # (L, H, T, K)
+    return pooled.permute(2, 0, 1, 3)  # (T, L, H, K)
+
+
+def test_streams_every_token_with_scores_matching_eager(tiny, family):
+    model, proc = tiny
+    images = [example_image(), example_image(100, 140, seed=2)]
+    inputs = example_inputs(proc, images)
+    reference = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    estimator = _random_estimator(model)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, estimator=estimator, images=images,
+                                   print_text=False, keep_features=True, timeout=60)
+    thread = threading.Thread(target=model.generate,
+                              kwargs=dict(**inputs, streamer=streamer, max_new_tokens=NEW_TOKENS, do_sample=False))
+    thread.start()
+    events = list(streamer)
+    thread.join()
+    tokens = [e for e in events if isinstance(e, TokenAttribution)]
+    spans = [e for e in events if isinstance(e, SpanAttribution)]
+    generated = reference[0, inputs["input_ids"].shape[1]:].tolist()
+    # identical greedy tokens with the streamer attached, one event per token
+    assert [t.token_id for t in tokens] == generated
+    K = streamer.regions.num_regions
+    assert all(t.region_scores.shape == (K,) for t in tokens)
+    # scores are the estimator applied to the model's real attention (eager reference)
+    ref_feats = _eager_token_features(family, inputs, reference, streamer)
+    got_feats = torch.stack([t.features for t in tokens])
+    torch.testing.assert_close(got_feats, ref_feats, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        ref_scores = estimator(ref_feats)
+    torch.testing.assert_close(torch.stack([t.region_scores for t in tokens]), ref_scores, atol=1e-4, rtol=1e-4)
+    # spans: ordered, disjoint, and their scores are the mean of their tokens' scores
+    last_end = 0
+    for span in spans:
+        start, end = span.token_range
+        assert last_end <= start < end <= len(tokens)
+        expected = torch.stack([t.region_scores for t in tokens[start:end]]).mean(0)
+        torch.testing.assert_close(span.region_scores, expected)
+        last_end = end
+    assert streamer.trace.tokens == tokens
+    assert not patched_attention_lookup()
+    assert not model._forward_hooks
+
+
+def test_works_without_consumer_and_restores(tiny):
+    """generate() finishes with nobody reading: the decode loop never waits for the consumer."""
+    model, proc = tiny
+    inputs = example_inputs(proc)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False)
+    out = model.generate(**inputs, streamer=streamer, max_new_tokens=6, do_sample=False)
+    assert len(streamer.trace.tokens) == out.shape[1] - inputs["input_ids"].shape[1]
+    assert len(list(streamer)) >= len(streamer.trace.tokens)
+    assert not patched_attention_lookup()
+
+
+def test_prints_text_like_text_streamer(capsys):
+    model, proc = get_tiny("qwen3_vl")
+    inputs = example_inputs(proc)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=True)
+    model.generate(**inputs, streamer=streamer, max_new_tokens=8, do_sample=False)
+    printed = capsys.readouterr().out
+    assert printed.rstrip("\n") == streamer.trace.text.rstrip("\n")
+
+
+class _Boom(Exception):
+    pass
+
+
+def _break_layer(model, after_calls):
+    mlp = model.model.language_model.layers[1].mlp
+    original = mlp.forward
+    calls = {"n": 0}
+
+    def forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > after_calls:
+            raise _Boom("injected failure")
+        return original(*args, **kwargs)
+
+    mlp.forward = forward
+    return lambda: delattr(mlp, "forward")
+
+
+def test_exception_in_generation_reaches_consumer_and_restores():
+    model, proc = get_tiny("glm4v")
+    inputs = example_inputs(proc)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False, timeout=30)
+    undo = _break_layer(model, after_calls=3)
+    try:
+        thread = streamer.generate_in_thread(**inputs, max_new_tokens=10)
+        with pytest.raises(GenerationError) as err:
+            for _ in streamer:
+                pass
+        thread.join()
+    finally:
+        undo()
+    assert isinstance(err.value.__cause__, _Boom)
+    assert not patched_attention_lookup()
+    assert not model._forward_hooks
+    # a fresh streamer on the same model works again
+    again = AttributionStreamer(model, proc, inputs=inputs, print_text=False)
+    model.generate(**inputs, streamer=again, max_new_tokens=3, do_sample=False)
+    assert len(again.trace.tokens) == 3
+
+
+class _RaiseAt(LogitsProcessor):
+    def __init__(self, step):
+        self.step, self.calls = step, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls >= self.step:
+            raise _Boom("outside the forward")
+        return scores
+
+
+def test_exception_outside_forward_is_not_a_hang():
+    model, proc = get_tiny("qwen2_5_vl")
+    inputs = example_inputs(proc)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False, timeout=30)
+    thread = threading.Thread(target=model.generate, kwargs=dict(
+        **inputs, streamer=streamer, max_new_tokens=10, logits_processor=LogitsProcessorList([_RaiseAt(3)])))
+    thread.start()
+    start = time.monotonic()
+    with pytest.raises(GenerationError, match="ended without finishing"):
+        for _ in streamer:
+            pass
+    assert time.monotonic() - start < 10
+    thread.join()
+    assert not patched_attention_lookup()
+
+
+def test_consumer_timeout_is_distinguishable_from_end():
+    model, proc = get_tiny("qwen3_vl")
+    inputs = example_inputs(proc)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False, timeout=0.3)
+    gate = threading.Event()
+    handle = model.register_forward_pre_hook(lambda *a: None if gate.wait(10) else None)
+    try:
+        thread = streamer.generate_in_thread(**inputs, max_new_tokens=4, do_sample=False)
+        with pytest.raises(AttributionTimeout):
+            next(streamer)
+    finally:
+        gate.set()
+        handle.remove()
+    thread.join()
+    events = list(streamer)  # generation resumed: everything arrives, then a normal end
+    assert sum(isinstance(e, TokenAttribution) for e in events) == 4
+
+
+def test_async_iteration():
+    model, proc = get_tiny("qwen3_vl_moe")
+    inputs = example_inputs(proc)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False, timeout=60)
+
+    async def consume():
+        streamer.generate_in_thread(**inputs, max_new_tokens=5, do_sample=False)
+        return [event async for event in streamer]
+
+    events = asyncio.run(consume())
+    assert sum(isinstance(e, TokenAttribution) for e in events) == 5
+
+
+def test_batch_of_two_is_refused_before_generation():
+    model, proc = get_tiny("qwen3_vl")
+    inputs = proc(text=[proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                 {"type": "text", "text": "hi"}]}], add_generation_prompt=True, tokenize=False)] * 2,
+                  images=[example_image(), example_image()], return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="batch of 2"):
+        AttributionStreamer(model, proc, inputs=inputs)
+    assert not patched_attention_lookup()
+
+
+def test_prompt_without_image_is_refused():
+    model, proc = get_tiny("qwen3_vl")
+    inputs = proc(text=["just text"], return_tensors="pt")
+    with pytest.raises(ValueError, match="no image"):
+        AttributionStreamer(model, proc, inputs=inputs)
+
+
+def test_mismatched_estimator_is_refused():
+    model, proc = get_tiny("qwen3_vl")
+    inputs = example_inputs(proc)
+    wrong = LinearEstimator(num_layers=28, num_heads=16, model_type="qwen3_vl")
+    with pytest.raises(ValueError, match="num_layers|28"):
+        AttributionStreamer(model, proc, inputs=inputs, estimator=wrong)
+    other_family = LinearEstimator(num_layers=2, num_heads=4, model_type="glm4v")
+    with pytest.raises(ValueError, match="glm4v"):
+        AttributionStreamer(model, proc, inputs=inputs, estimator=other_family)
+
+
+def test_beam_search_is_refused_and_nothing_stays_patched():
+    model, proc = get_tiny("qwen3_vl")
+    inputs = example_inputs(proc)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False)
+    with pytest.raises(ValueError, match="beam"):
+        model.generate(**inputs, streamer=streamer, num_beams=2, max_new_tokens=3)
+    assert not patched_attention_lookup()
+    assert not model._forward_hooks
