@@ -22,6 +22,26 @@ from ..layouts import ImageTokens, VisualLayout
 __all__ = ["RegionMap", "PromptRegions", "grid_regions", "prompt_regions"]
 
 
+def _image_to_dict(im: ImageTokens) -> dict:
+    return {
+        "image_index": im.image_index,
+        "positions": im.positions.tolist(),
+        "grid_thw": list(im.grid_thw),
+        "token_size": im.token_size,
+        "original_size": None if im.original_size is None else list(im.original_size),
+    }
+
+
+def _image_from_dict(im: dict) -> ImageTokens:
+    return ImageTokens(
+        image_index=int(im["image_index"]),
+        positions=torch.tensor(im["positions"], dtype=torch.long),
+        grid_thw=tuple(int(v) for v in im["grid_thw"]),
+        token_size=int(im["token_size"]),
+        original_size=None if im["original_size"] is None else tuple(int(v) for v in im["original_size"]),
+    )
+
+
 @dataclass
 class RegionMap:
     """K regions over one image's visual tokens.
@@ -85,32 +105,36 @@ class RegionMap:
         labels = self.pixel_labels()
         return labels[None] == np.arange(self.num_regions)[:, None, None]
 
+    @property
+    def is_hard(self) -> bool:
+        """True when every token belongs to exactly one region (membership is one-hot)."""
+        return bool(((self.membership == 0) | (self.membership == 1)).all())
+
+    def region_sizes(self) -> torch.Tensor:
+        """(K,) number of tokens whose hard assignment is each region."""
+        return torch.bincount(self.assignment, minlength=self.num_regions)
+
     def to_dict(self) -> dict:
-        im = self.image
-        return {
-            "method": self.method,
-            "info": self.info,
-            "image": {
-                "image_index": im.image_index,
-                "positions": im.positions.tolist(),
-                "grid_thw": list(im.grid_thw),
-                "token_size": im.token_size,
-                "original_size": None if im.original_size is None else list(im.original_size),
-            },
-            "membership": self.membership.tolist(),
-        }
+        """JSON-ready dict; hard maps store one label per token instead of the (N, K) matrix."""
+        data: dict = {"method": self.method, "info": self.info, "image": _image_to_dict(self.image),
+                      "num_regions": self.num_regions}
+        if self.is_hard:
+            data["assignment"] = self.assignment.tolist()
+        else:
+            data["membership"] = self.membership.tolist()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "RegionMap":
-        im = data["image"]
-        image = ImageTokens(
-            image_index=int(im["image_index"]),
-            positions=torch.tensor(im["positions"], dtype=torch.long),
-            grid_thw=tuple(im["grid_thw"]),
-            token_size=int(im["token_size"]),
-            original_size=None if im["original_size"] is None else tuple(im["original_size"]),
-        )
-        return cls(image, torch.tensor(data["membership"]), data["method"], data.get("info", {}))
+        image = _image_from_dict(data["image"])
+        if "membership" in data:
+            membership = torch.tensor(data["membership"], dtype=torch.float32)
+        else:
+            labels = torch.tensor(data["assignment"], dtype=torch.long)
+            k = int(data.get("num_regions", int(labels.max()) + 1))
+            membership = torch.zeros(labels.numel(), k)
+            membership[torch.arange(labels.numel()), labels] = 1.0
+        return cls(image, membership, data["method"], data.get("info", {}))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict()))
@@ -121,23 +145,38 @@ class RegionMap:
 
 
 def grid_regions(image: ImageTokens, k: int = 16) -> RegionMap:
-    """A regular rows x cols grid of about ``k`` regions over the token grid.
+    """A regular grid of exactly ``min(k, tokens)`` rectangular regions over the token grid.
 
-    The fallback that needs nothing but the layout: rows and cols are chosen
-    to match the image aspect ratio, each at most the token grid's size.
+    The fallback that needs nothing but the layout. Rows are chosen to match
+    the image aspect ratio; when ``k`` is not rows x cols, rows differ by one
+    column ("brick" layout) so the count is still exactly ``k``. Every cell
+    is a rectangle of tokens, hence contiguous.
     """
     h, w = image.grid_hw
     k = max(1, min(int(k), h * w))
-    rows = max(1, min(h, int(round(np.sqrt(k * h / w)))))
-    cols = max(1, min(w, int(round(k / rows))))
+    rows = int(round(np.sqrt(k * h / w)))
+    rows = max(1, -(-k // w), min(h, rows, k))  # at least ceil(k / w) rows so no row needs more than w columns
+    rows = min(rows, h)
+    base, extra = divmod(k, rows)
+    # put the wider rows in the middle of the image rather than all at the top
+    order = sorted(range(rows), key=lambda i: abs(i - (rows - 1) / 2))
+    cols_per_row = [0] * rows
+    for rank, i in enumerate(order):
+        cols_per_row[i] = base + (1 if rank < extra else 0)
     r_edges = np.linspace(0, h, rows + 1).round().astype(int)
-    c_edges = np.linspace(0, w, cols + 1).round().astype(int)
-    row_of = np.searchsorted(r_edges, np.arange(h), side="right") - 1
-    col_of = np.searchsorted(c_edges, np.arange(w), side="right") - 1
-    labels = (row_of[:, None] * cols + col_of[None, :]).reshape(-1)
-    frames = image.grid_thw[0]
-    labels = np.tile(labels, frames)
-    return RegionMap.from_assignment(image, labels, method="grid", info={"rows": rows, "cols": cols})
+    labels = np.empty((h, w), dtype=np.int64)
+    start = 0
+    for i in range(rows):
+        c = cols_per_row[i]
+        c_edges = np.linspace(0, w, c + 1).round().astype(int)
+        col_of = np.searchsorted(c_edges, np.arange(w), side="right") - 1
+        labels[r_edges[i]:r_edges[i + 1]] = start + col_of[None, :]
+        start += c
+    labels = np.tile(labels.reshape(-1), image.grid_thw[0])
+    uniform = len(set(cols_per_row)) == 1
+    info = {"rows": rows, "cols": cols_per_row[0] if uniform else max(cols_per_row), "cols_per_row": cols_per_row,
+            "k": k, "clustering": "grid"}
+    return RegionMap.from_assignment(image, labels, method="grid", info=info)
 
 
 @dataclass
@@ -177,6 +216,31 @@ class PromptRegions:
         """(K_total, N_visual) bool: tokens whose hard assignment is each region (for ablation)."""
         hard = torch.block_diag(*[torch.nn.functional.one_hot(m.assignment, m.num_regions) for m in self.maps])
         return hard.T.bool()
+
+    def to_dict(self) -> dict:
+        lay = self.layout
+        return {
+            "layout": {"sequence_length": lay.sequence_length, "model_type": lay.model_type,
+                       "images": [_image_to_dict(im) for im in lay.images]},
+            "maps": [m.to_dict() for m in self.maps],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PromptRegions":
+        lay = data["layout"]
+        layout = VisualLayout(images=[_image_from_dict(im) for im in lay["images"]],
+                              sequence_length=int(lay["sequence_length"]), model_type=lay.get("model_type", ""))
+        maps = [RegionMap.from_dict(m) for m in data["maps"]]
+        for m, im in zip(maps, layout.images):
+            m.image = im  # share the layout's ImageTokens objects
+        return cls(layout, maps)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PromptRegions":
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def prompt_regions(layout: VisualLayout, maps: Sequence[RegionMap] | None = None, k: int = 16) -> PromptRegions:
