@@ -324,11 +324,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 src = [estimator(torch.as_tensor(r.span_features)).detach() for r in records]
             report.info["trajectories"] = trajectory_report([r for r in records], labels, scores=src)
     print(report.to_markdown())
+    if "trajectories" in report.info:
+        print("\n" + _trajectory_markdown(report.info["trajectories"]))
     out = Path(args.json) if args.json else (Path(args.estimator) / DEFAULT_EVAL_JSON if args.estimator
                                              else collection / DEFAULT_EVAL_JSON)
     report.save(out)
     print(f"\nJSON report written to {out}")
     return 0
+
+
+def _trajectory_markdown(traj: dict) -> str:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = ["| Outcome | Traces | Steps | Path length | Tortuosity (median) | Concentration |", "|---|---:|---:|---:|---:|---:|"]
+    for name in ("correct", "incorrect"):
+        g = traj["groups"].get(name, {})
+        lines.append(f"| {name} | {g.get('n', 0)} | {fmt(g.get('num_steps'))} | {fmt(g.get('path_length'))} | "
+                     f"{fmt(g.get('tortuosity_median'))} | {fmt(g.get('mean_concentration'))} |")
+    auc = traj.get("failure_auc") or {}
+    if auc.get("auc"):
+        pairs = ", ".join(f"{f:.1f}: {fmt(a)}" for f, a in zip(auc["fraction"], auc["auc"]))
+        lines.append(f"\nFailure AUC of tortuosity by reasoning progress: {pairs}")
+    return "\n".join(lines)
 
 
 def _labels(dataset: DatasetSpec | None, records: Sequence[Any]) -> list[bool] | None:

@@ -99,14 +99,16 @@ def test_collect_train_eval_push_end_to_end(tmp_path, tiny_model_dir, capsys, lo
     capsys.readouterr()
 
     assert main(["eval", str(gt), "--estimator", str(est_dir), "--with-model", "--ig-steps", "2", "--ks", "1", "3",
-                 "--quiet"]) == 0
+                 "--trajectories", "--quiet"]) == 0
     out = capsys.readouterr().out
-    names = [ln.split("|")[1].strip() for ln in out.splitlines() if ln.startswith("| ")][1:]
+    assert "| Outcome | Traces |" in out  # toy labels from check_answer
+    names = [ln.split("|")[1].strip() for ln in out.split("| Outcome")[0].splitlines() if ln.startswith("| ")][1:]
     assert names == ["estimator", "raw_attention", "leave_one_out", "grad_x_input", "integrated_gradients", "random"]
     data = json.loads((est_dir / "eval_report.json").read_text())
     assert "measured" in data["info"]["topk_source"]
     assert data["rows"]["leave_one_out"]["r2"] == pytest.approx(1.0, abs=1e-3)
     assert all(row["time_per_span_ms"] > 0 for row in data["rows"].values())
+    assert data["info"]["trajectories"]["num_traces"] == 1  # the held-out example
 
     assert main(["push", str(est_dir), "local-user/tiny-estimator"]) == 0
     files = local_hub.files("local-user/tiny-estimator")
