@@ -246,7 +246,7 @@ def build_processor(family: str, *, min_pixels: int | None = None, max_pixels: i
 
 
 def build_model(family: str, tokenizer, *, attn_implementation: str = "sdpa", seed: int = 0,
-                text_overrides: dict[str, Any] | None = None):
+                text_overrides: dict[str, Any] | None = None, vision_overrides: dict[str, Any] | None = None):
     """A randomly initialised tiny model whose special-token ids match `tokenizer`."""
     import transformers
 
@@ -259,7 +259,7 @@ def build_model(family: str, tokenizer, *, attn_implementation: str = "sdpa", se
     text.setdefault("bos_token_id", None)
     top: dict[str, Any] = dict(
         text_config=text,
-        vision_config=dict(recipe.vision_config),
+        vision_config=dict(recipe.vision_config, out_hidden_size=text["hidden_size"], **(vision_overrides or {})),
         image_token_id=ids["image"],
         video_token_id=ids["video"],
     )
