@@ -1,0 +1,122 @@
+"""`hf-vattr demo`: stream attribution from the bundled toy thinking VLM, offline, on CPU.
+
+Prints the trace as it is generated and, after each finished reasoning step, its top
+regions (and whether the top region lands on the object the step talks about: the toy
+task knows the right answer). Then writes a self-contained HTML report and one overlay
+PNG per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Sequence
+
+
+__all__ = ["main", "run_demo", "toy_estimator_path", "toy_regions"]
+
+HELD_OUT_SEED = 20261125  # examples drawn from a seed the toy model never trained on
+
+
+def toy_estimator_path() -> Path:
+    """Folder of the estimator trained for the toy model by hf_vattr's own pipeline."""
+    from .toy import toy_checkpoint_path
+
+    return Path(toy_checkpoint_path()).parent / "toy-estimator"
+
+
+def toy_regions(model, inputs, images, estimator=None):
+    """Region maps for a toy prompt, built the way the shipped estimator was trained."""
+    from .layouts import visual_layout
+    from .regions import build_regions
+
+    layout = visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], images)
+    method = "grid"
+    k = 16
+    if estimator is not None:
+        method = estimator.region_method or "grid"
+        policy = estimator.k_policy or {}
+        k = policy.get("k", k)
+    return build_regions(layout, method=method, k=k, images=images, model=model, inputs=inputs)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-vattr demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="toy example seed (held out by default)")
+    p.add_argument("--index", type=int, default=0, help="which example of that seed's stream")
+    p.add_argument("--out", default="vattr_report.html", help="HTML report path; PNGs go next to it")
+    p.add_argument("--top", type=int, default=3, help="regions listed per step")
+    p.add_argument("--quiet", action="store_true", help="do not print the trace while it is generated")
+    return p
+
+
+def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr_report.html", top: int = 3,
+             quiet: bool = False) -> dict:
+    """Run the demo and return a summary dict (paths, spans, pointing hits)."""
+    import torch
+
+    from .estimator import LinearEstimator
+    from .streamer import AttributionStreamer, SpanAttribution
+    from .toy import evidence_for_step, load_toy_model, make_examples, prompt_messages
+    from .viz import describe_regions, render_html, save_overlays
+
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    model, processor = load_toy_model()
+    est_path = toy_estimator_path()
+    if not (est_path / "config.json").exists():
+        raise FileNotFoundError(
+            f"The toy estimator is missing at {est_path}. Rebuild it with `python -m hf_vattr.toy.build_estimator`."
+        )
+    estimator = LinearEstimator.from_pretrained(str(est_path))
+    example = make_examples(1, seed=seed, start=index)[-1]
+    images = [example.image]
+    prompt = processor.apply_chat_template(prompt_messages(example), add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], images=images, return_tensors="pt")
+    regions = toy_regions(model, inputs, images, estimator)
+    streamer = AttributionStreamer(model, processor, inputs=inputs, estimator=estimator, images=images,
+                                   regions=regions, print_text=not quiet, timeout=120)
+    print(f"Question: {example.question}\n")
+    thread = streamer.generate_in_thread(**inputs, max_new_tokens=96, do_sample=False)
+    hits = []
+    for event in streamer:
+        if isinstance(event, SpanAttribution):
+            top_ids = event.top_regions(top)
+            evidence = evidence_for_step(example, event.text) if event.section == "thinking" else None
+            verdict = ""
+            if evidence is not None:
+                image_index, local = streamer.regions.region_owner(top_ids[0])
+                labels = streamer.regions.maps[image_index].pixel_labels()
+                hit = bool((evidence & (labels == local)).any())
+                hits.append(hit)
+                verdict = "  [top region on the object: " + ("yes" if hit else "no") + "]"
+            print(f"    -> step {event.index}: top regions {describe_regions(streamer.regions, top_ids)}{verdict}",
+                  flush=True)
+    thread.join()
+    out = Path(out)
+    png_dir = out.with_suffix("")
+    pngs = save_overlays(streamer.trace, images, png_dir)
+    render_html(streamer.trace, images, out, title="hf_vattr demo: toy thinking VLM", question=example.question,
+                top_k=top)
+    elapsed = time.perf_counter() - start
+    print(f"\nWrote {out} and {len(pngs)} overlay PNGs in {png_dir}/ ({elapsed:.1f} s). "
+          f"Top region on the step's object for {sum(hits)}/{len(hits)} steps.")
+    return {"html": out, "pngs": pngs, "spans": len(streamer.trace.spans), "hits": hits, "seconds": elapsed,
+            "text": streamer.trace.text, "example": example}
+
+
+def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
+    """Entry point for ``hf-vattr demo`` (receives the CLI namespace with ``demo_args``) or a list of args."""
+    if isinstance(args, argparse.Namespace):
+        argv = list(getattr(args, "demo_args", []) or [])
+    else:
+        argv = list(args or [])
+    opts = _parser().parse_args(argv)
+    run_demo(opts.seed, opts.index, opts.out, opts.top, opts.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(None))
