@@ -136,7 +136,7 @@ def run(args) -> tuple[str, dict]:
     setup = (f"Qwen3-VL (random weights), text decoder L={num_layers} x H={num_heads} "
              f"(head dim {args.head_dim}), {layout.num_visual_tokens} visual tokens in K={k} grid regions, "
              f"prompt {inputs['input_ids'].shape[1]} tokens + {args.generated} generated, span = last {args.span} tokens; "
-             f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads), torch {torch.__version__}.")
+             f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread{'s' if args.threads != 1 else ''}), torch {torch.__version__}.")
     summary = (f"Estimator vs leave-one-out at K={k}: **{loo / est_t:,.0f}x** faster when scoring the features captured "
                f"during generation (streaming), **{loo / est_post:,.1f}x** faster post hoc including the feature "
                f"recompute forward. Target >= 100x: {'met' if loo / est_t >= 100 else 'NOT met'} (streaming).")
