@@ -152,3 +152,23 @@ def test_trajectory_report():
     json.dumps(rep2)
     with pytest.raises(ValueError, match="labels"):
         trajectory_report(records, labels[:3])
+
+
+def test_bench_methods_smoke():
+    """The benchmark script runs end to end (tiny settings) and reports the estimator faster than LOO."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_methods.py"
+    spec = importlib.util.spec_from_file_location("bench_methods", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.argparse.Namespace(k=4, layers=2, heads=4, head_dim=16, image_size=[96, 128], max_tokens=64,
+                                    generated=8, span=4, batch_size=4, ig_steps=1, repeats=1, threads=1)
+    threads = torch.get_num_threads()
+    try:
+        text, times = bench.run(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert "| leave-one-out ablation (K=4) |" in text and "integrated gradients (1 steps)" in text
+    assert times["estimator"] < times["loo"]
