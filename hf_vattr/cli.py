@@ -260,7 +260,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         estimator = LinearEstimator.from_pretrained(args.estimator)
     split = args.split
     if split in ("auto", "val"):
-        report_path = Path(args.estimator) / TRAINING_REPORT if args.estimator else None
+        report_path = Path(args.estimator) / TRAINING_REPORT if args.estimator and Path(args.estimator).is_dir() \
+            else None
         val_ids = None
         if report_path is not None and report_path.exists():
             val_ids = set(json.loads(report_path.read_text()).get("split", {}).get("val") or [])
@@ -326,8 +327,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(report.to_markdown())
     if "trajectories" in report.info:
         print("\n" + _trajectory_markdown(report.info["trajectories"]))
-    out = Path(args.json) if args.json else (Path(args.estimator) / DEFAULT_EVAL_JSON if args.estimator
-                                             else collection / DEFAULT_EVAL_JSON)
+    if args.json:
+        out = Path(args.json)
+    elif args.estimator and Path(args.estimator).is_dir():
+        out = Path(args.estimator) / DEFAULT_EVAL_JSON
+    else:  # no estimator, or one from the Hub: next to the collection
+        out = collection / DEFAULT_EVAL_JSON
     report.save(out)
     print(f"\nJSON report written to {out}")
     return 0
