@@ -123,16 +123,17 @@ class _Knockout:
         self._memo: dict = {}
 
     def __call__(self, module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask: Any) -> torch.Tensor:
+        # Every layer of one forward sees the same shapes and the same model-built mask object:
+        # build the combined mask once per forward (the given mask is kept alive, so its id is stable).
         tq, tk = query.shape[2], key.shape[2]
-        memo_key = (tq, tk, query.device, query.dtype, getattr(getattr(module, "config", None),
-                                                                  "_attn_implementation", None))
-        cached = self._memo.get(memo_key)
-        if cached is None or attention_mask is not None:
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        memo_key = (tq, tk, query.device, query.dtype, impl, id(attention_mask))
+        hit = self._memo.get(memo_key)
+        if hit is None:
             keep = ablation_attention_mask(self.key_ablated.to(query.device), tq, tk)
-            cached = _mask_for_implementation(module, keep, attention_mask, query.dtype)
-            if attention_mask is None:
-                self._memo[memo_key] = cached
-        return cached
+            hit = (_mask_for_implementation(module, keep, attention_mask, query.dtype), attention_mask)
+            self._memo[memo_key] = hit
+        return hit[0]
 
 
 # ----------------------------------------------------------------------------- pixel helpers

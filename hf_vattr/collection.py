@@ -306,6 +306,16 @@ def _regions_for(model: Any, processor: Any, layout: Any, images: Sequence[Any],
                          inputs=inputs)
 
 
+def _load_image(image: Any) -> Any:
+    """Paths are opened here, so a dataset can list files and each process reads only its own shard."""
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image
+
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    return image
+
+
 def _example_generator(seed: int, example_id: int) -> torch.Generator:
     # Depends only on (seed, id): the same masks whichever process or order collects the example.
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(example_id)) % (2**63 - 1))
@@ -324,7 +334,7 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
     """Generate greedily, split spans, and record span features and ablation effects for one example.
 
     Args:
-        images: one image or a list (PIL, arrays), in prompt order.
+        images: one image or a list (PIL, arrays, or file paths), in prompt order.
         prompt: chat messages, a question (wrapped in a user turn with the images), chat-formatted
             text containing the image token, or ready processor outputs.
         splitter: span splitter; default :class:`~hf_vattr.spans.ReasoningStepSplitter`.
@@ -338,7 +348,7 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
     config = config or CollectionConfig()
     if not isinstance(images, (list, tuple)):
         images = [images]
-    images = list(images)
+    images = [_load_image(im) for im in images]
     tokenizer = getattr(processor, "tokenizer", processor)
     device = model.get_input_embeddings().weight.device
     inputs = _build_inputs(processor, images, prompt)
@@ -483,7 +493,8 @@ def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]]
     and again, listing every example on disk, once all processes are done.
 
     Args:
-        examples: iterable of ``(example_id, images, prompt)``; ids are non-negative ints, unique.
+        examples: iterable of ``(example_id, images, prompt)``; ids are non-negative ints, unique. It is
+            iterated lazily by every process; give image *paths* so each process only opens its own shard.
         splitter_factory: makes a fresh span splitter per example (default ReasoningStepSplitter).
         callback: called as ``callback(example_id, path)`` after each example is written.
 
@@ -515,22 +526,30 @@ def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]]
     if state.is_main_process and not (out_dir / MANIFEST).exists():
         _write_json(out_dir / MANIFEST, dict(manifest, examples=[], complete=False))
 
-    items = examples if isinstance(examples, Sequence) else list(examples)
-    mine = [item for i, item in enumerate(items) if i % state.num_processes == state.process_index]
     from tqdm.auto import tqdm
 
+    total = None
+    if hasattr(examples, "__len__"):
+        n = len(examples)  # type: ignore[arg-type]
+        total = n // state.num_processes + (1 if state.process_index < n % state.num_processes else 0)
+    all_ids: list[int] = []
     written, skipped = [], []
-    bar = tqdm(mine, desc=f"collect [{state.process_index}/{state.num_processes}]", disable=not progress,
+    bar = tqdm(total=total, desc=f"collect [{state.process_index}/{state.num_processes}]", disable=not progress,
                position=state.process_index, leave=True)
-    for example_id, images, prompt in bar:
+    for index, (example_id, images, prompt) in enumerate(examples):  # lazy: datasets need not fit in memory
+        all_ids.append(int(example_id))
+        if index % state.num_processes != state.process_index:
+            continue
         path = example_path(out_dir, example_id)
         if path.exists():
             skipped.append(int(example_id))
+            bar.update(1)
             continue
         splitter = splitter_factory() if splitter_factory is not None else None
         record = collect_example(model, processor, images, prompt, config, splitter=splitter, example_id=example_id)
         record.save(path)
         written.append(int(example_id))
+        bar.update(1)
         bar.set_postfix(spans=record.num_spans, tokens=record.num_generated)
         if callback is not None:
             callback(int(example_id), path)
@@ -541,8 +560,7 @@ def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]]
     state.wait_for_everyone()
     if state.is_main_process:
         ids = sorted(int(p.stem) for p in (out_dir / EXAMPLES_DIR).glob("*.safetensors"))
-        expected = sorted(int(item[0]) for item in items)
-        _write_json(out_dir / MANIFEST, dict(manifest, examples=ids, complete=set(expected) <= set(ids)))
+        _write_json(out_dir / MANIFEST, dict(manifest, examples=ids, complete=set(all_ids) <= set(ids)))
     return {"written": written, "skipped": skipped}
 
 

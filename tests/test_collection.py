@@ -188,6 +188,18 @@ def test_spans_match_the_streamer(make_splitter):
     assert rec.text == streamer.trace.text
 
 
+def test_image_paths_are_opened(tmp_path):
+    model, proc = get_tiny(FAMILY)
+    example_id, images, prompt = dataset(1)[0]
+    images[0].save(tmp_path / "img.png")
+    a = collect_example(model, proc, images, prompt, config(num_subsets=2), splitter=EveryN(), example_id=1)
+    b = collect_example(model, proc, [str(tmp_path / "img.png")], prompt, config(num_subsets=2), splitter=EveryN(),
+                        example_id=1)
+    assert a.metadata() == b.metadata()
+    for name, tensor in a.tensors().items():
+        assert torch.equal(tensor, b.tensors()[name]), name
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((folder / "examples").glob("*.safetensors"))}
 
