@@ -24,6 +24,7 @@ exception as its cause; a consumer ``timeout`` raises
 from __future__ import annotations
 
 import asyncio
+import copy
 import queue
 import sys
 import threading
@@ -180,6 +181,8 @@ class AttributionStreamer(TextStreamer):
         if estimator is not None:
             estimator.check_compatible(model)
             pooling = getattr(estimator, "pooling", "sum")
+            # A private copy on the model's device: scoring then never copies weights per token.
+            estimator = copy.deepcopy(estimator).to(next(model.parameters()).device).eval()
         else:
             logger.warning(
                 "AttributionStreamer without an estimator scores regions by raw attention (mean over layers and "
