@@ -69,8 +69,10 @@ def make_example(processor, model, args, seed):
     with torch.no_grad():
         seq = model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     spans = [(s, min(s + args.span, args.new_tokens)) for s in range(0, args.new_tokens, args.span)]
-    masks = torch.cat([torch.zeros(1, regions.num_regions, dtype=torch.bool), leave_one_out_masks(regions.num_regions),
-                       random_subset_masks(regions.num_regions, args.subsets, generator=torch.Generator().manual_seed(seed))])
+    k = regions.num_regions
+    gen = torch.Generator().manual_seed(seed)
+    masks = torch.cat([torch.zeros(1, k, dtype=torch.bool), leave_one_out_masks(k),
+                       random_subset_masks(k, args.subsets, generator=gen)])
     return inputs, seq, regions, spans, masks, layout
 
 
@@ -166,7 +168,8 @@ def main(argv=None):
         f"{'wall-clock' if args.clock == 'wall' else 'process CPU'} time, best of {args.repeats}), "
         f"torch {torch.__version__}, mean of {n} examples. Engine and naive numbers agree to {max_diff:.1e}.",
         "",
-        "| route | ablation s / example | collection s / example (+ generation, features) | speedup (ablation) | speedup (collection) |",
+        "| route | ablation s / example | collection s / example (+ generation, features) "
+        "| speedup (ablation) | speedup (collection) |",
         "|---|---:|---:|---:|---:|",
     ]
     overhead = (gen_time + feat_time) / n
@@ -178,7 +181,9 @@ def main(argv=None):
         lines.append(f"| {name} | {t:.2f} | {coll:.2f} | {naive / t:.1f}x | {naive_coll / coll:.1f}x |")
     table = "\n".join(lines)
     command = (f"python benchmarks/bench_collection.py --write-docs --examples {n} --threads {args.threads} "
-               f"--clock {args.clock} --repeats {args.repeats}" + (f" --device {args.device}" if args.device != "cpu" else ""))
+               f"--clock {args.clock} --repeats {args.repeats}")
+    if args.device != "cpu":
+        command += f" --device {args.device}"
     print(table)
     if args.write_docs:
         path = Path(args.write_docs)

@@ -448,13 +448,15 @@ class AblationEngine:
         bar.close()
         return out
 
-    def span_logprobs(self, spans: Sequence[tuple[int, int]], ablation_masks: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def span_logprobs(self, spans: Sequence[tuple[int, int]], ablation_masks: torch.Tensor,
+                      **kwargs: Any) -> torch.Tensor:
         """(M, S) teacher-forced span log-probs under each mask (see :func:`span_logprobs`)."""
         mat = self._span_matrix(spans)
         tokens = self.token_logprobs(ablation_masks, **kwargs)
         return (tokens.double() @ mat).float()
 
-    def span_effects(self, spans: Sequence[tuple[int, int]], ablation_masks: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def span_effects(self, spans: Sequence[tuple[int, int]], ablation_masks: torch.Tensor,
+                     **kwargs: Any) -> torch.Tensor:
         """(M, S) ``log p(unablated) - log p(ablated)``: positive when the regions helped."""
         mat = self._span_matrix(spans)
         tokens = self.token_logprobs(ablation_masks, **kwargs)
@@ -532,7 +534,7 @@ def span_logprobs(model: Any, inputs: Any, sequence: torch.Tensor, spans: Sequen
 
 def span_effects(model: Any, inputs: Any, sequence: torch.Tensor, spans: Sequence[tuple[int, int]],
                  ablation_masks: torch.Tensor, regions: Any, **kwargs: Any) -> torch.Tensor:
-    """(M, S) ``log p(S | x) - log p(S | x ablated)`` for each mask and span (same arguments as :func:`span_logprobs`)."""
+    """(M, S) ``log p(S | x) - log p(S | x ablated)`` per mask and span (arguments as :func:`span_logprobs`)."""
     max_end = max((int(e) for _, e in spans), default=1)
     engine = AblationEngine(model, inputs, sequence, regions, max_generated=max(1, max_end))
     if not spans:

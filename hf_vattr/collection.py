@@ -105,7 +105,8 @@ class CollectionConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "regions_fn":
-                value = None if value is None else f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
+                if value is not None:
+                    value = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
             out[f.name] = value
         return json.loads(json.dumps(out, default=str))
 
