@@ -56,25 +56,60 @@ class DatasetSpec:
         data = dict(data)
         return cls(data.pop("kind"), **data)
 
-    def items(self) -> list[tuple[int, Any, Any]]:
-        if self.kind == "toy":
-            from . import toy
+    def items(self, limit: int | None = None) -> _Items:
+        """A lazy, sized iterable of ``(example_id, images, prompt)``.
 
-            examples = toy.make_examples(int(self.params["n"]), seed=int(self.params.get("seed", 0)))
-            return [(i, [ex.image], toy.prompt_messages(ex)) for i, ex in enumerate(examples)]
-        return [(eid, images, prompt) for eid, images, prompt, _ in self._jsonl_rows()]
+        Images are made (toy) or named by path (JSONL) only when iterated, so under
+        ``accelerate launch`` each process builds / opens only its own shard.
+        """
+        return _Items(self, limit)
+
+    def get(self, example_id: int) -> tuple[list[Any], Any]:
+        """``(images, prompt)`` of one example, images opened (for rebuilding model inputs)."""
+        from .collection import _load_image
+
+        if self.kind == "toy":
+            ex = self._toy(int(example_id))
+            return [ex.image], self._toy_prompt(ex)
+        rows = {eid: (images, prompt) for eid, images, prompt, _ in self._jsonl_rows()}
+        if int(example_id) not in rows:
+            raise KeyError(example_id)
+        images, prompt = rows[int(example_id)]
+        return [_load_image(im) for im in images], prompt
 
     def answers(self) -> dict[int, Any]:
+        """Example id -> the toy example (for ``check_answer``) or the JSONL ``answer``."""
         if self.kind == "toy":
-            from . import toy
-
-            return {i: ex for i, ex in enumerate(toy.make_examples(int(self.params["n"]),
-                                                                   seed=int(self.params.get("seed", 0))))}
+            return {i: self._toy(i) for i in range(int(self.params["n"]))}
         return {eid: ans for eid, _, _, ans in self._jsonl_rows() if ans is not None}
 
-    def _jsonl_rows(self):
-        from PIL import Image
+    def __len__(self) -> int:
+        return int(self.params["n"]) if self.kind == "toy" else len(self._jsonl_rows())
 
+    def _toy(self, index: int):
+        from .toy import example_seed, make_example
+
+        return make_example(example_seed(int(self.params.get("seed", 0)), index))
+
+    @staticmethod
+    def _toy_prompt(ex: Any) -> Any:
+        from .toy import prompt_messages
+
+        return prompt_messages(ex)
+
+    def _iter(self):
+        if self.kind == "toy":
+            for i in range(int(self.params["n"])):
+                ex = self._toy(i)
+                yield i, [ex.image], self._toy_prompt(ex)
+        else:
+            for eid, images, prompt, _ in self._jsonl_rows():
+                yield eid, images, prompt
+
+    def _jsonl_rows(self) -> list[tuple[int, list[str], Any, Any]]:
+        """Parsed JSONL rows ``(id, image paths, prompt, answer)``; images are not opened here."""
+        if "_rows" in self.__dict__:
+            return self.__dict__["_rows"]
         path = Path(self.params["path"])
         base = Path(self.params.get("images_dir") or path.parent)
         rows = []
@@ -93,12 +128,33 @@ class DatasetSpec:
             names = row.get("images") or ([row["image"]] if row.get("image") else [])
             if not names:
                 raise SystemExit(f"{path}:{line_no + 1}: no 'image' / 'images' given.")
-            images = [Image.open(base / n if not os.path.isabs(n) else n).convert("RGB") for n in names]
+            images = [str(Path(n) if os.path.isabs(n) else base / n) for n in names]
+            for im in images:
+                if not Path(im).is_file():
+                    raise SystemExit(f"{path}:{line_no + 1}: image {im} not found.")
             prompt = row.get("messages") or row.get("prompt")
             if prompt is None:
                 raise SystemExit(f"{path}:{line_no + 1}: no 'prompt' / 'messages' given.")
             rows.append((eid, images, prompt, row.get("answer")))
+        self.__dict__["_rows"] = rows
         return rows
+
+
+class _Items:
+    """Sized lazy iterable over a dataset's examples (what :func:`hf_vattr.collection.collect` takes)."""
+
+    def __init__(self, spec: DatasetSpec, limit: int | None) -> None:
+        self.spec, self.limit = spec, limit
+
+    def __len__(self) -> int:
+        n = len(self.spec)
+        return n if self.limit is None else min(n, self.limit)
+
+    def __iter__(self):
+        for i, item in enumerate(self.spec._iter()):
+            if self.limit is not None and i >= self.limit:
+                return
+            yield item
 
 
 def _read_dataset_spec(collection: Path) -> DatasetSpec | None:
@@ -158,9 +214,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     else:
         spec = DatasetSpec("jsonl", path=str(Path(args.prompts).resolve()),
                            images_dir=str(Path(args.images_dir).resolve()) if args.images_dir else None)
-    items = spec.items()
-    if args.limit is not None:
-        items = items[: args.limit]
+    items = spec.items(limit=args.limit)
 
     from accelerate import PartialState
 
@@ -288,12 +342,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if dataset is None:
             raise SystemExit(f"{collection / DATASET_FILE} is missing, so the prompts cannot be rebuilt for the model; "
                              "evaluate without --model (stored ground truth only).")
-        items = {eid: (images, prompt) for eid, images, prompt in dataset.items()}
-
         def inputs_fn(record):
-            if record.example_id not in items:
-                raise SystemExit(f"example {record.example_id} is not in the dataset described by {DATASET_FILE}.")
-            images, prompt = items[record.example_id]
+            try:
+                images, prompt = dataset.get(record.example_id)
+            except KeyError:
+                raise SystemExit(f"example {record.example_id} is not in the dataset described by {DATASET_FILE}.") \
+                    from None
             inputs = _build_inputs(processor, images, prompt)
             ids = record.sequence[: record.prompt_len]
             if inputs["input_ids"].shape[-1] != record.prompt_len or not torch.equal(inputs["input_ids"][0], ids):
