@@ -692,9 +692,10 @@ def fit_estimator(
     )
     if extra_training_data:
         summary.update(extra_training_data)
+    headline = ("lds", "pearson", "r2", "r2_calibrated", "top1_drop", "top3_drop", "top5_drop", "num_spans")
     training_metrics = {
         "split": "val" if val_metrics is not None else "train",
-        **{k: v for k, v in held.items() if isinstance(v, (int, float)) and v is not None and not _isnan(v)},
+        **{k: held[k] for k in headline if isinstance(held.get(k), (int, float)) and not _isnan(held[k])},
         "val_loss": float(best[0]) if val is not None else None,
     }
     training_metrics = {k: v for k, v in training_metrics.items() if v is not None}
