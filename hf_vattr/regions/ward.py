@@ -118,11 +118,10 @@ class WardTree:
 
 
 def _hard_map(image: ImageTokens, labels: np.ndarray, method: str, info: dict) -> RegionMap:
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    k = int(labels.max()) + 1
-    membership = torch.zeros(labels.numel(), k)
-    membership[torch.arange(labels.numel()), labels] = 1.0
-    return RegionMap(image, membership, method, info)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    membership = np.zeros((labels.size, int(labels.max()) + 1), dtype=np.float32)
+    membership[np.arange(labels.size), labels] = 1.0
+    return RegionMap(image, torch.from_numpy(membership), method, info)
 
 
 def build_ward_tree(features: torch.Tensor | np.ndarray, grid_thw: Sequence[int], *, normalize: bool = True,
