@@ -142,7 +142,8 @@ class AttributionStreamer(TextStreamer):
             attention (mean over layers and heads), which is *not* causal; a warning says so.
         inputs: the processor outputs passed to ``generate`` (``input_ids``, ``image_grid_thw``).
         images: the original images (or their ``(height, width)``), to map regions onto original pixels.
-        regions: region maps (a :class:`PromptRegions`, a list of :class:`RegionMap` per image, or one map);
+        regions: region maps (a :class:`PromptRegions`, a list of :class:`RegionMap` per image, or one map),
+            or a method name for :func:`hf_vattr.regions.build_regions` (``"auto"``, ``"vlm"``, ``"dinov3"``, ...);
             default: a regular grid of ``grid_k`` regions per image.
         splitter: span splitter; default :class:`ReasoningStepSplitter`.
         print_text: print the text as it is generated, like ``TextStreamer``.
@@ -158,7 +159,7 @@ class AttributionStreamer(TextStreamer):
         inputs: Any,
         estimator: Any | None = None,
         images: Sequence[Any] | None = None,
-        regions: PromptRegions | Sequence[RegionMap] | RegionMap | None = None,
+        regions: PromptRegions | Sequence[RegionMap] | RegionMap | str | None = None,
         grid_k: int = 16,
         splitter: SpanSplitter | None = None,
         print_text: bool = True,
@@ -177,7 +178,7 @@ class AttributionStreamer(TextStreamer):
             )
         grid = None if isinstance(inputs, torch.Tensor) else inputs.get("image_grid_thw")
         self.layout: VisualLayout = visual_layout(model, input_ids, grid, images)
-        self.regions = self._resolve_regions(regions, grid_k)
+        self.regions = self._resolve_regions(regions, grid_k, model, inputs, images)
         if estimator is not None:
             estimator.check_compatible(model)
             pooling = getattr(estimator, "pooling", "sum")
@@ -210,9 +211,13 @@ class AttributionStreamer(TextStreamer):
         self._tag_texts = {getattr(self.splitter, "think_open", "<think>"), getattr(self.splitter, "think_close", "</think>")}
 
     # ------------------------------------------------------------------ setup helpers
-    def _resolve_regions(self, regions: Any, grid_k: int) -> PromptRegions:
+    def _resolve_regions(self, regions: Any, grid_k: int, model: Any, inputs: Any, images: Any) -> PromptRegions:
         if regions is None:
             return prompt_regions(self.layout, k=grid_k)
+        if isinstance(regions, str):  # a method name: build them now, e.g. "vlm", "dinov3", "auto"
+            from .regions import build_regions
+
+            return build_regions(self.layout, method=regions, images=images, model=model, inputs=inputs)
         if isinstance(regions, PromptRegions):
             maps = regions.maps
         elif isinstance(regions, RegionMap):

@@ -234,3 +234,14 @@ def test_beam_search_is_refused_and_nothing_stays_patched():
         model.generate(**inputs, streamer=streamer, num_beams=2, max_new_tokens=3)
     assert not patched_attention_lookup()
     assert not model._forward_hooks
+
+
+def test_semantic_regions_by_method_name():
+    """The streamer takes any region method; here the VLM's own vision features + Ward."""
+    model, proc = get_tiny("qwen2_5_vl")
+    images = [example_image(), example_image(100, 140, seed=2)]
+    inputs = example_inputs(proc, images)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, images=images, regions="vlm", print_text=False)
+    assert [m.method for m in streamer.regions.maps] == ["vlm", "vlm"]
+    model.generate(**inputs, streamer=streamer, max_new_tokens=3, do_sample=False)
+    assert streamer.trace.token_scores().shape == (3, streamer.regions.num_regions)
