@@ -27,11 +27,14 @@ parametrisation ``w = theta**2``). Initialisation: uniform weights, i.e. raw att
 towards that uniform initialisation (``weight_decay * ||w/|w| - u/|u|||^2``): since the
 loss is scale-free an ordinary L2 penalty would only change the norm.
 
-**Calibration.** The Pearson loss fixes ``w`` only up to a positive scale. After fitting,
-``calibrate=True`` fits one scale ``a`` (and a bias ``b`` if ``use_bias``) by least
-squares on the *training* examples, ``loo ~ a * score + b`` (or, without LOO data,
-``subset ~ a * masks @ score + b * |mask|``), and folds it into the estimator, so raw
-scores are in log-prob units (a predicted log-prob drop). Raw R^2 needs that; calibrated
+**Calibration.** The Pearson loss fixes each span's scores only up to a positive scale
+and a per-span shift. After fitting, ``calibrate=True`` fits one scale ``a`` by least
+squares on the *training* examples, on within-span centred values
+(``loo - mean ~ a * (score - mean)``; without LOO data, the same across subsets), then a
+bias ``b`` if ``use_bias`` (the mean residual), and folds them into the estimator, so raw
+scores are in log-prob units (a predicted log-prob drop). The per-span level is not
+something the loss learns: pooled raw R^2 also depends on it (non-negative weights, which
+score a never-attended region 0, tend to get it right). Raw R^2 needs calibrated units;
 R^2 and every correlation metric do not. Without calibration the weights are rescaled to
 ``sum |w| = 1`` (for non-negative weights: sum to 1, the units of raw attention).
 
@@ -461,28 +464,43 @@ def pearson_loss(weight: torch.Tensor, data: SpanDataset, target: str = "loo", *
 # ----------------------------------------------------------------------------- calibration
 
 
+def _centred(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Subtract each row's mean over its valid entries (invalid entries -> 0)."""
+    v = valid.to(values.dtype)
+    mean = (values * v).sum(-1, keepdim=True) / v.sum(-1, keepdim=True).clamp_min(1.0)
+    return (values - mean) * v
+
+
 def _calibration(weight: torch.Tensor, data: SpanDataset, use_bias: bool) -> tuple[float, float]:
-    """Least-squares (scale, bias) so that ``scale * score + bias`` matches measured effects on ``data``."""
+    """Least-squares ``(scale, bias)`` mapping scores to measured effects on ``data``.
+
+    The scale is fit on *within-span centred* values, ``(loo - mean_S) ~ a * (score - mean_S)``:
+    the Pearson loss fixes each span's scores only up to a positive scale and a per-span shift,
+    so the within-span slope is what training determined (and it is positive whenever training
+    found a positive correlation). The bias, if any, is then the mean residual
+    ``loo - a * score`` over all points (for subsets: ``b * |mask|``).
+    """
     with torch.no_grad():
         pred = _span_predictions(weight, data.features).double()
         if data.loo is not None:
             v = data.region_valid
-            x = pred[v]
-            y = data.loo.double()[v]
-            ones = torch.ones_like(x)
+            y = data.loo.double()
+            xc, yc = _centred(pred, v), _centred(y, v)
+            x_all, y_all, ones = pred[v], y[v], torch.ones(int(v.sum()), dtype=torch.float64)
         else:
             masks = data.masks[data.example_index].double()
-            sv = data.subset_valid[data.example_index]
-            sub_pred = torch.bmm(masks, pred.unsqueeze(-1)).squeeze(-1)
-            x = sub_pred[sv]
-            y = data.subsets.double()[sv]
-            ones = masks.sum(-1)[sv]  # a bias adds b per ablated region
+            v = data.subset_valid[data.example_index]
+            x = torch.bmm(masks, pred.unsqueeze(-1)).squeeze(-1)
+            y = data.subsets.double()
+            xc, yc = _centred(x, v), _centred(y, v)
+            x_all, y_all, ones = x[v], y[v], masks.sum(-1)[v]  # a bias adds b per ablated region
+        denom = float((xc * xc).sum())
+        scale = float((xc * yc).sum()) / denom if denom > 0 else 1.0
+        bias = 0.0
         if use_bias:
-            a_mat = torch.stack([x, ones], 1)
-            sol = torch.linalg.lstsq(a_mat, y[:, None]).solution.flatten()
-            return float(sol[0]), float(sol[1])
-        denom = float((x * x).sum())
-        return (float((x * y).sum()) / denom if denom > 0 else 1.0), 0.0
+            resid = y_all - scale * x_all
+            bias = float((resid * ones).sum() / (ones * ones).sum().clamp_min(1e-12))
+        return scale, bias
 
 
 # ----------------------------------------------------------------------------- fitting
