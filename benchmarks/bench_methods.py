@@ -133,10 +133,12 @@ def run(args) -> tuple[str, dict]:
         ratio = loo / b
         shown = f"{ratio:,.0f}x" if ratio >= 10 else f"{ratio:.2f}x"
         lines.append(f"| {name} | {med * 1e3:,.3f} | {b * 1e3:,.3f} | {shown} | {note} |")
+    threads = f"{args.threads} thread{'s' if args.threads != 1 else ''}"
     setup = (f"Qwen3-VL (random weights), text decoder L={num_layers} x H={num_heads} "
              f"(head dim {args.head_dim}), {layout.num_visual_tokens} visual tokens in K={k} grid regions, "
-             f"prompt {inputs['input_ids'].shape[1]} tokens + {args.generated} generated, span = last {args.span} tokens; "
-             f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread{'s' if args.threads != 1 else ''}), torch {torch.__version__}.")
+             f"prompt {inputs['input_ids'].shape[1]} tokens + {args.generated} generated, "
+             f"span = last {args.span} tokens; CPU ({platform.processor() or platform.machine()}, {threads}), "
+             f"torch {torch.__version__}.")
     summary = (f"Estimator vs leave-one-out at K={k}: **{loo / est_t:,.0f}x** faster when scoring the features captured "
                f"during generation (streaming), **{loo / est_post:,.1f}x** faster post hoc including the feature "
                f"recompute forward. Target >= 100x: {'met' if loo / est_t >= 100 else 'NOT met'} (streaming).")

@@ -250,8 +250,8 @@ def span_logprobs_with_embeddings(model: Any, inputs: Mapping[str, Any], sequenc
     n_gen = sequence.shape[-1] - prompt_len
     _check_spans(spans, n_gen)
     out = model(**_model_inputs(model, inputs, sequence), use_cache=False, logits_to_keep=n_gen + 1)
-    logits = out.logits[0, -(n_gen + 1):-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # position prompt_len-1+i predicts generated token i
+    logits = out.logits[0, -(n_gen + 1):-1]  # position prompt_len - 1 + i predicts generated token i
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     targets = sequence[0, prompt_len:].to(logits.device)
     token_lp = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
     return torch.stack([token_lp[a:b].sum() for a, b in spans])

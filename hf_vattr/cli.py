@@ -270,7 +270,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if ccfg:
         extra.update({"ablation_method": ccfg.get("method"), "keep_prob": ccfg.get("keep_prob")})
     if dataset is not None:
-        extra["dataset"] = dataset.kind + (f" ({dataset.params.get('n')} toy examples)" if dataset.kind == "toy" else "")
+        extra["dataset"] = dataset.kind + (f" ({dataset.params.get('n')} toy examples)" if dataset.kind == "toy"
+                                           else "")
     estimator, report = fit_estimator(
         records, config=config, model_type=model_info.get("model_type") or None, base_model_id=base_model_id,
         base_model_revision=args.base_model_revision or (dataset.params.get("revision") if dataset else None),
@@ -396,7 +397,8 @@ def _trajectory_markdown(traj: dict) -> str:
     def fmt(v):
         return "n/a" if v is None else f"{v:.3f}"
 
-    lines = ["| Outcome | Traces | Steps | Path length | Tortuosity (median) | Concentration |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| Outcome | Traces | Steps | Path length | Tortuosity (median) | Concentration |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name in ("correct", "incorrect"):
         g = traj["groups"].get(name, {})
         lines.append(f"| {name} | {g.get('n', 0)} | {fmt(g.get('num_steps'))} | {fmt(g.get('path_length'))} | "
@@ -524,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--trajectories", action="store_true", help="add trajectory stats and failure AUC (needs labels)")
-    e.add_argument("--json", default=None, help=f"where to write the JSON report (default <estimator>/{DEFAULT_EVAL_JSON})")
+    e.add_argument("--json", default=None,
+                   help=f"where to write the JSON report (default <estimator>/{DEFAULT_EVAL_JSON})")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
