@@ -245,3 +245,34 @@ def test_semantic_regions_by_method_name():
     assert [m.method for m in streamer.regions.maps] == ["vlm", "vlm"]
     model.generate(**inputs, streamer=streamer, max_new_tokens=3, do_sample=False)
     assert streamer.trace.token_scores().shape == (3, streamer.regions.num_regions)
+
+
+def test_two_models_stream_concurrently_without_mixing():
+    from hf_vattr.testing import build_model
+
+    _, proc = get_tiny("qwen3_vl")
+    models = [build_model("qwen3_vl", proc.tokenizer, seed=s) for s in (11, 12)]
+    inputs = example_inputs(proc)
+
+    def stream(model):
+        streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False, timeout=60)
+        thread = streamer.generate_in_thread(**inputs, max_new_tokens=8, do_sample=False)
+        events = list(streamer)
+        thread.join()
+        return torch.stack([e.region_scores for e in events if isinstance(e, TokenAttribution)])
+
+    alone = [stream(m) for m in models]
+    results = [None, None]
+
+    def run(i):
+        results[i] = stream(models[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not torch.allclose(alone[0], alone[1])
+    for i in range(2):
+        torch.testing.assert_close(results[i], alone[i], atol=1e-6, rtol=0)
+    assert not patched_attention_lookup()
