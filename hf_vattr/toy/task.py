@@ -62,6 +62,8 @@ __all__ = [
 IMAGE_SIZE = (192, 192)  # (height, width) in pixels
 GRID = (3, 3)  # rows x cols of the coarse layout
 CELL = IMAGE_SIZE[0] // GRID[0]  # 64 px = 2 x 2 Qwen3-VL tokens (32 px each)
+TOKEN = 32  # pixels per Qwen3-VL visual token side (patch 16 x merge 2)
+OBJECT_SIZE = (22, 28)  # object extent in pixels (min, max): fits inside one token
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -183,10 +185,13 @@ def _render(rng: np.random.Generator, specs: list[tuple[str, str, int, int]]):
     pixels[:] = background
     objects: list[ToyObject] = []
     for shape, colour, row, col in specs:
-        size = int(rng.integers(38, 53))
-        slack = (CELL - size) / 2 - 3  # keep 3 px clear of the cell border
-        cx = col * CELL + CELL / 2 + rng.uniform(-slack, slack)
-        cy = row * CELL + CELL / 2 + rng.uniform(-slack, slack)
+        # Each object sits inside one visual token (32 px) of its cell's 2 x 2 tokens, so
+        # one LLM token sees the whole object; the cell still names its position.
+        size = int(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1))
+        ty, tx = int(rng.integers(2)), int(rng.integers(2))
+        slack = (TOKEN - size) / 2 - 2  # keep 2 px clear of the token border
+        cx = col * CELL + tx * TOKEN + TOKEN / 2 + rng.uniform(-slack, slack)
+        cy = row * CELL + ty * TOKEN + TOKEN / 2 + rng.uniform(-slack, slack)
         mask = _draw_mask(shape, cx, cy, size)
         rgb = _jitter_rgb(rng, COLOURS[colour])
         pixels[mask] = rgb
@@ -207,19 +212,31 @@ def _reading_order(cells: Sequence[tuple[int, int]]) -> list[int]:
     return sorted(range(len(cells)), key=lambda i: cells[i])
 
 
-def make_example(seed: int, kind: str | None = None) -> ToyExample:
-    """The example for `seed` (deterministic). `kind` forces a question kind."""
+def make_example(seed: int, kind: str | None = None, n_objects: int | None = None) -> ToyExample:
+    """The example for `seed` (deterministic).
+
+    `kind` forces a question kind; `n_objects` (1..4) forces the number of objects
+    (default: 3 or 4). Scenes with fewer objects are only used as a training
+    curriculum; with one object only ``colour`` and ``count`` questions exist.
+    """
     rng = np.random.default_rng(int(seed))
     colour_names = list(COLOURS)
     kind_drawn = KINDS[int(rng.integers(len(KINDS)))]
-    kind = kind or kind_drawn
+    n = int(rng.integers(3, 5))  # 3 or 4 objects, all different shapes
+    if n_objects is not None:
+        if not 1 <= n_objects <= len(SHAPES):
+            raise ValueError(f"n_objects must be in 1..{len(SHAPES)}, got {n_objects}")
+        n = int(n_objects)
+    if kind is None:
+        kind = kind_drawn if (n >= 2 or kind_drawn in ("colour", "count")) else ("colour", "count")[int(rng.integers(2))]
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    n = int(rng.integers(3, 5))  # 3 or 4 objects, all different shapes
+    if kind in ("left", "above") and n < 2:
+        raise ValueError(f"{kind!r} questions need at least 2 objects")
 
     if kind == "count":
         target_colour = colour_names[int(rng.integers(len(colour_names)))]
-        k = int(rng.integers(1, 4))  # 1..3 objects of that colour
+        k = int(rng.integers(1, min(3, n) + 1))  # 1..3 objects of that colour
         shapes, cells = _scene(rng, n)
         others = [c for c in colour_names if c != target_colour]
         chosen = set(rng.permutation(n)[:k].tolist())
