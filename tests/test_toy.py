@@ -1,0 +1,195 @@
+"""The embedded toy: task generator, trace checking, and the shipped trained model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hf_vattr import toy
+from hf_vattr.toy import (
+    COLOURS,
+    IMAGE_SIZE,
+    KINDS,
+    check_answer,
+    evidence_for_step,
+    make_example,
+    make_examples,
+    parse_trace,
+    prompt_messages,
+    step_object,
+)
+
+# --------------------------------------------------------------------------- generator
+
+
+def test_generator_is_deterministic_from_seed():
+    a, b = make_examples(6, seed=7), make_examples(6, seed=7)
+    for x, y in zip(a, b):
+        assert x.question == y.question and x.thinking_steps == y.thinking_steps and x.answer == y.answer
+        assert np.array_equal(np.asarray(x.image), np.asarray(y.image))
+        assert all(np.array_equal(m, n) for m, n in zip(x.step_evidence_masks, y.step_evidence_masks))
+        # each example is rebuilt from its own seed
+        z = make_example(x.seed)
+        assert z.question == x.question and np.array_equal(np.asarray(z.image), np.asarray(x.image))
+    c = make_examples(6, seed=8)
+    assert [x.question for x in a] != [x.question for x in c] or not all(
+        np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, c))
+
+
+def test_examples_are_well_formed_and_kinds_balanced():
+    exs = make_examples(400, seed=3)
+    assert {e.kind for e in exs} == set(KINDS)
+    for e in exs:
+        assert e.image.size == (IMAGE_SIZE[1], IMAGE_SIZE[0]) and e.image.mode == "RGB"
+        assert 3 <= len(e.objects) <= 4 and len({o.shape for o in e.objects}) == len(e.objects)
+        assert len({(o.row, o.col) for o in e.objects}) == len(e.objects)
+        assert len(e.thinking_steps) == len(e.step_evidence_masks) == len(e.step_objects) >= 1
+        assert e.trace == "<think>\n" + "\n".join(e.thinking_steps) + "\n</think>\n" + e.answer
+        for step, i in zip(e.thinking_steps, e.step_objects):
+            assert step.count(e.objects[i].shape) == 1  # each step names exactly one object
+            assert step_object(e, step) == i
+    answers = [e.answer for e in exs if e.kind == "colour"]
+    assert set(answers) == set(COLOURS)
+    yes = np.mean([e.answer == "yes" for e in exs if e.kind in ("left", "above")])
+    assert 0.35 < yes < 0.65
+
+
+def test_evidence_masks_match_object_pixels():
+    for e in make_examples(40, seed=11):
+        pixels = np.asarray(e.image)
+        union = np.zeros(IMAGE_SIZE, dtype=bool)
+        for o in e.objects:
+            assert o.mask.shape == IMAGE_SIZE and o.mask.dtype == bool and o.mask.sum() > 100
+            assert (pixels[o.mask] == np.array(o.rgb, dtype=np.uint8)).all()  # painted with its colour
+            x0, y0, x1, y1 = o.bbox
+            assert o.mask[y0:y1, x0:x1].sum() == o.mask.sum()  # the box holds the whole mask
+            assert not (union & o.mask).any()
+            union |= o.mask
+        background = pixels[~union]
+        assert (background == background[0]).all()  # nothing else is drawn
+        for mask, box, i in zip(e.step_evidence_masks, e.step_evidence_boxes, e.step_objects):
+            assert np.array_equal(mask, e.objects[i].mask) and box == e.objects[i].bbox
+
+
+def test_answers_depend_on_the_image_not_the_question():
+    # Same question text, different answers across images: the text alone cannot answer.
+    exs = [e for e in make_examples(600, seed=5) if e.kind == "colour"]
+    by_q = {}
+    for e in exs:
+        by_q.setdefault(e.question, set()).add(e.answer)
+    assert all(len(a) >= 3 for a in by_q.values())
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def test_check_answer_on_hand_written_traces():
+    e = next(x for x in make_examples(50, seed=2) if x.kind == "colour")
+    shape, colour, pos = e.objects[e.step_objects[0]].shape, e.answer, e.objects[e.step_objects[0]].position
+    good = f"The {shape} is at the {pos}.\nThe {shape} is {colour}.\n</think>\n{colour}<|im_end|>"
+    assert check_answer(e, good) == (True, 1.0)
+    assert check_answer(e, "<think>\n" + good) == (True, 1.0)
+    wrong_colour = next(c for c in COLOURS if c != colour)
+    bad_step = f"The {shape} is at the {pos}.\nThe {shape} is {wrong_colour}.\n</think>\n{colour}"
+    assert check_answer(e, bad_step) == (True, 0.5)
+    wrong = f"The {shape} is at the {pos}.\nThe {shape} is {wrong_colour}.\n</think>\n{wrong_colour}"
+    assert check_answer(e, wrong) == (False, 0.5)
+    extra = good.replace("</think>", f"The {shape} is {colour}.\n</think>")
+    assert check_answer(e, extra) == (True, pytest.approx(2 / 3))
+    unfinished = f"The {shape} is at the {pos}."
+    assert check_answer(e, unfinished) == (False, 0.5)
+    assert parse_trace(unfinished) == ([unfinished], None)
+    assert check_answer(e, "") == (False, 0.0)
+
+
+def test_evidence_for_generated_steps():
+    e = make_examples(1, seed=4)[0]
+    o = e.objects[0]
+    assert np.array_equal(evidence_for_step(e, f"The {o.shape} is at the {o.position}."), o.mask)
+    assert evidence_for_step(e, "No object named here.") is None
+
+
+def test_prompt_messages_render_one_image_and_the_question():
+    e = make_examples(1, seed=1)[0]
+    msgs = prompt_messages(e)
+    assert len(msgs) == 1 and msgs[0]["role"] == "user"
+    parts = msgs[0]["content"]
+    assert [p["type"] for p in parts] == ["image", "text"] and parts[0]["image"] is e.image
+    assert parts[1]["text"] == e.question
+
+
+# --------------------------------------------------------------------------- the shipped model
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    if not (toy.toy_checkpoint_path() / "model.safetensors").exists():
+        pytest.fail("the shipped toy checkpoint is missing: run python -m hf_vattr.toy.train_toy")
+    return toy.load_toy_model()
+
+
+def test_shipped_checkpoint_is_small_and_hub_shaped():
+    folder = toy.toy_checkpoint_path()
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "processor_config.json", "chat_template.jinja", "metrics.json"} <= names
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 10e6
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "qwen3_vl"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["held_out"]["n"] >= 200
+
+
+def test_shipped_model_loads_via_public_api(toy_model):
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    model, processor = toy_model
+    assert isinstance(model, Qwen3VLForConditionalGeneration) and isinstance(processor, Qwen3VLProcessor)
+    assert not model.training
+    tok = processor.tokenizer
+    text = "The circle is at the top left.\nThe circle is red.\n</think>\nred"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == text  # </think> is a normal (non-special) token
+    eos = model.generation_config.eos_token_id
+    assert tok.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
+    assert model.generation_config.do_sample is False
+    prompt = processor.apply_chat_template(prompt_messages(make_example(0)), add_generation_prompt=True,
+                                           tokenize=False)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+
+
+def test_shipped_model_answers_held_out_questions(toy_model):
+    model, processor = toy_model
+    exs = make_examples(20, seed=toy.EVAL_SEED, start=5000)  # held out: never seen in training
+    answers, steps = [], []
+    for e in exs:
+        prompt = processor.apply_chat_template(prompt_messages(e), add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[prompt], images=[e.image], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=64)
+        text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        a, s = check_answer(e, text)
+        answers.append(a)
+        steps.append(s)
+    # The shipped checkpoint reaches 64% answers / 22% steps on 200 held-out examples (metrics.json);
+    # the issue's 95% target is NOT met (see docs/toy.md). This guards against regressions below that.
+    assert np.mean(answers) >= 0.45, (np.mean(answers), np.mean(steps))
+    assert np.mean(steps) >= 0.1
+
+
+def test_model_looks_at_the_image(toy_model):
+    """Same question, different image -> the model's answer follows the image."""
+    model, processor = toy_model
+    exs = [e for e in make_examples(200, seed=toy.EVAL_SEED, start=6000) if e.kind == "colour"]
+    q = exs[0].question
+    same_q = [e for e in exs if e.question == q][:6]
+    got = []
+    for e in same_q:
+        prompt = processor.apply_chat_template(prompt_messages(e), add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[prompt], images=[e.image], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=64)
+        got.append(parse_trace(processor.decode(out[0, inputs["input_ids"].shape[1]:]))[1])
+    assert len({e.answer for e in same_q}) > 1
+    assert sum(g == e.answer for g, e in zip(got, same_q)) >= len(same_q) - 1
