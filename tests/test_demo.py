@@ -1,0 +1,38 @@
+"""The README's main command, on the shipped toy model and estimator (offline, CPU)."""
+
+import subprocess
+import sys
+
+from hf_vattr import LinearEstimator
+from hf_vattr.demo import run_demo, toy_estimator_path
+from hf_vattr.toy import load_toy_model
+
+
+def test_shipped_estimator_fits_the_toy_model_and_records_its_metrics():
+    model, _ = load_toy_model()
+    estimator = LinearEstimator.from_pretrained(str(toy_estimator_path()))
+    estimator.check_compatible(model)
+    assert estimator.region_method == "vlm"
+    metrics = estimator.training_metrics
+    assert "test_lds" in metrics and "test_pointing" in metrics
+    card = (toy_estimator_path() / "README.md").read_text()
+    assert "hf_vattr" in card
+
+
+def test_demo_streams_and_writes_report(tmp_path, capsys):
+    out = tmp_path / "vattr_report.html"
+    summary = run_demo(out=out, quiet=True)
+    printed = capsys.readouterr().out
+    assert "Question:" in printed and "top regions" in printed
+    html = out.read_text()
+    assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
+    assert "http://" not in html and "https://" not in html  # self-contained
+    assert summary["spans"] >= 2 and len(summary["pngs"]) == summary["spans"]
+    assert all(p.exists() and p.stat().st_size > 0 for p in summary["pngs"])
+
+
+def test_cli_demo_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hf_vattr.cli", "demo", "--out", str(tmp_path / "r.html"),
+                             "--quiet"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "r.html").exists()
