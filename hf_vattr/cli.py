@@ -21,6 +21,7 @@ JSONL file's folder; ``answer`` may be given for trajectory analysis.) ``collect
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -440,7 +441,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
-        from . import demo
+        demo = importlib.import_module("hf_vattr.demo")  # honours sys.modules (tests swap the module)
     except ImportError as e:
         if getattr(e, "name", None) in ("hf_vattr.demo", "demo") or "hf_vattr.demo" in str(e):
             print("hf-vattr demo is not available in this version of hf_vattr (hf_vattr/demo.py is missing).",

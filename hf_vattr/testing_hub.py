@@ -479,6 +479,7 @@ class _Handler(BaseHTTPRequestHandler):
         segments = [unquote(s) for s in raw_segments]
         query = parse_qs(split.query, keep_blank_values=True)
         self._method, self._query = method, query
+        self._split, self._logged = split, False
         self._status = 500
         self._extra_headers: dict[str, str] = {}
         try:
@@ -493,16 +494,24 @@ class _Handler(BaseHTTPRequestHandler):
             logger.exception("LocalHub crashed on %s %s", method, self.path)
             self._send_error(_HTTPError(501, f"LocalHub internal error on {method} {self.path}: {e!r}"))
         finally:
-            record = RequestRecord(method, unquote(split.path), query, self._status,
-                                   {k: v for k, v in self.headers.items()})
-            with self.hub._lock:
-                self.hub.requests.append(record)
-                if self._status == 501:
-                    self.hub.unhandled.append(record)
+            if not self._logged:
+                self._log_request()
+
+    def _log_request(self) -> None:
+        """Record the request *before* its response is written, so a client that asserts on
+        ``hub.requests`` / ``hub.unhandled`` right after its call never races the server thread."""
+        self._logged = True
+        record = RequestRecord(self._method, unquote(self._split.path), self._query, self._status,
+                               {k: v for k, v in self.headers.items()})
+        self.hub.requests.append(record)  # list.append is atomic; the hub lock may be held by _route
+        if self._status == 501:
+            self.hub.unhandled.append(record)
 
     def _send(self, status: int, body: bytes = b"", content_type: str = "application/json",
               headers: dict[str, str] | None = None, content_length: int | None = None) -> None:
         self._status = status
+        if not self._logged:
+            self._log_request()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body) if content_length is None else content_length))
