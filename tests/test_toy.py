@@ -10,6 +10,7 @@ from hf_vattr import toy
 from hf_vattr.toy import (
     COLOURS,
     IMAGE_SIZE,
+    SHAPES,
     KINDS,
     check_answer,
     evidence_for_step,
@@ -42,15 +43,15 @@ def test_examples_are_well_formed_and_kinds_balanced():
     assert {e.kind for e in exs} == set(KINDS)
     for e in exs:
         assert e.image.size == (IMAGE_SIZE[1], IMAGE_SIZE[0]) and e.image.mode == "RGB"
-        assert 3 <= len(e.objects) <= 4 and len({o.shape for o in e.objects}) == len(e.objects)
+        assert 3 <= len(e.objects) <= 4 and len({o.colour for o in e.objects}) == len(e.objects)
         assert len({(o.row, o.col) for o in e.objects}) == len(e.objects)
         assert len(e.thinking_steps) == len(e.step_evidence_masks) == len(e.step_objects) >= 1
         assert e.trace == "<think>\n" + "\n".join(e.thinking_steps) + "\n</think>\n" + e.answer
         for step, i in zip(e.thinking_steps, e.step_objects):
-            assert step.count(e.objects[i].shape) == 1  # each step names exactly one object
+            assert sum(step.count(c) for c in COLOURS) == 1 and e.objects[i].colour in step  # one object per step
             assert step_object(e, step) == i
-    answers = [e.answer for e in exs if e.kind == "colour"]
-    assert set(answers) == set(COLOURS)
+    answers = [e.answer for e in exs if e.kind == "shape"]
+    assert set(answers) == set(SHAPES)
     yes = np.mean([e.answer == "yes" for e in exs if e.kind in ("left", "above")])
     assert 0.35 < yes < 0.65
 
@@ -74,7 +75,7 @@ def test_evidence_masks_match_object_pixels():
 
 def test_answers_depend_on_the_image_not_the_question():
     # Same question text, different answers across images: the text alone cannot answer.
-    exs = [e for e in make_examples(600, seed=5) if e.kind == "colour"]
+    exs = [e for e in make_examples(600, seed=5) if e.kind == "shape"]
     by_q = {}
     for e in exs:
         by_q.setdefault(e.question, set()).add(e.answer)
@@ -85,19 +86,20 @@ def test_answers_depend_on_the_image_not_the_question():
 
 
 def test_check_answer_on_hand_written_traces():
-    e = next(x for x in make_examples(50, seed=2) if x.kind == "colour")
-    shape, colour, pos = e.objects[e.step_objects[0]].shape, e.answer, e.objects[e.step_objects[0]].position
-    good = f"The {shape} is at the {pos}.\nThe {shape} is {colour}.\n</think>\n{colour}<|im_end|>"
+    e = next(x for x in make_examples(50, seed=2) if x.kind == "shape")
+    o = e.objects[e.step_objects[0]]
+    colour, shape, pos = o.colour, e.answer, o.position
+    good = f"The {colour} object is at the {pos}.\nThe {colour} object is a {shape}.\n</think>\n{shape}<|im_end|>"
     assert check_answer(e, good) == (True, 1.0)
     assert check_answer(e, "<think>\n" + good) == (True, 1.0)
-    wrong_colour = next(c for c in COLOURS if c != colour)
-    bad_step = f"The {shape} is at the {pos}.\nThe {shape} is {wrong_colour}.\n</think>\n{colour}"
+    wrong_shape = next(s for s in SHAPES if s != shape)
+    bad_step = f"The {colour} object is at the {pos}.\nThe {colour} object is a {wrong_shape}.\n</think>\n{shape}"
     assert check_answer(e, bad_step) == (True, 0.5)
-    wrong = f"The {shape} is at the {pos}.\nThe {shape} is {wrong_colour}.\n</think>\n{wrong_colour}"
+    wrong = f"The {colour} object is at the {pos}.\nThe {colour} object is a {wrong_shape}.\n</think>\n{wrong_shape}"
     assert check_answer(e, wrong) == (False, 0.5)
-    extra = good.replace("</think>", f"The {shape} is {colour}.\n</think>")
+    extra = good.replace("</think>", f"The {colour} object is a {shape}.\n</think>")
     assert check_answer(e, extra) == (True, pytest.approx(2 / 3))
-    unfinished = f"The {shape} is at the {pos}."
+    unfinished = f"The {colour} object is at the {pos}."
     assert check_answer(e, unfinished) == (False, 0.5)
     assert parse_trace(unfinished) == ([unfinished], None)
     assert check_answer(e, "") == (False, 0.0)
@@ -106,7 +108,7 @@ def test_check_answer_on_hand_written_traces():
 def test_evidence_for_generated_steps():
     e = make_examples(1, seed=4)[0]
     o = e.objects[0]
-    assert np.array_equal(evidence_for_step(e, f"The {o.shape} is at the {o.position}."), o.mask)
+    assert np.array_equal(evidence_for_step(e, f"The {o.colour} object is at the {o.position}."), o.mask)
     assert evidence_for_step(e, "No object named here.") is None
 
 
@@ -139,6 +141,7 @@ def test_shipped_checkpoint_is_small_and_hub_shaped():
     assert config["model_type"] == "qwen3_vl"
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["held_out"]["n"] >= 200
+    assert metrics["held_out"]["answer_accuracy"] >= 0.95 and metrics["held_out"]["step_accuracy"] >= 0.95
 
 
 def test_shipped_model_loads_via_public_api(toy_model):
@@ -148,7 +151,7 @@ def test_shipped_model_loads_via_public_api(toy_model):
     assert isinstance(model, Qwen3VLForConditionalGeneration) and isinstance(processor, Qwen3VLProcessor)
     assert not model.training
     tok = processor.tokenizer
-    text = "The circle is at the top left.\nThe circle is red.\n</think>\nred"
+    text = "The red object is at the top left.\nThe red object is a circle.\n</think>\ncircle"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids, skip_special_tokens=True) == text  # </think> is a normal (non-special) token
     eos = model.generation_config.eos_token_id
@@ -161,7 +164,7 @@ def test_shipped_model_loads_via_public_api(toy_model):
 
 def test_shipped_model_answers_held_out_questions(toy_model):
     model, processor = toy_model
-    exs = make_examples(20, seed=toy.EVAL_SEED, start=5000)  # held out: never seen in training
+    exs = make_examples(40, seed=toy.EVAL_SEED, start=5000)  # held out: never seen in training
     answers, steps = [], []
     for e in exs:
         prompt = processor.apply_chat_template(prompt_messages(e), add_generation_prompt=True, tokenize=False)
@@ -172,16 +175,16 @@ def test_shipped_model_answers_held_out_questions(toy_model):
         a, s = check_answer(e, text)
         answers.append(a)
         steps.append(s)
-    # The shipped checkpoint reaches 64% answers / 22% steps on 200 held-out examples (metrics.json);
-    # the issue's 95% target is NOT met (see docs/toy.md). This guards against regressions below that.
-    assert np.mean(answers) >= 0.45, (np.mean(answers), np.mean(steps))
-    assert np.mean(steps) >= 0.1
+    # metrics.json records >= 95% on 200 held-out examples; on 40 others allow sampling noise
+    # (a 95% model scores below 0.85 here with probability < 1%).
+    assert np.mean(answers) >= 0.85, (np.mean(answers), np.mean(steps))
+    assert np.mean(steps) >= 0.85, (np.mean(answers), np.mean(steps))
 
 
 def test_model_looks_at_the_image(toy_model):
     """Same question, different image -> the model's answer follows the image."""
     model, processor = toy_model
-    exs = [e for e in make_examples(200, seed=toy.EVAL_SEED, start=6000) if e.kind == "colour"]
+    exs = [e for e in make_examples(300, seed=toy.EVAL_SEED, start=6000) if e.kind == "shape"]
     q = exs[0].question
     same_q = [e for e in exs if e.question == q][:6]
     got = []

@@ -2,16 +2,17 @@
 
 Each example is a small RGB image (192 x 192 px, a 3 x 3 layout of 64 px
 cells, i.e. 2 x 2 Qwen3-VL visual tokens per cell) holding three or four
-objects, every one a different shape, each with a colour from a small palette.
-A question asks about specific objects; the target answer is a short thinking
-trace, one step per line, in which **every step names exactly one object**,
-followed by the answer::
+objects. Every object has a different colour (from a palette of four) and a
+shape (circle, square, triangle, cross; shapes may repeat), and sits inside one
+32 px visual token of its cell. A question refers to objects by colour; the
+target answer is a short thinking trace, one step per line, in which **every
+step names exactly one object**, followed by the answer::
 
     <think>
-    The circle is at the top left.
-    The circle is red.
+    The red object is at the top left.
+    The red object is a circle.
     </think>
-    red
+    circle
 
 Because each step names one object, the pixels that step *should* rely on are
 known: ``example.step_evidence_masks[i]`` (bool, H x W) and
@@ -19,12 +20,13 @@ known: ``example.step_evidence_masks[i]`` (bool, H x W) and
 
 Question kinds (drawn uniformly, answers balanced within each kind):
 
-``colour``  "What colour is the circle?"      steps: locate it, read its colour; answer a colour.
-``count``   "How many red objects are there?"  one step per red object (reading order); answer one/two/three.
-``left``    "Is the circle left of the square?" locate each; answer yes/no.
-``above``   "Is the circle above the square?"   locate each; answer yes/no.
+``shape``  "What shape is the red object?"               locate it, read its shape; answer a shape.
+``count``  "How many objects are in the top row?"         one step per object of that row (left to right);
+                                                          answer one/two/three.
+``left``   "Is the red object left of the blue object?"   locate each; answer yes/no.
+``above``  "Is the red object above the blue object?"     locate each; answer yes/no.
 
-No answer can be read off the text: colours, positions and counts are drawn
+No answer can be read off the text: shapes, positions and counts are drawn
 independently of the wording, so a model must look at the image.
 
 Everything is deterministic from a seed: ``make_example(seed)`` rebuilds the
@@ -72,7 +74,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (45, 90, 215),
     "yellow": (235, 200, 35),
 }
-KINDS = ("colour", "count", "left", "above")
+KINDS = ("shape", "count", "left", "above")
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
 
 _ROW_NAMES = ("top", "middle", "bottom")
@@ -202,14 +204,12 @@ def _render(rng: np.random.Generator, specs: list[tuple[str, str, int, int]]):
 # ----------------------------------------------------------------------------- examples
 
 
-def _scene(rng: np.random.Generator, n: int) -> tuple[list[str], list[tuple[int, int]]]:
-    shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:n]]
-    cells = [(int(c) // GRID[1], int(c) % GRID[1]) for c in rng.permutation(GRID[0] * GRID[1])[:n]]
-    return shapes, cells
-
-
 def _reading_order(cells: Sequence[tuple[int, int]]) -> list[int]:
     return sorted(range(len(cells)), key=lambda i: cells[i])
+
+
+def _cells(rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
+    return [(int(c) // GRID[1], int(c) % GRID[1]) for c in rng.permutation(GRID[0] * GRID[1])[:n]]
 
 
 def make_example(seed: int, kind: str | None = None, n_objects: int | None = None) -> ToyExample:
@@ -217,51 +217,51 @@ def make_example(seed: int, kind: str | None = None, n_objects: int | None = Non
 
     `kind` forces a question kind; `n_objects` (1..4) forces the number of objects
     (default: 3 or 4). Scenes with fewer objects are only used as a training
-    curriculum; with one object only ``colour`` and ``count`` questions exist.
+    curriculum; with one object only ``shape`` and ``count`` questions exist.
     """
     rng = np.random.default_rng(int(seed))
-    colour_names = list(COLOURS)
     kind_drawn = KINDS[int(rng.integers(len(KINDS)))]
-    n = int(rng.integers(3, 5))  # 3 or 4 objects, all different shapes
+    n = int(rng.integers(3, 5))  # 3 or 4 objects, all different colours
     if n_objects is not None:
-        if not 1 <= n_objects <= len(SHAPES):
-            raise ValueError(f"n_objects must be in 1..{len(SHAPES)}, got {n_objects}")
+        if not 1 <= n_objects <= len(COLOURS):
+            raise ValueError(f"n_objects must be in 1..{len(COLOURS)}, got {n_objects}")
         n = int(n_objects)
     if kind is None:
-        kind = kind_drawn if (n >= 2 or kind_drawn in ("colour", "count")) else ("colour", "count")[int(rng.integers(2))]
+        kind = kind_drawn if (n >= 2 or kind_drawn in ("shape", "count")) else ("shape", "count")[int(rng.integers(2))]
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind in ("left", "above") and n < 2:
         raise ValueError(f"{kind!r} questions need at least 2 objects")
 
+    colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:n]]
+    shapes = [SHAPES[int(rng.integers(len(SHAPES)))] for _ in range(n)]
     if kind == "count":
-        target_colour = colour_names[int(rng.integers(len(colour_names)))]
-        k = int(rng.integers(1, min(3, n) + 1))  # 1..3 objects of that colour
-        shapes, cells = _scene(rng, n)
-        others = [c for c in colour_names if c != target_colour]
-        chosen = set(rng.permutation(n)[:k].tolist())
-        colours = [target_colour if i in chosen else others[int(rng.integers(len(others)))] for i in range(n)]
+        row = int(rng.integers(GRID[0]))
+        k = int(rng.integers(1, min(GRID[1], n) + 1))  # 1..3 objects in that row
+        in_row = [(row, int(c)) for c in rng.permutation(GRID[1])[:k]]
+        others = [(r, c) for r in range(GRID[0]) for c in range(GRID[1]) if r != row]
+        cells = in_row + [others[int(i)] for i in rng.permutation(len(others))[:n - k]]
+        cells = [cells[int(i)] for i in rng.permutation(n)]
     else:
-        colours = [colour_names[int(rng.integers(len(colour_names)))] for _ in range(n)]
         axis = {"left": 1, "above": 0}.get(kind)
         while True:
-            shapes, cells = _scene(rng, n)
+            cells = _cells(rng, n)
             if axis is None or len({c[axis] for c in cells}) > 1:
                 break
 
     image, objects = _render(rng, [(s, c, r, cc) for s, c, (r, cc) in zip(shapes, colours, cells)])
 
-    if kind == "colour":
+    if kind == "shape":
         t = int(rng.integers(n))
         o = objects[t]
-        question = f"What colour is the {o.shape}?"
-        steps = [f"The {o.shape} is at the {o.position}.", f"The {o.shape} is {o.colour}."]
+        question = f"What shape is the {o.colour} object?"
+        steps = [f"The {o.colour} object is at the {o.position}.", f"The {o.colour} object is a {o.shape}."]
         step_objs = [t, t]
-        answer = o.colour
+        answer = o.shape
     elif kind == "count":
-        order = [i for i in _reading_order(cells) if objects[i].colour == target_colour]
-        question = f"How many {target_colour} objects are there?"
-        steps = [f"The {objects[i].shape} at the {objects[i].position} is {target_colour}." for i in order]
+        order = [i for i in _reading_order(cells) if cells[i][0] == row]
+        question = f"How many objects are in the {_ROW_NAMES[row]} row?"
+        steps = [f"The {objects[i].colour} object is at the {objects[i].position}." for i in order]
         step_objs = order
         answer = COUNT_WORDS[len(order)]
     else:
@@ -273,9 +273,9 @@ def make_example(seed: int, kind: str | None = None, n_objects: int | None = Non
         yes = bool(rng.integers(2))
         a, b = (i, j) if yes else (j, i)
         relation = "left of" if kind == "left" else "above"
-        question = f"Is the {objects[a].shape} {relation} the {objects[b].shape}?"
-        steps = [f"The {objects[a].shape} is at the {objects[a].position}.",
-                 f"The {objects[b].shape} is at the {objects[b].position}."]
+        question = f"Is the {objects[a].colour} object {relation} the {objects[b].colour} object?"
+        steps = [f"The {objects[a].colour} object is at the {objects[a].position}.",
+                 f"The {objects[b].colour} object is at the {objects[b].position}."]
         step_objs = [a, b]
         answer = "yes" if yes else "no"
 
@@ -354,19 +354,19 @@ def check_answer(example: ToyExample, generated_text: str) -> tuple[bool, float]
     return bool(answer_correct), (matches / denom if denom else 1.0)
 
 
-_SHAPE_RE = re.compile(r"\b(" + "|".join(SHAPES) + r")\b")
+_COLOUR_RE = re.compile(r"\b(" + "|".join(COLOURS) + r")\b")
 
 
 def step_object(example: ToyExample, step: str) -> int | None:
     """Index into ``example.objects`` of the object a (generated) step names, or None.
 
-    Steps name one object by its shape, and shapes are unique within an image.
+    Steps name one object by its colour, and colours are unique within an image.
     """
-    names = _SHAPE_RE.findall(step)
+    names = _COLOUR_RE.findall(step)
     if len(set(names)) != 1:
         return None
     for i, obj in enumerate(example.objects):
-        if obj.shape == names[0]:
+        if obj.colour == names[0]:
             return i
     return None
 
@@ -381,20 +381,17 @@ def task_vocabulary() -> list[str]:
     """Every text the task can produce, in short sentences (tokenizer training corpus)."""
     positions = [position_name(r, c) for r in range(GRID[0]) for c in range(GRID[1])]
     texts = []
-    for s in SHAPES:
-        texts.append(f"What colour is the {s}?")
-        for p in positions:
-            texts.append(f"The {s} is at the {p}.")
-            for c in COLOURS:
-                texts.append(f"The {s} at the {p} is {c}.")
-        for c in COLOURS:
-            texts.append(f"The {s} is {c}.")
-        for s2 in SHAPES:
-            if s2 != s:
-                texts.append(f"Is the {s} left of the {s2}?")
-                texts.append(f"Is the {s} above the {s2}?")
     for c in COLOURS:
-        texts.append(f"How many {c} objects are there?")
-        texts.append(c)
-    texts.extend(["yes", "no", *COUNT_WORDS])
+        texts.append(f"What shape is the {c} object?")
+        for p in positions:
+            texts.append(f"The {c} object is at the {p}.")
+        for s in SHAPES:
+            texts.append(f"The {c} object is a {s}.")
+        for c2 in COLOURS:
+            if c2 != c:
+                texts.append(f"Is the {c} object left of the {c2} object?")
+                texts.append(f"Is the {c} object above the {c2} object?")
+    for r in _ROW_NAMES:
+        texts.append(f"How many objects are in the {r} row?")
+    texts.extend(["yes", "no", *SHAPES, *COUNT_WORDS])
     return texts
