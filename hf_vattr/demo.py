@@ -58,7 +58,7 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
     import torch
 
     from .estimator import LinearEstimator
-    from .streamer import AttributionStreamer, SpanAttribution
+    from .streamer import AttributionStreamer, SpanAttribution, TokenAttribution
     from .toy import evidence_for_step, load_toy_model, make_examples, prompt_messages
     from .viz import describe_regions, render_html, save_overlays
 
@@ -77,11 +77,19 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
     inputs = processor(text=[prompt], images=images, return_tensors="pt")
     regions = toy_regions(model, inputs, images, estimator)
     streamer = AttributionStreamer(model, processor, inputs=inputs, estimator=estimator, images=images,
-                                   regions=regions, print_text=not quiet, timeout=120)
+                                   regions=regions, print_text=False, timeout=120)
     print(f"Question: {example.question}\n")
     thread = streamer.generate_in_thread(**inputs, max_new_tokens=96, do_sample=False)
     hits = []
+    at_line_start = True
+    # Print from the event stream itself (not the streamer's own printer, which runs in another
+    # thread): text and step annotations then come out in generation order.
     for event in streamer:
+        if isinstance(event, TokenAttribution):
+            if not quiet and event.text:
+                print(event.text, end="", flush=True)
+                at_line_start = event.text.endswith("\n")
+            continue
         if isinstance(event, SpanAttribution):
             top_ids = event.top_regions(top)
             evidence = evidence_for_step(example, event.text) if event.section == "thinking" else None
@@ -92,7 +100,11 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
                 hit = bool((evidence & (labels == local)).any())
                 hits.append(hit)
                 verdict = "  [top region on the object: " + ("yes" if hit else "no") + "]"
-            print(f"    -> step {event.index}: top regions {describe_regions(streamer.regions, top_ids)}{verdict}",
+            if not at_line_start:
+                print()
+                at_line_start = True
+            label = f"step {event.index}" if event.section == "thinking" else "answer"
+            print(f"    -> {label}: top regions {describe_regions(streamer.regions, top_ids)}{verdict}",
                   flush=True)
     thread.join()
     out = Path(out)

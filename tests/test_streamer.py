@@ -118,6 +118,7 @@ def _break_layer(model, after_calls):
     return lambda: delattr(mlp, "forward")
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the generate thread raises on purpose
 def test_exception_in_generation_reaches_consumer_and_restores():
     model, proc = get_tiny("glm4v")
     inputs = example_inputs(proc)
@@ -151,6 +152,7 @@ class _RaiseAt(LogitsProcessor):
         return scores
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the generate thread raises on purpose
 def test_exception_outside_forward_is_not_a_hang():
     model, proc = get_tiny("qwen2_5_vl")
     inputs = example_inputs(proc)

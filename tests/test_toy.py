@@ -196,3 +196,19 @@ def test_model_looks_at_the_image(toy_model):
         got.append(parse_trace(processor.decode(out[0, inputs["input_ids"].shape[1]:]))[1])
     assert len({e.answer for e in same_q}) > 1
     assert sum(g == e.answer for g, e in zip(got, same_q)) >= len(same_q) - 1
+
+
+def test_visual_probe_labels_put_each_object_on_the_token_that_holds_its_pixels():
+    from hf_vattr.toy.task import SHAPES, TOKEN
+    from hf_vattr.toy.train_toy import VisualProbe
+
+    exs = make_examples(6, seed=11)
+    labels = VisualProbe.labels(exs).view(len(exs), IMAGE_SIZE[0] // TOKEN, IMAGE_SIZE[1] // TOKEN, 4)
+    for e, lab in zip(exs, labels):
+        assert int((lab[..., 0] != len(SHAPES)).sum()) == len(e.objects)  # one object token per object
+        for o in e.objects:
+            ys, xs = np.nonzero(o.mask)
+            r, c = int(ys[0]) // TOKEN, int(xs[0]) // TOKEN
+            assert (ys // TOKEN == r).all() and (xs // TOKEN == c).all()  # the object lies in that one token
+            assert SHAPES[int(lab[r, c, 0])] == o.shape and list(COLOURS)[int(lab[r, c, 1])] == o.colour
+            assert (int(lab[r, c, 2]), int(lab[r, c, 3])) == (r, c)

@@ -72,7 +72,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 45, 40),
     "green": (40, 160, 60),
     "blue": (45, 90, 215),
-    "yellow": (235, 200, 35),
+    "black": (35, 35, 40),
 }
 KINDS = ("shape", "count", "left", "above")
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
