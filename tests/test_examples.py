@@ -1,0 +1,48 @@
+"""The scripts in examples/ run as documented (on the bundled toy model, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(cmd: list[str], tmp_path: Path, **env: str) -> str:
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_stream_attributions_example(tmp_path):
+    out = _run([sys.executable, str(EXAMPLES / "stream_attributions.py"), "--html", "report.html"], tmp_path)
+    steps = re.findall(r"\[thinking step \d+\] relies on #(\d+)", out)
+    assert len(steps) >= 1 and "</think>" in out and "[answer step" in out
+    html = (tmp_path / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") or "<html" in html[:200]
+    assert "data:image/png;base64," in html  # self-contained
+
+
+def test_stream_attributions_example_refuses_half_a_real_model_spec(tmp_path):
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "stream_attributions.py"), "--model", "x/y"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--image and --question are required" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("hf-vattr") is None, reason="needs bash and the CLI")
+def test_train_estimator_example(tmp_path):
+    out = _run(["bash", str(EXAMPLES / "train_estimator.sh")], tmp_path, OUT=str(tmp_path / "run"), N="8",
+               MAX_NEW_TOKENS="64")
+    assert "| estimator |" in out and "| leave_one_out |" in out
+    est = tmp_path / "run" / "estimator"
+    assert (est / "config.json").exists() and (est / "model.safetensors").exists()
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert "estimator" in json.dumps(report)
