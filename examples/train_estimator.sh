@@ -22,7 +22,7 @@ fi
 
 hf-vattr collect "${source_args[@]}" --out "$OUT/ground-truth" --region-method "$REGIONS" --k "$K" \
     --num-subsets 32 --max-new-tokens "${MAX_NEW_TOKENS:-256}"
-hf-vattr train "$OUT/ground-truth" --out "$OUT/estimator" --target both
+hf-vattr train "$OUT/ground-truth" --out "$OUT/estimator"   # --target auto = both (subsets collected)
 hf-vattr eval "$OUT/ground-truth" --estimator "$OUT/estimator" --with-model \
     --methods estimator,raw_attention,leave_one_out --json "$OUT/eval.json"
 

@@ -262,9 +262,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset = _read_dataset_spec(collection)
     base_model_id = args.base_model_id or (dataset.params.get("model") if dataset else None) or \
         model_info.get("name_or_path") or None
+    target = args.target
+    if target == "auto":  # both correlations when the collection has random subsets (the toy runs: best LDS and R^2)
+        has_subsets = all(getattr(r, "subset_effects", None) is not None and r.subset_effects.numel() > 0
+                          for r in records)
+        target = "both" if has_subsets else "loo"
     config = TrainingConfig(
         epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, nonnegative=args.nonnegative,
-        use_bias=args.use_bias, val_fraction=args.val_fraction, seed=args.seed, target=args.target,
+        use_bias=args.use_bias, val_fraction=args.val_fraction, seed=args.seed, target=target,
         optimizer=args.optimizer, calibrate=not args.no_calibrate, batch_size=args.batch_size,
     )
     extra = {"collection": collection.name}
@@ -501,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--use-bias", action="store_true")
     t.add_argument("--val-fraction", type=float, default=0.2)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--target", default="loo", choices=["loo", "subsets", "both"])
+    t.add_argument("--target", default="auto", choices=["auto", "loo", "subsets", "both"],
+                   help="what the Pearson loss correlates: auto = both when the collection has random subsets, "
+                        "else loo")
     t.add_argument("--optimizer", default="adam", choices=["adam", "lbfgs"])
     t.add_argument("--batch-size", type=int, default=None, help="spans per step (default: full batch)")
     t.add_argument("--no-calibrate", action="store_true", help="keep raw-attention units (no least-squares scale)")

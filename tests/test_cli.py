@@ -63,6 +63,7 @@ def test_train_and_eval_on_a_synthetic_collection(tmp_path, capsys):
     assert est.base_model_id == "synthetic/model" and est.model_type == "qwen3_vl"
     assert est.k_policy == {"k": 10} and est.training_data["collection"] == "gt"
     report = json.loads((est_dir / "training_report.json").read_text())
+    assert report["config"]["target"] == "both"  # --target auto: the collection has random subsets
     val_ids = report["split"]["val"]
     assert len(val_ids) == 3 and report["data"]["split"] == "by example"
 
@@ -79,6 +80,20 @@ def test_train_and_eval_on_a_synthetic_collection(tmp_path, capsys):
     assert main(["eval", str(gt), "--estimator", str(est_dir), "--split", "all", "--methods", "estimator",
                  "--json", str(target), "--quiet"]) == 0
     assert json.loads(target.read_text())["info"]["num_examples"] == 15
+
+
+def test_train_auto_target_falls_back_to_loo_without_subsets(tmp_path):
+    collection = pytest.importorskip("hf_vattr.collection")
+    gt = tmp_path / "gt"
+    write_synthetic_collection(gt, n=8)
+    for path in sorted((gt / "examples").glob("*.safetensors")):  # drop the random-subset ground truth
+        rec = collection.ExampleRecord.load(path)
+        rec.subset_masks = torch.zeros(0, rec.num_regions, dtype=torch.bool)  # as collected with --num-subsets 0
+        rec.subset_effects = torch.zeros(rec.num_spans, 0)
+        rec.save(path)
+    assert main(["train", str(gt), "--out", str(tmp_path / "est"), "--epochs", "20", "--quiet"]) == 0
+    report = json.loads((tmp_path / "est" / "training_report.json").read_text())
+    assert report["config"]["target"] == "loo"
 
 
 def test_collect_train_eval_push_end_to_end(tmp_path, tiny_model_dir, capsys, local_hub):  # noqa: F811
