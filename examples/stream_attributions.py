@@ -6,7 +6,7 @@ estimator for the real thing:
     python examples/stream_attributions.py                                   # toy model, CPU, seconds
     python examples/stream_attributions.py --model Qwen/Qwen3-VL-2B-Thinking \\
         --estimator <your-org>/qwen3-vl-2b-thinking-vattr --image photo.jpg \\
-        --question "How many people wear hats?" --regions vlm --html report.html
+        --question "How many people wear hats?" --html report.html
 
 Without ``--estimator`` on a real model, scores fall back to raw attention (not causal;
 train an estimator with examples/train_estimator.sh).
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--estimator", default=None, help="Hub id or folder (default with the toy: its estimator)")
     p.add_argument("--image", default=None, help="image file (default with the toy: a held-out toy image)")
     p.add_argument("--question", default=None)
-    p.add_argument("--regions", default="vlm", help="grid | vlm | dinov3 | auto | slic (see docs/regions.md)")
+    p.add_argument("--regions", default="prefill",
+                   help="prefill (the VLM's own features, free) | vlm | grid | dinov3 | auto | slic (docs/regions.md)")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--html", default=None, help="also write a self-contained HTML report here")
     args = p.parse_args(argv)

@@ -172,7 +172,8 @@ class AttentionCapture:
     Args:
         model: a ``*ForConditionalGeneration`` model whose architecture is declared in :mod:`hf_vattr.layouts`.
         visual_positions: (Nv,) sequence positions of the visual tokens.
-        membership: (Nv, K) token -> region membership.
+        membership: (Nv, K) token -> region membership; ``None`` to set it later with
+            :meth:`set_membership` (before the first attention call).
         pooling: ``"sum"`` (attention mass on the region) or ``"mean"`` (per-token average).
     """
 
@@ -180,7 +181,7 @@ class AttentionCapture:
         self,
         model: Any,
         visual_positions: torch.Tensor,
-        membership: torch.Tensor,
+        membership: torch.Tensor | None,
         *,
         pooling: str = "sum",
         rows: str = "last",
@@ -195,12 +196,6 @@ class AttentionCapture:
         self.num_layers, self.num_heads = text_dims(model)
         if len(self.modules) != self.num_layers:
             raise CaptureError(f"Found {len(self.modules)} attention modules but config says {self.num_layers} layers.")
-        device = next(model.parameters()).device
-        membership = torch.as_tensor(membership, dtype=torch.float32)
-        if membership.shape[0] != len(visual_positions):
-            raise ValueError(f"membership has {membership.shape[0]} rows for {len(visual_positions)} visual tokens.")
-        if pooling == "mean":
-            membership = membership / membership.sum(0, keepdim=True).clamp_min(1e-12)
         self.pooling = pooling
         self.rows = rows
         self.first_row = int(first_row)
@@ -208,12 +203,31 @@ class AttentionCapture:
         self._positions: dict[torch.device, torch.Tensor] = {}
         self._pooling: dict[torch.device, torch.Tensor] = {}
         self._positions_cpu = torch.as_tensor(visual_positions, dtype=torch.long)
-        self._pooling_cpu = membership
-        self._prepare(device)
+        self._pooling_cpu: torch.Tensor | None = None
+        self.num_regions = 0
         self._slots: list[torch.Tensor | None] = [None] * self.num_layers
-        self.num_regions = int(membership.shape[1])
+        if membership is not None:
+            self.set_membership(membership)
         self.active = False
         self.on_layer: Callable[[int, torch.Tensor], None] | None = None
+
+    def set_membership(self, membership: torch.Tensor) -> None:
+        """Set (or replace) the (Nv, K) token -> region membership; until then nothing can be recorded.
+
+        Why settable: regions built from the vision tower's output *during* the prefill are only
+        known after the tower ran, which is still before the first decoder attention call.
+        """
+        membership = torch.as_tensor(membership, dtype=torch.float32)
+        if membership.dim() != 2 or membership.shape[0] != len(self._positions_cpu):
+            raise ValueError(f"membership must be (visual tokens={len(self._positions_cpu)}, K), "
+                             f"got {tuple(membership.shape)}.")
+        if self.pooling == "mean":
+            membership = membership / membership.sum(0, keepdim=True).clamp_min(1e-12)
+        self._pooling_cpu = membership
+        self._positions.clear()
+        self._pooling.clear()
+        self.num_regions = int(membership.shape[1])
+        self._prepare(next(self.model.parameters()).device)  # moved once, not per step
 
     def _prepare(self, device: torch.device) -> None:
         # Cached per device so models split with device_map pay no transfer per step.
@@ -256,6 +270,9 @@ class AttentionCapture:
     def _record(self, module, query, key, attention_mask, scaling) -> None:
         layer = self._layer_of[module]
         device = query.device
+        if self._pooling_cpu is None:
+            raise CaptureError("No region membership was set before the first attention call; call "
+                               "set_membership(...) first (the regions of this prompt's visual tokens).")
         if device not in self._positions:
             self._prepare(device)
         if query.shape[0] != 1:

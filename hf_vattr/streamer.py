@@ -28,6 +28,7 @@ import copy
 import queue
 import sys
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -102,7 +103,7 @@ class SpanAttribution:
 class AttributionTrace:
     """Everything a streamer produced: tokens, spans and the regions they refer to."""
 
-    regions: PromptRegions
+    regions: PromptRegions | None  # None until generation starts with regions="prefill"
     tokens: list[TokenAttribution] = field(default_factory=list)
     spans: list[SpanAttribution] = field(default_factory=list)
     prompt_text: str = ""
@@ -114,13 +115,13 @@ class AttributionTrace:
     def token_scores(self) -> torch.Tensor:
         """(T, K) token-by-region score matrix."""
         if not self.tokens:
-            return torch.zeros(0, self.regions.num_regions)
+            return torch.zeros(0, self.regions.num_regions if self.regions is not None else 0)
         return torch.stack([t.region_scores for t in self.tokens])
 
     def span_scores(self) -> torch.Tensor:
         """(S, K) span-by-region score matrix (a reasoning trajectory)."""
         if not self.spans:
-            return torch.zeros(0, self.regions.num_regions)
+            return torch.zeros(0, self.regions.num_regions if self.regions is not None else 0)
         return torch.stack([s.region_scores for s in self.spans])
 
 
@@ -144,7 +145,10 @@ class AttributionStreamer(TextStreamer):
         images: the original images (or their ``(height, width)``), to map regions onto original pixels.
         regions: region maps (a :class:`PromptRegions`, a list of :class:`RegionMap` per image, or one map),
             or a method name for :func:`hf_vattr.regions.build_regions` (``"auto"``, ``"vlm"``, ``"dinov3"``, ...);
-            default: a regular grid of ``grid_k`` regions per image.
+            default: a regular grid of ``grid_k`` regions per image. ``"prefill"``: the same regions as
+            ``"vlm"`` (the VLM's own vision features + Ward), built from the vision tower's output of
+            ``generate``'s own prefill, so they cost no extra vision pass; ``streamer.regions`` is then
+            set once generation has started (before the first event).
         splitter: span splitter; default :class:`ReasoningStepSplitter`.
         print_text: print the text as it is generated, like ``TextStreamer``.
         timeout: seconds a consumer waits for the next event before :class:`AttributionTimeout`.
@@ -178,7 +182,12 @@ class AttributionStreamer(TextStreamer):
             )
         grid = None if isinstance(inputs, torch.Tensor) else inputs.get("image_grid_thw")
         self.layout: VisualLayout = visual_layout(model, input_ids, grid, images)
-        self.regions = self._resolve_regions(regions, grid_k, model, inputs, images)
+        self._regions_from_prefill = isinstance(regions, str) and regions == "prefill"
+        if self._regions_from_prefill:
+            self._check_prefill_regions(model, inputs)
+            self.regions: PromptRegions | None = None
+        else:
+            self.regions = self._resolve_regions(regions, grid_k, model, inputs, images)
         if estimator is not None:
             estimator.check_compatible(model)
             pooling = getattr(estimator, "pooling", "sum")
@@ -192,7 +201,8 @@ class AttributionStreamer(TextStreamer):
             pooling = "sum"
         self.model = model
         self.estimator = estimator
-        self.capture = AttentionCapture(model, self.layout.positions, self.regions.membership(), pooling=pooling)
+        membership = None if self.regions is None else self.regions.membership()
+        self.capture = AttentionCapture(model, self.layout.positions, membership, pooling=pooling)
         self.splitter = splitter or ReasoningStepSplitter()
         self.print_text = print_text
         self.timeout = timeout
@@ -203,12 +213,30 @@ class AttributionStreamer(TextStreamer):
         self._worker: threading.Thread | None = None
         self._producer: threading.Thread | None = None
         self._hook = None
+        self._vision_recorder: Any = None
         self._weights: torch.Tensor | None = None
         self._started = False
         self._finished = False
         self._failure: _Failure | None = None
         self._special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
         self._tag_texts = {getattr(self.splitter, "think_open", "<think>"), getattr(self.splitter, "think_close", "</think>")}
+        if self._regions_from_prefill:
+            # Hooked now, not at the first put(): generate encodes the images before it calls put().
+            # One-shot (removed after the prompt's tower call), removed by end()/failures, and by the
+            # garbage collector if the streamer is dropped unused.
+            from .regions import VisionFeatureRecorder
+
+            this = weakref.ref(self)  # the hook must not keep the streamer alive
+
+            def on_record(features: list[torch.Tensor]) -> None:
+                streamer = this()
+                if streamer is not None:
+                    streamer._regions_from_vision_output(features)
+
+            recorder = VisionFeatureRecorder(model, on_record=on_record)
+            recorder.__enter__()
+            self._vision_recorder = recorder
+            weakref.finalize(self, recorder.__exit__, None, None, None)
 
     # ------------------------------------------------------------------ setup helpers
     def _resolve_regions(self, regions: Any, grid_k: int, model: Any, inputs: Any, images: Any) -> PromptRegions:
@@ -231,6 +259,37 @@ class AttributionStreamer(TextStreamer):
                     f"{im.num_tokens}. Build the region maps from this prompt's layout."
                 )
         return PromptRegions(self.layout, list(maps))
+
+    def _check_prefill_regions(self, model: Any, inputs: Any) -> None:
+        """Refuse ``regions="prefill"`` up front when the prefill cannot provide the features."""
+        from .regions import VisionFeatureRecorder
+
+        if isinstance(inputs, torch.Tensor) or inputs.get("pixel_values") is None:
+            raise ValueError('regions="prefill" needs inputs with pixel_values (images in the prompt); '
+                             'pass region maps or another method such as regions="grid".')
+        VisionFeatureRecorder(model)  # raises a clear TypeError if the model has no vision tower to hook
+
+    def _regions_from_vision_output(self, features: list[torch.Tensor]) -> None:
+        """Runs inside the prefill's vision-tower hook: cluster, then hand the membership to the capture."""
+        from .regions import build_regions
+
+        if self.regions is not None:
+            return  # only the prompt's images (the first tower call) define the regions
+        if self._vision_recorder is not None:
+            self._vision_recorder.__exit__(None, None, None)  # one-shot
+            self._vision_recorder = None
+        got, want = [int(f.shape[0]) for f in features], [im.num_tokens for im in self.layout.images]
+        if got != want:
+            raise ValueError(
+                f'AttributionStreamer(regions="prefill") saw a vision-tower call for images with {got} visual tokens, '
+                f"but its prompt has {want}. Create the streamer right before generate(...) with the same inputs."
+            )
+        regions = build_regions(self.layout, method="features", features=features)
+        for rmap in regions.maps:
+            rmap.info["features"] = "vision tower output recorded during generate's prefill"
+        self.capture.set_membership(regions.membership())
+        self.regions = regions
+        self.trace.regions = regions
 
     # ------------------------------------------------------------------ producer side (generate's thread)
     def put(self, value: torch.Tensor) -> None:
@@ -289,6 +348,9 @@ class AttributionStreamer(TextStreamer):
 
     def _restore(self) -> None:
         self.capture.stop()
+        if self._vision_recorder is not None:
+            self._vision_recorder.__exit__(None, None, None)
+            self._vision_recorder = None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

@@ -249,6 +249,66 @@ def test_semantic_regions_by_method_name():
     assert streamer.trace.token_scores().shape == (3, streamer.regions.num_regions)
 
 
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl", "glm4v"])
+def test_prefill_regions_equal_vlm_regions_without_an_extra_vision_pass(family):
+    """regions="prefill" clusters the vision tower output of generate's own prefill: the same regions
+    and scores as regions="vlm" (which runs the tower once more up front), and one tower call in all."""
+    model, proc = get_tiny(family)
+    images = [example_image(), example_image(100, 140, seed=2)]
+    inputs = example_inputs(proc, images)
+    visual = model.model.visual
+    calls = []
+    handle = visual.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        ref = AttributionStreamer(model, proc, inputs=inputs, images=images, regions="vlm", print_text=False)
+        assert len(calls) == 1  # "vlm" ran the tower to build its regions
+        model.generate(**inputs, streamer=ref, max_new_tokens=4, do_sample=False)
+        calls.clear()
+        streamer = AttributionStreamer(model, proc, inputs=inputs, images=images, regions="prefill",
+                                       print_text=False)
+        assert streamer.regions is None and not calls
+        model.generate(**inputs, streamer=streamer, max_new_tokens=4, do_sample=False)
+        assert len(calls) == 1  # only generate's own prefill
+    finally:
+        handle.remove()
+    assert streamer.regions is not None and streamer.trace.regions is streamer.regions
+    assert [m.num_regions for m in streamer.regions.maps] == [m.num_regions for m in ref.regions.maps]
+    torch.testing.assert_close(streamer.regions.membership(), ref.regions.membership())
+    torch.testing.assert_close(streamer.trace.token_scores(), ref.trace.token_scores())
+    assert not visual._forward_hooks and not patched_attention_lookup()
+
+
+def test_prefill_regions_hook_is_removed_when_the_streamer_is_dropped_unused():
+    import gc
+
+    model, proc = get_tiny("qwen3_vl")
+    inputs = example_inputs(proc)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, regions="prefill", print_text=False)
+    assert len(model.model.visual._forward_hooks) == 1
+    del streamer
+    gc.collect()
+    assert not model.model.visual._forward_hooks
+
+
+def test_prefill_regions_refuse_a_tower_call_for_other_images():
+    model, proc = get_tiny("qwen3_vl")
+    inputs = example_inputs(proc, [example_image()])
+    other = example_inputs(proc, [example_image(100, 140, seed=2)])
+    streamer = AttributionStreamer(model, proc, inputs=inputs, regions="prefill", print_text=False)
+    with pytest.raises(ValueError, match="right before generate"):
+        with torch.no_grad():
+            model(**other)  # a different prompt's images reach the tower first: loud, not silently wrong
+    assert not model.model.visual._forward_hooks and streamer.regions is None
+
+
+def test_prefill_regions_are_refused_without_pixel_values():
+    model, proc = get_tiny("qwen3_vl")
+    inputs = example_inputs(proc)
+    no_pixels = {k: v for k, v in inputs.items() if k != "pixel_values"}  # e.g. a caller that embeds images itself
+    with pytest.raises(ValueError, match="pixel_values"):
+        AttributionStreamer(model, proc, inputs=no_pixels, regions="prefill", print_text=False)
+
+
 def test_two_models_stream_concurrently_without_mixing():
     from hf_vattr.testing import build_model
 

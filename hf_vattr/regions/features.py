@@ -37,7 +37,7 @@ import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 import numpy as np
@@ -448,13 +448,16 @@ class VisionFeatureRecorder:
         regions = build_regions(layout, "features", features=rec.features())
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, on_record: Callable[[list[torch.Tensor]], None] | None = None) -> None:
+        """``on_record(features)`` (optional) runs inside the tower's forward hook, right after each
+        call, with that call's per-image features: before the language model sees them."""
         owner = _vision_owner(model)
         self.visual = getattr(owner, "visual", None)
         if self.visual is None:
             raise TypeError(f"{type(owner).__name__} has no .visual vision tower to record from.")
         self.merge = int(getattr(self.visual, "spatial_merge_size", 1))
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.on_record = on_record
         self._handle: Any = None
 
     def _hook(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
@@ -462,6 +465,8 @@ class VisionFeatureRecorder:
         pooled = getattr(output, "pooler_output", None)
         if grid is not None and isinstance(pooled, torch.Tensor):
             self.calls.append((pooled.detach().float().cpu(), torch.as_tensor(grid).cpu()))
+            if self.on_record is not None:
+                self.on_record(self.features(len(self.calls) - 1))
 
     def __enter__(self) -> "VisionFeatureRecorder":
         self._handle = self.visual.register_forward_hook(self._hook, with_kwargs=True)
