@@ -175,10 +175,10 @@ def test_shipped_model_answers_held_out_questions(toy_model):
         a, s = check_answer(e, text)
         answers.append(a)
         steps.append(s)
-    # metrics.json records >= 95% on 200 held-out examples; on 40 others allow sampling noise
-    # (a 95% model scores below 0.85 here with probability < 1%).
-    assert np.mean(answers) >= 0.85, (np.mean(answers), np.mean(steps))
-    assert np.mean(steps) >= 0.85, (np.mean(answers), np.mean(steps))
+    # The target, on 40 examples the training script never scored (metrics.json: 100% on
+    # 200 held-out, and 2000 more were 100% too; see docs/toy.md).
+    assert np.mean(answers) >= 0.95, (np.mean(answers), np.mean(steps))
+    assert np.mean(steps) >= 0.95, (np.mean(answers), np.mean(steps))
 
 
 def test_model_looks_at_the_image(toy_model):
