@@ -182,9 +182,10 @@ class AttributionStreamer(TextStreamer):
             )
         grid = None if isinstance(inputs, torch.Tensor) else inputs.get("image_grid_thw")
         self.layout: VisualLayout = visual_layout(model, input_ids, grid, images)
-        self._regions_from_prefill = isinstance(regions, str) and regions == "prefill"
-        if self._regions_from_prefill:
-            self._check_prefill_regions(model, inputs)
+        # regions="prefill": a recorder for the vision tower output of generate's own prefill (hooked below).
+        from_prefill = isinstance(regions, str) and regions == "prefill"
+        prefill_recorder = self._prefill_recorder(model, inputs) if from_prefill else None
+        if prefill_recorder is not None:
             self.regions: PromptRegions | None = None
         else:
             self.regions = self._resolve_regions(regions, grid_k, model, inputs, images)
@@ -220,12 +221,10 @@ class AttributionStreamer(TextStreamer):
         self._failure: _Failure | None = None
         self._special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
         self._tag_texts = {getattr(self.splitter, "think_open", "<think>"), getattr(self.splitter, "think_close", "</think>")}
-        if self._regions_from_prefill:
+        if prefill_recorder is not None:
             # Hooked now, not at the first put(): generate encodes the images before it calls put().
             # One-shot (removed after the prompt's tower call), removed by end()/failures, and by the
             # garbage collector if the streamer is dropped unused.
-            from .regions import VisionFeatureRecorder
-
             this = weakref.ref(self)  # the hook must not keep the streamer alive
 
             def on_record(features: list[torch.Tensor]) -> None:
@@ -233,10 +232,10 @@ class AttributionStreamer(TextStreamer):
                 if streamer is not None:
                     streamer._regions_from_vision_output(features)
 
-            recorder = VisionFeatureRecorder(model, on_record=on_record)
-            recorder.__enter__()
-            self._vision_recorder = recorder
-            weakref.finalize(self, recorder.__exit__, None, None, None)
+            prefill_recorder.on_record = on_record
+            prefill_recorder.__enter__()
+            self._vision_recorder = prefill_recorder
+            weakref.finalize(self, prefill_recorder.__exit__, None, None, None)
 
     # ------------------------------------------------------------------ setup helpers
     def _resolve_regions(self, regions: Any, grid_k: int, model: Any, inputs: Any, images: Any) -> PromptRegions:
@@ -260,21 +259,21 @@ class AttributionStreamer(TextStreamer):
                 )
         return PromptRegions(self.layout, list(maps))
 
-    def _check_prefill_regions(self, model: Any, inputs: Any) -> None:
-        """Refuse ``regions="prefill"`` up front when the prefill cannot provide the features."""
+    @staticmethod
+    def _prefill_recorder(model: Any, inputs: Any) -> Any:
+        """The (not yet hooked) recorder for ``regions="prefill"``; refuses up front when the prefill
+        cannot provide the features (no pixel_values, or a model without a vision tower: TypeError)."""
         from .regions import VisionFeatureRecorder
 
         if isinstance(inputs, torch.Tensor) or inputs.get("pixel_values") is None:
             raise ValueError('regions="prefill" needs inputs with pixel_values (images in the prompt); '
                              'pass region maps or another method such as regions="grid".')
-        VisionFeatureRecorder(model)  # raises a clear TypeError if the model has no vision tower to hook
+        return VisionFeatureRecorder(model)
 
     def _regions_from_vision_output(self, features: list[torch.Tensor]) -> None:
         """Runs inside the prefill's vision-tower hook: cluster, then hand the membership to the capture."""
         from .regions import build_regions
 
-        if self.regions is not None:
-            return  # only the prompt's images (the first tower call) define the regions
         if self._vision_recorder is not None:
             self._vision_recorder.__exit__(None, None, None)  # one-shot
             self._vision_recorder = None
