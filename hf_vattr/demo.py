@@ -60,6 +60,7 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
     from .estimator import LinearEstimator
     from .streamer import AttributionStreamer, SpanAttribution, TokenAttribution
     from .toy import evidence_for_step, load_toy_model, make_examples, prompt_messages
+    from .toy.faithfulness import region_on_evidence
     from .viz import describe_regions, render_html, save_overlays
 
     start = time.perf_counter()
@@ -95,9 +96,7 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
             evidence = evidence_for_step(example, event.text) if event.section == "thinking" else None
             verdict = ""
             if evidence is not None:
-                image_index, local = streamer.regions.region_owner(top_ids[0])
-                labels = streamer.regions.maps[image_index].pixel_labels()
-                hit = bool((evidence & (labels == local)).any())
+                hit = region_on_evidence(streamer.regions, top_ids[0], evidence)
                 hits.append(hit)
                 verdict = "  [top region on the object: " + ("yes" if hit else "no") + "]"
             if not at_line_start:

@@ -11,9 +11,11 @@ import torch
 
 from hf_vattr.collection import load_collection
 from hf_vattr.estimator import LinearEstimator
+from hf_vattr.evaluation import span_level_metrics
 from hf_vattr.regions import PromptRegions
 from hf_vattr.toy import evidence_for_step, example_seed, make_example
 from hf_vattr.toy.faithfulness import TEST_SEED, main, metrics_by_section, pointing_accuracy
+from hf_vattr.training import as_example
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,10 @@ def test_pointing_is_one_for_scores_that_follow_the_evidence(small_run):
 def test_sections_of_the_ground_truth_itself(small_run):
     records = _test_records(small_run)
     loo = [r.loo_effects for r in records]
-    by = metrics_by_section(records, {"leave_one_out": loo, "negated": [-x for x in loo]})
+    views = [as_example(r) for r in records]
+    per_span = {name: span_level_metrics(scores, views) for name, scores in
+                (("leave_one_out", loo), ("negated", [-x for x in loo]))}
+    by = metrics_by_section(records, per_span)
     n_spans = sum(r.num_spans for r in records)
     assert sum(row["spans"] for row in by["leave_one_out"].values()) == n_spans
     assert by["leave_one_out"]["thinking"]["pearson"] == pytest.approx(1.0)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["main", "pointing_accuracy", "metrics_by_section"]
+__all__ = ["main", "pointing_accuracy", "metrics_by_section", "region_on_evidence"]
 
 TRAIN_SEED = 7001
 TEST_SEED = 7002
@@ -43,6 +43,12 @@ def _toy_dataset(seed: int, n: int):
         yield i, [ex.image], prompt_messages(ex)
 
 
+def region_on_evidence(regions: Any, region: int, evidence: np.ndarray) -> bool:
+    """Does global region ``region`` of ``regions`` (a ``PromptRegions``) cover any evidence pixel?"""
+    image, local = regions.region_owner(int(region))
+    return bool((evidence & (regions.maps[image].pixel_labels() == local)).any())
+
+
 def pointing_accuracy(records: list, scores: dict[str, list[torch.Tensor]], seed: int) -> dict[str, dict]:
     """Per method: fraction of thinking steps naming an object whose top-1 region overlaps the object."""
     from . import evidence_for_step, example_seed, make_example
@@ -52,7 +58,6 @@ def pointing_accuracy(records: list, scores: dict[str, list[torch.Tensor]], seed
     for index, record in enumerate(records):
         example = make_example(example_seed(seed, int(record.example_id)))
         regions = PromptRegions.from_dict(record.regions)
-        labels = regions.maps[0].pixel_labels()
         for s, span in enumerate(record.spans):
             if span["section"] != "thinking":
                 continue
@@ -61,31 +66,29 @@ def pointing_accuracy(records: list, scores: dict[str, list[torch.Tensor]], seed
                 continue
             for name, per_example in scores.items():
                 top = int(torch.argmax(torch.as_tensor(per_example[index][s])))
-                hits[name].append(bool((evidence & (labels == top)).any()))
+                hits[name].append(region_on_evidence(regions, top, evidence))
     return {name: {"pointing": float(np.mean(h)) if h else None, "steps": len(h)} for name, h in hits.items()}
 
 
-def metrics_by_section(records: list, scores: dict[str, list[torch.Tensor]]) -> dict[str, dict[str, dict]]:
+def metrics_by_section(records: list, per_span: dict[str, dict[str, list]]) -> dict[str, dict[str, dict]]:
     """Per method and span section (``thinking`` / ``answer``): mean LDS and Pearson, and span count.
 
-    Why: in this task the answer follows from the thinking text, so ablating an image region
-    barely moves the answer span (effects of a few thousandths of a nat) while it moves the
-    thinking steps by nats. Averaging the two hides how each behaves.
-    """
-    from ..evaluation import span_level_metrics
-    from ..training import as_example
+    ``per_span[method][metric]`` holds one value per span of ``records``, in order: the
+    ``EvalReport.per_span`` that :func:`hf_vattr.evaluation.evaluate` returns.
 
-    examples = [as_example(r) for r in records]
+    Why: in this task the answer follows from the thinking text, so ablating an image region
+    moves the answer span far less (tenths of a nat) than the thinking steps (nats to tens of
+    nats). Averaging the two hides how each behaves.
+    """
     sections = np.array([str(span["section"]) for r in records for span in r.spans])
     out: dict[str, dict[str, dict]] = {}
-    for name, per_example in scores.items():
-        per_span = span_level_metrics([torch.as_tensor(s) for s in per_example], examples)
+    for name, metrics in per_span.items():
         out[name] = {}
         for section in sorted(set(sections), reverse=True):
             mask = sections == section
             row = {"spans": int(mask.sum())}
             for metric in ("lds", "pearson"):
-                values = np.asarray(per_span[metric], dtype=float)[mask]
+                values = np.asarray(metrics[metric], dtype=float)[mask]
                 row[metric] = float(np.nanmean(values)) if np.isfinite(values).any() else None
             out[name][section] = row
     return out
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ev = evaluate(methods, test_records, model, processor, keep_scores=True, progress=True, inputs_fn=inputs_fn)
     pointing = pointing_accuracy(test_records, ev.info["scores"], TEST_SEED)
-    by_section = metrics_by_section(test_records, ev.info["scores"])
+    by_section = metrics_by_section(test_records, ev.per_span)
     for name, row in ev.rows.items():
         row["pointing"] = pointing.get(name, {}).get("pointing")
 

@@ -329,12 +329,12 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
                        "weight_decay": weight_decay, "mult": mult, "vision": is_vision})
         groups.append({"params": [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)],
                        "weight_decay": 0.0, "mult": mult, "vision": is_vision})
-    probe = VisualProbe(model.config.vision_config.out_hidden_size, (IMAGE_SIZE[0] // TOKEN, IMAGE_SIZE[1] // TOKEN))
-    if probe_weight > 0:
-        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0, "mult": 1.0, "vision": False})
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
     visual_tokens: list[torch.Tensor] = []  # the tower's output of the current forward (for the probe)
-    model.model.visual.register_forward_hook(lambda module, args, output: visual_tokens.append(output.pooler_output))
+    if probe_weight > 0:
+        probe = VisualProbe(model.config.vision_config.out_hidden_size, (IMAGE_SIZE[0] // TOKEN, IMAGE_SIZE[1] // TOKEN))
+        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0, "mult": 1.0, "vision": False})
+        model.model.visual.register_forward_hook(lambda module, args, output: visual_tokens.append(output.pooler_output))
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
     vision_params = [p for g in groups if g["vision"] for p in g["params"]]
     unfreeze_at = int(round(freeze_vision_frac * steps))
     for p in vision_params:
