@@ -35,14 +35,6 @@ TEST_SEED = 7002
 REGION_METHOD = "vlm"  # the VLM's own vision features + Ward: semantic regions, no extra weights
 
 
-def _toy_dataset(seed: int, n: int):
-    from . import example_seed, make_example, prompt_messages
-
-    for i in range(n):
-        ex = make_example(example_seed(seed, i))
-        yield i, [ex.image], prompt_messages(ex)
-
-
 def region_on_evidence(regions: Any, region: int, evidence: np.ndarray) -> bool:
     """Does global region ``region`` of ``regions`` (a ``PromptRegions``) cover any evidence pixel?"""
     image, local = regions.region_owner(int(region))
@@ -95,7 +87,8 @@ def metrics_by_section(records: list, per_span: dict[str, dict[str, list]]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..collection import CollectionConfig, collect, load_collection
+    from ..cli import DatasetSpec
+    from ..collection import CollectionConfig, _build_inputs, collect, load_collection
     from ..evaluation import evaluate
     from ..baselines import make_method
     from ..training import TrainingConfig, fit_estimator
@@ -125,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     config = CollectionConfig(num_subsets=args.num_subsets, max_new_tokens=96, region_method=REGION_METHOD,
                               k=args.k, seed=0)
-    collect(model, processor, _toy_dataset(TRAIN_SEED, args.train), work / "train", config)
-    collect(model, processor, _toy_dataset(TEST_SEED, args.test), work / "test", config)
+    test_set = DatasetSpec("toy", n=args.test, seed=TEST_SEED)  # the CLI's toy dataset: same examples, same prompts
+    collect(model, processor, DatasetSpec("toy", n=args.train, seed=TRAIN_SEED).items(), work / "train", config)
+    collect(model, processor, test_set.items(), work / "test", config)
     t_collect = time.perf_counter() - t0
 
     train_records = load_collection(work / "train")
@@ -140,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [make_method(name, estimator=estimator) for name in
                ("estimator", "raw_attention", "leave_one_out", "grad_x_input", "integrated_gradients", "random")]
     def inputs_fn(record):
-        from . import example_seed, make_example, prompt_messages
-
-        ex = make_example(example_seed(TEST_SEED, int(record.example_id)))
-        prompt = processor.apply_chat_template(prompt_messages(ex), add_generation_prompt=True, tokenize=False)
-        return processor(text=[prompt], images=[ex.image], return_tensors="pt")
+        return _build_inputs(processor, *test_set.get(int(record.example_id)))
 
     ev = evaluate(methods, test_records, model, processor, keep_scores=True, progress=True, inputs_fn=inputs_fn)
     pointing = pointing_accuracy(test_records, ev.info["scores"], TEST_SEED)
