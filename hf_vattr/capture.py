@@ -1,22 +1,31 @@
 """Attention capture through transformers' ``AttentionInterface``, keeping the model's own attention.
 
-Why this design: forcing ``attn_implementation="eager"`` or
-``output_attentions=True`` costs O(T^2 L H) memory and changes numerics. Every
-attention call in transformers 5 goes through
-``ALL_ATTENTION_FUNCTIONS.get_interface(impl, default)`` and receives post-RoPE
-queries and the cached keys. While a capture is active we wrap whatever
-function that lookup returns (sdpa, flash, eager, ...): the wrapped function
-runs unchanged, and for the text decoder's attention modules of the captured
-model we additionally compute the *one* attention row we need -- the query
-that predicts the next token -- restricted to the visual tokens and pooled to
-regions. That is one (heads x keys) product per layer, a small fraction of a
-decode step.
+Why this design: forcing ``attn_implementation="eager"`` or ``output_attentions=True`` costs
+O(T^2 L H) memory and changes numerics. Every attention call in transformers 5 goes through
+``ALL_ATTENTION_FUNCTIONS.get_interface(impl, default)`` and receives post-RoPE queries and the
+cached keys. While a capture is active we wrap whatever function that lookup returns; for the
+text decoder's attention modules of the captured model we also record the *one* attention row
+we need (the query that predicts the next token), restricted to the visual tokens and pooled
+to regions.
 
-Isolation: captures are keyed by attention *module object*, so two models
-generating in two threads never see each other's rows; modules that are not
-being captured (other models, the vision tower) pass straight through.
-Restoration: the lookup is patched while at least one capture is active and
-restored exactly when the last one exits, also when generation raises.
+Constant cost per decode step: the softmax normaliser of that row (its log-sum-exp) is
+computed by the attention kernel anyway, so the row on the visual keys is
+``exp(scale * q . K_visual - lse)``: one product over the *visual* keys only, whatever the
+trace length, and the KV cache is never copied. Which route serves a capture is its
+``path`` attribute (logged once):
+
+* ``"lse"``: transformers' sdpa on CPU decode steps. The kernel that ``F.scaled_dot_product_attention``
+  dispatches to (``_scaled_dot_product_flash_attention_for_cpu``) is called directly so it returns
+  the log-sum-exp too; its output is checked bitwise against the model's own attention on first use.
+* ``"weights"``: the attention function already returns its weights (eager): they are read, for free.
+* ``"full-row"``: any other kernel (flash-attn, flex, CUDA sdpa): the row is recomputed over all
+  keys, in blocks so that memory stays bounded; the cost then grows with the trace.
+
+Prefill steps (many queries) always take the full-row route once.
+
+Isolation: captures are keyed by attention *module object*, so two models generating in two
+threads never see each other's rows. Restoration: the lookup is patched while at least one
+capture is active and restored exactly when the last one exits, also when generation raises.
 """
 
 from __future__ import annotations
@@ -26,16 +35,22 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
+from transformers.utils import logging
 
 from .layouts import attention_modules, text_dims
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "AttentionCapture",
     "attention_row_features",
+    "visual_row_features_from_lse",
     "attention_intervention",
     "CaptureError",
     "patched_attention_lookup",
 ]
+
+_KEY_BLOCK = 4096  # keys per block on the full-row route: bounds the float32 temporary
 
 
 class CaptureError(RuntimeError):
@@ -54,7 +69,7 @@ def attention_row_features(
     attention_mask: torch.Tensor | None = None,
     query_rows: slice | None = None,
 ) -> torch.Tensor:
-    """Region-pooled attention of selected query rows on the visual tokens.
+    """Region-pooled attention of selected query rows on the visual tokens (the full-row reference).
 
     Args:
         query: (1, H, Tq, D) post-RoPE queries of one layer.
@@ -70,15 +85,16 @@ def attention_row_features(
     """
     rows = slice(-1, None) if query_rows is None else query_rows
     q = query[0, :, rows].float()  # (H, Tq', D)
-    k = key[0].float()  # (Hkv, Tk, D)
     num_heads, num_q, dim = q.shape
-    num_kv = k.shape[0]
+    num_kv = key.shape[1]
     if num_heads % num_kv:
         raise CaptureError(f"{num_heads} query heads are not a multiple of {num_kv} key/value heads.")
     groups = num_heads // num_kv
-    # (Hkv, G*Tq', D) @ (Hkv, D, Tk): grouped-query attention without materialising repeated keys.
-    scores = torch.matmul(q.reshape(num_kv, groups * num_q, dim), k.transpose(1, 2)) * scaling
-    scores = scores.reshape(num_heads, num_q, -1)  # (H, Tq', Tk)
+    q = q.reshape(num_kv, groups * num_q, dim)
+    # Key blocks: the float32 copy of the cache never exceeds one block (bfloat16 caches stay as they are).
+    blocks = [torch.matmul(q, key[0, :, start:start + _KEY_BLOCK].float().transpose(1, 2))
+              for start in range(0, key.shape[2], _KEY_BLOCK)]
+    scores = torch.cat(blocks, dim=-1).mul_(scaling).reshape(num_heads, num_q, -1)  # (H, Tq', Tk)
     if attention_mask is not None and attention_mask.dim() == 4:
         mask = attention_mask[0, :, rows, : scores.shape[-1]]
         if mask.dtype == torch.bool:
@@ -89,6 +105,105 @@ def attention_row_features(
     visual = probs.index_select(-1, visual_positions)  # (H, Tq', Nv)
     pooled = torch.matmul(visual, pooling_matrix)  # (H, Tq', K)
     return pooled.transpose(0, 1)
+
+
+def _visual_keys(key: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, Nv, D) keys of the visual tokens: a copy of Nv rows, never of the cache."""
+    if positions.shape[0] == 1 and key.shape[0] == 1:
+        return key.index_select(2, positions[0])
+    index = positions[:, None, :, None].expand(key.shape[0], key.shape[1], positions.shape[1], key.shape[3])
+    return key.gather(2, index)
+
+
+def _visual_mask(attention_mask: torch.Tensor | None, positions: torch.Tensor, num_keys: int) -> torch.Tensor | None:
+    """Additive float32 mask (B, 1|H, Nv) of the last query row at the visual positions, or None."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    last = attention_mask[:, :, -1, :num_keys]  # (B|1, 1|H, Tk)
+    index = positions[:, None, :].expand(max(last.shape[0], positions.shape[0]), last.shape[1], positions.shape[1])
+    picked = last.expand(index.shape[0], -1, -1).gather(-1, index)
+    if picked.dtype == torch.bool:
+        return torch.zeros(picked.shape).masked_fill(~picked.cpu(), float("-inf")).to(picked.device)
+    return picked.float()
+
+
+def visual_row_features_from_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    logsumexp: torch.Tensor,
+    scaling: float,
+    positions: torch.Tensor,
+    pooling: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Region-pooled attention of the last query row, from the kernel's log-sum-exp.
+
+    ``a_i = exp(scale * q . k_i + mask_i - lse)`` for the visual keys only: constant cost in the trace length.
+
+    Args:
+        query: (B, H, Tq, D) post-RoPE queries; the last row is used.
+        key: (B, Hkv, Tk, D) keys including the cache.
+        logsumexp: (B, H) log-sum-exp of the last row's scaled, masked scores over all keys.
+        positions: (B, Nv) visual key positions per sequence (padded entries point at any valid key).
+        pooling: (B, Nv, K) token -> region weights (zero rows for padded entries).
+
+    Returns:
+        (B, H, K) float32 features.
+    """
+    batch, num_heads, _, dim = query.shape
+    num_kv = key.shape[1]
+    visual_keys = _visual_keys(key, positions).float()  # (B, Hkv, Nv, D)
+    q = query[:, :, -1].float().reshape(batch, num_kv, num_heads // num_kv, dim)
+    scores = torch.matmul(q, visual_keys.transpose(-1, -2)).reshape(batch, num_heads, -1).mul_(scaling)
+    mask = _visual_mask(attention_mask, positions, key.shape[2])
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.exp(scores.sub_(logsumexp.reshape(batch, num_heads, 1).float()))
+    return torch.matmul(probs, pooling)
+
+
+def _last_row_features(query, key, scaling, positions, pooling, attention_mask) -> torch.Tensor:
+    """(B, H, K): the full-row route, one sequence at a time."""
+    out = []
+    for b in range(query.shape[0]):
+        mask = None if attention_mask is None or attention_mask.dim() != 4 else attention_mask[b % attention_mask.shape[0]][None]
+        out.append(attention_row_features(query[b:b + 1], key[b:b + 1], scaling, positions[b], pooling[b], mask)[0])
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------- kernels with log-sum-exp
+
+
+def _is_transformers_sdpa(function: Callable) -> bool:
+    from transformers.integrations import sdpa_attention
+
+    return function is sdpa_attention.sdpa_attention_forward
+
+
+def _sdpa_decode_with_lse(module, query, key, value, attention_mask, scaling, kwargs) -> tuple[Any, torch.Tensor] | None:
+    """transformers' sdpa for a single-query CPU step, through the kernel it dispatches to, plus the LSE.
+
+    Mirrors ``sdpa_attention_forward``'s decode layout (GQA handled natively without a mask, packed
+    queries with one) using transformers' own helpers; the caller checks the output bitwise against
+    the original once per capture. Returns None where this route does not apply.
+    """
+    from transformers.integrations import sdpa_attention as tsdpa
+
+    if (query.device.type != "cpu" or query.shape[2] != 1 or kwargs.get("dropout", 0.0)
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+            or query.shape[-1] != value.shape[-1]):
+        return None
+    q, mask = query, attention_mask
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1 and not tsdpa.use_gqa_in_sdpa(mask, key, value):
+        q, mask = tsdpa.pack_gqa(q, groups), tsdpa.pack_gqa(mask, groups)
+    if mask is not None and mask.dtype == torch.bool:  # the kernel takes additive masks in the query's dtype
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    elif mask is not None and mask.dtype != q.dtype:
+        return None
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, key, value, attn_mask=mask, scale=scaling)
+    out = out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous()
+    return (out, None), lse.reshape(query.shape[0], query.shape[1])
 
 
 # ----------------------------------------------------------------------------- global dispatcher
@@ -105,18 +220,28 @@ def _wrap(original: Callable) -> Callable:
     wrapped = _WRAPPERS.get(original)
     if wrapped is not None:
         return wrapped
+    is_sdpa = _is_transformers_sdpa(original)
 
     def capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
         intervention = _INTERVENTIONS.get(module)
         if intervention is not None:
             attention_mask = intervention(module, query, key, attention_mask)
-        output = original(module, query, key, value, attention_mask, *args, **kwargs)
         capture = _ACTIVE.get(module)
-        if capture is not None:
-            scaling = kwargs.get("scaling")
-            if scaling is None:
-                scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-            capture._record(module, query, key, attention_mask, scaling)
+        if capture is None:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+        if is_sdpa and capture.rows == "last" and capture.path != "full-row" and query.shape[2] == 1 and not args:
+            routed = _sdpa_decode_with_lse(module, query, key, value, attention_mask, kwargs.get("scaling"), kwargs)
+            if routed is not None:
+                output, lse = routed
+                reference = lambda: original(module, query, key, value, attention_mask, **kwargs)  # noqa: E731
+                if capture._verify(module, output, attention_mask, reference):
+                    capture._record_lse(module, query, key, lse, attention_mask, scaling)
+                    return output
+        output = original(module, query, key, value, attention_mask, *args, **kwargs)
+        capture._record(module, query, key, attention_mask, scaling, output)
         return output
 
     capturing_attention.__wrapped__ = original  # type: ignore[attr-defined]
@@ -163,18 +288,23 @@ def patched_attention_lookup() -> bool:
 class AttentionCapture:
     """Records region-pooled visual attention of the predicting query, layer by layer.
 
-    Use as a context manager around forward passes (``generate`` or a
-    teacher-forced forward). After each forward, :meth:`pop` returns
-    ``(L, H, K)`` features of the last query row (``rows="last"``) or
-    ``(T, L, H, K)`` for every query row from ``first_row`` on (``rows="all"``,
-    for teacher-forced collection; needs a forward without cache).
+    Use as a context manager around forward passes (``generate`` or a teacher-forced forward).
+    After each forward, :meth:`pop` returns the features of the last query row
+    (``rows="last"``): ``(L, H, K)`` for one sequence, ``(B, L, H, K)`` when positions are given per
+    sequence; or ``(T, L, H, K)`` for every query row from ``first_row`` on (``rows="all"``, for
+    teacher-forced collection; needs a forward without cache, batch 1).
 
     Args:
         model: a ``*ForConditionalGeneration`` model whose architecture is declared in :mod:`hf_vattr.layouts`.
-        visual_positions: (Nv,) sequence positions of the visual tokens.
-        membership: (Nv, K) token -> region membership; ``None`` to set it later with
+        visual_positions: (Nv,) sequence positions of the visual tokens, or (B, Nv) per sequence of a
+            batch (pad shorter rows with any valid position and give them zero membership rows).
+        membership: (Nv, K) or (B, Nv, K) token -> region membership; ``None`` to set it later with
             :meth:`set_membership` (before the first attention call).
         pooling: ``"sum"`` (attention mass on the region) or ``"mean"`` (per-token average).
+
+    Attributes:
+        path: the route that served the latest decode step: ``"lse"``, ``"weights"`` or ``"full-row"``
+            (see the module docstring); ``None`` before the first decode step.
     """
 
     def __init__(
@@ -196,37 +326,46 @@ class AttentionCapture:
         self.num_layers, self.num_heads = text_dims(model)
         if len(self.modules) != self.num_layers:
             raise CaptureError(f"Found {len(self.modules)} attention modules but config says {self.num_layers} layers.")
+        positions = torch.as_tensor(visual_positions, dtype=torch.long)
+        self.batched = positions.dim() == 2
+        if rows == "all" and self.batched:
+            raise CaptureError("rows='all' captures one sequence; pass (Nv,) positions.")
+        self._positions_cpu = positions if self.batched else positions[None]
         self.pooling = pooling
         self.rows = rows
         self.first_row = int(first_row)
+        self.path: str | None = None
+        self.stale: Callable[[], bool] | None = None  # set by owners that can tell when their generate died
+        self.on_evicted: Callable[[], None] | None = None
         self._layer_of = {module: i for i, module in enumerate(self.modules)}
         self._positions: dict[torch.device, torch.Tensor] = {}
         self._pooling: dict[torch.device, torch.Tensor] = {}
-        self._positions_cpu = torch.as_tensor(visual_positions, dtype=torch.long)
         self._pooling_cpu: torch.Tensor | None = None
+        self._verified: set[tuple] = set()
         self.num_regions = 0
         self._slots: list[torch.Tensor | None] = [None] * self.num_layers
         if membership is not None:
             self.set_membership(membership)
         self.active = False
-        self.on_layer: Callable[[int, torch.Tensor], None] | None = None
 
     def set_membership(self, membership: torch.Tensor) -> None:
-        """Set (or replace) the (Nv, K) token -> region membership; until then nothing can be recorded.
+        """Set (or replace) the token -> region membership; until then nothing can be recorded.
 
         Why settable: regions built from the vision tower's output *during* the prefill are only
         known after the tower ran, which is still before the first decoder attention call.
         """
         membership = torch.as_tensor(membership, dtype=torch.float32)
-        if membership.dim() != 2 or membership.shape[0] != len(self._positions_cpu):
-            raise ValueError(f"membership must be (visual tokens={len(self._positions_cpu)}, K), "
-                             f"got {tuple(membership.shape)}.")
+        if membership.dim() == 2:
+            membership = membership[None].expand(self._positions_cpu.shape[0], -1, -1)
+        if membership.dim() != 3 or membership.shape[:2] != self._positions_cpu.shape:
+            raise ValueError(f"membership must be (visual tokens={self._positions_cpu.shape[-1]}, K) "
+                             f"or (sequences, visual tokens, K), got {tuple(membership.shape)}.")
         if self.pooling == "mean":
-            membership = membership / membership.sum(0, keepdim=True).clamp_min(1e-12)
-        self._pooling_cpu = membership
+            membership = membership / membership.sum(1, keepdim=True).clamp_min(1e-12)
+        self._pooling_cpu = membership.contiguous()
         self._positions.clear()
         self._pooling.clear()
-        self.num_regions = int(membership.shape[1])
+        self.num_regions = int(membership.shape[-1])
         self._prepare(next(self.model.parameters()).device)  # moved once, not per step
 
     def _prepare(self, device: torch.device) -> None:
@@ -245,11 +384,17 @@ class AttentionCapture:
 
     def start(self) -> None:
         with _LOCK:
-            busy = [m for m in self.modules if m in _ACTIVE]
-            if busy:
+            owners = {_ACTIVE[m] for m in self.modules if m in _ACTIVE}
+            for owner in owners:  # a capture whose generate died without cleaning up is reclaimed, not blocking
+                if owner.stale is not None and owner.stale():
+                    logger.warning("Reclaiming an attribution capture whose generate() ended without finishing.")
+                    owner.stop()
+                    if owner.on_evicted is not None:
+                        owner.on_evicted()
+            if any(m in _ACTIVE for m in self.modules):
                 raise CaptureError(
                     "This model already has an active attribution capture (another streamer or capture is running "
-                    "on it). Finish that generation first, or use a separate model instance per thread."
+                    "on it). Finish or close that generation first, or use a separate model instance per thread."
                 )
             _install()
             for module in self.modules:
@@ -267,33 +412,74 @@ class AttentionCapture:
             _uninstall()
 
     # -- recording
-    def _record(self, module, query, key, attention_mask, scaling) -> None:
-        layer = self._layer_of[module]
-        device = query.device
+    def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._pooling_cpu is None:
             raise CaptureError("No region membership was set before the first attention call; call "
                                "set_membership(...) first (the regions of this prompt's visual tokens).")
         if device not in self._positions:
             self._prepare(device)
-        if query.shape[0] != 1:
-            raise CaptureError(
-                f"Attribution supports batch size 1, got {query.shape[0]} sequences in one forward. "
-                "Run one example at a time (beam search and batches are not supported yet)."
-            )
-        if self.rows == "last":
-            feats = attention_row_features(
-                query, key, scaling, self._positions[device], self._pooling[device], attention_mask
-            )[0]
-        else:
-            feats = self._all_rows(query, key, scaling, device, attention_mask)
-        self._slots[layer] = feats
-        if self.on_layer is not None:
-            self.on_layer(layer, feats)
+        return self._positions[device], self._pooling[device]
 
-    def _all_rows(self, query, key, scaling, device, attention_mask, block: int = 256) -> torch.Tensor:
+    def _check_batch(self, batch: int) -> None:
+        if batch != self._positions_cpu.shape[0]:
+            raise CaptureError(
+                f"The forward holds {batch} sequences but the capture was set up for {self._positions_cpu.shape[0]}. "
+                "Beam search is not supported; for batches, build the streamer with the batched inputs."
+            )
+
+    def _set_path(self, path: str) -> None:
+        if path != self.path:
+            if self.path is None or path == "full-row":
+                logger.info(f"hf_vattr attention capture: '{path}' route for decode steps.")
+            self.path = path
+
+    def _verify(self, module, output, attention_mask, reference: Callable[[], Any]) -> bool:
+        """Check the LSE route bitwise against the model's own attention, once per layer and mask kind."""
+        mask_kind = (self._layer_of[module], output[0].dtype, output[0].shape[0],
+                     None if attention_mask is None else (attention_mask.dtype, tuple(attention_mask.shape[:2])))
+        if mask_kind in self._verified:
+            return True
+        expected = reference()[0]
+        if torch.equal(expected, output[0]):
+            self._verified.add(mask_kind)
+            return True
+        logger.warning("hf_vattr: the log-sum-exp attention route does not reproduce this model's sdpa output "
+                       "bitwise; falling back to the full-row route (cost grows with the trace).")
+        self._set_path("full-row")
+        return False
+
+    def _record_lse(self, module, query, key, lse, attention_mask, scaling) -> None:
+        self._check_batch(query.shape[0])
+        positions, pooling = self._device_tables(query.device)
+        self._slots[self._layer_of[module]] = visual_row_features_from_lse(
+            query, key, lse, scaling, positions, pooling, attention_mask)
+        self._set_path("lse")
+
+    def _record(self, module, query, key, attention_mask, scaling, output) -> None:
+        layer = self._layer_of[module]
+        positions, pooling = self._device_tables(query.device)
+        if self.rows == "all":
+            self._check_batch(query.shape[0])
+            self._slots[layer] = self._all_rows(query, key, scaling, positions[0], pooling[0], attention_mask)
+            return
+        self._check_batch(query.shape[0])
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if isinstance(weights, torch.Tensor) and weights.dim() == 4 and weights.shape[-1] == key.shape[2]:
+            last = weights[:, :, -1].float()  # (B, H, Tk): the function returned its probabilities (eager)
+            index = positions[:, None, :].expand(last.shape[0], last.shape[1], -1)
+            self._slots[layer] = torch.matmul(last.gather(-1, index), pooling)
+            route = "weights"
+        else:
+            self._slots[layer] = _last_row_features(query, key, scaling, positions, pooling, attention_mask)
+            route = "full-row"
+        if query.shape[2] == 1:
+            self._set_path(route)
+
+    def _all_rows(self, query, key, scaling, positions, pooling, attention_mask, block: int = 256) -> torch.Tensor:
         num_q, num_k = query.shape[2], key.shape[2]
         if num_q != num_k:
             raise CaptureError("rows='all' needs a forward without cache (use_cache=False, full sequence).")
+        device = query.device
         out = []
         for start in range(self.first_row, num_q, block):
             stop = min(start + block, num_q)
@@ -302,37 +488,25 @@ class AttentionCapture:
             if attention_mask is not None and attention_mask.dim() == 4:
                 extra = attention_mask[:, :, start:stop, :num_k]
                 mask = mask & (extra if extra.dtype == torch.bool else extra > torch.finfo(extra.dtype).min / 2)
-            q = query[:, :, start:stop]
-            full_rows = slice(None)
-            out.append(
-                attention_row_features(q, key, scaling, self._positions[device], self._pooling[device], mask,
-                                       query_rows=full_rows)
-            )
+            out.append(attention_row_features(query[:, :, start:stop], key, scaling, positions, pooling, mask,
+                                              query_rows=slice(None)))
         return torch.cat(out, 0)  # (T', H, K)
 
     def pop(self) -> torch.Tensor:
-        """Features of the latest forward: (L, H, K) for rows='last', (T, L, H, K) for rows='all'."""
+        """Features of the latest forward: (L, H, K) or (B, L, H, K) for rows='last', (T, L, H, K) for rows='all'."""
         missing = [i for i, s in enumerate(self._slots) if s is None]
         if missing:
             raise CaptureError(
                 f"No attention was captured for layers {missing}. Was a forward run inside the capture, and does the "
                 "model route attention through transformers' AttentionInterface?"
             )
-        slots = [s.to(self._slots[0].device) for s in self._slots]  # type: ignore[union-attr]
+        device = self._slots[0].device  # type: ignore[union-attr]
+        slots = [s.to(device) for s in self._slots]  # type: ignore[union-attr]
         self._slots = [None] * self.num_layers
-        return torch.stack(slots, dim=-3)
-
-    def has_pending(self) -> bool:
-        return all(s is not None for s in self._slots)
-
-
-@contextmanager
-def capture_attention(model: Any, visual_positions: torch.Tensor, membership: torch.Tensor,
-                      **kwargs: Any) -> Iterator[AttentionCapture]:
-    """``with capture_attention(model, positions, membership) as cap: model(**inputs); feats = cap.pop()``."""
-    cap = AttentionCapture(model, visual_positions, membership, **kwargs)
-    with cap:
-        yield cap
+        if self.rows == "all":
+            return torch.stack(slots, dim=-3)
+        stacked = torch.stack(slots, dim=1)  # (B, L, H, K)
+        return stacked if self.batched else stacked[0]
 
 
 @contextmanager

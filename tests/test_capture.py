@@ -69,7 +69,6 @@ def test_decode_steps_match_eager_rows():
     inputs, layout, membership = _layout_and_membership(model, proc)
     rows = []
     with AttentionCapture(model, layout.positions, membership) as cap:
-        cap.on_layer = lambda layer, feats: None
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, logits_processor=None,
                              stopping_criteria=None, return_dict_in_generate=True)
         # the last forward's row is pending: it predicted the final token
