@@ -17,24 +17,28 @@ Conventions shared by the whole module
 
 Undefined correlations (an input that is constant) come back as ``nan`` instead of
 raising, because that happens legitimately per span (e.g. a span that ignores the image)
-and aggregates should skip it and count it; see :func:`summarize` and :func:`mean_lds`.
+and aggregates should skip it and count it; see :func:`summarize`.
 Malformed inputs (wrong shapes, empty, NaN/inf) raise ``ValueError``.
+
+:data:`METRICS` is the one glossary of metric names: the keys that training and
+evaluation write (``lds``, ``top3_drop``, ``test_r2`` ...) with a label and a meaning,
+used by reports and by the estimator's model card (:func:`metric_label`,
+:func:`metric_meaning`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence
+import re
+from typing import Any, Callable
 
 import numpy as np
 from scipy import stats
+from sklearn.metrics import r2_score as _sklearn_r2
 
 __all__ = [
     "as_array",
     "subset_predictions",
     "lds",
-    "LDSSummary",
-    "mean_lds",
     "topk_regions",
     "topk_mask",
     "topk_drop",
@@ -43,8 +47,10 @@ __all__ = [
     "spearman",
     "r2_score",
     "calibrated_r2",
-    "per_span_correlation",
     "summarize",
+    "METRICS",
+    "metric_label",
+    "metric_meaning",
 ]
 
 
@@ -120,15 +126,14 @@ def _is_constant(a: np.ndarray) -> bool:
 def pearson(predicted: Any, actual: Any) -> float:
     """Pearson correlation of two equal-length vectors; ``nan`` if either is constant.
 
-    Scale- and shift-free, which is why the estimator is trained on it (DESIGN item 5).
+    Scale- and shift-free, which is why the estimator is trained on it (negative Pearson
+    is the training loss, see :mod:`hf_vattr.training`).
     """
     p, a = _vector(predicted, "predicted"), _vector(actual, "actual")
     _same_length(p, a, "predicted", "actual")
     if p.size < 2 or _is_constant(p) or _is_constant(a):
         return float("nan")
-    pc, ac = p - p.mean(), a - a.mean()
-    r = float(pc @ ac / np.sqrt((pc @ pc) * (ac @ ac)))
-    return float(np.clip(r, -1.0, 1.0))
+    return float(stats.pearsonr(p, a).statistic)
 
 
 def spearman(predicted: Any, actual: Any) -> float:
@@ -150,10 +155,9 @@ def r2_score(predicted: Any, actual: Any) -> float:
     """
     p, a = _vector(predicted, "predicted"), _vector(actual, "actual")
     _same_length(p, a, "predicted", "actual")
-    ss_tot = float(np.sum((a - a.mean()) ** 2))
-    if ss_tot == 0.0:
+    if _is_constant(a):
         return float("nan")
-    return 1.0 - float(np.sum((a - p) ** 2)) / ss_tot
+    return float(_sklearn_r2(a, p))
 
 
 def calibrated_r2(predicted: Any, actual: Any) -> float:
@@ -165,34 +169,6 @@ def calibrated_r2(predicted: Any, actual: Any) -> float:
     """
     r = pearson(predicted, actual)
     return r * r
-
-
-def per_span_correlation(
-    predicted: Iterable[Any],
-    actual: Iterable[Any],
-    method: Literal["pearson", "spearman", "r2", "calibrated_r2"] = "pearson",
-) -> np.ndarray:
-    """One correlation value per span, from parallel sequences of per-span vectors.
-
-    Spans have different region counts K, so inputs are sequences, not matrices. The
-    result may contain ``nan`` (constant spans); aggregate with :func:`summarize`.
-    """
-    fns: dict[str, Callable[[Any, Any], float]] = {
-        "pearson": pearson,
-        "spearman": spearman,
-        "r2": r2_score,
-        "calibrated_r2": calibrated_r2,
-    }
-    if method not in fns:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(fns)}.")
-    preds, acts = list(predicted), list(actual)
-    if len(preds) != len(acts):
-        raise ValueError(
-            f"got {len(preds)} predicted spans but {len(acts)} actual spans; pass one of each per span."
-        )
-    if not preds:
-        raise ValueError("no spans given; pass at least one span.")
-    return np.array([fns[method](p, a) for p, a in zip(preds, acts)], dtype=np.float64)
 
 
 def summarize(values: Any) -> dict[str, float]:
@@ -247,42 +223,6 @@ def lds(predicted_scores: Any, masks: Any, actual_effects: Any) -> float:
             "pass one measured effect per mask row."
         )
     return spearman(pred, act)
-
-
-@dataclass(frozen=True)
-class LDSSummary:
-    """Aggregate LDS over spans. ``mean``/``std``/``sem`` skip the ``n_nan`` undefined spans."""
-
-    mean: float
-    std: float
-    sem: float
-    n: int
-    n_nan: int
-    values: np.ndarray = field(repr=False)
-
-
-def mean_lds(spans: Iterable[tuple[Any, Any, Any]]) -> LDSSummary:
-    """LDS averaged over spans, ignoring (and counting) spans where it is undefined.
-
-    Args:
-        spans: iterable of ``(predicted_scores, masks, actual_effects)`` triples, one per
-            span, each as in :func:`lds`. K and M may differ between spans.
-    """
-    values = []
-    for i, span in enumerate(spans):
-        if len(span) != 3:
-            raise ValueError(
-                f"span {i} has {len(span)} items; expected (predicted_scores, masks, actual_effects)."
-            )
-        try:
-            values.append(lds(*span))
-        except ValueError as e:
-            raise ValueError(f"span {i}: {e}") from e
-    if not values:
-        raise ValueError("no spans given; pass at least one (scores, masks, effects) triple.")
-    v = np.array(values, dtype=np.float64)
-    s = summarize(v)
-    return LDSSummary(s["mean"], s["std"], s["sem"], s["n"], s["n_nan"], v)
 
 
 # --------------------------------------------------------------------------- top-k drop
@@ -369,3 +309,65 @@ def ablation_from_table(masks: Any, effects: Any) -> Callable[[np.ndarray], floa
         return table[key]
 
     return ablate
+
+
+# --------------------------------------------------------------------------- glossary
+
+#: Every metric name that training and evaluation write, with a short label and its meaning.
+#: ``top{k}_drop`` stands for any k; ``test_`` / ``val_`` / ``train_`` prefixes and ``_sem`` /
+#: ``_n`` suffixes are resolved by :func:`metric_meaning`.
+METRICS: dict[str, tuple[str, str]] = {
+    "lds": (
+        "LDS",
+        "Linear datamodeling score: mean over spans of the Spearman correlation between predicted "
+        "(sum of member scores) and measured log-prob drops of random region subsets",
+    ),
+    "pearson": ("Pearson", "Mean over spans of the Pearson correlation of predicted vs measured single-region effects"),
+    "pearson_pooled": ("Pearson (pooled)", "Pearson correlation of predicted vs measured single-region effects, all spans pooled"),
+    "r2": ("R^2", "R^2 of the scores, taken at face value, for the measured single-region effects (all spans pooled)"),
+    "r2_calibrated": ("R^2 (cal.)", "R^2 after a least-squares line through the scores (= pooled Pearson^2)"),
+    "top{k}_drop": (
+        "Top-{k} drop",
+        "Log-prob drop of a span when its top-{k} regions by score are ablated together (nats; higher is more faithful)",
+    ),
+    "pointing": ("Pointing", "Fraction of steps whose top-1 region is on the object the step is about (toy task)"),
+    "time_per_span_ms": ("Time / span (ms)", "Wall time to attribute one span, in milliseconds"),
+    "num_spans": ("Spans", "Number of spans the metrics were computed on"),
+    "split": ("Split", "Examples the metrics were computed on: val = held out from training, train = none held out"),
+    "val_loss": ("Val. loss", "Best validation loss: negative mean per-span Pearson (lower is better)"),
+}
+
+_SPLITS = {"test": "test examples", "val": "held-out validation examples", "train": "training examples"}
+
+
+def _lookup(name: str) -> tuple[str, str] | None:
+    """(label, meaning) of a plain metric name, ``top{k}_drop`` filled in for its k."""
+    match = re.fullmatch(r"top(\d+)_drop", name)
+    key = "top{k}_drop" if match else name
+    if key not in METRICS:
+        return None
+    label, meaning = METRICS[key]
+    return (label.format(k=match[1]), meaning.format(k=match[1])) if match else (label, meaning)
+
+
+def metric_label(name: str) -> str:
+    """Short column label of a metric name (``top3_drop`` -> ``Top-3 drop``); the name itself if unknown."""
+    found = _lookup(name)
+    return found[0] if found else name
+
+
+def metric_meaning(name: str) -> str:
+    """One-line meaning of a metric name as written by training / evaluation; ``""`` if unknown.
+
+    Understands ``top{k}_drop`` for any k, a ``test_`` / ``val_`` / ``train_`` prefix (the same
+    metric on that split) and a ``_sem`` / ``_n`` suffix (its standard error / span count).
+    """
+    for suffix, what in (("_sem", "Standard error (over spans) of: "), ("_n", "Spans with a defined value of: ")):
+        if name.endswith(suffix) and _lookup(name[: -len(suffix)]):
+            return what + metric_meaning(name[: -len(suffix)])
+    if found := _lookup(name):
+        return found[1]
+    prefix, _, rest = name.partition("_")
+    if prefix in _SPLITS and (found := _lookup(rest)):
+        return f"{found[1]}; on the {_SPLITS[prefix]}"
+    return ""

@@ -12,7 +12,7 @@ import torch
 
 from hf_vattr.cli import build_parser, main
 from hf_vattr.estimator import LinearEstimator
-from hf_vattr.testing_hub import local_hub  # noqa: F401  (pytest fixture)
+from hub_fixture import local_hub  # noqa: F401  (pytest fixture)
 from hf_vattr.training import synthetic_examples
 
 REPO = Path(__file__).resolve().parents[1]

@@ -42,28 +42,6 @@ def test_lds_constant_prediction_or_effect_is_nan():
     assert math.isnan(M.lds([1.0, 2.0], masks, [0.3, 0.3, 0.3]))
 
 
-def test_mean_lds_ignores_and_counts_nan_spans():
-    masks = np.array([[1, 0], [0, 1], [1, 1]], dtype=bool)
-    spans = [
-        ([1.0, 2.0], masks, [1.0, 2.0, 3.0]),  # +1
-        ([1.0, 2.0], masks, [3.0, 2.0, 1.0]),  # -1
-        ([1.0, 1.0], masks[:2], [0.1, 0.2]),  # constant prediction -> nan
-    ]
-    res = M.mean_lds(spans)
-    assert res.mean == pytest.approx(0.0)
-    assert res.n == 2 and res.n_nan == 1
-    assert res.std == pytest.approx(math.sqrt(2.0))
-    assert res.values.shape == (3,) and math.isnan(res.values[2])
-
-
-def test_mean_lds_reports_which_span_is_bad():
-    good = ([1.0, 2.0], [[1, 0], [0, 1]], [1.0, 2.0])
-    with pytest.raises(ValueError, match="span 1"):
-        M.mean_lds([good, ([1.0, 2.0], [[1, 0], [0, 1]], [1.0])])
-    with pytest.raises(ValueError, match="no spans"):
-        M.mean_lds([])
-
-
 def test_lds_validation_errors():
     with pytest.raises(ValueError, match="columns"):
         M.lds([1.0, 2.0, 3.0], [[1, 0], [0, 1]], [1.0, 2.0])
@@ -186,23 +164,38 @@ def test_correlation_validation_errors():
         M.pearson([[1.0, 2.0]], [[1.0, 2.0]])
 
 
-def test_per_span_correlation_and_summarize():
-    vals = M.per_span_correlation(
-        [[1.0, 2.0, 3.0], [1.0, 2.0], [1.0, 1.0]],
-        [[1.0, 3.0, 2.0], [2.0, 1.0], [0.0, 1.0]],
-    )
+def test_summarize_skips_and_counts_undefined_spans():
+    vals = [M.pearson([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]), M.pearson([1.0, 2.0], [2.0, 1.0]), M.pearson([1.0, 1.0], [0.0, 1.0])]
     np.testing.assert_allclose(vals, [0.5, -1.0, np.nan])
     s = M.summarize(vals)
     assert s["mean"] == pytest.approx(-0.25)
     assert s["n"] == 2 and s["n_nan"] == 1
     assert s["std"] == pytest.approx(math.sqrt(2 * 0.75**2))
     assert s["sem"] == pytest.approx(s["std"] / math.sqrt(2))
-    sp = M.per_span_correlation([[1.0, 2.0, 3.0]], [[1.0, 4.0, 9.0]], method="spearman")
-    assert sp[0] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="unknown method"):
-        M.per_span_correlation([[1.0]], [[1.0]], method="kendall")
-    with pytest.raises(ValueError, match="2 predicted spans but 1"):
-        M.per_span_correlation([[1.0], [2.0]], [[1.0]])
     with pytest.raises(ValueError, match="empty"):
         M.summarize([])
     assert M.summarize([float("nan")])["n"] == 0
+
+
+def test_pearson_and_r2_match_their_definitions_on_random_data():
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        p, a = rng.normal(size=17), rng.normal(size=17)
+        pc, ac = p - p.mean(), a - a.mean()
+        assert M.pearson(p, a) == pytest.approx(pc @ ac / np.sqrt((pc @ pc) * (ac @ ac)), abs=1e-12)
+        assert M.r2_score(p, a) == pytest.approx(1 - np.sum((a - p) ** 2) / np.sum(ac**2), abs=1e-12)
+
+
+# --------------------------------------------------------------------------- glossary
+
+
+def test_metric_glossary_resolves_the_names_reports_write():
+    assert M.metric_label("top3_drop") == "Top-3 drop" and M.metric_label("r2_calibrated") == "R^2 (cal.)"
+    assert M.metric_label("unknown") == "unknown" and M.metric_meaning("unknown") == ""
+    assert "top-3 regions" in M.metric_meaning("top3_drop")
+    assert M.metric_meaning("test_lds") == M.metric_meaning("lds") + "; on the test examples"
+    assert M.metric_meaning("lds_sem").startswith("Standard error") and M.metric_meaning("lds") in M.metric_meaning("lds_sem")
+    assert M.metric_meaning("val_loss").startswith("Best validation loss")  # its own entry, not "loss" on val
+    for name in ("lds", "pearson", "pearson_pooled", "r2", "r2_calibrated", "top1_drop", "top5_drop", "pointing",
+                 "num_spans", "split", "val_loss", "time_per_span_ms", "test_pointing", "test_top3_drop"):
+        assert M.metric_meaning(name), name
