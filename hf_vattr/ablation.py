@@ -41,6 +41,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import torch
+from scipy import ndimage
 from transformers.utils import logging
 
 from .capture import attention_intervention
@@ -162,20 +163,6 @@ def pixel_patch_rows(layout_images: Sequence[Any], image_grid_thw: torch.Tensor,
     return out
 
 
-def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, H, W) with edge replication (works for any kernel size)."""
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=img.dtype, device=img.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    c = img.shape[1]
-    out = torch.nn.functional.pad(img, (radius, radius, 0, 0), mode="replicate")
-    out = torch.nn.functional.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1).contiguous(), groups=c)
-    out = torch.nn.functional.pad(out, (0, 0, radius, radius), mode="replicate")
-    out = torch.nn.functional.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1).contiguous(), groups=c)
-    return out
-
-
 def _fill_values(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, patch: int, merge: int,
                  temporal: int, fill: str, blur_sigma: float | None) -> torch.Tensor:
     """Replacement rows for every patch row: per-image channel mean, or the blurred image's patches."""
@@ -194,7 +181,10 @@ def _fill_values(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, patch
             x = rows.reshape(t, hm, wm, merge, merge, channels, temporal, patch, patch)
             img = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * temporal, channels, h * patch, w * patch)
             sigma = blur_sigma if blur_sigma is not None else float(patch * merge)
-            img = _gaussian_blur(img, sigma)
+            radius = max(1, math.ceil(3 * sigma))  # edges replicated ("nearest"), 3-sigma kernel
+            img = torch.from_numpy(ndimage.gaussian_filter(
+                img.cpu().numpy(), sigma=(0, 0, sigma, sigma), mode="nearest", radius=(0, 0, radius, radius),
+            )).to(img.device)
             y = img.reshape(t, temporal, channels, hm, merge, patch, wm, merge, patch)
             filled = y.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(rows.shape)
         else:

@@ -166,7 +166,7 @@ def compute_span_features(model: Any, inputs: Mapping[str, Any], sequence: torch
     """``(S, L, H, K)`` span features from one teacher-forced forward (no cache).
 
     Row ``i`` of the capture is the query at position ``prompt_len - 1 + i``, which predicts
-    generated token ``i``; a span's feature is the mean of its tokens' rows (DESIGN item 2).
+    generated token ``i``; a span's feature is the mean of its tokens' rows (as in capture).
     """
     from .capture import AttentionCapture
 

@@ -6,161 +6,33 @@
     hf-vattr train runs/gt --out runs/estimator
     hf-vattr eval runs/gt --estimator runs/estimator --model Qwen/...   # markdown table + JSON
     hf-vattr push runs/estimator your-name/qwen3-vl-8b-vattr
-    hf-vattr demo ...                                                   # see hf_vattr.demo
+    hf-vattr demo                                                       # toy model, offline, on CPU
 
-``--prompts`` is a JSON-lines file, one example per line::
-
-    {"id": 0, "image": "cat.png", "prompt": "What is the cat doing?"}
-    {"id": 1, "images": ["a.png", "b.png"], "messages": [{"role": "user", "content": [...]}]}
-
-(``id`` defaults to the line number; image paths are relative to ``--images-dir``, else to the
-JSONL file's folder; ``answer`` may be given for trajectory analysis.) ``collect`` records in
-``<out>/dataset.json`` how to rebuild the examples, so ``eval`` can re-run the model on them.
+The options of ``collect`` and ``train`` that configure the pipeline are generated from
+:class:`~hf_vattr.collection.CollectionConfig` and :class:`~hf_vattr.training.TrainingConfig`
+(their fields' defaults and ``help`` metadata), so each is written once. The ``--prompts``
+JSON-lines format is documented in :mod:`hf_vattr.datasets` and in ``hf-vattr collect --help``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
-import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 from transformers.utils import logging
 
+from .datasets import DATASET_FILE, DatasetSpec, correctness_labels, read_dataset_spec
+
 logger = logging.get_logger("hf_vattr.cli")
 
-DATASET_FILE = "dataset.json"
 TRAINING_REPORT = "training_report.json"
 DEFAULT_EVAL_JSON = "eval_report.json"
-
-
-# ----------------------------------------------------------------------------- datasets
-
-
-class DatasetSpec:
-    """How to (re)build the examples of a collection: ``(example_id, images, prompt)`` triples."""
-
-    def __init__(self, kind: str, **params: Any) -> None:
-        if kind not in ("toy", "jsonl"):
-            raise ValueError(f"unknown dataset kind {kind!r}")
-        self.kind = kind
-        self.params = params
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, **self.params}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DatasetSpec:
-        data = dict(data)
-        return cls(data.pop("kind"), **data)
-
-    def items(self, limit: int | None = None) -> _Items:
-        """A lazy, sized iterable of ``(example_id, images, prompt)``.
-
-        Images are made (toy) or named by path (JSONL) only when iterated, so under
-        ``accelerate launch`` each process builds / opens only its own shard.
-        """
-        return _Items(self, limit)
-
-    def get(self, example_id: int) -> tuple[list[Any], Any]:
-        """``(images, prompt)`` of one example, images opened (for rebuilding model inputs)."""
-        from .collection import _load_image
-
-        if self.kind == "toy":
-            ex = self._toy(int(example_id))
-            return [ex.image], self._toy_prompt(ex)
-        rows = {eid: (images, prompt) for eid, images, prompt, _ in self._jsonl_rows()}
-        if int(example_id) not in rows:
-            raise KeyError(example_id)
-        images, prompt = rows[int(example_id)]
-        return [_load_image(im) for im in images], prompt
-
-    def answers(self) -> dict[int, Any]:
-        """Example id -> the toy example (for ``check_answer``) or the JSONL ``answer``."""
-        if self.kind == "toy":
-            return {i: self._toy(i) for i in range(int(self.params["n"]))}
-        return {eid: ans for eid, _, _, ans in self._jsonl_rows() if ans is not None}
-
-    def __len__(self) -> int:
-        return int(self.params["n"]) if self.kind == "toy" else len(self._jsonl_rows())
-
-    def _toy(self, index: int):
-        from .toy import example_seed, make_example
-
-        return make_example(example_seed(int(self.params.get("seed", 0)), index))
-
-    @staticmethod
-    def _toy_prompt(ex: Any) -> Any:
-        from .toy import prompt_messages
-
-        return prompt_messages(ex)
-
-    def _iter(self):
-        if self.kind == "toy":
-            for i in range(int(self.params["n"])):
-                ex = self._toy(i)
-                yield i, [ex.image], self._toy_prompt(ex)
-        else:
-            for eid, images, prompt, _ in self._jsonl_rows():
-                yield eid, images, prompt
-
-    def _jsonl_rows(self) -> list[tuple[int, list[str], Any, Any]]:
-        """Parsed JSONL rows ``(id, image paths, prompt, answer)``; images are not opened here."""
-        if "_rows" in self.__dict__:
-            return self.__dict__["_rows"]
-        path = Path(self.params["path"])
-        base = Path(self.params.get("images_dir") or path.parent)
-        rows = []
-        seen = set()
-        for line_no, line in enumerate(path.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{line_no + 1}: not valid JSON ({e}).") from None
-            eid = int(row.get("id", line_no))
-            if eid in seen:
-                raise SystemExit(f"{path}:{line_no + 1}: duplicate id {eid}; ids must be unique.")
-            seen.add(eid)
-            names = row.get("images") or ([row["image"]] if row.get("image") else [])
-            if not names:
-                raise SystemExit(f"{path}:{line_no + 1}: no 'image' / 'images' given.")
-            images = [str(Path(n) if os.path.isabs(n) else base / n) for n in names]
-            for im in images:
-                if not Path(im).is_file():
-                    raise SystemExit(f"{path}:{line_no + 1}: image {im} not found.")
-            prompt = row.get("messages") or row.get("prompt")
-            if prompt is None:
-                raise SystemExit(f"{path}:{line_no + 1}: no 'prompt' / 'messages' given.")
-            rows.append((eid, images, prompt, row.get("answer")))
-        self.__dict__["_rows"] = rows
-        return rows
-
-
-class _Items:
-    """Sized lazy iterable over a dataset's examples (what :func:`hf_vattr.collection.collect` takes)."""
-
-    def __init__(self, spec: DatasetSpec, limit: int | None) -> None:
-        self.spec, self.limit = spec, limit
-
-    def __len__(self) -> int:
-        n = len(self.spec)
-        return n if self.limit is None else min(n, self.limit)
-
-    def __iter__(self):
-        for i, item in enumerate(self.spec._iter()):
-            if self.limit is not None and i >= self.limit:
-                return
-            yield item
-
-
-def _read_dataset_spec(collection: Path) -> DatasetSpec | None:
-    p = collection / DATASET_FILE
-    return DatasetSpec.from_dict(json.loads(p.read_text())) if p.exists() else None
 
 
 # ----------------------------------------------------------------------------- model loading
@@ -229,11 +101,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     model, processor, model_id = _load_model(args.model, toy=args.toy is not None, dtype=args.dtype,
                                              device_map=device_map, attn=args.attn_implementation,
                                              revision=args.revision, device=device)
-    config = CollectionConfig(
-        num_subsets=args.num_subsets, keep_prob=args.keep_prob, max_new_tokens=args.max_new_tokens,
-        region_method=args.region_method, k=args.k, pooling=args.pooling, batch_size=args.batch_size,
-        seed=args.seed, method=args.method, pixel_fill=args.pixel_fill,
-    )
+    config = CollectionConfig(**{name: getattr(args, name) for name in COLLECT_OPTIONS})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
@@ -259,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         manifest = {}
     model_info = manifest.get("model", {})
     ccfg = manifest.get("config", {})
-    dataset = _read_dataset_spec(collection)
+    dataset = read_dataset_spec(collection)
     base_model_id = args.base_model_id or (dataset.params.get("model") if dataset else None) or \
         model_info.get("name_or_path") or None
     target = args.target
@@ -267,11 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         has_subsets = all(getattr(r, "subset_effects", None) is not None and r.subset_effects.numel() > 0
                           for r in records)
         target = "both" if has_subsets else "loo"
-    config = TrainingConfig(
-        epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, nonnegative=args.nonnegative,
-        use_bias=args.use_bias, val_fraction=args.val_fraction, seed=args.seed, target=target,
-        optimizer=args.optimizer, calibrate=not args.no_calibrate, batch_size=args.batch_size,
-    )
+    config = TrainingConfig(**{**{name: getattr(args, name) for name in TRAIN_OPTIONS}, "target": target})
     extra = {"collection": collection.name}
     if ccfg:
         extra.update({"ablation_method": ccfg.get("method"), "keep_prob": ccfg.get("keep_prob")})
@@ -336,7 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_examples is not None:
         records = records[: args.max_examples]
 
-    dataset = _read_dataset_spec(collection)
+    dataset = read_dataset_spec(collection)
     model = processor = None
     inputs_fn = None
     if args.model or (args.with_model and dataset is not None):
@@ -377,7 +241,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, inputs_fn=inputs_fn, progress=not args.quiet)
     report.info.update(split=split, collection=str(collection), estimator=args.estimator)
     if args.trajectories:
-        labels = _labels(dataset, records)
+        labels = correctness_labels(dataset, records)
         if labels is None:
             logger.warning("--trajectories: no correctness labels (toy dataset or JSONL 'answer'); skipped.")
         else:
@@ -416,24 +280,6 @@ def _trajectory_markdown(traj: dict) -> str:
     return "\n".join(lines)
 
 
-def _labels(dataset: DatasetSpec | None, records: Sequence[Any]) -> list[bool] | None:
-    if dataset is None:
-        return None
-    answers = dataset.answers()
-    labels = []
-    for r in records:
-        ans = answers.get(r.example_id)
-        if ans is None:
-            return None
-        if dataset.kind == "toy":
-            from .toy import check_answer
-
-            labels.append(bool(check_answer(ans, r.text)[0]))
-        else:
-            labels.append(str(ans).strip().lower() in r.text.strip().lower().split("</think>")[-1])
-    return labels
-
-
 def cmd_push(args: argparse.Namespace) -> int:
     from .estimator import LinearEstimator
 
@@ -459,97 +305,167 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parser
 
+#: CollectionConfig / TrainingConfig fields that are command-line options (the rest are Python-only:
+#: hooks, dicts, devices and tuning knobs the CLI has never exposed).
+COLLECT_OPTIONS = ("num_subsets", "keep_prob", "max_new_tokens", "region_method", "k", "pooling", "batch_size",
+                   "seed", "method", "pixel_fill")
+TRAIN_OPTIONS = ("epochs", "lr", "weight_decay", "nonnegative", "use_bias", "val_fraction", "seed", "target",
+                 "optimizer", "calibrate", "batch_size")
+
+JSONL_HELP = """\
+--prompts FILE.jsonl. {format}
+
+"image" is one path, "images" a list of paths (relative ones are resolved against --images-dir when
+given). "prompt" is the user's question; "messages" instead gives a whole chat in the processor's
+format, with one {{"type": "image"}} per image. A trace counts as correct when the text after
+</think> contains "answer" (case-insensitively): the labels of `hf-vattr eval --trajectories`.
+
+collect writes <out>/dataset.json, which records how to rebuild these examples, so that
+`hf-vattr eval --with-model` can re-run the model on the same prompts."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the epilog's layout; shows defaults, except for flags and options whose default is None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0 or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def add_config_options(parser: argparse.ArgumentParser, config_cls: type, names: Sequence[str],
+                       **overrides: dict) -> None:
+    """Add ``--field-name`` options for fields ``names`` of a config dataclass.
+
+    Type, default, help and choices come from the field (``metadata={"help": ..., "choices": ...}``,
+    the keys transformers' ``HfArgumentParser`` reads), so the CLI never restates them. We do not
+    use ``HfArgumentParser`` itself because it adds every field (hooks and dicts too) and turns
+    booleans into ``--flag [BOOL]``; here a ``False`` field becomes ``--flag``, a ``True`` one
+    ``--no-flag``. ``overrides[name]`` replaces keyword arguments of one option.
+    """
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
+    for name in names:
+        f = fields[name]
+        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
+        if "choices" in f.metadata:
+            kwargs["choices"] = list(f.metadata["choices"])
+        kwargs.update(overrides.get(name, {}))
+        flag = "--" + name.replace("_", "-")
+        kind = next((t for t in typing.get_args(hints[name]) if t is not type(None)), hints[name])
+        if kind is bool and kwargs["default"]:
+            parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
+                                help=f"turn off: {kwargs['help']}")
+        elif kind is bool:
+            parser.add_argument(flag, action="store_true", help=kwargs["help"])
+        else:
+            parser.add_argument(flag, type=kind, **kwargs)
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-vattr`` parser (imports the config modules, hence torch, to read their fields)."""
+    from .collection import PROMPTS_FORMAT, CollectionConfig
+    from .training import TARGETS, TrainingConfig
+
     parser = argparse.ArgumentParser(prog="hf-vattr", description="Live, faithful visual attribution for VLMs: "
                                      "collect ground truth, train, evaluate and push estimators.")
     parser.add_argument("-v", "--verbose", action="store_true", help="info-level logging")
     sub = parser.add_subparsers(dest="command", metavar="{collect,train,eval,push,demo}")
     sub.required = True
 
-    def model_args(p, required=False):
-        p.add_argument("--model", required=required, help="model id or local folder (default for --toy: the toy model)")
-        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-        p.add_argument("--device-map", default=None, help="e.g. auto (big models), or a device such as cuda:0")
-        p.add_argument("--device", default=None, help="move the model to this device (when no --device-map)")
-        p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
 
-    c = sub.add_parser("collect", help="generate traces and record features + ablation ground truth")
-    model_args(c)
-    c.add_argument("--revision", default=None)
-    c.add_argument("--toy", type=int, default=None, metavar="N", help="use N examples of the built-in toy task")
-    c.add_argument("--toy-seed", type=int, default=0)
-    c.add_argument("--prompts", default=None, help="JSON-lines dataset (see `hf-vattr --help`)")
-    c.add_argument("--images-dir", default=None)
-    c.add_argument("--out", required=True, help="collection folder (resumable)")
-    c.add_argument("--limit", type=int, default=None)
-    c.add_argument("--k", type=int, default=16, help="regions per image")
-    c.add_argument("--region-method", default="grid")
-    c.add_argument("--num-subsets", type=int, default=32)
-    c.add_argument("--keep-prob", type=float, default=0.5)
-    c.add_argument("--max-new-tokens", type=int, default=256)
-    c.add_argument("--pooling", default="sum", choices=["sum", "mean"])
-    c.add_argument("--batch-size", type=int, default=16, help="ablation masks per forward")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--method", default="attention", choices=["attention", "pixel"])
-    c.add_argument("--pixel-fill", default="mean", choices=["mean", "blur"])
-    c.add_argument("--quiet", action="store_true")
+    def model_args(p: argparse.ArgumentParser, model_help: str) -> None:
+        p.add_argument("--model", help=model_help)
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="dtype to load --model in (auto: as saved)")
+        p.add_argument("--device-map", default=None,
+                       help="from_pretrained device_map: auto / balanced / sequential (big models), "
+                            "or one device such as cuda:0")
+        p.add_argument("--device", default=None, help="move the model to this device (when no --device-map)")
+        p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
+                       help="attention kernel to load the model with (attribution does not need eager)")
+
+    c = add_parser("collect", help="generate traces and record features + ablation ground truth",
+                   description="Generate a trace per example; record its attention features and its ablation\n"
+                               "ground truth (resumable; shards under `accelerate launch`).",
+                   epilog=JSONL_HELP.format(format=PROMPTS_FORMAT))
+    model_args(c, "model id or local folder (with --toy, default: the bundled toy model)")
+    c.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
+    c.add_argument("--toy", type=int, default=None, metavar="N",
+                   help="use N examples of the built-in toy task (instead of --prompts)")
+    c.add_argument("--toy-seed", type=int, default=0, help="seed of the toy examples")
+    c.add_argument("--prompts", default=None, metavar="FILE.jsonl",
+                   help="JSON-lines dataset, one example per line (format below)")
+    c.add_argument("--images-dir", default=None,
+                   help="folder that relative image paths in --prompts are resolved against "
+                        "(default: the JSONL file's folder)")
+    c.add_argument("--out", required=True, help="collection folder (rerun to resume)")
+    c.add_argument("--limit", type=int, default=None, metavar="N", help="collect only the first N examples")
+    add_config_options(c, CollectionConfig, COLLECT_OPTIONS)
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_collect)
 
-    t = sub.add_parser("train", help="fit a LinearEstimator on a collection")
-    t.add_argument("collection")
+    t = add_parser("train", help="fit a LinearEstimator on a collection",
+                   description="Fit a LinearEstimator on a collection (negative-Pearson loss, examples held out\n"
+                               "for validation); writes the estimator and training_report.json.")
+    t.add_argument("collection", help="collection folder written by `hf-vattr collect`")
     t.add_argument("--out", required=True, help="estimator folder (config.json, model.safetensors, README.md)")
-    t.add_argument("--epochs", type=int, default=300)
-    t.add_argument("--lr", type=float, default=0.02)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--nonnegative", action="store_true")
-    t.add_argument("--use-bias", action="store_true")
-    t.add_argument("--val-fraction", type=float, default=0.2)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--target", default="auto", choices=["auto", "loo", "subsets", "both"],
-                   help="what the Pearson loss correlates: auto = both when the collection has random subsets, "
-                        "else loo")
-    t.add_argument("--optimizer", default="adam", choices=["adam", "lbfgs"])
-    t.add_argument("--batch-size", type=int, default=None, help="spans per step (default: full batch)")
-    t.add_argument("--no-calibrate", action="store_true", help="keep raw-attention units (no least-squares scale)")
-    t.add_argument("--base-model-id", default=None)
-    t.add_argument("--base-model-revision", default=None)
-    t.add_argument("--quiet", action="store_true")
+    add_config_options(t, TrainingConfig, TRAIN_OPTIONS, target={
+        "default": "auto", "choices": ["auto", *TARGETS],
+        "help": TrainingConfig.__dataclass_fields__["target"].metadata["help"]
+        + "; auto: both when the collection has random subsets, else loo"})
+    t.add_argument("--base-model-id", default=None,
+                   help="model id recorded in the estimator (default: the model `collect` used)")
+    t.add_argument("--base-model-revision", default=None,
+                   help="revision of that model (default: the one `collect` used)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="compare the estimator with baselines; prints a markdown table, writes JSON")
-    e.add_argument("collection")
+    e = add_parser("eval", help="compare the estimator with baselines; prints a markdown table, writes JSON",
+                   description="Score the estimator and baselines against the collection's ablation ground\n"
+                               "truth (LDS, top-K drop, R^2); print a markdown table and write a JSON report.")
+    e.add_argument("collection", help="collection folder written by `hf-vattr collect`")
     e.add_argument("--estimator", default=None, help="estimator folder or Hub id")
-    model_args(e)
+    model_args(e, "model id or local folder to load, for the baselines that re-run it (leave-one-out, "
+                  "gradients) and measured top-K drops (see also --with-model)")
     e.add_argument("--with-model", action="store_true",
                    help="load the model recorded by collect (dataset.json) without naming it")
     e.add_argument("--methods", default=None, help="comma list: estimator, raw_attention, leave_one_out, "
                    "grad_x_input, integrated_gradients, random (default: all that can run)")
     e.add_argument("--split", default="auto", choices=["auto", "val", "all"],
                    help="auto: the estimator's held-out examples when known, else all")
-    e.add_argument("--max-examples", type=int, default=None)
-    e.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5])
-    e.add_argument("--topk", default="auto", choices=["auto", "measure", "table"])
-    e.add_argument("--ig-steps", type=int, default=16)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--max-examples", type=int, default=None, metavar="N",
+                   help="evaluate only the first N examples (after --split)")
+    e.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5], metavar="K",
+                   help="top-K drop sizes: log-prob drop when a method's K top regions are ablated together")
+    e.add_argument("--topk", default="auto", choices=["auto", "measure", "table"],
+                   help="top-K drops: measure (ablate with the model), table (from the collected ground truth), "
+                        "auto (measure when a model is loaded)")
+    e.add_argument("--ig-steps", type=int, default=16, help="integrated-gradients interpolation steps")
+    e.add_argument("--batch-size", type=int, default=16, help="ablation masks per forward pass")
+    e.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     e.add_argument("--trajectories", action="store_true", help="add trajectory stats and failure AUC (needs labels)")
     e.add_argument("--json", default=None,
-                   help=f"where to write the JSON report (default <estimator>/{DEFAULT_EVAL_JSON})")
-    e.add_argument("--quiet", action="store_true")
+                   help=f"where to write the JSON report (default <estimator>/{DEFAULT_EVAL_JSON}, "
+                        "or <collection>/ without a local estimator)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("push", help="upload an estimator folder to the Hub")
-    p.add_argument("estimator")
-    p.add_argument("repo_id")
-    p.add_argument("--private", action="store_true", default=None)
-    p.add_argument("--token", default=None)
-    p.add_argument("--branch", default=None)
-    p.add_argument("--commit-message", default="Push hf_vattr LinearEstimator")
+    p = add_parser("push", help="upload an estimator folder to the Hub",
+                   description="Upload an estimator folder (weights, config, model card) to a Hub repository.")
+    p.add_argument("estimator", help="estimator folder written by `hf-vattr train`")
+    p.add_argument("repo_id", help="Hub repository, e.g. your-name/qwen3-vl-8b-vattr (created if missing)")
+    p.add_argument("--private", action="store_true", default=None, help="create the repository as private")
+    p.add_argument("--token", default=None, help="Hub token (default: the saved login)")
+    p.add_argument("--branch", default=None, help="branch to push to (default: the main branch)")
+    p.add_argument("--commit-message", default="Push hf_vattr LinearEstimator", help="commit message")
     p.set_defaults(func=cmd_push)
 
     # Everything after `demo` is the demo's own (parsed by hf_vattr.demo.main from args.demo_args).
-    d = sub.add_parser("demo", help="interactive demo (hf_vattr.demo; its options follow)", add_help=False)
+    d = sub.add_parser("demo", help="stream attributions from the bundled toy model and write an HTML report "
+                                    "(`hf-vattr demo --help` lists its options)", add_help=False)
     d.set_defaults(func=cmd_demo, demo_args=[])
     return parser
 

@@ -65,37 +65,34 @@ RegionsFn = Callable[[Any, Any, Any, Sequence[Any]], Any]  # (model, processor, 
 class CollectionConfig:
     """What to collect. Fields that change the data are checked against the manifest on resume.
 
-    Args:
-        num_subsets: random region subsets per example (LDS ground truth; AT2 uses 32).
-        keep_prob: probability that a region is *kept* in a random subset (0.5 as in ContextCite/AT2).
-        max_new_tokens: generation budget per example (greedy).
-        region_method: ``"grid"`` (default, needs nothing) or any method of
-            :func:`hf_vattr.regions.build_regions` (``"vlm"``, ``"dinov3"``, ...).
-        k: regions per image.
-        regions_fn: optional hook ``(model, processor, layout, images) -> PromptRegions`` that overrides
-            ``region_method`` (plug in your own region maps). Recorded by name only.
-        pooling: ``"sum"`` or ``"mean"`` pooling of attention over a region's tokens.
-        batch_size: ablation masks per forward.
-        seed: seeds the random subsets (combined with the example id, so shards agree with one process).
-        method: ablation method, ``"attention"`` or ``"pixel"``.
-        pixel_fill: ``"mean"`` or ``"blur"`` for the pixel method.
-        keep_token_features: also store per-token ``(G, L, H, K)`` features.
-        generate_kwargs: extra keyword arguments for ``generate`` (sampling stays off).
+    Each field's ``help`` metadata documents it (``hf-vattr collect --help`` prints the same text).
     """
 
-    num_subsets: int = 32
-    keep_prob: float = 0.5
-    max_new_tokens: int = 256
-    region_method: str = "grid"
-    k: int = 16
-    regions_fn: RegionsFn | None = None
-    pooling: str = "sum"
-    batch_size: int = 16
-    seed: int = 0
-    method: str = "attention"
-    pixel_fill: str = "mean"
-    keep_token_features: bool = False
-    generate_kwargs: dict = field(default_factory=dict)
+    num_subsets: int = field(
+        default=32, metadata={"help": "random region subsets per example (LDS ground truth; AT2 uses 32)"})
+    keep_prob: float = field(
+        default=0.5, metadata={"help": "probability that a region is kept in a random subset (as in ContextCite/AT2)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "generation budget per example (greedy)"})
+    region_method: str = field(default="grid", metadata={
+        "help": "how images are split into regions: grid (needs nothing) or any method of "
+                "hf_vattr.regions.build_regions (vlm, dinov3, slic, ...)"})
+    k: int = field(default=16, metadata={"help": "regions per image"})
+    regions_fn: RegionsFn | None = field(default=None, metadata={
+        "help": "hook (model, processor, layout, images) -> PromptRegions that overrides region_method; "
+                "recorded by name only"})
+    pooling: str = field(
+        default="sum", metadata={"help": "pooling of attention over a region's tokens", "choices": ("sum", "mean")})
+    batch_size: int = field(default=16, metadata={"help": "ablation masks per forward pass"})
+    seed: int = field(default=0, metadata={
+        "help": "seeds the random subsets (with the example id, so shards agree with one process)"})
+    method: str = field(default="attention", metadata={
+        "help": "ablation: knock the region's tokens out of attention, or replace its pixels",
+        "choices": ("attention", "pixel")})
+    pixel_fill: str = field(default="mean", metadata={
+        "help": "what replaces an ablated region's pixels (pixel method)", "choices": ("mean", "blur")})
+    keep_token_features: bool = field(default=False, metadata={"help": "also store per-token (G, L, H, K) features"})
+    generate_kwargs: dict = field(
+        default_factory=dict, metadata={"help": "extra keyword arguments for generate (sampling stays off)"})
 
     #: fields that do not change the collected numbers (safe to change when resuming)
     RUNTIME_FIELDS = ("batch_size",)

@@ -59,8 +59,7 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
 
     from .estimator import LinearEstimator
     from .streamer import AttributionStreamer, SpanAttribution, TokenAttribution
-    from .toy import evidence_for_step, load_toy_model, make_examples, prompt_messages
-    from .toy.faithfulness import region_on_evidence
+    from .toy import evidence_for_step, load_toy_model, make_examples, prompt_messages, region_on_evidence
     from .viz import describe_regions, render_html, save_overlays
 
     start = time.perf_counter()
@@ -69,7 +68,8 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
     est_path = toy_estimator_path()
     if not (est_path / "config.json").exists():
         raise FileNotFoundError(
-            f"The toy estimator is missing at {est_path}. Rebuild it with `python -m hf_vattr.toy.build_estimator`."
+            f"The toy estimator is missing at {est_path}. Reinstall hf_vattr, or rebuild it from a source "
+            "checkout with `python scripts/toy/faithfulness.py`."
         )
     estimator = LinearEstimator.from_pretrained(str(est_path))
     example = make_examples(1, seed=seed, start=index)[-1]

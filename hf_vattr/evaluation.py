@@ -1,4 +1,4 @@
-"""Faithfulness evaluation of attribution methods against ablation ground truth (DESIGN items 6 and 8).
+"""Faithfulness evaluation of attribution methods against ablation ground truth (LDS, top-k drop, R^2).
 
 :func:`evaluate` runs every method (the estimator and the baselines of
 :mod:`hf_vattr.baselines`) over the same collected examples through the same code path,

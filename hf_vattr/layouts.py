@@ -56,9 +56,6 @@ class ArchitectureSpec:
     family: str = ""  # human-readable family name for messages and docs
 
 
-_QWEN_FAMILY = ArchitectureSpec(family="Qwen2.5-VL / Qwen3-VL")
-_GLM_FAMILY = ArchitectureSpec(family="GLM-4.1V")
-
 #: ``config.model_type`` -> spec. Extend with :func:`register_architecture`.
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "qwen2_5_vl": ArchitectureSpec(family="Qwen2.5-VL (MiMo-VL, Cosmos-Reason1)"),

@@ -1,9 +1,10 @@
 """Fitting a :class:`~hf_vattr.estimator.LinearEstimator` on collected ablation ground truth.
 
-DESIGN.md item 5. For every span ``S`` of every collected example we have the pooled
-attention features ``f(S) : (L, H, K)`` and measured ablation effects: leave-one-out
-effects ``loo(S) : (K,)`` and/or the effects of ``M`` random region subsets
-``subset(S) : (M,)`` with their ``(M, K)`` ablation masks. The estimator predicts
+The training step of the method (arXiv 2604.16587; recipe as in AT2). For every span ``S``
+of every collected example we have the pooled attention features ``f(S) : (L, H, K)`` and
+measured ablation effects: leave-one-out effects ``loo(S) : (K,)`` and/or the effects of
+``M`` random region subsets ``subset(S) : (M,)`` with their ``(M, K)`` ablation masks. The
+estimator predicts
 
     score(S, k) = sum_{l,h} w[l, h] * f[l, h](S, k)
 
@@ -80,40 +81,34 @@ OPTIMIZERS = ("adam", "lbfgs")
 class TrainingConfig:
     """Hyper-parameters of :func:`fit_estimator`.
 
-    Args:
-        epochs: full-batch optimisation steps (passes over all training spans; with
-            ``batch_size`` set, passes of mini-batches).
-        lr: learning rate (Adam) or step size (L-BFGS).
-        weight_decay: shrinkage of the weight *direction* towards uniform (raw attention).
-        nonnegative: constrain weights to be >= 0 (the estimator also records it).
-        use_bias: give the estimator a scalar bias (fit by calibration; it never changes
-            rankings nor the Pearson loss).
-        val_fraction: fraction of *examples* held out for validation/metrics (0 disables).
-        seed: seed of the example split and of mini-batch order.
-        target: ``"loo"``, ``"subsets"`` or ``"both"`` (see the module docstring).
-        optimizer: ``"adam"`` or ``"lbfgs"``.
-        calibrate: fit scale (and bias) by least squares on train after the correlation fit.
-        eval_every: validate every this many steps and keep the best weights by validation loss.
-        batch_size: spans per step (``None`` = full batch).
-        min_effect_std: spans whose actual effects have a smaller standard deviation are
-            left out of the loss (no correlation is defined).
-        device: where to optimise (``None``: CPU).
+    Each field's ``help`` metadata documents it (``hf-vattr train --help`` prints the same text).
     """
 
-    epochs: int = 300
-    lr: float = 0.02
-    weight_decay: float = 0.0
-    nonnegative: bool = False
-    use_bias: bool = False
-    val_fraction: float = 0.2
-    seed: int = 0
-    target: str = "loo"
-    optimizer: str = "adam"
-    calibrate: bool = True
-    eval_every: int = 10
-    batch_size: int | None = None
-    min_effect_std: float = 1e-8
-    device: str | None = None
+    epochs: int = field(default=300, metadata={
+        "help": "optimisation steps: full-batch steps, or passes of mini-batches when batch_size is set"})
+    lr: float = field(default=0.02, metadata={"help": "learning rate (Adam) or step size (L-BFGS)"})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "shrinks the weight direction towards uniform weights (raw attention)"})
+    nonnegative: bool = field(default=False, metadata={
+        "help": "constrain weights to be >= 0 (the estimator records it)"})
+    use_bias: bool = field(default=False, metadata={
+        "help": "give the estimator a scalar bias (fit by calibration; never changes rankings or the Pearson loss)"})
+    val_fraction: float = field(default=0.2, metadata={
+        "help": "fraction of examples held out for validation and metrics (0 disables)"})
+    seed: int = field(default=0, metadata={"help": "seed of the example split and of the mini-batch order"})
+    target: str = field(default="loo", metadata={
+        "help": "what the Pearson loss correlates: single-region (loo) effects, random-subset effects, or both",
+        "choices": TARGETS})
+    optimizer: str = field(default="adam", metadata={"help": "optimiser of the correlation fit", "choices": OPTIMIZERS})
+    calibrate: bool = field(default=True, metadata={
+        "help": "after the correlation fit, fit the scale (and bias) by least squares on the training spans, "
+                "so scores are in nats"})
+    eval_every: int = field(default=10, metadata={
+        "help": "validate every this many steps and keep the best weights by validation loss"})
+    batch_size: int | None = field(default=None, metadata={"help": "spans per step (None: full batch)"})
+    min_effect_std: float = field(default=1e-8, metadata={
+        "help": "spans whose actual effects vary less are left out of the loss (no correlation is defined)"})
+    device: str | None = field(default=None, metadata={"help": "where to optimise (None: CPU)"})
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:

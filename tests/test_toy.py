@@ -127,7 +127,7 @@ def test_prompt_messages_render_one_image_and_the_question():
 @pytest.fixture(scope="module")
 def toy_model():
     if not (toy.toy_checkpoint_path() / "model.safetensors").exists():
-        pytest.fail("the shipped toy checkpoint is missing: run python -m hf_vattr.toy.train_toy")
+        pytest.fail("the shipped toy checkpoint is missing: run python scripts/toy/train_toy.py")
     return toy.load_toy_model()
 
 
@@ -200,7 +200,7 @@ def test_model_looks_at_the_image(toy_model):
 
 def test_visual_probe_labels_put_each_object_on_the_token_that_holds_its_pixels():
     from hf_vattr.toy.task import SHAPES, TOKEN
-    from hf_vattr.toy.train_toy import VisualProbe
+    from train_toy import VisualProbe  # scripts/toy (see conftest.py)
 
     exs = make_examples(6, seed=11)
     labels = VisualProbe.labels(exs).view(len(exs), IMAGE_SIZE[0] // TOKEN, IMAGE_SIZE[1] // TOKEN, 4)

@@ -353,22 +353,6 @@ def dino_features(method: str = "dinov3", *, weights: str | os.PathLike | None =
 # --------------------------------------------------------------------------- colour
 
 
-def _rgb_to_lab(x: np.ndarray) -> np.ndarray:
-    """sRGB in [0, 1], channels first -> CIE-Lab (D65), channels first.
-
-    NumPy rather than torch: these are a few small element-wise ops, which a
-    torch thread pool makes slower, not faster, on a busy CPU.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    lin = np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
-    m = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
-                  [0.019334, 0.119193, 0.950227]], dtype=np.float32)
-    m = m / np.array([0.950456, 1.0, 1.088754], dtype=np.float32)[:, None]
-    xyz = np.tensordot(m, lin, axes=(1, 0))
-    f = np.where(xyz > 0.008856, np.cbrt(np.maximum(xyz, 1e-12)), 7.787 * xyz + 16 / 116)
-    return np.stack([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
-
-
 @dataclass
 class ColorFeatures:
     """Mean (and spread of) CIE-Lab colour of the pixels each token covers.
@@ -386,7 +370,9 @@ class ColorFeatures:
         if tokens.grid_thw[0] != 1:
             raise NotImplementedError("Colour features are per image; videos (t > 1) are not supported yet.")
         f = self.px_per_token
-        x = _rgb_to_lab(resize_to_token_grid(image, tokens, f, mode="bilinear")[0].numpy())
+        x = rgb2lab(resize_to_token_grid(image, tokens, f, mode="bilinear")[0].numpy(), channel_axis=0)
+        from skimage.color import rgb2lab
+
         h, w = tokens.grid_hw
         blocks = x.reshape(3, h, f, w, f)
         feats = [blocks.mean(axis=(2, 4))]

@@ -12,7 +12,7 @@ approximates its segment count, so when it returns too few we retry with more
 segments; if it still cannot reach K (tiny or flat images) the map has fewer
 regions and says so in ``info``.
 
-scikit-image is an optional dependency (``pip install scikit-image``).
+SLIC and the Lab conversion come from scikit-image (a dependency of hf_vattr).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..layouts import ImageTokens
-from .features import _rgb_to_lab, resize_to_token_grid
+from .features import resize_to_token_grid
 from .map import RegionMap
 from .partition import merge_to_k, split_components
 from .policy import KPolicy, resolve_k
@@ -38,8 +38,8 @@ def require_skimage() -> Any:
         from skimage import segmentation
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "method='slic' needs scikit-image, an optional dependency: `pip install scikit-image` "
-            "(or `pip install \"hf_vattr[slic]\"`); or use method='vlm', 'dinov3', 'dinov2' or 'grid'."
+            "method='slic' needs scikit-image (a dependency of hf_vattr): `pip install scikit-image`; "
+            "or use method='vlm', 'dinov3', 'dinov2' or 'grid'."
         ) from err
     return segmentation
 
@@ -58,6 +58,8 @@ def slic_regions(tokens: ImageTokens, image: Any, k: int | None | Sequence[int |
                  px_per_token: int = 8, max_tries: int = 4) -> RegionMap | dict[int, RegionMap]:
     """SLIC regions of one image on its token grid: contiguous, covering, K or a reported fewer."""
     segmentation = require_skimage()
+    from skimage.color import rgb2lab
+
     if tokens.grid_thw[0] != 1:
         raise NotImplementedError("SLIC regions are per image; videos (t > 1) are not supported yet.")
     many = isinstance(k, (list, tuple, range))
@@ -66,7 +68,8 @@ def slic_regions(tokens: ImageTokens, image: Any, k: int | None | Sequence[int |
     f = int(px_per_token)
     chw = resize_to_token_grid(image, tokens, f, mode="bilinear")[0].numpy()
     img = chw.transpose(1, 2, 0).astype(np.float64)
-    color = _rgb_to_lab(chw).reshape(3, h, f, w, f).mean(axis=(2, 4)).reshape(3, -1).T  # mean Lab per token
+    lab = rgb2lab(chw, channel_axis=0)
+    color = lab.reshape(3, h, f, w, f).mean(axis=(2, 4)).reshape(3, -1).T  # mean Lab per token
     out: dict[int, RegionMap] = {}
     for kk in ks:
         used, kinfo = resolve_k(kk, tokens.num_tokens, policy)

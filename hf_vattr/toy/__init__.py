@@ -12,8 +12,8 @@
 
 The checkpoint ships inside the package (``toy/assets/toy-qwen3-vl``) and is a
 plain Hub-style folder: ``Qwen3VLForConditionalGeneration.from_pretrained`` and
-``AutoProcessor.from_pretrained`` load it like any model. It is reproduced by
-``python -m hf_vattr.toy.train_toy --out hf_vattr/toy/assets/toy-qwen3-vl``.
+``AutoProcessor.from_pretrained`` load it like any model. It is reproduced from a source
+checkout by ``python scripts/toy/train_toy.py`` (the script is not part of the wheel).
 Nothing is loaded at import time.
 """
 
@@ -38,6 +38,7 @@ from .task import (
     parse_trace,
     position_name,
     prompt_messages,
+    region_on_evidence,
     step_object,
     task_vocabulary,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "parse_trace",
     "position_name",
     "prompt_messages",
+    "region_on_evidence",
     "step_object",
     "task_vocabulary",
 ]
@@ -85,8 +87,8 @@ def load_toy_model(attn_implementation: str = "sdpa", *, path: str | Path | None
     folder = Path(path) if path is not None else toy_checkpoint_path()
     if not (folder / "config.json").exists():
         raise FileNotFoundError(
-            f"No toy checkpoint at {folder}. Reinstall hf_vattr, or rebuild it with "
-            f"`python -m hf_vattr.toy.train_toy --out {folder}`."
+            f"No toy checkpoint at {folder}. Reinstall hf_vattr, or rebuild it from a source checkout "
+            f"with `python scripts/toy/train_toy.py --out {folder}`."
         )
     model = Qwen3VLForConditionalGeneration.from_pretrained(folder, attn_implementation=attn_implementation)
     model.eval()

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -375,6 +375,15 @@ def evidence_for_step(example: ToyExample, step: str) -> np.ndarray | None:
     """Pixel mask (bool H x W) of the object a generated step names, or None."""
     i = step_object(example, step)
     return None if i is None else example.objects[i].mask
+
+
+def region_on_evidence(regions: Any, region: int, evidence: np.ndarray) -> bool:
+    """Does global region ``region`` of ``regions`` (a ``PromptRegions``) cover any evidence pixel?
+
+    The toy's pointing test: a step is attributed right when its top region touches the object it names.
+    """
+    image, local = regions.region_owner(int(region))
+    return bool((evidence & (regions.maps[image].pixel_labels() == local)).any())
 
 
 def task_vocabulary() -> list[str]:

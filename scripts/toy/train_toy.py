@@ -1,6 +1,8 @@
 """Build and train the embedded toy thinking VLM (tiny Qwen3-VL) on CPU.
 
-    python -m hf_vattr.toy.train_toy --out hf_vattr/toy/assets/toy-qwen3-vl
+    python scripts/toy/train_toy.py --out hf_vattr/toy/assets/toy-qwen3-vl
+
+A development script (outside the wheel): it writes the checkpoint that ships in the package.
 
 What it does, all offline and seeded:
 
@@ -35,13 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..testing import FAMILIES, build_tokenizer
-from .task import (COLOURS, IMAGE_SIZE, SHAPES, TOKEN, ToyExample, check_answer, example_seed, make_example,
+from hf_vattr.testing import FAMILIES, build_tokenizer
+from hf_vattr.toy import EVAL_SEED, toy_checkpoint_path
+from hf_vattr.toy.task import (COLOURS, IMAGE_SIZE, SHAPES, TOKEN, ToyExample, check_answer, example_seed, make_example,
                    make_examples, prompt_messages, task_vocabulary)
 
 FAMILY = FAMILIES["qwen3_vl"]
 TRAIN_SEED = 0
-EVAL_SEED = 1_000_001  # same as hf_vattr.toy.EVAL_SEED
 THINK_TOKENS = ("<think>", "</think>")
 END_OF_TURN = "<|im_end|>"
 
@@ -434,7 +436,7 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "assets" / "toy-qwen3-vl"))
+    p.add_argument("--out", default=str(toy_checkpoint_path()), help="checkpoint folder (default: the package's)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -2,7 +2,9 @@
 
 One command reproduces both the shipped estimator and ``docs/faithfulness.md``:
 
-    python -m hf_vattr.toy.faithfulness            # collect -> train -> ship -> evaluate -> report
+    python scripts/toy/faithfulness.py            # collect -> train -> ship -> evaluate -> report
+
+A development script (outside the wheel): it overwrites the estimator that ships in the package.
 
 Steps (each the same code the CLI runs):
 
@@ -23,28 +25,28 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["main", "pointing_accuracy", "metrics_by_section", "region_on_evidence"]
+from hf_vattr.baselines import make_method
+from hf_vattr.collection import CollectionConfig, _build_inputs, collect, load_collection
+from hf_vattr.datasets import DatasetSpec
+from hf_vattr.evaluation import evaluate
+from hf_vattr.regions import PromptRegions
+from hf_vattr.toy import (evidence_for_step, example_seed, load_toy_model, make_example, region_on_evidence,
+                          toy_checkpoint_path)
+from hf_vattr.training import TrainingConfig, fit_estimator
+
+__all__ = ["main", "pointing_accuracy", "metrics_by_section"]
 
 TRAIN_SEED = 7001
 TEST_SEED = 7002
 REGION_METHOD = "vlm"  # the VLM's own vision features + Ward: semantic regions, no extra weights
 
 
-def region_on_evidence(regions: Any, region: int, evidence: np.ndarray) -> bool:
-    """Does global region ``region`` of ``regions`` (a ``PromptRegions``) cover any evidence pixel?"""
-    image, local = regions.region_owner(int(region))
-    return bool((evidence & (regions.maps[image].pixel_labels() == local)).any())
-
-
 def pointing_accuracy(records: list, scores: dict[str, list[torch.Tensor]], seed: int) -> dict[str, dict]:
     """Per method: fraction of thinking steps naming an object whose top-1 region overlaps the object."""
-    from . import evidence_for_step, example_seed, make_example
-    from ..regions import PromptRegions
 
     hits: dict[str, list[bool]] = {name: [] for name in scores}
     for index, record in enumerate(records):
@@ -87,14 +89,7 @@ def metrics_by_section(records: list, per_span: dict[str, dict[str, list]]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import DatasetSpec
-    from ..collection import CollectionConfig, _build_inputs, collect, load_collection
-    from ..evaluation import evaluate
-    from ..baselines import make_method
-    from ..training import TrainingConfig, fit_estimator
-    from . import load_toy_model, toy_checkpoint_path
-
-    p = argparse.ArgumentParser(prog="python -m hf_vattr.toy.faithfulness", description=__doc__,
+    p = argparse.ArgumentParser(prog="python scripts/toy/faithfulness.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", type=int, default=400, help="toy examples for estimator training")
     p.add_argument("--test", type=int, default=100, help="fresh toy examples for the report")
@@ -194,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         "# Faithfulness on the toy thinking VLM",
         "",
-        "Reproduce (rebuilds the shipped estimator too): `python -m hf_vattr.toy.faithfulness`",
+        "Reproduce (rebuilds the shipped estimator too): `python scripts/toy/faithfulness.py`",
         "",
         f"Model: the bundled toy Qwen3-VL (`hf_vattr/toy/assets/toy-qwen3-vl`). Regions: `{REGION_METHOD}` "
         f"(the model's own vision features + Ward, K = {args.k}). Estimator trained on "
