@@ -8,9 +8,10 @@ tokens' scores, so per-token and per-span streaming agree.
 
 Save, load, push and the model card are ``huggingface_hub.PyTorchModelHubMixin``'s:
 ``config.json`` holds the ``__init__`` arguments, ``model.safetensors`` holds ``weight``
-(and ``bias``), ``README.md`` is rendered from :data:`MODEL_CARD_TEMPLATE`. The only
-override is ``_from_pretrained``, so that a corrupt or mismatched file fails loudly instead
-of leaving the uniform initial weights in place. See ``docs/estimator.md``.
+(and ``bias``), ``README.md`` is rendered from ``estimator_card.md``. The mixin's hooks are
+filled in where its defaults would differ: ``_save_pretrained`` (same bytes as always),
+``_from_pretrained`` (a corrupt or mismatched file fails loudly instead of leaving the
+initial weights), ``generate_model_card`` (per-estimator metadata). See ``docs/estimator.md``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import numbers
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,59 +71,8 @@ class EstimatorMismatchError(EstimatorError, ValueError):
         self.mismatches = dict(mismatches or {})
 
 
-MODEL_CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-""" + _CARD_MARKER + """
-
-# {{ title }}
-
-A **visual-attribution estimator** for {{ base_model_md }}, made with the
-`hf_vattr` library (a transformers plugin). It predicts, from the attention the model
-computes anyway, how much each image region causally supports each step of the model's
-reasoning (the log-probability drop of the step when the region is ablated), so
-attribution can stream beside generation at no extra forward passes
-(method: arXiv 2604.16587, "vSTREAM").
-
-    score(S, k) = sum over layers l, heads h of  w[l, h] * f[l, h](S, k){{ " + b" if use_bias }}
-
-`f[l, h](S, k)` is the attention of the query predicting each token of span `S` on the
-visual tokens of region `k` ({{ pooling }} over the region's tokens), averaged over the span.
-
-## Estimator
-
-| Field | Value |
-|---|---|
-{% for field, value in spec_rows %}| {{ field }} | {{ value }} |
-{% endfor %}
-## Training metrics
-
-{% if metric_rows %}| Metric | Value | Meaning |
-|---|---|---|
-{% for name, value, meaning in metric_rows %}| {{ name }} | {{ value }} | {{ meaning }} |
-{% endfor %}{% else %}No training metrics were recorded.
-{% endif %}
-## Training data
-
-{% for key, value in data_rows %}- **{{ key }}**: {{ value }}
-{% else %}No training data summary was recorded.
-{% endfor %}
-## Usage
-
-```python
-from transformers import AutoConfig
-from hf_vattr.estimator import LinearEstimator
-estimator = LinearEstimator.from_pretrained("{{ repo_id or '<estimator repo id or folder>' }}")
-estimator.check_compatible(AutoConfig.from_pretrained("{{ base_model_id or '<base model id>' }}"))
-scores = estimator(features)  # features (..., L, H, K) pooled attention -> (..., K) region effects
-```
-
-## Files
-
-- `config.json`: the estimator's arguments (L, H, pooling, region method, K policy, base model, metrics).
-- `model.safetensors`: `weight` of shape ({{ num_layers }}, {{ num_heads }}){{ " and scalar `bias`" if use_bias }}, float32.
-"""
+# The model card (README.md) template, rendered by huggingface_hub's ModelCard.from_template (jinja2).
+MODEL_CARD_TEMPLATE = (Path(__file__).parent / "estimator_card.md").read_text(encoding="utf-8")
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -136,12 +85,12 @@ def _json_dict(value: Any, name: str) -> dict | None:
     """A plain-JSON copy of ``value`` (it goes to config.json), or a clear error."""
     if value is None:
         return None
-    if not isinstance(value, Mapping) or not is_jsonable(dict(value)):
+    if not isinstance(value, dict) or not is_jsonable(value):
         raise EstimatorConfigError(
             f"{name} must be a dict of JSON values (str keys; str/int/float/bool/None/list/dict values), got "
             f"{value!r}. Convert numpy or torch scalars with float() / int()."
         )
-    return json.loads(json.dumps(dict(value)))
+    return json.loads(json.dumps(value))
 
 
 class LinearEstimator(
@@ -194,10 +143,6 @@ class LinearEstimator(
         for name, value in (("use_bias", use_bias), ("nonnegative", nonnegative)):
             if not isinstance(value, bool):
                 raise EstimatorConfigError(f"{name} must be a bool, got {value!r}.")
-        for name, value in (("model_type", model_type), ("base_model_id", base_model_id),
-                            ("base_model_revision", base_model_revision), ("region_method", region_method)):
-            if value is not None and (not isinstance(value, str) or not value):
-                raise EstimatorConfigError(f"{name} must be a non-empty string, got {value!r}.")
         self.use_bias, self.nonnegative, self.pooling, self.region_method = use_bias, nonnegative, pooling, region_method
         self.model_type, self.base_model_id, self.base_model_revision = model_type, base_model_id, base_model_revision
         self.k_policy = _json_dict(k_policy, "k_policy")
@@ -303,30 +248,15 @@ class LinearEstimator(
         card_data = ModelCardData(**info.model_card_data.to_dict())
         card_data.base_model = self.base_model_id
         card_data.tags = sorted(set(card_data.tags or []) | ({self.model_type} if self.model_type else set()))
-        base = f"`{self.base_model_id}`" if self.base_model_id else "an unspecified base model"
-        values = {
+        return ModelCard.from_template(
+            card_data,
+            template_str=info.model_card_template,
             **self._hub_mixin_config,
-            "title": "hf_vattr linear estimator" + (f" for {self.base_model_id}" if self.base_model_id else ""),
-            "base_model_md": base + (f" (`{self.model_type}`)" if self.model_type else ""),
-            "spec_rows": [
-                ("Base model", f"`{self.base_model_id}`" if self.base_model_id else "unspecified"),
-                ("Base model revision", f"`{self.base_model_revision}`" if self.base_model_revision else "unspecified"),
-                ("Model type", f"`{self.model_type}`" if self.model_type else "any (not recorded)"),
-                ("Layers (L)", self.num_layers),
-                ("Heads per layer (H)", self.num_heads),
-                ("Parameters", f"{self.num_layers * self.num_heads + self.use_bias} (L x H{' + bias' * self.use_bias})"),
-                ("Pooling over a region's tokens", self.pooling),
-                ("Region method", self.region_method),
-                ("K policy (number of regions)",
-                 ", ".join(f"{k}={_fmt(v)}" for k, v in self.k_policy.items()) if self.k_policy else "not recorded"),
-                ("Non-negative weights", "yes" if self.nonnegative else "no"),
-            ],
-            "metric_rows": [(_cell(k), _cell(_fmt(v)), _cell(metric_meaning(k.split(".")[0])))
-                            for k, v in _flatten(self.training_metrics)],
-            "data_rows": [(k, _fmt(v)) for k, v in _flatten(self.training_data)],
+            k_policy_md=", ".join(f"{k}={_fmt(v)}" for k, v in (self.k_policy or {}).items()),
+            metric_rows=[(k, _fmt(v), metric_meaning(k)) for k, v in (self.training_metrics or {}).items()],
+            data_rows=[(k, _fmt(v)) for k, v in (self.training_data or {}).items()],
             **kwargs,
-        }
-        return ModelCard.from_template(card_data, template_str=info.model_card_template, **values)
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> LinearEstimator:
@@ -375,38 +305,19 @@ class LinearEstimator(
             state = load_file(weights_file)
         except (SafetensorError, OSError) as e:
             raise EstimatorLoadError(f"Could not read estimator weights {weights_file}: {e}") from e
-        expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or (strict and unexpected):
-            raise EstimatorConfigError(
-                f"{weights_file} does not match its config (L={model.num_layers}, H={model.num_heads}, "
-                f"use_bias={model.use_bias}): missing tensors {missing}, unexpected tensors {unexpected}.")
-        for name, shape in expected.items():
-            tensor = state[name]
-            if tuple(tensor.shape) != shape:
-                raise EstimatorConfigError(f"{weights_file}: tensor {name!r} has shape {tuple(tensor.shape)}, but the "
-                                           f"config (L={model.num_layers}, H={model.num_heads}) needs {shape}.")
-            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
-                raise EstimatorConfigError(f"{weights_file}: tensor {name!r} must hold finite floats.")
-        model.load_state_dict({name: state[name] for name in expected})
+        try:  # missing tensors or wrong shapes always fail; unexpected ones unless strict=False
+            if missing := model.load_state_dict(state, strict=strict).missing_keys:
+                raise RuntimeError(f"Missing key(s) in state_dict: {missing}.")
+        except RuntimeError as e:
+            raise EstimatorConfigError(f"{weights_file} does not match its config (L={model.num_layers}, "
+                                       f"H={model.num_heads}, use_bias={model.use_bias}): {e}") from e
+        if not all(t.is_floating_point() and bool(torch.isfinite(t).all()) for t in state.values()):
+            raise EstimatorConfigError(f"{weights_file}: the weights must be finite floats.")
         return model.to(map_location).eval()
 
 
-# ---------------------------------------------------------------------- card helpers
-
-
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 def _fmt(value: Any) -> str:
+    """A config value as the card shows it: floats to 4 significant digits, lists and dicts as JSON."""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return json.dumps(value) if isinstance(value, list) else str(value)
-
-
-def _flatten(d: Mapping[str, Any] | None, prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for key, value in (d or {}).items():
-        out.extend(_flatten(value, f"{prefix}{key}.") if isinstance(value, Mapping) else [(f"{prefix}{key}", value)])
-    return out
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
