@@ -31,7 +31,6 @@ sys.path.insert(0, str(REPO))
 
 from hf_vattr.baselines import (  # noqa: E402
     EstimatorMethod,
-    ExampleContext,
     GradientXInput,
     IntegratedGradients,
     LeaveOneOut,
@@ -39,6 +38,7 @@ from hf_vattr.baselines import (  # noqa: E402
     RawAttention,
     compute_span_features,
 )
+from hf_vattr.collection import ExampleRecord  # noqa: E402
 from hf_vattr.estimator import LinearEstimator  # noqa: E402
 from hf_vattr.layouts import text_dims, visual_layout  # noqa: E402
 from hf_vattr.regions import prompt_regions  # noqa: E402
@@ -73,26 +73,32 @@ def run(args) -> tuple[str, dict]:
     features = compute_span_features(model, inputs, sequence, spans, regions)
     estimator = LinearEstimator(num_layers, num_heads, model_type=model.config.model_type)
 
-    def ctx(with_features=True):
-        return ExampleContext(model=model, inputs=inputs, sequence=sequence, spans=spans, regions=regions,
-                              span_features=features if with_features else None, batch_size=args.batch_size)
+    s = len(spans)
+    record = ExampleRecord(  # the one record shape every method reads; effects are not needed here
+        example_id=0, span_features=features, loo_effects=torch.zeros(s, k), subset_masks=torch.zeros(0, k).bool(),
+        subset_effects=torch.zeros(s, 0), base_logprobs=torch.zeros(s), sequence=sequence[0],
+        prompt_len=int(inputs["input_ids"].shape[-1]),
+        spans=[{"start": a, "end": b, "text": "", "section": "thinking"} for a, b in spans], text="",
+        num_regions=k, regions=regions.to_dict())
+    run_args = (record, model, inputs)
 
     fast = max(args.repeats * 50, 200)
     est = EstimatorMethod(estimator)
     cheap = [
-        ("estimator (features captured while decoding)", lambda: est.span_scores(ctx()),
+        ("estimator (features captured while decoding)", lambda: est.span_scores(*run_args),
          "one (L,H,K) einsum; what streaming pays per span"),
-        ("raw attention (mean over layers, heads)", lambda: RawAttention().span_scores(ctx()), "not causal"),
-        ("random", lambda: RandomScores().span_scores(ctx()), ""),
+        ("raw attention (mean over layers, heads)", lambda: RawAttention().span_scores(*run_args), "not causal"),
+        ("random", lambda: RandomScores().span_scores(*run_args), ""),
     ]
     slow = [
-        ("estimator + teacher-forced feature recompute", lambda: est.span_scores(ctx(with_features=False)),
+        ("estimator + teacher-forced feature recompute",
+         lambda: estimator(compute_span_features(model, inputs, sequence, spans, regions)),
          "post hoc: one capture forward"),
-        (f"leave-one-out ablation (K={k})", lambda: LeaveOneOut().span_scores(ctx()),
+        (f"leave-one-out ablation (K={k})", lambda: LeaveOneOut().span_scores(*run_args, batch_size=args.batch_size),
          f"batched engine, prefix-cache reuse, {args.batch_size} masks/forward"),
-        ("gradient x input", lambda: GradientXInput().span_scores(ctx()), "1 forward + 1 backward"),
-        (f"integrated gradients ({args.ig_steps} steps)", lambda: IntegratedGradients(args.ig_steps).span_scores(ctx()),
-         f"{args.ig_steps} x (forward + backward)"),
+        ("gradient x input", lambda: GradientXInput().span_scores(*run_args), "1 forward + 1 backward"),
+        (f"integrated gradients ({args.ig_steps} steps)",
+         lambda: IntegratedGradients(args.ig_steps).span_scores(*run_args), f"{args.ig_steps} x (forward + backward)"),
     ]
     samples: dict[str, list[float]] = {name: [] for name, _, _ in cheap + slow}
     for name, fn, _ in cheap:

@@ -475,20 +475,10 @@ class AblationEngine:
         return self._encode(torch.cat(pv, 0), grid)
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled)
 
 
 # ----------------------------------------------------------------------------- functional API

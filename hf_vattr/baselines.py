@@ -1,7 +1,8 @@
 """Attribution methods behind one interface: the estimator and the paper's baselines.
 
-Every method maps an :class:`ExampleContext` (one generated trace: model, prompt inputs,
-teacher-forced sequence, spans, image regions, span features) to a ``(S, K)`` tensor of
+Every method maps a collected :class:`~hf_vattr.collection.ExampleRecord` (one generated
+trace: its sequence, spans, image regions and span features), plus the model and the
+prompt's processor outputs for the methods that run it, to a ``(S, K)`` tensor of
 span-by-region scores, higher = the region matters more to the span. Evaluation
 (:mod:`hf_vattr.evaluation`) runs them all through the same code path and times them.
 
@@ -38,18 +39,19 @@ from __future__ import annotations
 
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from transformers.utils import logging
 
 from .layouts import architecture_spec, extend_inputs
 
+if TYPE_CHECKING:
+    from .collection import ExampleRecord
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
-    "ExampleContext",
     "AttributionMethod",
     "EstimatorMethod",
     "RawAttention",
@@ -66,78 +68,6 @@ __all__ = [
 ]
 
 
-# ----------------------------------------------------------------------------- context
-
-
-@dataclass
-class ExampleContext:
-    """One generated trace, everything a method may need.
-
-    Args:
-        model: the VLM (``*ForConditionalGeneration``); ``None`` for offline methods.
-        inputs: processor outputs of the prompt (batch of one): ``input_ids``,
-            ``pixel_values``, ``image_grid_thw``, ``attention_mask``...
-        sequence: ``(1, T)`` or ``(T,)`` prompt + generated token ids.
-        spans: ``[start, end)`` ranges among the generated tokens.
-        regions: the :class:`~hf_vattr.regions.PromptRegions` of the prompt.
-        span_features: ``(S, L, H, K)`` pooled attention features; computed on first use
-            by :func:`compute_span_features` when absent (needs the model).
-        pooling: region pooling of the features (``"sum"`` or ``"mean"``).
-        example_id: used to seed per-example randomness.
-        ablation_method / batch_size: passed to :mod:`hf_vattr.ablation`.
-        extras: anything else (stored ground truth...), for custom methods.
-    """
-
-    model: Any = None
-    inputs: Mapping[str, Any] | None = None
-    sequence: torch.Tensor | None = None
-    spans: list[tuple[int, int]] = field(default_factory=list)
-    regions: Any = None
-    span_features: torch.Tensor | None = None
-    pooling: str = "sum"
-    example_id: str = "0"
-    ablation_method: str = "attention"
-    batch_size: int = 16
-    extras: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.sequence is not None and self.sequence.dim() == 1:
-            self.sequence = self.sequence[None]
-        self.spans = [(int(a), int(b)) for a, b in self.spans]
-
-    @property
-    def num_spans(self) -> int:
-        return len(self.spans)
-
-    @property
-    def prompt_len(self) -> int:
-        if self.inputs is None:
-            raise ValueError("this context has no prompt inputs")
-        return int(self.inputs["input_ids"].shape[-1])
-
-    @property
-    def num_regions(self) -> int:
-        if self.regions is not None:
-            return int(self.regions.num_regions)
-        if self.span_features is not None:
-            return int(self.span_features.shape[-1])
-        raise ValueError("this context has neither regions nor span features")
-
-    def features(self) -> torch.Tensor:
-        """``(S, L, H, K)`` span features (computed once from the model if not given)."""
-        if self.span_features is None:
-            self._require_model("span features")
-            self.span_features = compute_span_features(
-                self.model, self.inputs, self.sequence, self.spans, self.regions, pooling=self.pooling
-            )
-        return self.span_features
-
-    def _require_model(self, what: str) -> None:
-        missing = [n for n in ("model", "inputs", "sequence", "regions") if getattr(self, n) is None]
-        if missing:
-            raise ValueError(f"{what} needs {', '.join(missing)} in the ExampleContext (run with the model loaded).")
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -149,6 +79,13 @@ def _model_inputs(model: Any, inputs: Mapping[str, Any], sequence: torch.Tensor)
     device = _device(model)
     full = extend_inputs(dict(inputs), sequence.to(inputs["input_ids"].device))
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in full.items()}
+
+
+def _require_model(record: ExampleRecord, model: Any, inputs: Mapping[str, Any] | None, what: str) -> None:
+    missing = [n for n, v in (("model", model), ("inputs", inputs), ("the record's regions", record.regions))
+               if v is None]
+    if missing:
+        raise ValueError(f"{what} needs {', '.join(missing)} (run with the model loaded and the prompt's inputs).")
 
 
 def _check_spans(spans: Sequence[tuple[int, int]], num_generated: int) -> None:
@@ -272,20 +209,24 @@ def _region_pool(token_scores: torch.Tensor, regions: Any) -> torch.Tensor:
 
 
 class AttributionMethod:
-    """Interface: ``span_scores(ctx) -> (S, K)`` float tensor on CPU.
+    """Interface: ``span_scores(record, model, inputs) -> (S, K)`` float tensor on CPU.
 
     ``name`` labels the method in reports; ``requires_model`` says whether it runs the VLM
-    (evaluation without a model skips those).
+    (evaluation without a model skips those). ``inputs`` are the processor outputs of the
+    record's prompt (batch of one); ``batch_size`` / ``ablation_method`` are for methods that
+    ablate (default: the record's collection method).
     """
 
     name: str = "method"
     requires_model: bool = False
 
-    def span_scores(self, ctx: ExampleContext) -> torch.Tensor:
+    def span_scores(self, record: ExampleRecord, model: Any = None, inputs: Mapping[str, Any] | None = None, *,
+                    batch_size: int = 16, ablation_method: str | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, ctx: ExampleContext) -> torch.Tensor:
-        return self.span_scores(ctx)
+    def __call__(self, record: ExampleRecord, model: Any = None, inputs: Mapping[str, Any] | None = None,
+                 **options: Any) -> torch.Tensor:
+        return self.span_scores(record, model, inputs, **options)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -301,8 +242,9 @@ class EstimatorMethod(AttributionMethod):
         self.name = name
 
     @torch.no_grad()
-    def span_scores(self, ctx: ExampleContext) -> torch.Tensor:
-        return self.estimator(ctx.features()).float().cpu()
+    def span_scores(self, record: ExampleRecord, model: Any = None, inputs: Mapping[str, Any] | None = None,
+                    **options: Any) -> torch.Tensor:
+        return self.estimator(record.span_features).float().cpu()
 
 
 class RawAttention(AttributionMethod):
@@ -312,8 +254,9 @@ class RawAttention(AttributionMethod):
     requires_model = False
 
     @torch.no_grad()
-    def span_scores(self, ctx: ExampleContext) -> torch.Tensor:
-        return ctx.features().float().mean(dim=(-3, -2)).cpu()
+    def span_scores(self, record: ExampleRecord, model: Any = None, inputs: Mapping[str, Any] | None = None,
+                    **options: Any) -> torch.Tensor:
+        return record.span_features.float().mean(dim=(-3, -2)).cpu()
 
 
 class RandomScores(AttributionMethod):
@@ -325,9 +268,10 @@ class RandomScores(AttributionMethod):
     def __init__(self, seed: int = 0) -> None:
         self.seed = int(seed)
 
-    def span_scores(self, ctx: ExampleContext) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(str(ctx.example_id).encode()))
-        return torch.randn(ctx.num_spans, ctx.num_regions, generator=g)
+    def span_scores(self, record: ExampleRecord, model: Any = None, inputs: Mapping[str, Any] | None = None,
+                    **options: Any) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(str(record.example_id).encode()))
+        return torch.randn(record.num_spans, record.num_regions, generator=g)
 
 
 class LeaveOneOut(AttributionMethod):
@@ -341,13 +285,15 @@ class LeaveOneOut(AttributionMethod):
         self.method = method
 
     @torch.no_grad()
-    def span_scores(self, ctx: ExampleContext) -> torch.Tensor:
+    def span_scores(self, record: ExampleRecord, model: Any = None, inputs: Mapping[str, Any] | None = None, *,
+                    batch_size: int = 16, ablation_method: str | None = None) -> torch.Tensor:
         from .ablation import leave_one_out_masks, span_effects
 
-        ctx._require_model("leave-one-out")
-        masks = leave_one_out_masks(ctx.num_regions)
-        eff = span_effects(ctx.model, ctx.inputs, ctx.sequence, ctx.spans, masks, ctx.regions,
-                           batch_size=self.batch_size or ctx.batch_size, method=self.method or ctx.ablation_method)
+        _require_model(record, model, inputs, "leave-one-out")
+        masks = leave_one_out_masks(record.num_regions)
+        method = self.method or ablation_method or record.config.get("method") or "attention"
+        eff = span_effects(model, inputs, record.sequence[None], record.span_ranges, masks, record.prompt_regions(),
+                           batch_size=self.batch_size or batch_size, method=method)
         return torch.as_tensor(eff).float().cpu().T.contiguous()  # (K, S) -> (S, K)
 
 
@@ -361,23 +307,25 @@ class GradientXInput(AttributionMethod):
     name = "grad_x_input"
     requires_model = True
 
-    def span_scores(self, ctx: ExampleContext) -> torch.Tensor:
-        ctx._require_model("gradient x input")
-        positions = ctx.regions.layout.positions
+    def span_scores(self, record: ExampleRecord, model: Any = None, inputs: Mapping[str, Any] | None = None,
+                    **options: Any) -> torch.Tensor:
+        _require_model(record, model, inputs, "gradient x input")
+        regions, spans, sequence = record.prompt_regions(), record.span_ranges, record.sequence[None]
+        positions = regions.layout.positions
         leaf: dict = {}
 
         def transform(original: torch.Tensor) -> torch.Tensor:
             leaf["x"] = original.clone().requires_grad_(True)
             return leaf["x"]
 
-        with _frozen(ctx.model), torch.enable_grad(), visual_embedding_override(ctx.model, positions, transform):
-            logp = span_logprobs_with_embeddings(ctx.model, ctx.inputs, ctx.sequence, ctx.spans)
+        with _frozen(model), torch.enable_grad(), visual_embedding_override(model, positions, transform):
+            logp = span_logprobs_with_embeddings(model, inputs, sequence, spans)
             x = leaf["x"]
             token_scores = []
-            for s in range(len(ctx.spans)):
-                (g,) = torch.autograd.grad(logp[s], x, retain_graph=s + 1 < len(ctx.spans))
+            for s in range(len(spans)):
+                (g,) = torch.autograd.grad(logp[s], x, retain_graph=s + 1 < len(spans))
                 token_scores.append((_wide(g) * _wide(x.detach())).sum(-1))
-        return _region_pool(torch.stack(token_scores), ctx.regions).cpu()
+        return _region_pool(torch.stack(token_scores), regions).cpu()
 
 
 class IntegratedGradients(AttributionMethod):
@@ -423,10 +371,12 @@ class IntegratedGradients(AttributionMethod):
         pts = torch.logspace(torch.log10(torch.tensor(smallest)), 0.0, steps, dtype=torch.float64)
         return [0.0] + pts.tolist()
 
-    def span_scores(self, ctx: ExampleContext) -> torch.Tensor:
-        ctx._require_model("integrated gradients")
-        positions = ctx.regions.layout.positions
-        num_spans = len(ctx.spans)
+    def span_scores(self, record: ExampleRecord, model: Any = None, inputs: Mapping[str, Any] | None = None,
+                    **options: Any) -> torch.Tensor:
+        _require_model(record, model, inputs, "integrated gradients")
+        regions, spans, sequence = record.prompt_regions(), record.span_ranges, record.sequence[None]
+        positions = regions.layout.positions
+        num_spans = len(spans)
         total = None
         original = None
         for alpha, weight in zip(self.alphas, self.weights):
@@ -436,9 +386,9 @@ class IntegratedGradients(AttributionMethod):
                 leaf["x"] = (orig * alpha).clone().requires_grad_(True)
                 return leaf["x"]
 
-            with _frozen(ctx.model), torch.enable_grad(), \
-                    visual_embedding_override(ctx.model, positions, transform) as state:
-                logp = span_logprobs_with_embeddings(ctx.model, ctx.inputs, ctx.sequence, ctx.spans)
+            with _frozen(model), torch.enable_grad(), \
+                    visual_embedding_override(model, positions, transform) as state:
+                logp = span_logprobs_with_embeddings(model, inputs, sequence, spans)
                 grads = torch.stack([
                     _wide(torch.autograd.grad(logp[s], leaf["x"], retain_graph=s + 1 < num_spans)[0])
                     for s in range(num_spans)
@@ -446,7 +396,7 @@ class IntegratedGradients(AttributionMethod):
                 original = _wide(state["original"])
             total = grads * weight if total is None else total + grads * weight
         token_scores = (total * original[None]).sum(-1)  # (S, Nv)
-        return _region_pool(token_scores, ctx.regions).cpu()
+        return _region_pool(token_scores, regions).cpu()
 
 
 METHODS: dict[str, Callable[..., AttributionMethod]] = {

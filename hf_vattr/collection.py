@@ -21,13 +21,15 @@ same bytes as an uninterrupted one. The on-disk format is documented in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from transformers.utils import logging
@@ -42,12 +44,13 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "CollectionConfig",
     "ExampleRecord",
-    "SpanRecord",
+    "PromptRow",
     "collect_example",
     "collect",
     "load_collection",
-    "iter_spans",
     "read_manifest",
+    "read_prompts",
+    "dataset_fingerprint",
     "decode_pieces",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -116,7 +119,13 @@ class CollectionConfig:
 
 @dataclass
 class ExampleRecord:
-    """Everything collected for one example (tensors on CPU)."""
+    """Everything collected for one example (tensors on CPU): the one record shape of the pipeline.
+
+    Collection writes it, training fits on it, evaluation and the baselines score it; nothing
+    converts it to another shape. Shapes: ``span_features (S, L, H, K)``, ``loo_effects (S, K)``,
+    ``subset_masks (M, K)`` (True = ablated; ``M`` may be 0), ``subset_effects (S, M)``,
+    ``base_logprobs (S,)``.
+    """
 
     example_id: int
     span_features: torch.Tensor  # (S, L, H, K) float32
@@ -135,6 +144,21 @@ class ExampleRecord:
     token_features: torch.Tensor | None = None  # (G', L, H, K) when keep_token_features
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        s, k = int(self.span_features.shape[0]), int(self.span_features.shape[-1])
+        where = f"example {self.example_id}"
+        if self.span_features.dim() != 4:
+            raise ValueError(f"{where}: span_features must be (S, L, H, K), got {tuple(self.span_features.shape)}.")
+        checks = [("loo_effects", self.loo_effects, (s, k)), ("base_logprobs", self.base_logprobs, (s,))]
+        if self.subset_masks.dim() != 2 or self.subset_masks.shape[1] != k:
+            raise ValueError(f"{where}: subset_masks must be (M, K={k}), got {tuple(self.subset_masks.shape)}.")
+        checks.append(("subset_effects", self.subset_effects, (s, int(self.subset_masks.shape[0]))))
+        for name, value, shape in checks:
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{where}: {name} must have shape {shape}, got {tuple(value.shape)}.")
+        if len(self.spans) != s:
+            raise ValueError(f"{where}: {len(self.spans)} spans but span_features holds {s}.")
+
     @property
     def num_spans(self) -> int:
         return len(self.spans)
@@ -142,6 +166,24 @@ class ExampleRecord:
     @property
     def num_generated(self) -> int:
         return int(self.sequence.numel()) - self.prompt_len
+
+    @property
+    def num_subsets(self) -> int:
+        return int(self.subset_masks.shape[0])
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        """``(L, H)``: the estimator shape these features are for."""
+        return int(self.span_features.shape[1]), int(self.span_features.shape[2])
+
+    @property
+    def span_ranges(self) -> list[tuple[int, int]]:
+        """``[start, end)`` of each span among the generated tokens."""
+        return [(int(sp["start"]), int(sp["end"])) for sp in self.spans]
+
+    @property
+    def pooling(self) -> str:
+        return str(self.config.get("pooling") or "sum")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {
@@ -173,28 +215,27 @@ class ExampleRecord:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temporary file in the same folder, then ``os.replace``)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"hf_vattr": json.dumps(self.metadata(), sort_keys=True)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(self.tensors(), tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with _atomic_path(path) as tmp:  # serialised here and written by Python: safetensors' own file is 0600
+            tmp.write_bytes(save(self.tensors(), metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ExampleRecord":
+        """Read one example file; an empty, truncated or foreign file raises a ValueError naming it."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["hf_vattr"])
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        redo = "Delete it and run `hf-vattr collect` again with the same settings to recollect that example."
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["hf_vattr"])
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:  # SafetensorError (empty / truncated file), missing or bad metadata
+            raise ValueError(f"{path} is not a readable hf_vattr collection example ({type(e).__name__}: {e}). "
+                             f"{redo}") from e
         if meta.get("format") != FORMAT_NAME:
             raise ValueError(f"{path} is not an hf_vattr collection example (format={meta.get('format')!r}).")
         return cls(
@@ -217,31 +258,35 @@ class ExampleRecord:
         )
 
     def prompt_regions(self):
-        """The region maps the effects refer to (a :class:`~hf_vattr.regions.PromptRegions`)."""
+        """The region maps the effects refer to (a :class:`~hf_vattr.regions.PromptRegions`), built once."""
         from .regions import PromptRegions
 
         if self.regions is None:
-            raise ValueError("This record was saved without its region maps.")
-        return PromptRegions.from_dict(self.regions)
-
-
-@dataclass
-class SpanRecord:
-    """One span of one example: the unit the estimator is trained and evaluated on."""
-
-    example_id: int
-    span_index: int
-    features: torch.Tensor  # (L, H, K)
-    loo_effects: torch.Tensor  # (K,)
-    subset_masks: torch.Tensor  # (M, K) bool (shared by the example's spans)
-    subset_effects: torch.Tensor  # (M,)
-    base_logprob: float
-    text: str
-    section: str
-    token_range: tuple[int, int]
+            raise ValueError(f"example {self.example_id} was saved without its region maps.")
+        cached = self.__dict__.get("_prompt_regions")
+        if cached is None or cached[0] is not self.regions:
+            cached = (self.regions, PromptRegions.from_dict(self.regions))
+            self.__dict__["_prompt_regions"] = cached
+        return cached[1]
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """A fresh temporary path beside ``path``, moved onto it on success and removed on failure.
+
+    The file is created by an ordinary ``open``, so it gets the usual umask-respecting mode
+    (``tempfile.mkstemp`` would make every collection file 0600, unreadable to a team).
+    """
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def decode_pieces(tokenizer: Any, token_ids: Sequence[int], tag_texts: Iterable[str] = ("<think>", "</think>")
@@ -425,6 +470,130 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
     )
 
 
+# ----------------------------------------------------------------------------- datasets
+
+
+class PromptRow(NamedTuple):
+    """One validated row of a JSON-lines prompts file (image paths resolved, not opened)."""
+
+    example_id: int
+    images: list[str]
+    prompt: Any  # a question (str) or chat messages (list of dicts)
+    answer: Any = None
+
+
+PROMPTS_FORMAT = """One JSON object per line:
+    {"id": 0, "image": "cat.png", "prompt": "What is the cat doing?", "answer": "sleeping"}
+    {"id": 1, "images": ["a.png", "b.png"], "messages": [{"role": "user", "content": [...]}]}
+"id" (an integer) defaults to the line number (0-based); image paths are relative to the images folder,
+else to the file's folder; "answer" (optional) labels traces for trajectory analysis."""
+
+
+def _row_error(path: Path, line: int, message: str) -> ValueError:
+    return ValueError(f"{path}:{line}: {message}\n{PROMPTS_FORMAT}")
+
+
+def read_prompts(path: str | os.PathLike, images_dir: str | os.PathLike | None = None) -> list[PromptRow]:
+    """Parse and check a JSON-lines prompts file (format: :data:`PROMPTS_FORMAT`).
+
+    Every problem raises a ValueError naming the file, the line and the field, so a bad row
+    fails before any model is loaded or anything is written. Image files must exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} not found; pass an existing JSON-lines file.")
+    base = Path(images_dir) if images_dir else path.parent
+    rows: list[PromptRow] = []
+    seen: set[int] = set()
+    for index, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        n = index + 1
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _row_error(path, n, f"not valid JSON ({e}).") from None
+        if not isinstance(row, dict):
+            raise _row_error(path, n, f"expected a JSON object, got a {type(row).__name__}.")
+        eid = row.get("id", index)
+        if isinstance(eid, str) and eid.isdigit():
+            eid = int(eid)
+        if isinstance(eid, bool) or not isinstance(eid, int) or eid < 0:
+            raise _row_error(path, n, f"'id' must be a non-negative integer, got {eid!r}.")
+        if eid in seen:
+            raise _row_error(path, n, f"duplicate id {eid}; ids must be unique.")
+        seen.add(eid)
+        if "images" in row:
+            names = row["images"]
+            if not isinstance(names, list) or not names or not all(isinstance(x, str) and x for x in names):
+                raise _row_error(path, n, f"'images' must be a non-empty list of file names, got {names!r}.")
+        elif "image" in row:
+            if not isinstance(row["image"], str) or not row["image"]:
+                raise _row_error(path, n, f"'image' must be a file name (a string), got {row['image']!r}.")
+            names = [row["image"]]
+        else:
+            raise _row_error(path, n, "no 'image' / 'images' given.")
+        images = [str(Path(x) if os.path.isabs(x) else base / x) for x in names]
+        for im in images:
+            if not Path(im).is_file():
+                raise _row_error(path, n, f"image {im} not found.")
+        if "messages" in row:
+            prompt = row["messages"]
+            if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
+                raise _row_error(path, n, "'messages' must be a non-empty list of chat messages (objects with "
+                                          f"'role' and 'content'), got {prompt!r}.")
+        elif "prompt" in row:
+            prompt = row["prompt"]
+            if not isinstance(prompt, str):
+                raise _row_error(path, n, f"'prompt' must be a string, got {prompt!r}.")
+        else:
+            raise _row_error(path, n, "no 'prompt' / 'messages' given.")
+        answer = row.get("answer")
+        if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+            raise _row_error(path, n, f"'answer' must be a string or a number, got {answer!r}.")
+        rows.append(PromptRow(eid, images, prompt, answer))
+    return rows
+
+
+def dataset_fingerprint(dataset: Mapping[str, Any]) -> str:
+    """A hash of what a dataset *contains*, so a collection folder is never resumed with another one.
+
+    ``dataset`` is a JSON-ready description, ``{"kind": ..., **params}``. For ``kind="jsonl"`` it is
+    the bytes of the prompts file at ``dataset["path"]`` (moving the file does not change it; editing
+    it does); for other kinds every parameter except ``path``, ``images_dir``, ``model`` and ``revision``
+    (a toy dataset: its seed and count).
+    """
+    desc = {k: v for k, v in dataset.items() if k not in ("path", "images_dir", "model", "revision")}
+    if dataset.get("kind") == "jsonl":
+        path = Path(dataset["path"])
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} not found; pass an existing JSON-lines file.")
+        desc["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_dataset(out_dir: str | os.PathLike, dataset: Mapping[str, Any]) -> str:
+    """Fingerprint ``dataset`` and refuse if ``out_dir`` already holds a collection of another dataset.
+
+    Writes nothing: call it before anything goes into ``out_dir`` (:func:`collect` does).
+    Returns the fingerprint.
+    """
+    fingerprint = dataset_fingerprint(dataset)
+    path = Path(out_dir) / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text()).get("dataset_fingerprint")
+        if old is None:
+            logger.warning(f"{path} records no dataset fingerprint (made by an older hf_vattr); cannot check that "
+                           "the examples on disk come from the same dataset.")
+        elif old != fingerprint:
+            raise ValueError(
+                f"{out_dir} already holds a collection of a different dataset (collection.json has "
+                f"dataset_fingerprint {old[:12]}..., this dataset is {fingerprint[:12]}...: another prompts file, "
+                "or another toy seed or count). Collect into a new folder, or pass the same dataset to resume."
+            )
+    return fingerprint
+
+
 # ----------------------------------------------------------------------------- many examples
 
 
@@ -442,11 +611,8 @@ def _model_summary(model: Any) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    with _atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -479,6 +645,7 @@ def example_path(out_dir: str | os.PathLike, example_id: int) -> Path:
 
 def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]], out_dir: str | os.PathLike,
             config: CollectionConfig | None = None, accelerator: Any = None, *,
+            dataset: Mapping[str, Any] | None = None,
             splitter_factory: Callable[[], SpanSplitter] | None = None,
             callback: Callable[[int, Path], None] | None = None, progress: bool = True) -> dict:
     """Collect ground truth for ``(example_id, images, prompt)`` items into ``out_dir``; resumable and sharded.
@@ -493,6 +660,9 @@ def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]]
     Args:
         examples: iterable of ``(example_id, images, prompt)``; ids are non-negative ints, unique. It is
             iterated lazily by every process; give image *paths* so each process only opens its own shard.
+        dataset: JSON-ready description of where ``examples`` come from (``{"kind": "jsonl", "path": ...}``,
+            ``{"kind": "toy", "n": ..., "seed": ...}``); its :func:`dataset_fingerprint` goes into the
+            manifest, and resuming with another dataset is refused. Checked before anything is written.
         splitter_factory: makes a fresh span splitter per example (default ReasoningStepSplitter).
         callback: called as ``callback(example_id, path)`` after each example is written.
 
@@ -509,7 +679,12 @@ def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]]
     else:
         state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     out_dir = Path(out_dir)
-    (out_dir / EXAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    # Everything that can fail on bad input runs before the first write: a failed start leaves no manifest.
+    fingerprint = check_dataset(out_dir, dataset) if dataset is not None else None
+    total = None
+    if hasattr(examples, "__len__"):
+        n = len(examples)  # type: ignore[arg-type]  # a JSONL dataset parses (and checks) its rows here
+        total = n // state.num_processes + (1 if state.process_index < n % state.num_processes else 0)
     num_layers, num_heads = text_dims(model)
     manifest = {
         "format": FORMAT_NAME,
@@ -520,16 +695,15 @@ def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]]
         "num_heads": num_heads,
         "layout": f"{EXAMPLES_DIR}/{{example_id:06d}}.safetensors",
     }
+    if dataset is not None:
+        manifest.update(dataset=dict(dataset), dataset_fingerprint=fingerprint)
     _check_resume(out_dir, manifest)
+    (out_dir / EXAMPLES_DIR).mkdir(parents=True, exist_ok=True)
     if state.is_main_process and not (out_dir / MANIFEST).exists():
         _write_json(out_dir / MANIFEST, dict(manifest, examples=[], complete=False))
 
     from tqdm.auto import tqdm
 
-    total = None
-    if hasattr(examples, "__len__"):
-        n = len(examples)  # type: ignore[arg-type]
-        total = n // state.num_processes + (1 if state.process_index < n % state.num_processes else 0)
     all_ids: list[int] = []
     written, skipped = [], []
     bar = tqdm(total=total, desc=f"collect [{state.process_index}/{state.num_processes}]", disable=not progress,
@@ -568,22 +742,3 @@ def load_collection(path: str | os.PathLike) -> list[ExampleRecord]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{path} holds no '{EXAMPLES_DIR}/' folder; is it a collection made by collect()?")
     return [ExampleRecord.load(p) for p in sorted(folder.glob("*.safetensors"))]
-
-
-def iter_spans(collection: str | os.PathLike | Iterable[ExampleRecord]) -> Iterator[SpanRecord]:
-    """Every span of a collection (a folder or loaded records), with its features and effects."""
-    records = load_collection(collection) if isinstance(collection, (str, os.PathLike)) else collection
-    for rec in records:
-        for j, span in enumerate(rec.spans):
-            yield SpanRecord(
-                example_id=rec.example_id,
-                span_index=j,
-                features=rec.span_features[j],
-                loo_effects=rec.loo_effects[j],
-                subset_masks=rec.subset_masks,
-                subset_effects=rec.subset_effects[j],
-                base_logprob=float(rec.base_logprobs[j]),
-                text=span["text"],
-                section=span["section"],
-                token_range=(int(span["start"]), int(span["end"])),
-            )

@@ -32,14 +32,16 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from transformers.utils import logging
 
 from . import metrics as M
-from .training import ExampleView, as_example
+
+if TYPE_CHECKING:
+    from .collection import ExampleRecord
 
 logger = logging.get_logger(__name__)
 
@@ -48,7 +50,7 @@ __all__ = [
     "span_level_metrics",
     "EvalReport",
     "evaluate",
-    "context_from_record",
+    "check_estimator",
     "trajectory_report",
     "DEFAULT_KS",
     "METRIC_LABELS",
@@ -102,7 +104,7 @@ def _table_lookup(loo: np.ndarray | None, masks: np.ndarray | None, subsets: np.
     return ablate
 
 
-def span_level_metrics(scores: Sequence[Any], examples: Sequence[Any], ks: Sequence[int] = DEFAULT_KS,
+def span_level_metrics(scores: Sequence[Any], examples: Sequence[ExampleRecord], ks: Sequence[int] = DEFAULT_KS,
                        topk_effects: Sequence[Mapping[int, Any]] | None = None) -> dict[str, np.ndarray]:
     """Per-span metric values of ``scores[e] (S_e, K_e)`` against the stored effects of ``examples[e]``.
 
@@ -111,34 +113,27 @@ def span_level_metrics(scores: Sequence[Any], examples: Sequence[Any], ks: Seque
     ``topk_effects[e][k]`` (``(S_e,)``), when given, are measured top-k drops that replace
     the table lookup.
     """
-    views = [as_example(r, i) for i, r in enumerate(examples)]
-    if len(scores) != len(views):
-        raise ValueError(f"got scores for {len(scores)} examples but {len(views)} examples.")
+    if len(scores) != len(examples):
+        raise ValueError(f"got scores for {len(scores)} examples but {len(examples)} examples.")
     out: dict[str, list] = {"lds": [], "pearson": [], "loo_pred": [], "loo_actual": []}
     for k in ks:
         out[f"top{k}_drop"] = []
-    for e, (sc, v) in enumerate(zip(scores, views)):
+    for e, (sc, r) in enumerate(zip(scores, examples)):
         sc = _np(sc)
-        if sc.shape != (v.num_spans, v.num_regions):
-            raise ValueError(f"example {v.example_id}: scores have shape {sc.shape}, expected "
-                             f"({v.num_spans}, {v.num_regions}).")
-        loo = _np(v.loo_effects)
-        masks = None if v.subset_masks is None else v.subset_masks.numpy().astype(bool)
-        subs = _np(v.subset_effects)
-        for s in range(v.num_spans):
-            if masks is not None and masks.shape[0] >= 2:
-                out["lds"].append(M.lds(sc[s], masks, subs[s]))
-            else:
-                out["lds"].append(float("nan"))
-            if loo is not None:
-                out["pearson"].append(M.pearson(sc[s], loo[s]))
-                out["loo_pred"].extend(sc[s].tolist())
-                out["loo_actual"].extend(loo[s].tolist())
-            else:
-                out["pearson"].append(float("nan"))
-            ablate = _table_lookup(None if loo is None else loo[s], masks, None if subs is None else subs[s])
+        if sc.shape != (r.num_spans, r.num_regions):
+            raise ValueError(f"example {r.example_id}: scores have shape {sc.shape}, expected "
+                             f"({r.num_spans}, {r.num_regions}).")
+        loo = _np(r.loo_effects)
+        masks = r.subset_masks.numpy().astype(bool)
+        subs = _np(r.subset_effects)
+        for s in range(r.num_spans):
+            out["lds"].append(M.lds(sc[s], masks, subs[s]) if masks.shape[0] >= 2 else float("nan"))
+            out["pearson"].append(M.pearson(sc[s], loo[s]))
+            out["loo_pred"].extend(sc[s].tolist())
+            out["loo_actual"].extend(loo[s].tolist())
+            ablate = _table_lookup(loo[s], masks, subs[s])
             for k in ks:
-                kk = min(k, v.num_regions)
+                kk = min(k, r.num_regions)
                 if topk_effects is not None and k in topk_effects[e]:
                     out[f"top{k}_drop"].append(float(_np(topk_effects[e][k])[s]))
                     continue
@@ -168,7 +163,7 @@ def _aggregate(per_span: Mapping[str, np.ndarray], ks: Sequence[int]) -> dict[st
     return res
 
 
-def stored_metrics(scores: Sequence[Any], examples: Sequence[Any], ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+def stored_metrics(scores: Sequence[Any], examples: Sequence[ExampleRecord], ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
     """Metrics of ``scores`` against the ground truth *stored* with ``examples`` (no model needed).
 
     Keys: ``lds``, ``pearson`` (mean per-span), ``top{k}_drop`` (from the stored tables,
@@ -279,103 +274,50 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-# ----------------------------------------------------------------------------- contexts from records
+# ----------------------------------------------------------------------------- estimator vs collection
 
 
-def _field(record: Any, name: str) -> Any:
-    if isinstance(record, Mapping):
-        v = record.get(name)
-    else:
-        v = getattr(record, name, None)
-    if v is None:
-        meta = record.get("metadata") if isinstance(record, Mapping) else getattr(record, "metadata", None)
-        if isinstance(meta, Mapping):
-            v = meta.get(name)
-    return v
+def check_estimator(estimator: Any, records: Sequence[ExampleRecord]) -> None:
+    """Raise a ValueError unless ``estimator`` was trained on data like ``records``.
 
-
-def _record_inputs(record: Any, model: Any) -> dict | None:
-    """Prompt inputs stored with a record: ``record.inputs`` or its image tensors + the prompt ids."""
-    inputs = _field(record, "inputs")
-    if isinstance(inputs, Mapping):
-        return {k: (torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-    pv, grid = _field(record, "pixel_values"), _field(record, "image_grid_thw")
-    seq, plen = _field(record, "sequence"), _field(record, "prompt_len")
-    if pv is None or grid is None or seq is None or plen is None:
-        return None
-    seq = torch.as_tensor(seq)
-    seq = seq[None] if seq.dim() == 1 else seq
-    ids = seq[:, : int(plen)]
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.as_tensor(pv),
-           "image_grid_thw": torch.as_tensor(grid)}
-    mm = _field(record, "mm_token_type_ids")
-    if mm is not None:
-        out["mm_token_type_ids"] = torch.as_tensor(mm).reshape(1, -1)[:, : int(plen)]
-    elif model is not None:
-        from .layouts import _get_path, architecture_spec
-
-        spec = architecture_spec(model)
-        image_id = int(_get_path(model.config, spec.image_token_id))
-        out["mm_token_type_ids"] = (ids == image_id).long()
-    return out
-
-
-def _record_regions(record: Any) -> Any:
-    from .regions import PromptRegions
-
-    regions = _field(record, "regions")
-    if regions is None:
-        return None
-    if isinstance(regions, PromptRegions):
-        return regions
-    if isinstance(regions, str):
-        regions = json.loads(regions)
-    return PromptRegions.from_dict(regions)
-
-
-def _record_method(record: Any) -> str | None:
-    cfg = _field(record, "config")
-    return cfg.get("method") if isinstance(cfg, Mapping) else _field(record, "ablation_method")
-
-
-def context_from_record(record: Any, model: Any = None, *, index: int = 0, ablation_method: str = "attention",
-                        batch_size: int = 16, inputs_fn: Callable[[Any], Mapping] | None = None):
-    """An :class:`~hf_vattr.baselines.ExampleContext` for a collected record.
-
-    The stored span features are used as they are (the estimator and raw attention need no
-    forward). Inputs for the model come from ``inputs_fn(record)`` when given, else from
-    the record (``inputs`` or its stored ``pixel_values`` / ``image_grid_thw`` + prompt ids).
+    Scoring a collection with an estimator trained for another model type, size ``(L, H)``,
+    pooling, region method or number of regions gives numbers that look fine and mean
+    nothing, so evaluation refuses. Each side is checked only where it records the value.
     """
-    from .baselines import ExampleContext
-
-    view = as_example(record, index)
-    inputs = inputs_fn(record) if inputs_fn is not None else _record_inputs(record, model)
-    seq = _field(record, "sequence")
-    seq = None if seq is None else torch.as_tensor(seq)
-    return ExampleContext(
-        model=model,
-        inputs=inputs,
-        sequence=seq,
-        spans=view.spans or [],
-        regions=_record_regions(record),
-        span_features=view.span_features,
-        pooling=view.pooling or "sum",
-        example_id=view.example_id,
-        ablation_method=_record_method(record) or ablation_method,
-        batch_size=batch_size,
-        extras={"view": view},
-    )
+    first = next((r for r in records), None)
+    if first is None:
+        return
+    cfg = first.config or {}
+    k_est = (estimator.k_policy or {}).get("k") if isinstance(estimator.k_policy, Mapping) else None
+    pairs = [
+        ("model_type", estimator.model_type, first.model_type or None),
+        ("num_layers (L)", estimator.num_layers, first.dims[0]),
+        ("num_heads (H)", estimator.num_heads, first.dims[1]),
+        ("pooling", estimator.pooling, cfg.get("pooling")),
+        ("region_method", estimator.region_method, cfg.get("region_method")),
+        ("k (regions per image)", k_est, cfg.get("k")),
+    ]
+    lines = [f"  - {name}: estimator has {a!r}, collection has {b!r}" for name, a, b in pairs
+             if a is not None and b is not None and a != b]
+    if lines:
+        raise ValueError(
+            f"The estimator does not match the collection (example {first.example_id} and its collection config):\n"
+            + "\n".join(lines)
+            + "\nEvaluate it on a collection made with the same model and CollectionConfig, or train an estimator "
+              "on this collection (`hf-vattr train`)."
+        )
 
 
 # ----------------------------------------------------------------------------- evaluate
 
 
-def _measured_topk(ctx: Any, all_scores: Mapping[str, torch.Tensor], ks: Sequence[int], batch_size: int,
+def _measured_topk(record: ExampleRecord, model: Any, inputs: Mapping[str, Any],
+                   all_scores: Mapping[str, torch.Tensor], ks: Sequence[int], batch_size: int,
                    method: str) -> dict[str, dict[int, np.ndarray]]:
     """Real top-k drops for every method: one ablation engine per example, unique masks batched."""
     from .ablation import AblationEngine
 
-    k_regions = ctx.num_regions
+    k_regions = record.num_regions
     keys: dict[bytes, int] = {}
     rows: list[np.ndarray] = []
     where: dict[str, dict[int, list[int]]] = {}
@@ -395,9 +337,10 @@ def _measured_topk(ctx: Any, all_scores: Mapping[str, torch.Tensor], ks: Sequenc
             where[name][k] = idx
     if not rows:
         return {}
-    max_end = max(b for _, b in ctx.spans)
-    engine = AblationEngine(ctx.model, ctx.inputs, ctx.sequence, ctx.regions, max_generated=max_end)
-    eff = engine.span_effects(ctx.spans, torch.as_tensor(np.stack(rows)), batch_size=batch_size,
+    spans = record.span_ranges
+    engine = AblationEngine(model, inputs, record.sequence[None], record.prompt_regions(),
+                            max_generated=max(b for _, b in spans))
+    eff = engine.span_effects(spans, torch.as_tensor(np.stack(rows)), batch_size=batch_size,
                               method=method).numpy()  # (U, S)
     out: dict[str, dict[int, np.ndarray]] = {}
     for name in all_scores:
@@ -415,7 +358,7 @@ def _measured_topk(ctx: Any, all_scores: Mapping[str, torch.Tensor], ks: Sequenc
 
 def evaluate(
     methods: Sequence[Any],
-    records: Sequence[Any],
+    records: Sequence[ExampleRecord],
     model: Any = None,
     processor: Any = None,
     *,
@@ -431,21 +374,23 @@ def evaluate(
 
     Args:
         methods: :class:`~hf_vattr.baselines.AttributionMethod` instances (names must differ).
-        records: collected examples (:func:`hf_vattr.collection.load_collection` records,
-            or objects / dicts with the same fields).
+        records: collected examples (:func:`hf_vattr.collection.load_collection`). Every
+            :class:`~hf_vattr.baselines.EstimatorMethod` is first checked against them
+            (:func:`check_estimator`).
         model: the VLM; needed by ablation / gradient methods and for measured top-k drops.
             Without it those methods are skipped (with a warning).
         processor: unused by the built-in code path (kept for symmetry with collection and
             for ``inputs_fn`` closures).
         ks: top-k drop sizes (clipped to the number of regions of an example).
         topk: ``"measure"`` (real ablation, needs the model), ``"table"`` (stored tables
-            only) or ``"auto"`` (measure when a model and the record's inputs are there).
+            only) or ``"auto"`` (measure when a model and ``inputs_fn`` are there).
         batch_size / ablation_method: for the ablation engine (default: the collection's method
             when the records say which).
-        inputs_fn: ``inputs_fn(record) -> processor outputs`` when records do not store them.
+        inputs_fn: ``inputs_fn(record) -> processor outputs`` of the record's prompt (records do not
+            store pixels); needed by the methods that run the model.
         keep_scores: also return every method's ``(S, K)`` scores in ``report.info["scores"]``.
     """
-    from .baselines import AttributionMethod
+    from .baselines import AttributionMethod, EstimatorMethod
 
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
@@ -460,51 +405,53 @@ def evaluate(
             logger.warning(f"Skipping method {m.name!r}: it runs the model, and no model was given.")
             continue
         runnable.append(m)
-    views = [as_example(r, i) for i, r in enumerate(records)]
-    if not views:
+    if not records:
         raise ValueError("no examples to evaluate.")
+    for m in runnable:
+        if isinstance(m, EstimatorMethod):
+            check_estimator(m.estimator, records)
 
     scores: dict[str, list[torch.Tensor]] = {m.name: [] for m in runnable}
     seconds: dict[str, float] = {m.name: 0.0 for m in runnable}
     measured: dict[str, list[dict[int, np.ndarray]]] = {m.name: [] for m in runnable}
     topk_source = "stored tables (LOO rows for k=1; a stored subset when one equals the top-k set)"
-    iterator = range(len(views))
+    iterator = range(len(records))
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="evaluating", unit="example")
     measured_any = False
     for e in iterator:
-        rec, view = records[e], views[e]
-        ctx = context_from_record(rec, model, index=e, ablation_method=ablation_method, batch_size=batch_size,
-                                  inputs_fn=inputs_fn)
-        if view.num_spans == 0:
+        rec = records[e]
+        if rec.num_spans == 0:
             for m in runnable:
-                scores[m.name].append(torch.zeros(0, view.num_regions))
+                scores[m.name].append(torch.zeros(0, rec.num_regions))
                 measured[m.name].append({})
             continue
-        if model is not None and ctx.inputs is None and any(m.requires_model for m in runnable):
+        inputs = inputs_fn(rec) if inputs_fn is not None else None
+        if model is not None and inputs is None and any(m.requires_model for m in runnable):
             raise ValueError(
-                f"example {view.example_id}: the record stores no prompt inputs (pixel_values, image_grid_thw); "
-                "pass inputs_fn=... to rebuild them for the model-running methods."
+                f"example {rec.example_id}: records store no pixels; pass inputs_fn=... to rebuild the prompt "
+                "inputs for the model-running methods."
             )
+        method = rec.config.get("method") or ablation_method
         per_example: dict[str, torch.Tensor] = {}
         for m in runnable:
             t0 = time.perf_counter()
-            sc = m.span_scores(ctx)
+            sc = m.span_scores(rec, model, inputs, batch_size=batch_size, ablation_method=method)
             seconds[m.name] += time.perf_counter() - t0
             sc = torch.as_tensor(sc).detach().float().cpu()
-            if tuple(sc.shape) != (view.num_spans, view.num_regions):
-                raise ValueError(f"method {m.name!r} returned shape {tuple(sc.shape)} for example {view.example_id}; "
-                                 f"expected ({view.num_spans}, {view.num_regions}).")
+            if tuple(sc.shape) != (rec.num_spans, rec.num_regions):
+                raise ValueError(f"method {m.name!r} returned shape {tuple(sc.shape)} for example {rec.example_id}; "
+                                 f"expected ({rec.num_spans}, {rec.num_regions}).")
             scores[m.name].append(sc)
             per_example[m.name] = sc
-        do_measure = topk == "measure" or (topk == "auto" and model is not None and ctx.inputs is not None
-                                           and ctx.regions is not None and ctx.sequence is not None)
+        do_measure = topk == "measure" or (topk == "auto" and model is not None and inputs is not None
+                                           and rec.regions is not None)
         if do_measure:
-            if model is None or ctx.inputs is None or ctx.regions is None:
-                raise ValueError("topk='measure' needs the model and records with inputs and regions.")
-            got = _measured_topk(ctx, per_example, ks, batch_size, ctx.ablation_method)
+            if model is None or inputs is None or rec.regions is None:
+                raise ValueError("topk='measure' needs the model, inputs_fn and records with their regions.")
+            got = _measured_topk(rec, model, inputs, per_example, ks, batch_size, method)
             measured_any = True
             for m in runnable:
                 measured[m.name].append(got.get(m.name, {}))
@@ -514,28 +461,28 @@ def evaluate(
     if measured_any:
         topk_source = "measured (real ablation of the top-k regions)"
 
-    total_spans = sum(v.num_spans for v in views)
+    total_spans = sum(r.num_spans for r in records)
     rows: dict[str, dict[str, Any]] = {}
     per_span_out: dict[str, dict[str, list]] = {}
     for m in runnable:
-        per = span_level_metrics(scores[m.name], views, ks, topk_effects=measured[m.name])
+        per = span_level_metrics(scores[m.name], records, ks, topk_effects=measured[m.name])
         agg = _aggregate(per, ks)
         agg["time_per_span_ms"] = 1000.0 * seconds[m.name] / max(total_spans, 1)
         rows[m.name] = {k: _nan_to_none(v) for k, v in agg.items()}
         per_span_out[m.name] = {k: v.tolist() for k, v in per.items() if k not in ("loo_pred", "loo_actual")}
-    ks_all = [v.num_regions for v in views]
+    ks_all = [r.num_regions for r in records]
     info = {
-        "num_examples": len(views),
+        "num_examples": len(records),
         "num_spans": total_spans,
         "k_min": min(ks_all),
         "k_max": max(ks_all),
-        "masks_per_example": sorted({v.num_subsets for v in views}),
+        "masks_per_example": sorted({r.num_subsets for r in records}),
         "ks": list(ks),
         "topk_source": topk_source,
         "methods": [m.name for m in runnable],
         "skipped_methods": [m.name for m in methods if m not in runnable],
-        "example_ids": [v.example_id for v in views],
-        "model_type": views[0].model_type,
+        "example_ids": [str(r.example_id) for r in records],
+        "model_type": records[0].model_type or None,
     }
     if keep_scores:
         info["scores"] = {k: [s.tolist() for s in v] for k, v in scores.items()}
@@ -546,8 +493,8 @@ def evaluate(
 
 
 def trajectory_report(
-    records: Sequence[Any],
-    labels: Sequence[bool] | Mapping[str, bool],
+    records: Sequence[ExampleRecord],
+    labels: Sequence[bool] | Mapping[Any, bool],
     *,
     scores: Sequence[Any] | Callable[[Any], Any] | None = None,
     fractions: Sequence[float] | None = None,
@@ -574,19 +521,18 @@ def trajectory_report(
     """
     from . import trajectory as T
 
-    views = [as_example(r, i) for i, r in enumerate(records)]
+    ids = [str(r.example_id) for r in records]
     if isinstance(labels, Mapping):
-        correct = [bool(labels[v.example_id]) for v in views]
+        correct = [bool(labels[r.example_id] if r.example_id in labels else labels[i])
+                   for r, i in zip(records, ids)]
     else:
         correct = [bool(x) for x in labels]
-    if len(correct) != len(views):
-        raise ValueError(f"got {len(correct)} labels for {len(views)} records.")
+    if len(correct) != len(records):
+        raise ValueError(f"got {len(correct)} labels for {len(records)} records.")
     trajs = []
-    for i, (r, v) in enumerate(zip(records, views)):
+    for i, r in enumerate(records):
         if scores is None:
-            if v.loo_effects is None:
-                raise ValueError(f"record {v.example_id} has no loo_effects; pass scores=.")
-            t = v.loo_effects
+            t = r.loo_effects
         elif callable(scores):
             t = scores(r)
         else:
@@ -596,7 +542,7 @@ def trajectory_report(
     per_trace = []
     for i in keep:
         st = T.trajectory_stats(trajs[i], method=method)  # type: ignore[arg-type]
-        per_trace.append({"example_id": views[i].example_id, "correct": correct[i], "num_steps": st.num_steps,
+        per_trace.append({"example_id": ids[i], "correct": correct[i], "num_steps": st.num_steps,
                           "path_length": st.path_length, "displacement": st.displacement,
                           "tortuosity": st.tortuosity, "mean_concentration": st.mean_concentration})
     groups = {}

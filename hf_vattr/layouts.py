@@ -238,6 +238,30 @@ class VisualLayout:
         return out
 
 
+def array_image_size(image: Any) -> tuple[int, int]:
+    """``(height, width)`` of an image array or tensor, ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``.
+
+    The channel axis is found the way transformers' image processors find it
+    (:func:`transformers.image_utils.infer_channel_dimension_format`), so the boxes land where
+    the processor put the pixels; a shape with no recognisable channel axis is refused.
+    """
+    from transformers.image_utils import get_image_size, infer_channel_dimension_format
+
+    shape = tuple(int(d) for d in image.shape)
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    if len(shape) != 3:
+        raise ValueError(f"An image array must be (H, W), (H, W, C) or (C, H, W); got shape {shape}.")
+    try:
+        channel_dim = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
+    except ValueError:
+        raise ValueError(f"Cannot tell the channel axis of an image array of shape {shape}: neither the first nor "
+                         "the last axis has 1, 3 or 4 channels. Pass (H, W, C) or (C, H, W) arrays, or PIL images."
+                         ) from None
+    h, w = get_image_size(image, channel_dim=channel_dim)
+    return int(h), int(w)
+
+
 def _image_sizes(images: Sequence[Any] | None) -> list[tuple[int, int]] | None:
     if images is None:
         return None
@@ -247,12 +271,8 @@ def _image_sizes(images: Sequence[Any] | None) -> list[tuple[int, int]] | None:
             sizes.append((int(img[0]), int(img[1])))
         elif hasattr(img, "size") and not hasattr(img, "shape"):  # PIL: (width, height)
             sizes.append((int(img.size[1]), int(img.size[0])))
-        elif hasattr(img, "shape"):  # array: HWC (or CHW for torch)
-            shape = tuple(img.shape)
-            if isinstance(img, torch.Tensor) and len(shape) == 3 and shape[0] in (1, 3, 4):
-                sizes.append((int(shape[1]), int(shape[2])))
-            else:
-                sizes.append((int(shape[0]), int(shape[1])))
+        elif hasattr(img, "shape"):  # array or tensor, channels first or last: read as the processor reads it
+            sizes.append(array_image_size(img))
         else:
             raise TypeError(f"Cannot read the size of image {type(img).__name__}; pass PIL images, arrays or (h, w).")
     return sizes

@@ -49,19 +49,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
 import torch
 from transformers.utils import logging
+
+from .evaluation import stored_metrics
+
+if TYPE_CHECKING:
+    from .collection import ExampleRecord
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "TrainingConfig",
-    "ExampleView",
-    "as_example",
-    "SpanDataset",
     "split_examples",
     "masked_pearson",
     "pearson_loss",
@@ -132,120 +133,7 @@ class TrainingConfig:
         return asdict(self)
 
 
-# ----------------------------------------------------------------------------- example view
-
-
-def _get(record: Any, *names: str, default: Any = None) -> Any:
-    """First present, non-None field among ``names`` (attribute, mapping key, or ``metadata[name]``)."""
-    for name in names:
-        if isinstance(record, Mapping):
-            value = record.get(name)
-        else:
-            value = getattr(record, name, None)
-        if value is not None:
-            return value
-    meta = record.get("metadata") if isinstance(record, Mapping) else getattr(record, "metadata", None)
-    if isinstance(meta, Mapping):
-        for name in names:
-            if meta.get(name) is not None:
-                return meta[name]
-    return default
-
-
-def _tensor(x: Any, dtype: torch.dtype | None = torch.float32) -> torch.Tensor | None:
-    if x is None:
-        return None
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    t = t.detach().cpu()
-    return t if dtype is None else t.to(dtype)
-
-
-@dataclass
-class ExampleView:
-    """The fields of one collected example that training and evaluation read.
-
-    Built from a :class:`hf_vattr.collection.ExampleRecord` (or any object / dict with the
-    same field names) by :func:`as_example`. Shapes: ``span_features (S, L, H, K)``,
-    ``loo_effects (S, K)``, ``subset_masks (M, K)`` bool (True = ablated),
-    ``subset_effects (S, M)``, ``base_logprobs (S,)``.
-    """
-
-    example_id: str
-    span_features: torch.Tensor
-    loo_effects: torch.Tensor | None = None
-    subset_masks: torch.Tensor | None = None
-    subset_effects: torch.Tensor | None = None
-    base_logprobs: torch.Tensor | None = None
-    spans: list[tuple[int, int]] | None = None
-    model_type: str | None = None
-    pooling: str | None = None
-    record: Any = field(default=None, repr=False)
-
-    @property
-    def num_spans(self) -> int:
-        return int(self.span_features.shape[0])
-
-    @property
-    def num_regions(self) -> int:
-        return int(self.span_features.shape[-1])
-
-    @property
-    def num_subsets(self) -> int:
-        return 0 if self.subset_masks is None else int(self.subset_masks.shape[0])
-
-    @property
-    def dims(self) -> tuple[int, int]:
-        return int(self.span_features.shape[1]), int(self.span_features.shape[2])
-
-
-def as_example(record: Any, index: int = 0) -> ExampleView:
-    """Normalise a collected record (or dict, or :class:`ExampleView`) and check its shapes."""
-    if isinstance(record, ExampleView):
-        return record
-    feats = _tensor(_get(record, "span_features", "features"))
-    if feats is None:
-        raise ValueError(f"record {index} has no span_features (S, L, H, K); is it a hf_vattr collection record?")
-    if feats.dim() != 4:
-        raise ValueError(f"record {index}: span_features must be (S, L, H, K), got shape {tuple(feats.shape)}.")
-    s, _, _, k = feats.shape
-    loo = _tensor(_get(record, "loo_effects"))
-    masks = _tensor(_get(record, "subset_masks"), dtype=torch.bool)
-    subs = _tensor(_get(record, "subset_effects"))
-    base = _tensor(_get(record, "base_logprobs"))
-    if loo is not None and tuple(loo.shape) != (s, k):
-        raise ValueError(f"record {index}: loo_effects must be (S={s}, K={k}), got {tuple(loo.shape)}.")
-    if (masks is None) != (subs is None):
-        raise ValueError(f"record {index}: subset_masks and subset_effects must both be present or both absent.")
-    if masks is not None:
-        if masks.dim() != 2 or masks.shape[1] != k:
-            raise ValueError(f"record {index}: subset_masks must be (M, K={k}), got {tuple(masks.shape)}.")
-        if tuple(subs.shape) != (s, masks.shape[0]):
-            raise ValueError(
-                f"record {index}: subset_effects must be (S={s}, M={masks.shape[0]}), got {tuple(subs.shape)}."
-            )
-    spans = _get(record, "spans")
-    if spans is not None:
-        spans = [tuple(int(v) for v in sp[:2]) if not isinstance(sp, Mapping) else (int(sp["start"]), int(sp["end"]))
-                 for sp in (spans.tolist() if isinstance(spans, torch.Tensor) else spans)]
-    eid = _get(record, "example_id", "id", "uid", "name")
-    return ExampleView(
-        example_id=str(eid) if eid is not None else str(index),
-        span_features=feats,
-        loo_effects=loo,
-        subset_masks=masks,
-        subset_effects=subs,
-        base_logprobs=base,
-        spans=spans,
-        model_type=_get(record, "model_type") or None,
-        pooling=_get(record, "pooling") or _config_value(record, "pooling"),
-        record=record,
-    )
-
-
-def _config_value(record: Any, name: str) -> Any:
-    """``record.config[name]`` (collection records keep their CollectionConfig there), else None."""
-    cfg = _get(record, "config")
-    return cfg.get(name) if isinstance(cfg, Mapping) else None
+# ----------------------------------------------------------------------------- split
 
 
 def split_examples(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -271,23 +159,24 @@ def split_examples(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
 
 
 @dataclass
-class SpanDataset:
-    """All spans of a set of examples as padded tensors (regions padded to ``K_max``).
+class _SpanTensors:
+    """The spans of some records as padded tensors, so the loss is a few batched ops.
 
-    ``features (N, L, H, Kmax)``, ``region_valid (N, Kmax)``, ``loo (N, Kmax)`` or None,
-    ``masks (E, Mmax, Kmax)`` per example and ``subset_valid (E, Mmax)``, ``subsets (N, Mmax)``,
+    Not a record shape: built from :class:`~hf_vattr.collection.ExampleRecord` s by
+    :meth:`from_records` and only used inside the fit. ``features (N, L, H, Kmax)``,
+    ``region_valid (N, Kmax)``, ``loo (N, Kmax)``, ``masks (E, Mmax, Kmax)`` and
+    ``subset_valid (E, Mmax)`` per example (None without subsets), ``subsets (N, Mmax)``,
     ``example_index (N,)`` (the example of each span).
     """
 
     features: torch.Tensor
     region_valid: torch.Tensor
     example_index: torch.Tensor
-    example_ids: list[str]
-    loo: torch.Tensor | None = None
-    masks: torch.Tensor | None = None
-    subset_valid: torch.Tensor | None = None
-    subsets: torch.Tensor | None = None
-    examples: list[ExampleView] = field(default_factory=list, repr=False)
+    loo: torch.Tensor
+    masks: torch.Tensor | None
+    subset_valid: torch.Tensor | None
+    subsets: torch.Tensor | None
+    records: list[ExampleRecord] = field(default_factory=list, repr=False)
 
     @property
     def num_spans(self) -> int:
@@ -297,87 +186,84 @@ class SpanDataset:
     def dims(self) -> tuple[int, int]:
         return int(self.features.shape[1]), int(self.features.shape[2])
 
+    @property
+    def example_ids(self) -> list[str]:
+        return [str(r.example_id) for r in self.records]
+
     @classmethod
-    def from_examples(cls, examples: Sequence[Any], dtype: torch.dtype = torch.float32) -> SpanDataset:
-        views = [as_example(r, i) for i, r in enumerate(examples)]
-        views = [v for v in views if v.num_spans > 0]
-        if not views:
+    def from_records(cls, records: Sequence[ExampleRecord], dtype: torch.dtype = torch.float32) -> _SpanTensors:
+        records = [r for r in records if r.num_spans > 0]
+        if not records:
             raise ValueError("no spans to train on: every example is empty (S = 0) or no examples were given.")
-        dims = {v.dims for v in views}
+        dims = {r.dims for r in records}
         if len(dims) != 1:
             raise ValueError(f"examples come from models of different sizes: (L, H) in {sorted(dims)}.")
         l_, h_ = dims.pop()
-        kmax = max(v.num_regions for v in views)
-        n = sum(v.num_spans for v in views)
-        has_loo = all(v.loo_effects is not None for v in views)
-        has_sub = all(v.subset_masks is not None for v in views)
-        if not has_loo and any(v.loo_effects is not None for v in views):
-            logger.warning("Some examples lack loo_effects; the LOO target is disabled for the whole dataset.")
-        mmax = max((v.num_subsets for v in views), default=0) if has_sub else 0
+        kmax = max(r.num_regions for r in records)
+        n = sum(r.num_spans for r in records)
+        has_sub = all(r.num_subsets > 0 for r in records)
+        mmax = max(r.num_subsets for r in records) if has_sub else 0
 
         feats = torch.zeros(n, l_, h_, kmax, dtype=dtype)
         rvalid = torch.zeros(n, kmax, dtype=torch.bool)
-        loo = torch.zeros(n, kmax, dtype=torch.float32) if has_loo else None
-        masks = torch.zeros(len(views), mmax, kmax, dtype=torch.bool) if has_sub else None
-        svalid = torch.zeros(len(views), mmax, dtype=torch.bool) if has_sub else None
+        loo = torch.zeros(n, kmax, dtype=torch.float32)
+        masks = torch.zeros(len(records), mmax, kmax, dtype=torch.bool) if has_sub else None
+        svalid = torch.zeros(len(records), mmax, dtype=torch.bool) if has_sub else None
         subs = torch.zeros(n, mmax, dtype=torch.float32) if has_sub else None
         ex_index = torch.empty(n, dtype=torch.long)
         start = 0
-        for e, v in enumerate(views):
-            s, k, m = v.num_spans, v.num_regions, v.num_subsets
+        for e, r in enumerate(records):
+            s, k, m = r.num_spans, r.num_regions, r.num_subsets
             sl = slice(start, start + s)
-            feats[sl, :, :, :k] = v.span_features.to(dtype)
+            feats[sl, :, :, :k] = r.span_features.to(dtype)
             rvalid[sl, :k] = True
             ex_index[sl] = e
-            if loo is not None:
-                loo[sl, :k] = v.loo_effects
+            loo[sl, :k] = r.loo_effects
             if masks is not None:
-                masks[e, :m, :k] = v.subset_masks
+                masks[e, :m, :k] = r.subset_masks
                 svalid[e, :m] = True
-                subs[sl, :m] = v.subset_effects
+                subs[sl, :m] = r.subset_effects
             start += s
-        return cls(feats, rvalid, ex_index, [v.example_id for v in views], loo, masks, svalid, subs, views)
+        return cls(feats, rvalid, ex_index, loo, masks, svalid, subs, records)
 
-    def subset(self, example_indices: Sequence[int]) -> SpanDataset:
-        """The spans of the given examples (indices into ``self.examples``)."""
+    def subset(self, example_indices: Sequence[int]) -> _SpanTensors:
+        """The spans of the given examples (indices into ``self.records``)."""
         keep = list(example_indices)
         if not keep:
             raise ValueError("empty example subset")
-        remap = torch.full((len(self.example_ids),), -1, dtype=torch.long)
+        remap = torch.full((len(self.records),), -1, dtype=torch.long)
         remap[torch.tensor(keep)] = torch.arange(len(keep))
-        span_sel = remap[self.example_index] >= 0
-        idx = span_sel.nonzero().flatten()
-        return SpanDataset(
+        idx = (remap[self.example_index] >= 0).nonzero().flatten()
+        return _SpanTensors(
             features=self.features[idx],
             region_valid=self.region_valid[idx],
             example_index=remap[self.example_index[idx]],
-            example_ids=[self.example_ids[i] for i in keep],
-            loo=None if self.loo is None else self.loo[idx],
+            loo=self.loo[idx],
             masks=None if self.masks is None else self.masks[keep],
             subset_valid=None if self.subset_valid is None else self.subset_valid[keep],
             subsets=None if self.subsets is None else self.subsets[idx],
-            examples=[self.examples[i] for i in keep] if self.examples else [],
+            records=[self.records[i] for i in keep],
         )
 
-    def to(self, device: torch.device | str) -> SpanDataset:
+    def to(self, device: torch.device | str) -> _SpanTensors:
         def mv(t):
             return None if t is None else t.to(device)
 
-        return SpanDataset(mv(self.features), mv(self.region_valid), mv(self.example_index), self.example_ids,
-                           mv(self.loo), mv(self.masks), mv(self.subset_valid), mv(self.subsets), self.examples)
+        return _SpanTensors(mv(self.features), mv(self.region_valid), mv(self.example_index), mv(self.loo),
+                            mv(self.masks), mv(self.subset_valid), mv(self.subsets), self.records)
 
     def summary(self) -> dict:
-        ks = [v.num_regions for v in self.examples] or [int(self.region_valid.sum(1).max())]
-        ms = [v.num_subsets for v in self.examples]
+        ks = [r.num_regions for r in self.records]
         out = {
-            "num_examples": len(self.example_ids),
+            "num_examples": len(self.records),
             "num_spans": self.num_spans,
             "num_regions_min": int(min(ks)),
             "num_regions_max": int(max(ks)),
-            "has_loo": self.loo is not None,
+            "has_loo": True,
             "has_subsets": self.masks is not None,
         }
-        if self.masks is not None and ms:
+        if self.masks is not None:
+            ms = [r.num_subsets for r in self.records]
             out["masks_per_example_min"] = int(min(ms))
             out["masks_per_example_max"] = int(max(ms))
         return out
@@ -413,22 +299,25 @@ def _span_predictions(weight: torch.Tensor, features: torch.Tensor) -> torch.Ten
     return torch.einsum("nlhk,lh->nk", features, weight.to(features.dtype)).float()
 
 
-def pearson_loss(weight: torch.Tensor, data: SpanDataset, target: str = "loo", *, min_std: float = 1e-8,
-                 span_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Minus the mean per-span Pearson correlation of predicted vs actual effects.
+def pearson_loss(weight: torch.Tensor, records: Sequence[ExampleRecord], target: str = "loo", *,
+                 min_std: float = 1e-8) -> tuple[torch.Tensor, dict]:
+    """Minus the mean per-span Pearson correlation of predicted vs actual effects over ``records``.
 
     ``target="loo"`` correlates across regions, ``"subsets"`` across ablation masks
     (prediction = mask @ scores), ``"both"`` averages the two. Returns ``(loss, info)``
     with ``info["pearson_loo"]`` / ``info["pearson_subsets"]`` (floats) and the number of
     spans used / skipped for each.
     """
+    return _pearson_loss(weight, _SpanTensors.from_records(records), target, min_std=min_std)
+
+
+def _pearson_loss(weight: torch.Tensor, data: _SpanTensors, target: str = "loo", *, min_std: float = 1e-8,
+                  span_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     feats = data.features if span_index is None else data.features[span_index]
     rvalid = data.region_valid if span_index is None else data.region_valid[span_index]
     pred = _span_predictions(weight, feats)
     losses, info = [], {}
     if target in ("loo", "both"):
-        if data.loo is None:
-            raise ValueError("target 'loo' needs loo_effects in every example; use target='subsets'.")
         loo = data.loo if span_index is None else data.loo[span_index]
         r, ok = masked_pearson(pred, loo, rvalid, min_std)
         used = int(ok.sum())
@@ -438,7 +327,8 @@ def pearson_loss(weight: torch.Tensor, data: SpanDataset, target: str = "loo", *
             losses.append(-r.sum() / used)
     if target in ("subsets", "both"):
         if data.masks is None:
-            raise ValueError("target 'subsets' needs subset_masks/subset_effects in every example; use target='loo'.")
+            raise ValueError("target 'subsets' needs random-subset effects in every example (collect with "
+                             "num_subsets > 0); use target='loo'.")
         ex = data.example_index if span_index is None else data.example_index[span_index]
         masks = data.masks[ex].to(pred.dtype)  # (N, M, K)
         svalid = data.subset_valid[ex]
@@ -466,35 +356,27 @@ def _centred(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (values - mean) * v
 
 
-def _calibration(weight: torch.Tensor, data: SpanDataset, use_bias: bool) -> tuple[float, float]:
+def _calibration(weight: torch.Tensor, data: _SpanTensors, use_bias: bool) -> tuple[float, float]:
     """Least-squares ``(scale, bias)`` mapping scores to measured effects on ``data``.
 
     The scale is fit on *within-span centred* values, ``(loo - mean_S) ~ a * (score - mean_S)``:
     the Pearson loss fixes each span's scores only up to a positive scale and a per-span shift,
     so the within-span slope is what training determined (and it is positive whenever training
     found a positive correlation). The bias, if any, is then the mean residual
-    ``loo - a * score`` over all points (for subsets: ``b * |mask|``).
+    ``loo - a * score`` over all points.
     """
     with torch.no_grad():
         pred = _span_predictions(weight, data.features).double()
-        if data.loo is not None:
-            v = data.region_valid
-            y = data.loo.double()
-            xc, yc = _centred(pred, v), _centred(y, v)
-            x_all, y_all, ones = pred[v], y[v], torch.ones(int(v.sum()), dtype=torch.float64)
-        else:
-            masks = data.masks[data.example_index].double()
-            v = data.subset_valid[data.example_index]
-            x = torch.bmm(masks, pred.unsqueeze(-1)).squeeze(-1)
-            y = data.subsets.double()
-            xc, yc = _centred(x, v), _centred(y, v)
-            x_all, y_all, ones = x[v], y[v], masks.sum(-1)[v]  # a bias adds b per ablated region
+        v = data.region_valid
+        y = data.loo.double()
+        xc, yc = _centred(pred, v), _centred(y, v)
+        x_all, y_all = pred[v], y[v]
         denom = float((xc * xc).sum())
         scale = float((xc * yc).sum()) / denom if denom > 0 else 1.0
         bias = 0.0
         if use_bias:
             resid = y_all - scale * x_all
-            bias = float((resid * ones).sum() / (ones * ones).sum().clamp_min(1e-12))
+            bias = float(resid.sum() / max(resid.numel(), 1))
         return scale, bias
 
 
@@ -506,7 +388,7 @@ def _unit(w: torch.Tensor) -> torch.Tensor:
 
 
 def fit_estimator(
-    data: Sequence[Any] | SpanDataset,
+    data: Sequence[ExampleRecord],
     num_layers: int | None = None,
     num_heads: int | None = None,
     config: TrainingConfig | None = None,
@@ -523,8 +405,7 @@ def fit_estimator(
     """Fit a :class:`LinearEstimator` on collected records; returns ``(estimator, report)``.
 
     Args:
-        data: collection records (:class:`hf_vattr.collection.ExampleRecord`, dicts or
-            :class:`ExampleView`) or a :class:`SpanDataset` built from them.
+        data: collected :class:`~hf_vattr.collection.ExampleRecord` s (:func:`~hf_vattr.collection.load_collection`).
         num_layers, num_heads: ``L`` and ``H``; default: read from the features.
         config: :class:`TrainingConfig` (defaults if None).
         model_type, base_model_id, base_model_revision, pooling, region_method, k_policy:
@@ -539,21 +420,19 @@ def fit_estimator(
     the data summary.
     """
     from .estimator import LinearEstimator
-    from .evaluation import stored_metrics
 
     config = config or TrainingConfig()
     t0 = time.perf_counter()
-    full = data if isinstance(data, SpanDataset) else SpanDataset.from_examples(data)
+    full = _SpanTensors.from_records(data)
     l_, h_ = full.dims
     if num_layers is not None and num_layers != l_ or num_heads is not None and num_heads != h_:
         raise ValueError(f"features are (L={l_}, H={h_}) but num_layers={num_layers}, num_heads={num_heads} given.")
-    if config.target in ("loo", "both") and full.loo is None:
-        raise ValueError("target needs leave-one-out effects but the examples have none; use target='subsets'.")
     if config.target in ("subsets", "both") and full.masks is None:
-        raise ValueError("target needs subset ablations but the examples have none; use target='loo'.")
-    first = full.examples[0] if full.examples else None
-    model_type = model_type or (first.model_type if first else None)
-    pooling = pooling or (first.pooling if first else None) or "sum"
+        raise ValueError(f"target={config.target!r} needs random-subset effects but some examples have none "
+                         "(collected with num_subsets=0); use target='loo'.")
+    first = full.records[0]
+    model_type = model_type or first.model_type or None
+    pooling = pooling or first.pooling
 
     n_ex = len(full.example_ids)
     train_idx, val_idx = split_examples(n_ex, config.val_fraction, config.seed)
@@ -571,9 +450,9 @@ def fit_estimator(
     def weight_of(th: torch.Tensor) -> torch.Tensor:
         return th * th if param_sq else th
 
-    def objective(th: torch.Tensor, d: SpanDataset, span_index=None) -> tuple[torch.Tensor, dict]:
+    def objective(th: torch.Tensor, d: _SpanTensors, span_index=None) -> tuple[torch.Tensor, dict]:
         w = weight_of(th)
-        loss, info = pearson_loss(w, d, config.target, min_std=config.min_effect_std, span_index=span_index)
+        loss, info = _pearson_loss(w, d, config.target, min_std=config.min_effect_std, span_index=span_index)
         if config.weight_decay:
             loss = loss + config.weight_decay * (_unit(w) - u_dir).pow(2).sum()
         return loss, info
@@ -658,8 +537,7 @@ def fit_estimator(
             a, b = _calibration(w, train, config.use_bias)
             if a > 0:
                 scale, bias = a, b
-                calibration = {"applied": True, "scale": a, "bias": b,
-                               "fit_on": "loo" if train.loo is not None else "subsets"}
+                calibration = {"applied": True, "scale": a, "bias": b, "fit_on": "loo"}
             else:
                 logger.warning(
                     f"Calibration found a non-positive scale ({a:.4g}): the fitted scores anti-correlate with the "
@@ -687,12 +565,12 @@ def fit_estimator(
             estimator.bias.fill_(bias)
     estimator.eval()
 
-    def metrics_on(d: SpanDataset | None) -> dict | None:
+    def metrics_on(d: _SpanTensors | None) -> dict | None:
         if d is None:
             return None
         with torch.no_grad():
-            scores = [estimator(v.span_features) for v in d.examples]
-        return stored_metrics(scores, d.examples)
+            scores = [estimator(r.span_features) for r in d.records]
+        return stored_metrics(scores, d.records)
 
     train_metrics = metrics_on(train)
     val_metrics = metrics_on(val)
@@ -745,14 +623,16 @@ def synthetic_examples(
     weight: torch.Tensor | None = None,
     seed: int = 0,
     model_type: str = "qwen3_vl",
-) -> tuple[list[dict], torch.Tensor]:
+) -> tuple[list[ExampleRecord], torch.Tensor]:
     """Examples whose effects follow a known linear rule (for tests, tutorials and sanity checks).
 
     Features look like pooled attention (non-negative, peaked over regions); leave-one-out
     effects are ``sum_lh weight[l,h] * f[l,h](S,k)`` plus Gaussian noise, and subset effects
-    are the sum of the ablated regions' true effects plus noise. Returns ``(records, weight)``;
-    each record is a dict with the fields of a collection record.
+    are the sum of the ablated regions' true effects plus noise. Returns ``(records, weight)``:
+    :class:`~hf_vattr.collection.ExampleRecord` s with placeholder token ids and span texts.
     """
+    from .collection import ExampleRecord
+
     g = torch.Generator().manual_seed(int(seed))
     if weight is None:
         weight = torch.randn(num_layers, num_heads, generator=g)
@@ -766,15 +646,18 @@ def synthetic_examples(
         loo = clean + noise * torch.randn(s, k, generator=g)
         masks = torch.rand(num_subsets, k, generator=g) < 0.5
         subs = clean @ masks.float().T + noise * torch.randn(s, num_subsets, generator=g)
-        out.append({
-            "example_id": e,
-            "span_features": f,
-            "loo_effects": loo,
-            "subset_masks": masks,
-            "subset_effects": subs,
-            "base_logprobs": -torch.rand(s, generator=g) * 10,
-            "spans": [{"start": 2 * i, "end": 2 * i + 2} for i in range(s)],
-            "model_type": model_type,
-            "num_regions": k,
-        })
+        out.append(ExampleRecord(
+            example_id=e,
+            span_features=f,
+            loo_effects=loo,
+            subset_masks=masks,
+            subset_effects=subs,
+            base_logprobs=-torch.rand(s, generator=g) * 10,
+            sequence=torch.zeros(2 * s, dtype=torch.long),
+            prompt_len=0,
+            spans=[{"start": 2 * i, "end": 2 * i + 2, "text": f"step {i}", "section": "thinking"} for i in range(s)],
+            text="",
+            num_regions=k,
+            model_type=model_type,
+        ))
     return out, weight

@@ -1,13 +1,13 @@
 """Attribution methods: gradient baselines against independent references, LOO against the ablation engine."""
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from hf_vattr.baselines import (
     EstimatorMethod,
-    ExampleContext,
     GradientXInput,
     IntegratedGradients,
     LeaveOneOut,
@@ -18,8 +18,9 @@ from hf_vattr.baselines import (
     span_logprobs_with_embeddings,
     visual_embedding_override,
 )
+from hf_vattr.collection import ExampleRecord
 from hf_vattr.estimator import LinearEstimator
-from hf_vattr.layouts import visual_layout
+from hf_vattr.layouts import text_dims, visual_layout
 from hf_vattr.regions import prompt_regions
 from hf_vattr.testing import example_inputs
 
@@ -29,7 +30,38 @@ SPANS = [(0, 3), (3, 8)]
 _CTX: dict = {}
 
 
-def make_context(family: str, *, double: bool = False, k: int = 6) -> ExampleContext:
+def make_record(sequence: torch.Tensor, spans, regions, features: torch.Tensor, example_id=0) -> ExampleRecord:
+    """A record of a trace (effects zero: the methods here never read them)."""
+    s, k = len(spans), regions.num_regions
+    return ExampleRecord(
+        example_id=example_id, span_features=features, loo_effects=torch.zeros(s, k),
+        subset_masks=torch.zeros(0, k, dtype=torch.bool), subset_effects=torch.zeros(s, 0),
+        base_logprobs=torch.zeros(s), sequence=sequence.reshape(-1), prompt_len=0,
+        spans=[{"start": a, "end": b, "text": "", "section": "thinking"} for a, b in spans], text="",
+        num_regions=k, regions=regions.to_dict())
+
+
+@dataclass
+class Ctx:
+    """A record plus what the model-running methods need with it."""
+
+    model: torch.nn.Module
+    inputs: dict
+    sequence: torch.Tensor
+    regions: object
+    record: ExampleRecord
+    spans = SPANS
+
+    @property
+    def num_regions(self) -> int:
+        return self.regions.num_regions
+
+    @property
+    def args(self) -> tuple:
+        return self.record, self.model, self.inputs
+
+
+def make_context(family: str, *, double: bool = False, k: int = 6, features: bool = False) -> Ctx:
     key = (family, double, k)
     if key not in _CTX:
         model, processor = get_tiny(family)
@@ -43,11 +75,14 @@ def make_context(family: str, *, double: bool = False, k: int = 6) -> ExampleCon
         regions = prompt_regions(layout, k=k)
         _CTX[key] = (model, inputs, sequence, regions)
     model, inputs, sequence, regions = _CTX[key]
-    return ExampleContext(model=model, inputs=inputs, sequence=sequence, spans=SPANS, regions=regions,
-                          example_id=f"{family}-0")
+    if features:
+        feats = compute_span_features(model, inputs, sequence, SPANS, regions)
+    else:
+        feats = torch.zeros(len(SPANS), *text_dims(model), regions.num_regions)
+    return Ctx(model, inputs, sequence, regions, make_record(sequence, SPANS, regions, feats, f"{family}-0"))
 
 
-def _layer0_scaled_logprobs(ctx: ExampleContext, region: int, eps, grad: bool = False) -> torch.Tensor:
+def _layer0_scaled_logprobs(ctx: Ctx, region: int, eps, grad: bool = False) -> torch.Tensor:
     """Span log-probs with region ``region``'s visual hidden states scaled by (1 + eps) at the input of
     decoder layer 0: an independent route (not the pre-hook on the text decoder the methods use)."""
     positions = ctx.regions.layout.positions[ctx.regions.token_masks()[region]]
@@ -70,7 +105,7 @@ def _layer0_scaled_logprobs(ctx: ExampleContext, region: int, eps, grad: bool = 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl", "glm4v"])
 def test_grad_x_input_matches_independent_references(family):
     ctx = make_context(family, double=True)
-    scores = GradientXInput().span_scores(ctx)
+    scores = GradientXInput().span_scores(*ctx.args)
     assert scores.shape == (len(SPANS), ctx.num_regions)
     region = 2
     # autograd reference: d/d eps of log p(S) with region k's inputs scaled by (1 + eps) = sum_i g_i . x_i
@@ -84,7 +119,7 @@ def test_grad_x_input_matches_independent_references(family):
     torch.testing.assert_close(scores[:, region].double(), fd.double(), rtol=2e-2, atol=2e-4)
 
 
-def _completeness_gap(ctx: ExampleContext) -> torch.Tensor:
+def _completeness_gap(ctx: Ctx) -> torch.Tensor:
     positions = ctx.regions.layout.positions
     with torch.no_grad():
         full = span_logprobs_with_embeddings(ctx.model, ctx.inputs, ctx.sequence, ctx.spans)
@@ -95,7 +130,7 @@ def _completeness_gap(ctx: ExampleContext) -> torch.Tensor:
 
 def test_integrated_gradients_completeness_uniform_grid():
     ctx = make_context("glm4v")
-    ig = IntegratedGradients(steps=16).span_scores(ctx)
+    ig = IntegratedGradients(steps=16).span_scores(*ctx.args)
     torch.testing.assert_close(ig.sum(1), _completeness_gap(ctx).float(), rtol=1e-2, atol=1e-3)
 
 
@@ -104,7 +139,7 @@ def test_integrated_gradients_completeness_geometric_grid():
     """On the tiny Qwen models most of the path integral sits near alpha = 0 (RMSNorm): a geometric grid."""
     ctx = make_context("qwen2_5_vl")
     grid = IntegratedGradients.geometric_breakpoints(32, smallest=1e-5)
-    ig = IntegratedGradients(breakpoints=grid).span_scores(ctx)
+    ig = IntegratedGradients(breakpoints=grid).span_scores(*ctx.args)
     torch.testing.assert_close(ig.sum(1), _completeness_gap(ctx).float(), rtol=3e-2, atol=1e-3)
     with pytest.raises(ValueError, match="breakpoints"):
         IntegratedGradients(breakpoints=[0.0, 0.5, 0.4, 1.0])
@@ -114,7 +149,7 @@ def test_gradient_methods_leave_model_untouched():
     ctx = make_context("qwen3_vl")
     flags = [p.requires_grad for p in ctx.model.parameters()]
     hooks = len(ctx.model.model.language_model._forward_pre_hooks)
-    GradientXInput().span_scores(ctx)
+    GradientXInput().span_scores(*ctx.args)
     assert [p.requires_grad for p in ctx.model.parameters()] == flags
     assert len(ctx.model.model.language_model._forward_pre_hooks) == hooks
     assert all(p.grad is None for p in ctx.model.parameters())
@@ -124,7 +159,7 @@ def test_leave_one_out_equals_single_mask_span_effects():
     from hf_vattr.ablation import leave_one_out_masks, span_effects, span_logprobs
 
     ctx = make_context("qwen3_vl")
-    loo = LeaveOneOut().span_scores(ctx)
+    loo = LeaveOneOut().span_scores(*ctx.args)
     k = ctx.num_regions
     assert loo.shape == (len(SPANS), k)
     for region in (0, k - 1):
@@ -139,17 +174,17 @@ def test_leave_one_out_equals_single_mask_span_effects():
 
 
 def test_features_raw_attention_and_estimator_agree():
-    ctx = make_context("qwen2_5_vl")
-    feats = ctx.features()
+    ctx = make_context("qwen2_5_vl", features=True)
+    feats = ctx.record.span_features
     model = ctx.model
     num_layers, num_heads = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
     assert feats.shape == (len(SPANS), num_layers, num_heads, ctx.num_regions)
     # attention mass: each head's row sums to at most 1 over the visual tokens (sum pooling)
     assert bool((feats >= 0).all()) and bool((feats.sum(-1) <= 1 + 1e-5).all())
-    raw = RawAttention().span_scores(ctx)
+    raw = RawAttention().span_scores(*ctx.args)
     torch.testing.assert_close(raw, feats.mean(dim=(1, 2)))
     est = LinearEstimator(num_layers, num_heads, model_type=model.config.model_type)  # uniform init = raw attention
-    torch.testing.assert_close(EstimatorMethod(est).span_scores(ctx), raw, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(EstimatorMethod(est).span_scores(*ctx.args), raw, rtol=1e-5, atol=1e-7)
     again = compute_span_features(model, ctx.inputs, ctx.sequence, SPANS, ctx.regions)
     torch.testing.assert_close(again, feats)
 
@@ -171,11 +206,11 @@ def test_features_match_collection():
 
 def test_random_scores_and_registry():
     ctx = make_context("glm4v")
-    a = RandomScores(seed=3).span_scores(ctx)
+    a = RandomScores(seed=3).span_scores(*ctx.args)
     assert a.shape == (len(SPANS), ctx.num_regions)
-    torch.testing.assert_close(a, RandomScores(seed=3).span_scores(ctx))
-    assert not torch.equal(a, RandomScores(seed=4).span_scores(ctx))
-    other = ExampleContext(spans=SPANS, regions=ctx.regions, example_id="another")
+    torch.testing.assert_close(a, RandomScores(seed=3).span_scores(ctx.record))  # offline: no model needed
+    assert not torch.equal(a, RandomScores(seed=4).span_scores(ctx.record))
+    other = make_record(ctx.sequence, SPANS, ctx.regions, ctx.record.span_features, example_id="another")
     assert not torch.equal(a, RandomScores(seed=3).span_scores(other))
     assert isinstance(make_method("ig", steps=4), IntegratedGradients)
     assert make_method("leave_one_out").requires_model and not make_method("raw_attention").requires_model
@@ -187,10 +222,9 @@ def test_random_scores_and_registry():
 
 def test_bad_spans_and_missing_model():
     ctx = make_context("glm4v")
-    bad = ExampleContext(model=ctx.model, inputs=ctx.inputs, sequence=ctx.sequence, spans=[(5, 99)],
-                         regions=ctx.regions)
+    feats = torch.zeros(1, *ctx.record.dims, ctx.num_regions)
+    bad = make_record(ctx.sequence, [(5, 99)], ctx.regions, feats)
     with pytest.raises(ValueError, match="generated tokens"):
-        GradientXInput().span_scores(bad)
-    offline = ExampleContext(spans=SPANS, regions=ctx.regions)
-    with pytest.raises(ValueError, match="needs model"):
-        GradientXInput().span_scores(offline)
+        GradientXInput().span_scores(bad, ctx.model, ctx.inputs)
+    with pytest.raises(ValueError, match="needs model, inputs"):
+        GradientXInput().span_scores(ctx.record)

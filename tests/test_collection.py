@@ -4,6 +4,7 @@ streamer sees during generation, resume = uninterrupted run (byte for byte), and
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,11 @@ from hf_vattr.collection import (
     ExampleRecord,
     collect,
     collect_example,
+    dataset_fingerprint,
     example_path,
-    iter_spans,
     load_collection,
     read_manifest,
+    read_prompts,
 )
 from hf_vattr.layouts import text_dims, visual_layout
 from hf_vattr.regions import prompt_regions
@@ -94,9 +96,6 @@ def test_collect_writes_documented_files(tmp_path):
         assert [(sp["start"], sp["end"]) for sp in rec.spans] == [(0, 4), (4, 8), (8, 10)]
         assert isinstance(rec.text, str) and rec.prompt_regions().num_regions == k
         assert rec.span_features.sum(-1).min() >= 0
-    spans = list(iter_spans(tmp_path))
-    assert len(spans) == 9 and spans[4].example_id == 11 and spans[4].span_index == 1
-    assert spans[4].features.shape == (num_layers, num_heads, 4)
     # different examples get different random subsets (seeded by seed and example id)
     assert not torch.equal(records[0].subset_masks, records[1].subset_masks)
 
@@ -238,6 +237,78 @@ def test_resume_refuses_different_settings(tmp_path):
     assert collect(model, proc, dataset(1), tmp_path, config(batch_size=1), progress=False)["skipped"] == [10]
     with pytest.raises(ValueError, match="num_subsets"):
         collect(model, proc, dataset(2), tmp_path, config(num_subsets=3), splitter_factory=EveryN, progress=False)
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    """Collection files are for sharing: mode 0666 minus the umask, not mkstemp's 0600."""
+    model, proc = get_tiny(FAMILY)
+    old = os.umask(0o022)
+    try:
+        collect(model, proc, dataset(1), tmp_path, config(num_subsets=2), splitter_factory=EveryN, progress=False)
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "collection.json", example_path(tmp_path, 10)):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def _prompts(folder: Path, name: str, rows: list) -> Path:
+    example_image(seed=0).save(folder / "img.png")
+    path = folder / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_resume_refuses_another_dataset(tmp_path):
+    """The same settings with another prompts file (or toy seed) must not mix two datasets in one folder."""
+    model, proc = get_tiny(FAMILY)
+    a = _prompts(tmp_path, "a.jsonl", [{"id": 10, "image": "img.png", "prompt": "Where is the shape?"}])
+    out = tmp_path / "gt"
+    collect(model, proc, dataset(1), out, config(num_subsets=2), dataset={"kind": "jsonl", "path": str(a)},
+            splitter_factory=EveryN, progress=False)
+    assert read_manifest(out)["dataset_fingerprint"]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    same = _prompts(moved, "a.jsonl", [{"id": 10, "image": "img.png", "prompt": "Where is the shape?"}])
+    result = collect(model, proc, dataset(1), out, config(num_subsets=2), dataset={"kind": "jsonl", "path": str(same)},
+                     progress=False)  # same content elsewhere: resumes
+    assert result["skipped"] == [10]
+    b = _prompts(tmp_path, "b.jsonl", [{"id": 10, "image": "img.png", "prompt": "What colour is it?"}])
+    manifest = (out / "collection.json").read_text()
+    with pytest.raises(ValueError, match="different dataset.*new folder"):
+        collect(model, proc, dataset(1), out, config(num_subsets=2), dataset={"kind": "jsonl", "path": str(b)},
+                progress=False)
+    assert (out / "collection.json").read_text() == manifest  # nothing overwritten
+    toy = {"kind": "toy", "n": 4, "seed": 0}
+    assert dataset_fingerprint(toy) != dataset_fingerprint(dict(toy, seed=1))
+    assert dataset_fingerprint(toy) != dataset_fingerprint(dict(toy, n=8))
+
+
+def test_missing_prompts_file_leaves_nothing_behind(tmp_path):
+    model, proc = get_tiny(FAMILY)
+    out = tmp_path / "gt"
+    with pytest.raises(FileNotFoundError, match="prompts file .*missing.jsonl not found"):
+        collect(model, proc, dataset(1), out, config(), dataset={"kind": "jsonl", "path": str(tmp_path / "missing.jsonl")},
+                progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("row, message", [
+    ([{"image": "img.png", "prompt": "hi"}], "expected a JSON object, got a list"),
+    ({"image": "img.png", "prompt": ["hi"]}, "'prompt' must be a string"),
+    ({"image": 3, "prompt": "hi"}, "'image' must be a file name"),
+    ({"images": ["img.png", None], "prompt": "hi"}, "'images' must be a non-empty list of file names"),
+    ({"id": "seven", "image": "img.png", "prompt": "hi"}, "'id' must be a non-negative integer"),
+    ({"image": "img.png", "messages": "hi"}, "'messages' must be a non-empty list of chat messages"),
+    ({"image": "img.png", "prompt": "hi", "answer": {"x": 1}}, "'answer' must be a string or a number"),
+])
+def test_bad_prompt_rows_name_the_line_and_field(tmp_path, row, message):
+    path = _prompts(tmp_path, "p.jsonl", [{"image": "img.png", "prompt": "a good first row"}, row])
+    with pytest.raises(ValueError, match=rf"p\.jsonl:2: {re.escape(message)}"):
+        read_prompts(path)
+    good = _prompts(tmp_path, "ok.jsonl", [{"image": "img.png", "prompt": "q", "answer": 3},
+                                           {"id": 5, "images": ["img.png"], "messages": [{"role": "user"}]}])
+    assert [(r.example_id, r.prompt, r.answer) for r in read_prompts(good)] == [
+        (0, "q", 3), (5, [{"role": "user"}], None)]
 
 
 SCRIPT = """

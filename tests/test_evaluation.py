@@ -1,6 +1,8 @@
 """Evaluation: stored-table metrics by hand, the report layout, real ablation on a tiny model, trajectories."""
 
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -9,8 +11,21 @@ import torch
 from hf_vattr import metrics as M
 from hf_vattr.baselines import AttributionMethod, EstimatorMethod, LeaveOneOut, RandomScores, RawAttention
 from hf_vattr.estimator import LinearEstimator
+from hf_vattr.collection import ExampleRecord
 from hf_vattr.evaluation import EvalReport, evaluate, span_level_metrics, stored_metrics, trajectory_report
 from hf_vattr.training import synthetic_examples
+
+
+def record(example_id, span_features, loo_effects, subset_masks=None, subset_effects=None, **kw):
+    """An ExampleRecord with placeholder tokens and span texts around the given tensors."""
+    s, k = loo_effects.shape
+    if subset_masks is None:
+        subset_masks, subset_effects = torch.zeros(0, k, dtype=torch.bool), torch.zeros(s, 0)
+    return ExampleRecord(example_id=example_id, span_features=span_features, loo_effects=loo_effects,
+                         subset_masks=subset_masks, subset_effects=subset_effects, base_logprobs=torch.zeros(s),
+                         sequence=torch.zeros(s, dtype=torch.long), prompt_len=0,
+                         spans=[{"start": i, "end": i + 1, "text": "", "section": "thinking"} for i in range(s)],
+                         text="", num_regions=k, **kw)
 
 
 def true_estimator(w):
@@ -22,16 +37,16 @@ def true_estimator(w):
 
 def test_stored_metrics_match_hand_computation():
     records, w = synthetic_examples(6, 2, 3, num_subsets=10, seed=0)
-    scores = [torch.einsum("slhk,lh->sk", r["span_features"], w) for r in records]
+    scores = [torch.einsum("slhk,lh->sk", r.span_features, w) for r in records]
     got = stored_metrics(scores, records)
     lds, pears, top1, pred, act = [], [], [], [], []
     for sc, r in zip(scores, records):
         for s in range(sc.shape[0]):
-            lds.append(M.lds(sc[s], r["subset_masks"], r["subset_effects"][s]))
-            pears.append(M.pearson(sc[s], r["loo_effects"][s]))
-            top1.append(float(r["loo_effects"][s, int(torch.argmax(sc[s]))]))
+            lds.append(M.lds(sc[s], r.subset_masks, r.subset_effects[s]))
+            pears.append(M.pearson(sc[s], r.loo_effects[s]))
+            top1.append(float(r.loo_effects[s, int(torch.argmax(sc[s]))]))
             pred += sc[s].tolist()
-            act += r["loo_effects"][s].tolist()
+            act += r.loo_effects[s].tolist()
     assert got["lds"] == pytest.approx(np.mean(lds))
     assert got["pearson"] == pytest.approx(np.mean(pears))
     assert got["top1_drop"] == pytest.approx(np.mean(top1))
@@ -41,12 +56,8 @@ def test_stored_metrics_match_hand_computation():
 
 
 def test_topk_from_table_only_when_the_set_was_measured():
-    rec = {
-        "span_features": torch.zeros(1, 1, 1, 4),
-        "loo_effects": torch.tensor([[0.1, 0.5, 0.2, 0.0]]),
-        "subset_masks": torch.tensor([[False, True, True, False], [True, False, False, True]]),
-        "subset_effects": torch.tensor([[0.9, 0.05]]),
-    }
+    rec = record(0, torch.zeros(1, 1, 1, 4), torch.tensor([[0.1, 0.5, 0.2, 0.0]]),
+                 torch.tensor([[False, True, True, False], [True, False, False, True]]), torch.tensor([[0.9, 0.05]]))
     scores = [torch.tensor([[0.0, 3.0, 2.0, 1.0]])]
     per = span_level_metrics(scores, [rec], ks=(1, 2, 3))
     assert per["top1_drop"][0] == pytest.approx(0.5)  # LOO row of region 1
@@ -59,8 +70,8 @@ class Oracle(AttributionMethod):
 
     name = "oracle"
 
-    def span_scores(self, ctx):
-        return ctx.extras["view"].loo_effects
+    def span_scores(self, record, model=None, inputs=None, **options):
+        return record.loo_effects
 
 
 def test_offline_evaluate_ranks_methods_sensibly():
@@ -135,8 +146,7 @@ def test_trajectory_report():
             traj = np.outer(np.linspace(0, 1, s), np.eye(k)[i % k]) + 0.01 * rng.standard_normal((s, k))
         else:  # wandering between regions
             traj = np.eye(k)[rng.integers(0, k, s)] + 0.01 * rng.standard_normal((s, k))
-        records.append({"example_id": f"t{i}", "span_features": torch.zeros(s, 1, 1, k),
-                        "loo_effects": torch.tensor(traj, dtype=torch.float32)})
+        records.append(record(f"t{i}", torch.zeros(s, 1, 1, k), torch.tensor(traj, dtype=torch.float32)))
         labels.append(correct)
     rep = trajectory_report(records, labels)
     assert rep["num_traces"] == 12 and len(rep["per_trace"]) == 12
@@ -146,8 +156,8 @@ def test_trajectory_report():
     assert rep["failure_auc"]["auc"][-1] == pytest.approx(1.0)
     assert len(g["correct"]["concentration_curve"]) == 10
     # labels by example id, and scores given explicitly
-    by_id = {r["example_id"]: lab for r, lab in zip(records, labels)}
-    rep2 = trajectory_report(records, by_id, scores=[r["loo_effects"] * 2 for r in records])
+    by_id = {r.example_id: lab for r, lab in zip(records, labels)}
+    rep2 = trajectory_report(records, by_id, scores=[r.loo_effects * 2 for r in records])
     assert rep2["groups"]["incorrect"]["tortuosity"] == pytest.approx(g["incorrect"]["tortuosity"])
     json.dumps(rep2)
     with pytest.raises(ValueError, match="labels"):
@@ -172,3 +182,24 @@ def test_bench_methods_smoke():
         torch.set_num_threads(threads)
     assert "| leave-one-out ablation (K=4) |" in text and "integrated gradients (1 steps)" in text
     assert times["estimator"] < times["loo"]
+
+
+@pytest.mark.parametrize("field, estimator_kwargs, message", [
+    ("model_type", dict(model_type="glm4v"), "model_type: estimator has 'glm4v', collection has 'qwen3_vl'"),
+    ("L", dict(num_layers=3), "num_layers (L): estimator has 3, collection has 2"),
+    ("H", dict(num_heads=5), "num_heads (H): estimator has 5, collection has 3"),
+    ("pooling", dict(pooling="mean"), "pooling: estimator has 'mean', collection has 'sum'"),
+    ("region_method", dict(region_method="slic"), "region_method: estimator has 'slic', collection has 'grid'"),
+    ("K", dict(k_policy={"k": 32}), "k (regions per image): estimator has 32, collection has 10"),
+])
+def test_evaluate_refuses_an_estimator_made_for_another_collection(field, estimator_kwargs, message):
+    """Without a model nothing else would notice: the scores would look like any other table."""
+    records, w = synthetic_examples(3, 2, 3, seed=2)
+    records = [dataclasses.replace(r, config={"pooling": "sum", "region_method": "grid", "k": 10}) for r in records]
+    kwargs = dict(num_layers=2, num_heads=3, model_type="qwen3_vl", pooling="sum", region_method="grid",
+                  k_policy={"k": 10})
+    matching = LinearEstimator(**kwargs)
+    assert evaluate([EstimatorMethod(matching)], records, progress=False).rows["estimator"]["num_spans"] > 0
+    kwargs.update(estimator_kwargs)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate([EstimatorMethod(LinearEstimator(**kwargs))], records, progress=False)

@@ -536,3 +536,32 @@ def test_region_map_rejects_bad_inputs():
     with pytest.raises(ValueError, match="is"):
         build_regions(fake_tokens(4, 4, 28, (100, 100)), "color", images=np.zeros((90, 100, 3), np.uint8))
     assert math.isclose(build_regions(tok, "grid", k=99).info["requested_k"], 99)
+
+
+def test_grid_k_must_be_positive():
+    """k <= 0 is a mistake (a typo, an unset option), not a request for one region."""
+    tok = fake_tokens(4, 4)
+    for k in (0, -3):
+        with pytest.raises(ValueError, match=f"k >= 1 regions per image, got k={k}"):
+            grid_regions(tok, k)
+
+
+def test_channel_first_array_is_sized_as_the_processor_reads_it():
+    """A (3, H, W) numpy image is channel-first to the processor; the layout must not read it as H=3."""
+    from conftest import get_tiny
+
+    from hf_vattr.layouts import array_image_size
+    from hf_vattr.testing import example_inputs
+
+    model, proc = get_tiny("qwen2_5_vl")
+    hwc = photo("astronaut")[40:250, 13:300].copy()  # 210 x 287
+    chw = np.ascontiguousarray(hwc.transpose(2, 0, 1))
+    layouts = []
+    for image in (hwc, chw, Image.fromarray(hwc)):
+        inputs = example_inputs(proc, [image])
+        layouts.append(visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], [image]).images[0])
+    assert [lay.original_size for lay in layouts] == [(210, 287)] * 3
+    assert layouts[1].grid_hw == layouts[0].grid_hw
+    assert layouts[1].token_box_original(5) == layouts[0].token_box_original(5)
+    with pytest.raises(ValueError, match="channel axis"):
+        array_image_size(np.zeros((5, 40, 60)))

@@ -1,5 +1,6 @@
 """Training: the Pearson loss, the example-level split, and recovery of a known linear rule."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,9 +10,7 @@ import torch
 from hf_vattr.estimator import LinearEstimator
 from hf_vattr.metrics import pearson
 from hf_vattr.training import (
-    SpanDataset,
     TrainingConfig,
-    as_example,
     fit_estimator,
     masked_pearson,
     pearson_loss,
@@ -30,16 +29,15 @@ def _flat_pearson(a, b):
 def test_pearson_loss_matches_hand_computation():
     records, _ = synthetic_examples(4, 2, 3, seed=1)
     # make one span constant (no correlation defined): it must be left out, not counted as 0
-    records[0]["loo_effects"][0] = 0.25
-    data = SpanDataset.from_examples(records)
+    records[0].loo_effects[0] = 0.25
     w = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
-    loss, info = pearson_loss(w, data, "loo")
+    loss, info = pearson_loss(w, records, "loo")
 
     rs = []
     for rec in records:
-        pred = np.einsum("slhk,lh->sk", rec["span_features"].numpy(), w.numpy())
+        pred = np.einsum("slhk,lh->sk", rec.span_features.numpy(), w.numpy())
         for s in range(pred.shape[0]):
-            r = pearson(pred[s], rec["loo_effects"][s].numpy())
+            r = pearson(pred[s], rec.loo_effects[s].numpy())
             if not np.isnan(r):
                 rs.append(r)
     assert info["skipped_loo"] == 1
@@ -47,25 +45,24 @@ def test_pearson_loss_matches_hand_computation():
     assert float(loss) == pytest.approx(-np.mean(rs), abs=1e-5)
 
     # subsets target: correlation across masks of the additive subset prediction
-    loss_s, _ = pearson_loss(w, data, "subsets")
+    loss_s, _ = pearson_loss(w, records, "subsets")
     rs = []
     for rec in records:
-        pred = np.einsum("slhk,lh->sk", rec["span_features"].numpy(), w.numpy())
-        sub_pred = pred @ rec["subset_masks"].numpy().astype(float).T
+        pred = np.einsum("slhk,lh->sk", rec.span_features.numpy(), w.numpy())
+        sub_pred = pred @ rec.subset_masks.numpy().astype(float).T
         for s in range(pred.shape[0]):
-            rs.append(pearson(sub_pred[s], rec["subset_effects"][s].numpy()))
+            rs.append(pearson(sub_pred[s], rec.subset_effects[s].numpy()))
     assert float(loss_s) == pytest.approx(-np.nanmean(rs), abs=1e-5)
-    loss_b, _ = pearson_loss(w, data, "both")
+    loss_b, _ = pearson_loss(w, records, "both")
     assert float(loss_b) == pytest.approx((float(loss) + float(loss_s)) / 2, abs=1e-6)
 
 
 def test_loss_is_scale_free_and_padding_is_ignored():
     records, _ = synthetic_examples(5, 2, 2, regions=(3, 9), seed=2)
-    data = SpanDataset.from_examples(records)
-    assert data.features.shape[-1] == max(r["span_features"].shape[-1] for r in records)
+    assert len({r.num_regions for r in records}) > 1  # regions are padded to the largest K
     w = torch.rand(2, 2)
-    l1, _ = pearson_loss(w, data, "both")
-    l2, _ = pearson_loss(w * 7.5, data, "both")
+    l1, _ = pearson_loss(w, records, "both")
+    l2, _ = pearson_loss(w * 7.5, records, "both")
     assert float(l1) == pytest.approx(float(l2), abs=1e-6)
     # padded regions (features 0, effects 0) would change the correlation if they were counted
     r, ok = masked_pearson(torch.tensor([[1.0, 2.0, 3.0, 0.0]]), torch.tensor([[1.0, 2.0, 4.0, 9.0]]),
@@ -75,9 +72,8 @@ def test_loss_is_scale_free_and_padding_is_ignored():
 
 def test_loss_gradient_flows_from_uniform_init():
     records, _ = synthetic_examples(3, 2, 2, seed=3)
-    data = SpanDataset.from_examples(records)
     w = torch.full((2, 2), 0.25, requires_grad=True)
-    loss, _ = pearson_loss(w, data, "loo")
+    loss, _ = pearson_loss(w, records, "loo")
     loss.backward()
     assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
 
@@ -98,7 +94,7 @@ def test_split_is_by_example_and_seeded():
     ids_train, ids_val = report["split"]["train"], report["split"]["val"]
     assert not set(ids_train) & set(ids_val)
     assert sorted(ids_val) == sorted(str(i) for i in val)
-    spans_val = sum(records[i]["span_features"].shape[0] for i in val)
+    spans_val = sum(records[i].num_spans for i in val)
     assert report["data"]["num_val_spans"] == spans_val  # every span of a held-out example is held out
 
 
@@ -142,7 +138,7 @@ def test_nonnegative_training():
 def test_bias_and_uncalibrated_units():
     records, w_true = synthetic_examples(30, 2, 2, noise=0.02, seed=8)
     for rec in records:  # constant offset on every single-region effect
-        rec["loo_effects"] = rec["loo_effects"] + 0.3
+        rec.loo_effects = rec.loo_effects + 0.3
     est, rep = fit_estimator(records, config=TrainingConfig(use_bias=True, epochs=150))
     assert est.bias is not None and float(est.bias.detach()) == pytest.approx(0.3, abs=0.05)
     assert rep["calibration"]["applied"]
@@ -157,7 +153,7 @@ def test_estimator_records_training_summary(tmp_path):
     est, report = fit_estimator(records, config=TrainingConfig(epochs=20),
                                 base_model_id="local/tiny", extra_training_data={"task": "synthetic"})
     td = est.training_data
-    assert td["num_examples"] == 12 and td["num_spans"] == sum(r["span_features"].shape[0] for r in records)
+    assert td["num_examples"] == 12 and td["num_spans"] == sum(r.span_features.shape[0] for r in records)
     assert td["num_regions_min"] >= 6 and td["num_regions_max"] <= 10
     assert td["masks_per_example_max"] == 8 and td["task"] == "synthetic" and td["split"] == "by example"
     m = est.training_metrics
@@ -175,14 +171,14 @@ def test_estimator_records_training_summary(tmp_path):
 
 def test_input_validation():
     records, _ = synthetic_examples(3, 2, 2, seed=10)
-    no_loo = [dict(r, loo_effects=None) for r in records]
-    with pytest.raises(ValueError, match="leave-one-out"):
-        fit_estimator(no_loo, config=TrainingConfig(target="loo", epochs=1))
-    est, _ = fit_estimator(no_loo, config=TrainingConfig(target="subsets", epochs=5))  # subsets alone work
-    assert est.training_data["has_loo"] is False
-    bad = dict(records[0], loo_effects=torch.zeros(1, 1))
-    with pytest.raises(ValueError, match="loo_effects"):
-        as_example(bad)
+    no_subsets = [dataclasses.replace(r, subset_masks=r.subset_masks[:0], subset_effects=r.subset_effects[:, :0])
+                  for r in records]
+    with pytest.raises(ValueError, match="num_subsets=0"):
+        fit_estimator(no_subsets, config=TrainingConfig(target="subsets", epochs=1))
+    est, _ = fit_estimator(no_subsets, config=TrainingConfig(target="loo", epochs=5))  # LOO alone works
+    assert est.training_data["has_subsets"] is False
+    with pytest.raises(ValueError, match="loo_effects must have shape"):
+        dataclasses.replace(records[0], loo_effects=torch.zeros(1, 1))
     with pytest.raises(ValueError, match="target"):
         TrainingConfig(target="everything")
     with pytest.raises(ValueError, match="num_layers"):
@@ -194,16 +190,20 @@ def test_collection_records_train(tmp_path):
     collection = pytest.importorskip("hf_vattr.collection")
     records, w_true = synthetic_examples(16, 2, 3, noise=0.02, seed=11)
     for r in records:
-        s = r["span_features"].shape[0]
-        rec = collection.ExampleRecord(
-            example_id=r["example_id"], span_features=r["span_features"], loo_effects=r["loo_effects"],
-            subset_masks=r["subset_masks"], subset_effects=r["subset_effects"], base_logprobs=r["base_logprobs"],
-            sequence=torch.arange(20), prompt_len=10,
-            spans=[dict(sp, text="x", section="thinking") for sp in r["spans"]][:s], text="x",
-            num_regions=r["num_regions"], model_type="qwen3_vl", config={"pooling": "mean"},
-        )
-        rec.save(collection.example_path(tmp_path, r["example_id"]))
+        dataclasses.replace(r, config={"pooling": "mean"}).save(collection.example_path(tmp_path, r.example_id))
     loaded = collection.load_collection(tmp_path)
     est, report = fit_estimator(loaded, config=TrainingConfig(epochs=100))
     assert est.pooling == "mean" and est.model_type == "qwen3_vl"
     assert _flat_pearson(est.weight.detach(), w_true) > 0.95
+
+
+def test_empty_example_file_is_named(tmp_path):
+    """A 0-byte example file (a killed copy, a full disk) fails loading with its path and what to do."""
+    collection = pytest.importorskip("hf_vattr.collection")
+    records, _ = synthetic_examples(2, 2, 2, seed=12)
+    for r in records:
+        r.save(collection.example_path(tmp_path, r.example_id))
+    bad = collection.example_path(tmp_path, 1)
+    bad.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{bad.name} is not a readable hf_vattr collection example.*Delete it"):
+        collection.load_collection(tmp_path)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..layouts import ImageTokens
+from ..layouts import ImageTokens, array_image_size
 
 __all__ = [
     "TokenFeatureExtractor",
@@ -96,8 +96,10 @@ def image_to_tensor(image: Any) -> torch.Tensor:
         if arr.ndim == 2:
             arr = arr[..., None]
         if arr.ndim != 3:
-            raise ValueError(f"Expected an (H, W[, C]) image array, got shape {arr.shape}.")
-        x = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)
+            raise ValueError(f"Expected an (H, W[, C]) or (C, H, W) image array, got shape {arr.shape}.")
+        x = torch.from_numpy(np.array(arr, copy=True))
+        if array_image_size(arr) == tuple(arr.shape[:2]):  # channels last (the usual numpy layout)
+            x = x.permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         x = image.detach().cpu()
         if x.dim() == 2:
@@ -369,10 +371,10 @@ class ColorFeatures:
     def __call__(self, image: Any, tokens: ImageTokens) -> torch.Tensor:
         if tokens.grid_thw[0] != 1:
             raise NotImplementedError("Colour features are per image; videos (t > 1) are not supported yet.")
-        f = self.px_per_token
-        x = rgb2lab(resize_to_token_grid(image, tokens, f, mode="bilinear")[0].numpy(), channel_axis=0)
         from skimage.color import rgb2lab
 
+        f = self.px_per_token
+        x = rgb2lab(resize_to_token_grid(image, tokens, f, mode="bilinear")[0].numpy(), channel_axis=0)
         h, w = tokens.grid_hw
         blocks = x.reshape(3, h, f, w, f)
         feats = [blocks.mean(axis=(2, 4))]

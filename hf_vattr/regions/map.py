@@ -156,7 +156,9 @@ def grid_regions(image: ImageTokens, k: int = 16) -> RegionMap:
     is a rectangle of tokens, hence contiguous.
     """
     h, w = image.grid_hw
-    k = max(1, min(int(k), h * w))
+    if int(k) < 1:
+        raise ValueError(f"grid regions need k >= 1 regions per image, got k={k}; pass a positive k (e.g. 16).")
+    k = min(int(k), h * w)
     rows = int(round(np.sqrt(k * h / w)))
     rows = max(1, -(-k // w), min(h, rows, k))  # at least ceil(k / w) rows so no row needs more than w columns
     rows = min(rows, h)
