@@ -248,15 +248,14 @@ class LinearEstimator(
         card_data = ModelCardData(**info.model_card_data.to_dict())
         card_data.base_model = self.base_model_id
         card_data.tags = sorted(set(card_data.tags or []) | ({self.model_type} if self.model_type else set()))
-        return ModelCard.from_template(
-            card_data,
-            template_str=info.model_card_template,
+        values = {
             **self._hub_mixin_config,
-            k_policy_md=", ".join(f"{k}={_fmt(v)}" for k, v in (self.k_policy or {}).items()),
-            metric_rows=[(k, _fmt(v), metric_meaning(k)) for k, v in (self.training_metrics or {}).items()],
-            data_rows=[(k, _fmt(v)) for k, v in (self.training_data or {}).items()],
+            "k_policy_md": ", ".join(f"{k}={_fmt(v)}" for k, v in (self.k_policy or {}).items()),
+            "metric_rows": [(k, _fmt(v), metric_meaning(k)) for k, v in (self.training_metrics or {}).items()],
+            "data_rows": [(k, _fmt(v)) for k, v in (self.training_data or {}).items()],
             **kwargs,
-        )
+        }
+        return ModelCard.from_template(card_data, template_str=info.model_card_template, **values)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> LinearEstimator:
