@@ -1,45 +1,52 @@
 """`AttributionStreamer`: live visual attribution out of ``model.generate``.
 
-A drop-in ``TextStreamer``: pass it as ``generate(streamer=...)`` and iterate
-over it (sync or async) in another thread to get, as the model thinks,
+A transformers streamer (``BaseStreamer``): iterate over it, sync or async, to get as the model thinks
 
-* one :class:`TokenAttribution` per generated token: the token, its text and a
-  score per image region (the estimator's prediction of how much the log-prob
-  of that token would drop if the region were ablated), and
-* one :class:`SpanAttribution` per finished reasoning step: the step's text,
-  its token range and its region scores (the mean of its tokens' scores; the
-  estimator is linear, so this equals scoring the step's mean features).
+* one :class:`TokenAttribution` per generated token: its text and a score per image region (the
+  estimator's prediction of how much the token's log-prob would drop if the region were ablated), and
+* one :class:`SpanAttribution` per finished reasoning step, scored by the mean of its tokens' scores
+  (the estimator is linear, so this equals scoring the step's mean features).
 
-Producer-consumer: inside the decode loop ``put`` only takes the captured
-features, scores them on the model's device and enqueues a reference; a
-worker thread decodes text, prints, splits spans and moves scores to the host.
-The decode loop never waits for the consumer.
+The safe way runs generation in a thread the streamer owns, so every failure reaches the loop::
 
-Failure handling: if ``generate`` raises, the capture is restored and the
-consumer's next ``next()`` raises :class:`GenerationError` with the original
-exception as its cause; a consumer ``timeout`` raises
-:class:`AttributionTimeout` (a ``TimeoutError``), never a silent end.
+    for event in AttributionStreamer(model, processor, inputs=inputs, estimator=est).generate(**inputs):
+        ...
+
+``model.generate(**inputs, streamer=streamer)`` in a thread of your own is fully supported too.
+
+Why it cannot hang or leak: every failure becomes a :class:`GenerationError` in the consumer, with
+the original exception as its ``__cause__``. Failures inside a forward are seen by a forward hook;
+threads that die before the first token are seen through ``threading.excepthook`` (chained, and only
+while a streamer waits for its generate call); a ``generate`` that leaves without calling ``end()``
+(an error in a logits processor, Ctrl-C) is noticed by a watchdog within a fraction of a second.
+All patches live in an :class:`~hf_vattr.session.AttributionSession` and are released on every exit.
+
+Producer-consumer: inside the decode loop ``put`` only takes the captured features, scores them
+on the model's device and enqueues a reference; a worker thread decodes text, splits spans and
+moves scores to the host, so the decode loop never waits for the consumer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import queue
 import sys
 import threading
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
-from transformers import TextStreamer
+from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging
 
-from .capture import AttentionCapture
-from .layouts import VisualLayout, visual_layout
-from .regions import PromptRegions, RegionMap, prompt_regions
+from .events import AttributionTrace, SpanAttribution, TokenAttribution
+from .layouts import VisualLayout
+from .regions import PromptRegions, RegionMap
+from .session import AttributionSession
 from .spans import ReasoningStepSplitter, SpanSplitter
+from .text import TokenTextDecoder
 
 logger = logging.get_logger(__name__)
 
@@ -50,7 +57,11 @@ __all__ = [
     "AttributionTrace",
     "GenerationError",
     "AttributionTimeout",
+    "StreamerStateError",
 ]
+
+_END = object()
+_WATCH_INTERVAL = 0.1  # seconds between checks that generate() is still running
 
 
 class GenerationError(RuntimeError):
@@ -58,74 +69,15 @@ class GenerationError(RuntimeError):
 
 
 class AttributionTimeout(TimeoutError):
-    """No event arrived within the consumer timeout (generation may still be running)."""
+    """No event arrived within the consumer timeout while generation was still running."""
 
 
-@dataclass
-class TokenAttribution:
-    """One generated token and its region scores."""
-
-    index: int  # position among generated tokens
-    token_id: int
-    text: str  # decoded piece ("" for special tokens such as end-of-turn)
-    region_scores: torch.Tensor  # (K,) float32 on CPU
-    section: str  # "thinking" or "answer"
-    features: torch.Tensor | None = None  # (L, H, K) when keep_features=True
-
-    @property
-    def token(self) -> str:
-        return self.text
-
-    def __iter__(self):  # allows `token, scores = event`
-        yield self.text
-        yield self.region_scores
+class StreamerStateError(RuntimeError):
+    """The streamer was used out of order: reused for a second ``generate``, or started twice."""
 
 
-@dataclass
-class SpanAttribution:
-    """One finished reasoning step (or answer span) and its region scores."""
-
-    index: int  # span number
-    text: str
-    token_range: tuple[int, int]  # [start, end) among generated tokens
-    region_scores: torch.Tensor  # (K,) float32 on CPU: mean of the tokens' scores
-    section: str
-
-    def top_regions(self, k: int = 3) -> list[int]:
-        return torch.argsort(self.region_scores, descending=True, stable=True)[:k].tolist()
-
-    def __iter__(self):
-        yield self.text
-        yield self.region_scores
-
-
-@dataclass
-class AttributionTrace:
-    """Everything a streamer produced: tokens, spans and the regions they refer to."""
-
-    regions: PromptRegions | None  # None until generation starts with regions="prefill"
-    tokens: list[TokenAttribution] = field(default_factory=list)
-    spans: list[SpanAttribution] = field(default_factory=list)
-    prompt_text: str = ""
-
-    @property
-    def text(self) -> str:
-        return "".join(t.text for t in self.tokens)
-
-    def token_scores(self) -> torch.Tensor:
-        """(T, K) token-by-region score matrix."""
-        if not self.tokens:
-            return torch.zeros(0, self.regions.num_regions if self.regions is not None else 0)
-        return torch.stack([t.region_scores for t in self.tokens])
-
-    def span_scores(self) -> torch.Tensor:
-        """(S, K) span-by-region score matrix (a reasoning trajectory)."""
-        if not self.spans:
-            return torch.zeros(0, self.regions.num_regions if self.regions is not None else 0)
-        return torch.stack([s.region_scores for s in self.spans])
-
-
-_END = object()
+class GenerationCancelled(RuntimeError):
+    """Raised inside ``generate`` at the next token after :meth:`AttributionStreamer.close`, to stop it."""
 
 
 class _Failure:
@@ -133,25 +85,84 @@ class _Failure:
         self.error, self.message = error, message
 
 
-class AttributionStreamer(TextStreamer):
+# ----------------------------------------------------------------------------- failures before the first token
+
+
+def _references(traceback: Any, streamer: "AttributionStreamer") -> bool:
+    """Whether a traceback passes through a call that was given ``streamer=streamer`` (i.e. its generate)."""
+    while traceback is not None:
+        if traceback.tb_frame.f_locals.get("streamer") is streamer:
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
+_ARMED: "weakref.WeakSet[AttributionStreamer]" = weakref.WeakSet()  # built, waiting for their generate call
+_ARMED_LOCK = threading.Lock()
+_PREVIOUS_EXCEPTHOOK: list[Any] = []
+
+
+def _thread_excepthook(args: Any) -> None:
+    """A thread died: if it was running generate for a waiting streamer, that streamer's consumer learns why."""
+    for streamer in list(_ARMED):
+        if _references(args.exc_traceback, streamer):
+            streamer._fail(args.exc_value, f"generate raised {args.exc_type.__name__}: {args.exc_value}")
+    previous = _PREVIOUS_EXCEPTHOOK[0] if _PREVIOUS_EXCEPTHOOK else threading.__excepthook__
+    previous(args)  # the usual traceback on stderr
+
+
+def _arm(streamer: "AttributionStreamer") -> None:
+    with _ARMED_LOCK:
+        _ARMED.add(streamer)
+        if threading.excepthook is not _thread_excepthook:
+            _PREVIOUS_EXCEPTHOOK[:] = [threading.excepthook]
+            threading.excepthook = _thread_excepthook
+
+
+def _disarm(streamer: "AttributionStreamer | None" = None) -> None:
+    with _ARMED_LOCK:
+        if streamer is not None:
+            _ARMED.discard(streamer)
+        if not _ARMED and threading.excepthook is _thread_excepthook:
+            threading.excepthook = _PREVIOUS_EXCEPTHOOK.pop() if _PREVIOUS_EXCEPTHOOK else threading.__excepthook__
+
+
+def _exception_of(thread_id: int | None) -> BaseException | None:
+    """The exception a thread is handling right now (e.g. unwinding out of generate), if any."""
+    if thread_id is None:
+        return None
+    info = sys._current_exceptions().get(thread_id)
+    return info[1] if isinstance(info, tuple) else info
+
+
+# ----------------------------------------------------------------------------- the streamer
+
+
+class AttributionStreamer(BaseStreamer):
     """Streams ``(token, region_scores)`` and per-step attributions out of ``model.generate``.
 
     Args:
         model: the VLM (``*ForConditionalGeneration``) that will generate.
         processor: its processor (or tokenizer): used to decode tokens.
+        inputs: the processor outputs passed to ``generate`` (``input_ids``, ``image_grid_thw``; batches
+            with left padding allowed).
         estimator: a :class:`~hf_vattr.estimator.LinearEstimator` for this model. ``None`` scores with raw
             attention (mean over layers and heads), which is *not* causal; a warning says so.
-        inputs: the processor outputs passed to ``generate`` (``input_ids``, ``image_grid_thw``).
-        images: the original images (or their ``(height, width)``), to map regions onto original pixels.
+        images: the original images (or their ``(height, width)``), to map regions onto original pixels;
+            for batches one list per row, or one flat list in batch order.
         regions: region maps (a :class:`PromptRegions`, a list of :class:`RegionMap` per image, or one map),
             or a method name for :func:`hf_vattr.regions.build_regions` (``"auto"``, ``"vlm"``, ``"dinov3"``, ...);
             default: a regular grid of ``grid_k`` regions per image. ``"prefill"``: the same regions as
-            ``"vlm"`` (the VLM's own vision features + Ward), built from the vision tower's output of
-            ``generate``'s own prefill, so they cost no extra vision pass; ``streamer.regions`` is then
-            set once generation has started (before the first event).
-        splitter: span splitter; default :class:`ReasoningStepSplitter`.
-        print_text: print the text as it is generated, like ``TextStreamer``.
-        timeout: seconds a consumer waits for the next event before :class:`AttributionTimeout`.
+            ``"vlm"``, built from the vision tower's output of ``generate``'s own prefill (no extra vision
+            pass); ``streamer.regions`` is then set once generation has started. Batches: a method name,
+            or one region spec per row.
+        splitter: span splitter; default :class:`ReasoningStepSplitter` (one copy per sequence).
+        print_text: also print the text as it is generated, like ``TextStreamer`` (sequence 0). Off by
+            default: a streamer is meant to be iterated, and printing besides would double every line.
+        timeout: seconds a consumer waits for the next event while generation runs, before
+            :class:`AttributionTimeout`; ``None`` waits as long as generation runs.
+        start_timeout: seconds a consumer waits for a ``generate`` call to start using this streamer,
+            before :class:`GenerationError` (a loop over a streamer nobody generates with never hangs).
         keep_features: attach the (L, H, K) features to each token event (for analysis and training).
     """
 
@@ -166,228 +177,266 @@ class AttributionStreamer(TextStreamer):
         regions: PromptRegions | Sequence[RegionMap] | RegionMap | str | None = None,
         grid_k: int = 16,
         splitter: SpanSplitter | None = None,
-        print_text: bool = True,
-        skip_prompt: bool = True,
+        print_text: bool = False,
         timeout: float | None = None,
+        start_timeout: float = 60.0,
         keep_features: bool = False,
-        **decode_kwargs: Any,
     ) -> None:
-        tokenizer = getattr(processor, "tokenizer", processor)
-        super().__init__(tokenizer, skip_prompt=skip_prompt, **decode_kwargs)
-        input_ids = inputs["input_ids"] if not isinstance(inputs, torch.Tensor) else inputs
-        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
-            raise ValueError(
-                f"AttributionStreamer follows one sequence, but inputs hold a batch of {input_ids.shape[0]}. "
-                "Generate one example at a time (batch size > 1 is not supported yet)."
-            )
-        grid = None if isinstance(inputs, torch.Tensor) else inputs.get("image_grid_thw")
-        self.layout: VisualLayout = visual_layout(model, input_ids, grid, images)
-        # regions="prefill": a recorder for the vision tower output of generate's own prefill (hooked below).
-        from_prefill = isinstance(regions, str) and regions == "prefill"
-        prefill_recorder = self._prefill_recorder(model, inputs) if from_prefill else None
-        if prefill_recorder is not None:
-            self.regions: PromptRegions | None = None
-        else:
-            self.regions = self._resolve_regions(regions, grid_k, model, inputs, images)
-        if estimator is not None:
-            estimator.check_compatible(model)
-            pooling = getattr(estimator, "pooling", "sum")
-            # A private copy on the model's device: scoring then never copies weights per token.
-            estimator = copy.deepcopy(estimator).to(next(model.parameters()).device).eval()
-        else:
-            logger.warning(
-                "AttributionStreamer without an estimator scores regions by raw attention (mean over layers and "
-                "heads), which is not causal. Load one with LinearEstimator.from_pretrained(...)."
-            )
-            pooling = "sum"
         self.model = model
-        self.estimator = estimator
-        membership = None if self.regions is None else self.regions.membership()
-        self.capture = AttentionCapture(model, self.layout.positions, membership, pooling=pooling)
-        self.splitter = splitter or ReasoningStepSplitter()
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        this = weakref.ref(self)  # the session's hooks must not keep the streamer alive
+
+        def on_error(error: BaseException) -> None:
+            streamer = this()
+            if streamer is not None:
+                streamer._fail(error, f"generate raised {type(error).__name__}: {error}")
+
+        self.session = AttributionSession(model, inputs, estimator=estimator, images=images, regions=regions,
+                                          grid_k=grid_k, owner=self, on_error=on_error)
+        weakref.finalize(self, self.session.close)  # a streamer dropped unused leaves no hook behind
+        self.estimator = self.session.estimator
+        self._splitter = splitter or ReasoningStepSplitter()
         self.print_text = print_text
         self.timeout = timeout
+        self.start_timeout = start_timeout
         self.keep_features = keep_features
-        self.trace = AttributionTrace(self.regions)
+        self.traces = [AttributionTrace(r, sequence=i) for i, r in enumerate(self.session.regions)]
+        self.result: Any = None  # generate's return value, when run by :meth:`generate`
         self._work: queue.Queue = queue.Queue()
         self._events: queue.Queue = queue.Queue()
-        self._worker: threading.Thread | None = None
-        self._producer: threading.Thread | None = None
-        self._hook = None
-        self._vision_recorder: Any = None
-        self._weights: torch.Tensor | None = None
-        self._started = False
-        self._finished = False
+        self._state = "new"  # new -> running -> done | failed | closed
+        self._lock = threading.Lock()
         self._failure: _Failure | None = None
-        self._special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-        self._tag_texts = {getattr(self.splitter, "think_open", "<think>"), getattr(self.splitter, "think_close", "</think>")}
-        if prefill_recorder is not None:
-            # Hooked now, not at the first put(): generate encodes the images before it calls put().
-            # One-shot (removed after the prompt's tower call), removed by end()/failures, and by the
-            # garbage collector if the streamer is dropped unused.
-            this = weakref.ref(self)  # the hook must not keep the streamer alive
+        self._reuse_error: StreamerStateError | None = None
+        self._worker: threading.Thread | None = None
+        self._thread: threading.Thread | None = None
+        self._producer_id: int | None = None
+        self._generate_frame: Any = None  # generate's frame while it streams (the watchdog looks for it)
+        self._eos_ids = self._eos_token_ids(model)
+        _arm(self)
+        weakref.finalize(self, _disarm)
 
-            def on_record(features: list[torch.Tensor]) -> None:
-                streamer = this()
-                if streamer is not None:
-                    streamer._regions_from_vision_output(features)
+    # ------------------------------------------------------------------ views
+    @property
+    def trace(self) -> AttributionTrace:
+        """The trace of sequence 0 (``traces`` holds one per sequence)."""
+        return self.traces[0]
 
-            prefill_recorder.on_record = on_record
-            prefill_recorder.__enter__()
-            self._vision_recorder = prefill_recorder
-            weakref.finalize(self, prefill_recorder.__exit__, None, None, None)
+    @property
+    def layout(self) -> VisualLayout:
+        return self.session.layouts[0]
 
-    # ------------------------------------------------------------------ setup helpers
-    def _resolve_regions(self, regions: Any, grid_k: int, model: Any, inputs: Any, images: Any) -> PromptRegions:
-        if regions is None:
-            return prompt_regions(self.layout, k=grid_k)
-        if isinstance(regions, str):  # a method name: build them now, e.g. "vlm", "dinov3", "auto"
-            from .regions import build_regions
+    @property
+    def layouts(self) -> list[VisualLayout]:
+        return self.session.layouts
 
-            return build_regions(self.layout, method=regions, images=images, model=model, inputs=inputs)
-        if isinstance(regions, PromptRegions):
-            maps = regions.maps
-        elif isinstance(regions, RegionMap):
-            maps = [regions]
-        else:
-            maps = list(regions)
-        for i, (m, im) in enumerate(zip(maps, self.layout.images)):
-            if m.image.num_tokens != im.num_tokens:
-                raise ValueError(
-                    f"Region map {i} covers {m.image.num_tokens} visual tokens but image {i} of the prompt has "
-                    f"{im.num_tokens}. Build the region maps from this prompt's layout."
-                )
-        return PromptRegions(self.layout, list(maps))
+    @property
+    def regions(self) -> PromptRegions | None:
+        return self.session.regions[0]
+
+    @property
+    def capture(self) -> Any:
+        return self.session.capture
 
     @staticmethod
-    def _prefill_recorder(model: Any, inputs: Any) -> Any:
-        """The (not yet hooked) recorder for ``regions="prefill"``; refuses up front when the prefill
-        cannot provide the features (no pixel_values, or a model without a vision tower: TypeError)."""
-        from .regions import VisionFeatureRecorder
+    def _eos_token_ids(model: Any) -> set[int]:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
-        if isinstance(inputs, torch.Tensor) or inputs.get("pixel_values") is None:
-            raise ValueError('regions="prefill" needs inputs with pixel_values (images in the prompt); '
-                             'pass region maps or another method such as regions="grid".')
-        return VisionFeatureRecorder(model)
+    # ------------------------------------------------------------------ the safe way
+    def generate(self, **generate_kwargs: Any) -> "AttributionStreamer":
+        """Run ``model.generate(**generate_kwargs, streamer=self)`` in a thread this streamer owns; returns self.
 
-    def _regions_from_vision_output(self, features: list[torch.Tensor]) -> None:
-        """Runs inside the prefill's vision-tower hook: cluster, then hand the membership to the capture."""
-        from .regions import build_regions
+        Any exception of that call, from argument checks to the last token, reaches the loop as
+        :class:`GenerationError`. After the loop, ``streamer.result`` holds generate's return value.
+        """
+        if "streamer" in generate_kwargs:
+            raise TypeError("streamer.generate(...) passes itself as the streamer; drop the streamer= argument.")
+        if self._state != "new" or self._thread is not None:
+            raise StreamerStateError("This AttributionStreamer already served a generate() call; create a new "
+                                     "streamer for each call.")
+        for name in ("eos_token_id",):
+            if generate_kwargs.get(name) is not None:
+                value = generate_kwargs[name]
+                self._eos_ids = {int(e) for e in (value if isinstance(value, (list, tuple)) else [value])}
 
-        if self._vision_recorder is not None:
-            self._vision_recorder.__exit__(None, None, None)  # one-shot
-            self._vision_recorder = None
-        got, want = [int(f.shape[0]) for f in features], [im.num_tokens for im in self.layout.images]
-        if got != want:
-            raise ValueError(
-                f'AttributionStreamer(regions="prefill") saw a vision-tower call for images with {got} visual tokens, '
-                f"but its prompt has {want}. Create the streamer right before generate(...) with the same inputs."
-            )
-        regions = build_regions(self.layout, method="features", features=features)
-        for rmap in regions.maps:
-            rmap.info["features"] = "vision tower output recorded during generate's prefill"
-        self.capture.set_membership(regions.membership())
-        self.regions = regions
-        self.trace.regions = regions
+        def run() -> None:
+            try:
+                self.result = self.model.generate(**generate_kwargs, streamer=self)
+            except BaseException as error:  # noqa: BLE001 - every failure goes to the consumer
+                if self._state != "closed":
+                    self._fail(error, f"generate raised {type(error).__name__}: {error}")
+            else:
+                if self._state == "new":
+                    self._fail(None, "generate() returned without streaming any token")
+
+        self._thread = threading.Thread(target=run, daemon=True, name="hf_vattr-generate")
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> Any:
+        """Wait for the thread started by :meth:`generate`; returns generate's output."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.result
+
+    def close(self) -> None:
+        """Stop attributing now: release every patch, end the stream, and stop a generation this streamer runs.
+
+        Called on leaving a ``with`` block; use it after ``break`` so the model is free for the next streamer.
+        """
+        with self._lock:
+            if self._state in ("done", "failed", "closed"):
+                state_was_final = True
+            else:
+                state_was_final = False
+                self._state = "closed"
+        self.session.close()
+        _disarm(self)
+        self._generate_frame = None
+        if not state_was_final:
+            self._work.put(_END) if self._worker is not None else self._events.put(_END)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()  # it stops at its next token (put raises once closed)
+
+    def __enter__(self) -> "AttributionStreamer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ producer side (generate's thread)
     def put(self, value: torch.Tensor) -> None:
-        if value.dim() > 1 and value.shape[0] > 1:
-            self._fail(None, "batch size > 1 / beam search / num_return_sequences > 1 is not supported yet")
-            raise ValueError(
-                "AttributionStreamer supports a single sequence (batch size 1, greedy or sampling, "
-                "num_beams=1, num_return_sequences=1)."
-            )
-        if not self._started:
-            self._start(value)
-            return
-        if self._finished:
-            return
-        try:
-            features = self.capture.pop()
-        except Exception as err:
-            self._fail(err, "attention capture failed")
-            raise
-        scores = self._score(features)
-        self._work.put((value.reshape(-1).tolist(), scores, features if self.keep_features else None))
+        state = self._state
+        if state == "running":
+            try:
+                features, scores = self.session.scores()
+            except BaseException as error:
+                self._fail(error, f"attention capture failed: {error}")
+                raise
+            self._work.put((value.reshape(-1).tolist(), scores, features if self.keep_features else None))
+        elif state == "new":
+            self._begin(value)
+        elif state == "closed":
+            raise GenerationCancelled("The AttributionStreamer was closed; generation stopped.")
+        elif value.dim() == 2:  # a prompt after the stream ended: a second generate() with this streamer
+            self._reuse_error = StreamerStateError(
+                "This AttributionStreamer already served a generate() call; create a new streamer for each call.")
+            self._events.put(_Failure(self._reuse_error, str(self._reuse_error)))
+            raise self._reuse_error
 
-    def _start(self, prompt_ids: torch.Tensor) -> None:
-        self._started = True
-        self._producer = threading.current_thread()
-        prompt_text = self.tokenizer.decode(prompt_ids.reshape(-1).tolist(), skip_special_tokens=False)
-        self.trace.prompt_text = prompt_text
-        self.splitter.reset(prompt_text)
-        self.capture.start()
-        # Runs after every forward of the model, also when the forward raises: restores the
-        # capture and hands the exception to the consumer instead of leaving it waiting forever.
-        self._hook = self.model.register_forward_hook(self._after_forward, always_call=True)
+    def _begin(self, prompt_ids: torch.Tensor) -> None:
+        """First put (the prompt): find our generate call, open the session, start the worker."""
+        with self._lock:
+            if self._state != "new":
+                return
+            self._state = "running"
+        self._producer_id = threading.get_ident()
+        self._generate_frame = self._find_generate_frame()
+        prompt_ids = prompt_ids if prompt_ids.dim() == 2 else prompt_ids[None]
+        try:
+            self.session.open(prompt_ids.shape[0], stale=self._generate_exited, on_evicted=self._on_evicted)
+        except BaseException as error:
+            self._fail(error, f"attribution could not start: {error}")
+            raise
+        rows = self.session.row_of_sequence
+        self.traces = [AttributionTrace(self.session.regions[r], sequence=s) for s, r in enumerate(rows)]
+        self._decoders = [TokenTextDecoder(self.tokenizer, self._tag_texts()) for _ in rows]
+        self._splitters = [self._splitter if s == 0 else _copy_splitter(self._splitter) for s in range(len(rows))]
+        self._ended = [False] * len(rows)
+        for s, splitter in enumerate(self._splitters):
+            text = self.tokenizer.decode(prompt_ids[s].tolist(), skip_special_tokens=False)
+            self.traces[s].prompt_text = text
+            splitter.reset(text)
         self._worker = threading.Thread(target=self._work_loop, name="hf_vattr-attribution", daemon=True)
         self._worker.start()
 
-    def _after_forward(self, module, args, output) -> None:
-        if output is not None:
-            return  # a forward that returns nothing can only mean it raised (torch passes None then)
-        error = sys.exc_info()[1]
-        if error is not None:
-            self._fail(error, f"generate raised {type(error).__name__}: {error}")
+    def _tag_texts(self) -> tuple[str, str]:
+        return (getattr(self._splitter, "think_open", "<think>"), getattr(self._splitter, "think_close", "</think>"))
 
-    def _score(self, features: torch.Tensor) -> torch.Tensor:
-        if self.estimator is None:
-            return features.mean(dim=(0, 1))
-        return self.estimator(features)
+    def _find_generate_frame(self) -> Any:
+        """The frame of the generate call that was given this streamer (held until the stream ends)."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame.f_locals.get("streamer") is self:
+                return frame
+            frame = frame.f_back
+        return None  # put() called by hand: no watchdog
+
+    def _generate_exited(self) -> bool:
+        """Whether the generate call that started this stream is no longer on its thread's stack."""
+        target = self._generate_frame
+        if target is None or self._state != "running":
+            return False
+        frame = sys._current_frames().get(self._producer_id)
+        while frame is not None:
+            if frame is target:
+                return False
+            frame = frame.f_back
+        return True
+
+    def _on_evicted(self) -> None:
+        """A new capture on the model found this stream's generate gone and took over: fail it now."""
+        error = self._exception_that_left_generate()
+        self._fail(error, "generate() ended without finishing the stream"
+                   + (f": {type(error).__name__}: {error}" if error is not None else ""))
+
+    def _exception_that_left_generate(self) -> BaseException | None:
+        """The exception that unwound our generate call, if it is still alive anywhere (a caller's except
+        block, a dying thread, pytest's ExceptionInfo): the one whose traceback holds generate's frame."""
+        error = _exception_of(self._producer_id)
+        if error is not None:
+            return error
+        target = self._generate_frame
+        for obj in gc.get_objects():
+            if issubclass(type(obj), BaseException):  # type(): some objects warn on __class__ access
+                traceback = obj.__traceback__
+                while traceback is not None:
+                    if traceback.tb_frame is target:
+                        return obj
+                    traceback = traceback.tb_next
+        return None
 
     def end(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self._restore()
+        with self._lock:
+            if self._state != "running":
+                return
+            self._state = "done"
+        self.session.close()
+        _disarm(self)
+        self._generate_frame = None
         self._work.put(_END)
         if self._worker is not None and self._worker is not threading.current_thread():
-            self._worker.join()  # generation is over: let the text and spans catch up before generate returns
-
-    def _restore(self) -> None:
-        self.capture.stop()
-        if self._vision_recorder is not None:
-            self._vision_recorder.__exit__(None, None, None)
-            self._vision_recorder = None
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+            self._worker.join()  # generation is over: let text and spans catch up before generate returns
 
     def _fail(self, error: BaseException | None, message: str) -> None:
-        if self._failure is None:
+        """Record the first failure, release everything, and wake the consumer."""
+        with self._lock:
+            if self._state in ("failed", "done", "closed"):
+                return
+            self._state = "failed"
             self._failure = _Failure(error, message)
-        self._finished = True
-        self._restore()
-        self._work.put(self._failure)
+        self.session.close()
+        _disarm(self)
+        self._generate_frame = None
+        (self._work if self._worker is not None else self._events).put(self._failure)
 
     # ------------------------------------------------------------------ worker thread
-    def _piece(self, ids: list[int], token_id: int) -> str:
-        """Display text of the newest token, decoding incrementally like TextStreamer.
-
-        Special tokens (end of turn, vision markers) show as "" except the think tags,
-        which the span splitter needs to see. ``ids`` accumulates the displayed tokens.
-        """
-        if token_id in self._special_ids:
-            raw = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            if raw not in self._tag_texts:
-                return ""
-        ids.append(token_id)
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        piece = text[self._decoded_len:]
-        if piece.endswith("\ufffd"):  # incomplete multi-byte character: wait for the next token
-            return ""
-        self._decoded_len = len(text)
-        return piece
-
     def _work_loop(self) -> None:
-        ids: list[int] = []
-        self._decoded_len = 0
         try:
             while True:
-                item = self._work.get()
+                try:
+                    item = self._work.get(timeout=_WATCH_INTERVAL)
+                except queue.Empty:
+                    if self._generate_exited():
+                        error = self._exception_that_left_generate()
+                        self._fail(error, "generate() ended without finishing the stream"
+                                   + (f": {type(error).__name__}: {error}" if error is not None else
+                                      " (it raised outside a forward pass; see its traceback)"))
+                    continue
                 if item is _END:
-                    self._emit_spans(self.splitter.flush())
+                    for s in range(len(self._splitters)):
+                        self._emit_spans(s, self._splitters[s].flush())
                     if self.print_text:
                         self.on_finalized_text("", stream_end=True)
                     self._events.put(_END)
@@ -395,57 +444,70 @@ class AttributionStreamer(TextStreamer):
                 if isinstance(item, _Failure):
                     self._events.put(item)
                     return
-                token_ids, scores, features = item
-                for token_id in token_ids:
-                    index = len(self.trace.tokens)
-                    piece = self._piece(ids, token_id)
-                    closed = self.splitter.push(index, piece)
-                    event = TokenAttribution(
-                        index=index,
-                        token_id=token_id,
-                        text=piece,
-                        region_scores=scores.detach().float().cpu(),
-                        section=self.splitter.section(),
-                        features=None if features is None else features.detach().cpu(),
-                    )
-                    self.trace.tokens.append(event)
-                    self._events.put(event)
-                    if self.print_text and piece:
-                        self.on_finalized_text(piece)
-                    self._emit_spans(closed)
-        except BaseException as err:  # never leave the consumer waiting
-            self._events.put(_Failure(err, f"attribution worker failed: {err}"))
+                self._handle_step(*item)
+        except BaseException as error:  # never leave the consumer waiting
+            self._events.put(_Failure(error, f"attribution worker failed: {error}"))
 
-    def _emit_spans(self, closed) -> None:
+    def _handle_step(self, token_ids: list[int], scores: torch.Tensor, features: torch.Tensor | None) -> None:
+        scores = scores.detach().float().cpu()
+        for s, token_id in enumerate(token_ids):
+            if self._ended[s]:
+                continue  # a finished sequence of a batch: generate pads it, a batch-1 run would have stopped
+            trace = self.traces[s]
+            if trace.regions is None:
+                trace.regions = self.session.regions[self.session.row_of_sequence[s]]
+            k = trace.regions.num_regions
+            index = len(trace.tokens)
+            piece = self._decoders[s].push(token_id)
+            closed = self._splitters[s].push(index, piece)
+            event = TokenAttribution(
+                index=index, token_id=token_id, text=piece, region_scores=scores[s, :k].clone(),
+                section=self._splitters[s].section(),
+                features=None if features is None else features[s, ..., :k].detach().cpu(), sequence=s,
+            )
+            trace.tokens.append(event)
+            self._events.put(event)
+            if self.print_text and piece and s == 0:
+                self.on_finalized_text(piece)
+            self._emit_spans(s, closed)
+            if token_id in self._eos_ids and len(token_ids) > 1:
+                self._ended[s] = True
+
+    def _emit_spans(self, sequence: int, closed: Sequence[Any]) -> None:
+        trace = self.traces[sequence]
         for span in closed:
-            scores = torch.stack([t.region_scores for t in self.trace.tokens[span.start:span.end]]).mean(0)
-            event = SpanAttribution(len(self.trace.spans), span.text, (span.start, span.end), scores, span.section)
-            self.trace.spans.append(event)
+            scores = torch.stack([t.region_scores for t in trace.tokens[span.start:span.end]]).mean(0)
+            event = SpanAttribution(len(trace.spans), span.text, (span.start, span.end), scores, span.section,
+                                    sequence=sequence)
+            trace.spans.append(event)
             self._events.put(event)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if self.print_text:
-            print(text, flush=True, end="" if not stream_end else None)
+        """Prints like ``TextStreamer`` when ``print_text`` is on; override to send text elsewhere."""
+        print(text, flush=True, end="" if not stream_end else None)
 
     # ------------------------------------------------------------------ consumer side
     def _next_event(self) -> TokenAttribution | SpanAttribution:
         waited = 0.0
-        poll = 0.1
         while True:
+            if self._reuse_error is not None:
+                raise GenerationError(str(self._reuse_error)) from self._reuse_error
             try:
-                item = self._events.get(timeout=poll)
+                item = self._events.get(timeout=_WATCH_INTERVAL)
                 break
             except queue.Empty:
-                waited += poll
-                producer = self._producer
-                if producer is not None and not producer.is_alive() and not self._finished:
-                    # generate's thread died without end() or a failing forward: an error outside the forward.
-                    self._fail(None, "the thread running generate() ended without finishing the stream "
-                                     "(it raised outside a forward pass; see its traceback)")
-                if self.timeout is not None and waited >= self.timeout:
+                waited += _WATCH_INTERVAL
+                self._check_producer()
+                if self._state == "new" and waited >= self.start_timeout:
+                    raise GenerationError(
+                        f"No generate() call used this streamer within {self.start_timeout:g} s. Start one with "
+                        "streamer.generate(**inputs) or model.generate(**inputs, streamer=streamer) in another "
+                        "thread before iterating (or raise start_timeout)."
+                    )
+                if self.timeout is not None and waited >= self.timeout and self._state == "running":
                     raise AttributionTimeout(
-                        f"No attribution event within {self.timeout} s. Generation may still be running; "
-                        "raise the streamer's timeout or check the generating thread."
+                        f"No attribution event within {self.timeout} s while generate() is still running; "
+                        "raise the streamer's timeout."
                     ) from None
         if item is _END:
             self._events.put(_END)  # later calls keep ending
@@ -454,6 +516,17 @@ class AttributionStreamer(TextStreamer):
             self._events.put(item)
             raise GenerationError(item.message) from item.error
         return item
+
+    def _check_producer(self) -> None:
+        """From the consumer's poll: notice a generate that failed in a thread we cannot hook."""
+        if self._state == "new":  # failing before the first token in the caller's thread, while being handled
+            for info in sys._current_exceptions().values():
+                error = info[1] if isinstance(info, tuple) else info
+                if error is not None and _references(error.__traceback__, self):
+                    self._fail(error, f"generate raised {type(error).__name__}: {error}")
+                    return
+        elif self._state == "running" and self._worker is not None and not self._worker.is_alive():
+            self._fail(None, "the attribution worker stopped unexpectedly")
 
     def __iter__(self) -> Iterator[TokenAttribution | SpanAttribution]:
         return self
@@ -478,10 +551,11 @@ class AttributionStreamer(TextStreamer):
             return _END
 
     def generate_in_thread(self, **generate_kwargs: Any) -> threading.Thread:
-        """Start ``model.generate(**generate_kwargs, streamer=self)`` in a daemon thread and return it."""
-        thread = threading.Thread(
-            target=self.model.generate, kwargs=dict(generate_kwargs, streamer=self), daemon=True,
-            name="hf_vattr-generate",
-        )
-        thread.start()
-        return thread
+        """Start :meth:`generate` and return its thread (kept for compatibility; prefer ``generate``)."""
+        self.generate(**generate_kwargs)
+        assert self._thread is not None
+        return self._thread
+
+
+def _copy_splitter(splitter: SpanSplitter) -> SpanSplitter:
+    return copy.deepcopy(splitter)

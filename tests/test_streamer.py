@@ -200,16 +200,6 @@ def test_async_iteration():
     assert sum(isinstance(e, TokenAttribution) for e in events) == 5
 
 
-def test_batch_of_two_is_refused_before_generation():
-    model, proc = get_tiny("qwen3_vl")
-    inputs = proc(text=[proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                 {"type": "text", "text": "hi"}]}], add_generation_prompt=True, tokenize=False)] * 2,
-                  images=[example_image(), example_image()], return_tensors="pt", padding=True)
-    with pytest.raises(ValueError, match="batch of 2"):
-        AttributionStreamer(model, proc, inputs=inputs)
-    assert not patched_attention_lookup()
-
-
 def test_prompt_without_image_is_refused():
     model, proc = get_tiny("qwen3_vl")
     inputs = proc(text=["just text"], return_tensors="pt")

@@ -1,0 +1,266 @@
+"""One attributed ``generate`` call: layouts, regions, attention capture and scoring.
+
+Why a class apart from the streamer: everything here patches or hooks the model, so it has one
+owner with one idempotent :meth:`AttributionSession.close` that releases all of it, whichever
+thread calls it and however generation ended. The streamer only queues events.
+
+Batches: every row of ``input_ids`` (left padding allowed) gets its own layout and regions;
+``num_return_sequences`` copies rows the way ``generate`` does (each prompt ``n`` times in a row).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import threading
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers.utils import logging
+
+from .capture import AttentionCapture, CaptureError
+from .layouts import VisualLayout, _get_path, architecture_spec, visual_layout
+from .regions import PromptRegions, RegionMap, prompt_regions
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["AttributionSession"]
+
+
+def _as_input_ids(inputs: Any) -> torch.Tensor:
+    input_ids = inputs if isinstance(inputs, torch.Tensor) else inputs["input_ids"]
+    return input_ids if input_ids.dim() == 2 else input_ids[None]
+
+
+def _row_inputs(model: Any, inputs: Any, images: Any) -> list[tuple[dict, Any]]:
+    """Split batched processor outputs into per-row inputs (input_ids, image_grid_thw, pixel_values) and images."""
+    input_ids = _as_input_ids(inputs)
+    batch = input_ids.shape[0]
+    get = (lambda name: None) if isinstance(inputs, torch.Tensor) else inputs.get
+    grid, pixels = get("image_grid_thw"), get("pixel_values")
+    if batch == 1:
+        return [({"input_ids": input_ids, "image_grid_thw": grid, "pixel_values": pixels}, images)]
+    config = model.config
+    spec = architecture_spec(config)
+    image_token = int(_get_path(config, spec.image_token_id))
+    merge = int(_get_path(config, spec.merge_size))
+    grid = torch.as_tensor(grid if grid is not None else torch.zeros(0, 3, dtype=torch.long))
+    tokens_per_image = (grid.prod(-1) // merge**2).tolist()
+    patches_per_image = grid.prod(-1).tolist()
+    if images is not None and len(images) == batch and all(isinstance(i, (list, tuple)) for i in images):
+        per_row_images = list(images)
+    else:
+        per_row_images = None
+    rows, image, patch = [], 0, 0
+    for b in range(batch):
+        want, first, first_patch = int((input_ids[b] == image_token).sum()), image, patch
+        while want > 0 and image < len(tokens_per_image):
+            want -= tokens_per_image[image]
+            patch += patches_per_image[image]
+            image += 1
+        if want != 0:
+            raise ValueError(f"Row {b} of input_ids holds image tokens that image_grid_thw does not account for. "
+                             "Were input_ids and image_grid_thw produced by the same processor call?")
+        row = {"input_ids": input_ids[b:b + 1], "image_grid_thw": grid[first:image],
+               "pixel_values": None if pixels is None else pixels[first_patch:patch]}
+        if per_row_images is not None:
+            row_images = per_row_images[b]
+        else:
+            row_images = None if images is None else list(images)[first:image]
+        rows.append((row, row_images))
+    return rows
+
+
+def _padded(tables: Sequence[torch.Tensor], shape: tuple[int, ...], fill: float = 0) -> torch.Tensor:
+    out = torch.full((len(tables), *shape), fill, dtype=tables[0].dtype)
+    for i, t in enumerate(tables):
+        out[(i, *[slice(0, s) for s in t.shape])] = t
+    return out
+
+
+def _called_for(owner: Any) -> bool:
+    """Whether the current call stack belongs to a ``generate(streamer=owner)`` call."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_locals.get("streamer") is owner:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class AttributionSession:
+    """Layouts, regions, capture and scoring for one ``generate`` call (one or many sequences).
+
+    Args:
+        model: the VLM that will generate.
+        inputs: the processor outputs passed to ``generate`` (batched rows may be left-padded).
+        estimator: a :class:`~hf_vattr.estimator.LinearEstimator`, or ``None`` for raw attention.
+        images: original images (or ``(height, width)``) in prompt order; for batches, one list per row
+            or one flat list in batch order.
+        regions: as for :class:`~hf_vattr.streamer.AttributionStreamer`; for batches, a method name or one
+            region spec per row.
+        grid_k: regions per image of the default grid.
+        owner: the streamer whose ``generate`` call this session serves (to ignore other calls' vision passes).
+        on_error: called with any exception the session sees while the model runs (the stream's failure path).
+    """
+
+    def __init__(self, model: Any, inputs: Any, *, estimator: Any = None, images: Any = None,
+                 regions: Any = None, grid_k: int = 16, owner: Any = None,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
+        self.model = model
+        self._owner = None if owner is None else weakref.ref(owner)  # weak: a dropped streamer can be collected
+        self.on_error = on_error
+        rows = _row_inputs(model, inputs, images)
+        self.layouts: list[VisualLayout] = [
+            visual_layout(model, row["input_ids"], row["image_grid_thw"], row_images) for row, row_images in rows]
+        self.from_prefill = isinstance(regions, str) and regions == "prefill"
+        self._recorder: Any = None
+        if self.from_prefill:
+            if any(row["pixel_values"] is None for row, _ in rows):
+                raise ValueError('regions="prefill" needs inputs with pixel_values (images in the prompt); '
+                                 'pass region maps or another method such as regions="grid".')
+            from .regions import VisionFeatureRecorder
+
+            self._recorder = VisionFeatureRecorder(model, on_record=self._regions_from_vision_output)
+            self.regions: list[PromptRegions | None] = [None] * len(rows)
+        else:
+            specs = regions if (len(rows) > 1 and isinstance(regions, (list, tuple))
+                                and not isinstance(regions[0], RegionMap)) else [regions] * len(rows)
+            if len(specs) != len(rows):
+                raise ValueError(f"Got region specs for {len(specs)} rows, the batch has {len(rows)}.")
+            self.regions = [self._resolve_regions(spec, layout, grid_k, row, row_images)
+                            for spec, layout, (row, row_images) in zip(specs, self.layouts, rows)]
+        if estimator is not None:
+            estimator.check_compatible(model)
+            self.pooling = getattr(estimator, "pooling", "sum")
+            # A private copy on the model's device: scoring then never copies weights per token.
+            estimator = copy.deepcopy(estimator).to(next(model.parameters()).device).eval()
+        else:
+            logger.warning(
+                "Attribution without an estimator scores regions by raw attention (mean over layers and heads), "
+                "which is not causal. Load one with LinearEstimator.from_pretrained(...)."
+            )
+            self.pooling = "sum"
+        self.estimator = estimator
+        self.capture: AttentionCapture | None = None
+        self.row_of_sequence: list[int] = []
+        self._hook: Any = None
+        self._lock = threading.Lock()
+        self.closed = False
+        if self._recorder is not None:
+            # Hooked now, not at the first put(): generate may encode the images before it calls put().
+            self._recorder.__enter__()
+
+    # ------------------------------------------------------------------ regions
+    def _resolve_regions(self, regions: Any, layout: VisualLayout, grid_k: int, row: dict, images: Any
+                         ) -> PromptRegions:
+        if regions is None:
+            return prompt_regions(layout, k=grid_k)
+        if isinstance(regions, str):  # a method name: build them now, e.g. "vlm", "dinov3", "auto"
+            from .regions import build_regions
+
+            return build_regions(layout, method=regions, images=images, model=self.model, inputs=row)
+        maps = regions.maps if isinstance(regions, PromptRegions) else [regions] if isinstance(regions, RegionMap) \
+            else list(regions)
+        for i, (m, im) in enumerate(zip(maps, layout.images)):
+            if m.image.num_tokens != im.num_tokens:
+                raise ValueError(
+                    f"Region map {i} covers {m.image.num_tokens} visual tokens but image {i} of the prompt has "
+                    f"{im.num_tokens}. Build the region maps from this prompt's layout."
+                )
+        return PromptRegions(layout, list(maps))
+
+    def _regions_from_vision_output(self, features: list[torch.Tensor]) -> None:
+        """Runs inside the prefill's vision-tower hook: cluster, then hand the membership to the capture."""
+        if self._owner is not None and not _called_for(self._owner()):
+            return  # another generate's vision pass (e.g. a second streamer built early): not ours
+        self._release_recorder()  # one-shot
+        from .regions import build_regions
+
+        want = [im.num_tokens for layout in self.layouts for im in layout.images]
+        got = [int(f.shape[0]) for f in features]
+        if got != want:
+            error = ValueError(
+                f'regions="prefill" saw a vision-tower call for images with {got} visual tokens, but the prompt has '
+                f"{want}. Create the streamer right before generate(...) with the same inputs."
+            )
+            self._report(error)
+            raise error
+        start = 0
+        for b, layout in enumerate(self.layouts):
+            n = len(layout.images)
+            regions = build_regions(layout, method="features", features=features[start:start + n])
+            for rmap in regions.maps:
+                rmap.info["features"] = "vision tower output recorded during generate's prefill"
+            self.regions[b] = regions
+            start += n
+        if self.capture is not None:
+            self.capture.set_membership(self._membership())
+
+    def _release_recorder(self) -> None:
+        if self._recorder is not None:
+            self._recorder.__exit__(None, None, None)
+            self._recorder = None
+
+    # ------------------------------------------------------------------ tables
+    def _positions(self) -> torch.Tensor:
+        tables = [self.layouts[r].positions for r in self.row_of_sequence]
+        return _padded(tables, (max(len(t) for t in tables),))
+
+    def _membership(self) -> torch.Tensor:
+        tables = [self.regions[r].membership() for r in self.row_of_sequence]  # type: ignore[union-attr]
+        return _padded(tables, (max(t.shape[0] for t in tables), max(t.shape[1] for t in tables)))
+
+    def num_regions(self, sequence: int) -> int:
+        regions = self.regions[self.row_of_sequence[sequence]]
+        return 0 if regions is None else regions.num_regions
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self, num_sequences: int, stale: Callable[[], bool] | None = None,
+             on_evicted: Callable[[], None] | None = None) -> None:
+        """Start capturing for ``num_sequences`` rows (generate's expanded batch); hook the model's forward."""
+        rows = len(self.layouts)
+        if num_sequences % rows:
+            raise ValueError(f"generate runs {num_sequences} sequences for {rows} prompt rows.")
+        copies = num_sequences // rows
+        self.row_of_sequence = [s // copies for s in range(num_sequences)]
+        ready = all(r is not None for r in self.regions)
+        self.capture = AttentionCapture(self.model, self._positions(), self._membership() if ready else None,
+                                        pooling=self.pooling)
+        self.capture.stale = stale
+        self.capture.on_evicted = on_evicted or self.close
+        self.capture.start()
+        # Runs after every forward of the model, also when it raises: the failure reaches the consumer.
+        self._hook = self.model.register_forward_hook(self._after_forward, always_call=True)
+
+    def _after_forward(self, module, args, output) -> None:
+        if output is None:  # torch passes None when the forward raised
+            error = sys.exc_info()[1]
+            if error is not None:
+                self._report(error)
+
+    def _report(self, error: BaseException) -> None:
+        if self.on_error is not None:
+            self.on_error(error)
+
+    def close(self) -> None:
+        """Release every patch and hook; idempotent and safe from any thread."""
+        with self._lock:
+            self.closed = True
+            if self.capture is not None:
+                self.capture.stop()
+            self._release_recorder()
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+
+    # ------------------------------------------------------------------ per step
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features ``(B, L, H, K)`` of the latest forward and their region scores ``(B, K)``, on the model's device."""
+        if self.capture is None:
+            raise CaptureError("The session was not opened.")
+        features = self.capture.pop()
+        if self.estimator is None:
+            return features, features.mean(dim=(1, 2))
+        return features, self.estimator(features)
