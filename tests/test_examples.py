@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -22,8 +23,16 @@ def _run(cmd: list[str], tmp_path: Path, **env: str) -> str:
     return proc.stdout
 
 
-def test_stream_attributions_example(tmp_path):
-    out = _run([sys.executable, str(EXAMPLES / "stream_attributions.py"), "--html", "report.html"], tmp_path)
+def _run_script(path: Path, argv: list[str], tmp_path: Path, monkeypatch) -> None:
+    """``python path *argv`` in tmp_path, in this process (a subprocess would only add seconds of imports)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(path), *argv])
+    runpy.run_path(str(path), run_name="__main__")
+
+
+def test_stream_attributions_example(tmp_path, monkeypatch, capsys):
+    _run_script(EXAMPLES / "stream_attributions.py", ["--html", "report.html"], tmp_path, monkeypatch)
+    out = capsys.readouterr().out
     steps = re.findall(r"\[thinking step \d+\] relies on #(\d+)", out)
     assert len(steps) >= 1 and "</think>" in out and "[answer step" in out
     html = (tmp_path / "report.html").read_text()
@@ -31,15 +40,16 @@ def test_stream_attributions_example(tmp_path):
     assert "data:image/png;base64," in html  # self-contained
 
 
-def test_stream_attributions_example_refuses_half_a_real_model_spec(tmp_path):
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "stream_attributions.py"), "--model", "x/y"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--image and --question are required" in proc.stderr
+def test_stream_attributions_example_refuses_half_a_real_model_spec(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _run_script(EXAMPLES / "stream_attributions.py", ["--model", "x/y"], tmp_path, monkeypatch)
+    assert exit_info.value.code == 2 and "--image and --question are required" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # three `hf-vattr` processes (collect, train, eval with the model)
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("hf-vattr") is None, reason="needs bash and the CLI")
 def test_train_estimator_example(tmp_path):
-    out = _run(["bash", str(EXAMPLES / "train_estimator.sh")], tmp_path, OUT=str(tmp_path / "run"), N="8",
+    out = _run(["bash", str(EXAMPLES / "train_estimator.sh")], tmp_path, OUT=str(tmp_path / "run"), N="4", K="8",
                MAX_NEW_TOKENS="64")
     assert "| estimator |" in out and "| leave_one_out |" in out
     est = tmp_path / "run" / "estimator"

@@ -1,5 +1,5 @@
-"""The toy faithfulness runner: end to end at a small scale, and its toy-specific metrics
-checked against scores whose right answer is known by construction."""
+"""The toy faithfulness runner (scripts/toy/faithfulness.py): end to end at a small scale, and its
+toy-specific metrics checked against scores whose right answer is known by construction."""
 
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ from hf_vattr.estimator import LinearEstimator
 from hf_vattr.evaluation import span_level_metrics
 from hf_vattr.regions import PromptRegions
 from hf_vattr.toy import evidence_for_step, example_seed, make_example
-from hf_vattr.toy.faithfulness import TEST_SEED, main, metrics_by_section, pointing_accuracy
-from hf_vattr.training import as_example
+
+from faithfulness import TEST_SEED, main, metrics_by_section, pointing_accuracy  # scripts/toy (conftest.py)
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
+    """One run at the smallest scale that still exercises every step (~20 s; the report uses 400 + 100)."""
     work = tmp_path_factory.mktemp("faith")
-    argv = ["--train", "8", "--test", "4", "--num-subsets", "8", "--work", str(work / "runs"),
-            "--estimator-out", str(work / "estimator"), "--report", str(work / "faithfulness.md")]
+    argv = ["--train", "4", "--test", "2", "--num-subsets", "4", "--k", "8", "--ig-steps", "2",
+            "--work", str(work / "runs"), "--estimator-out", str(work / "estimator"),
+            "--report", str(work / "faithfulness.md")]
     assert main(argv) == 0
     return work
 
@@ -67,8 +69,7 @@ def test_pointing_is_one_for_scores_that_follow_the_evidence(small_run):
 def test_sections_of_the_ground_truth_itself(small_run):
     records = _test_records(small_run)
     loo = [r.loo_effects for r in records]
-    views = [as_example(r) for r in records]
-    per_span = {name: span_level_metrics(scores, views) for name, scores in
+    per_span = {name: span_level_metrics(scores, records) for name, scores in
                 (("leave_one_out", loo), ("negated", [-x for x in loo]))}
     by = metrics_by_section(records, per_span)
     n_spans = sum(r.num_spans for r in records)

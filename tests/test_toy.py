@@ -162,6 +162,7 @@ def test_shipped_model_loads_via_public_api(toy_model):
     assert prompt.endswith("<|im_start|>assistant\n<think>\n")
 
 
+@pytest.mark.slow  # 40 greedy generations
 def test_shipped_model_answers_held_out_questions(toy_model):
     model, processor = toy_model
     exs = make_examples(40, seed=toy.EVAL_SEED, start=5000)  # held out: never seen in training

@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default="docs/faithfulness.md")
     p.add_argument("--num-subsets", type=int, default=32)
     p.add_argument("--k", type=int, default=16, help="regions per image")
+    p.add_argument("--ig-steps", type=int, default=16, help="integrated-gradients steps (the costliest baseline)")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         extra_training_data={"dataset": f"hf_vattr toy task, seed {TRAIN_SEED}, {args.train} examples"},
     )
     test_records = load_collection(work / "test")
-    methods = [make_method(name, estimator=estimator) for name in
+    options = {"integrated_gradients": {"steps": args.ig_steps}}
+    methods = [make_method(name, estimator=estimator, **options.get(name, {})) for name in
                ("estimator", "raw_attention", "leave_one_out", "grad_x_input", "integrated_gradients", "random")]
     def inputs_fn(record):
         return _build_inputs(processor, *test_set.get(int(record.example_id)))
