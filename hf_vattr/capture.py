@@ -135,6 +135,7 @@ def visual_row_features_from_lse(
     positions: torch.Tensor,
     pooling: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    visual_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Region-pooled attention of the last query row, from the kernel's log-sum-exp.
 
@@ -146,13 +147,14 @@ def visual_row_features_from_lse(
         logsumexp: (B, H) log-sum-exp of the last row's scaled, masked scores over all keys.
         positions: (B, Nv) visual key positions per sequence (padded entries point at any valid key).
         pooling: (B, Nv, K) token -> region weights (zero rows for padded entries).
+        visual_keys: optional (B, Hkv, Nv, D) float32 keys at ``positions``, kept from an earlier step.
 
     Returns:
         (B, H, K) float32 features.
     """
     batch, num_heads, _, dim = query.shape
     num_kv = key.shape[1]
-    visual_keys = _visual_keys(key, positions).float()  # (B, Hkv, Nv, D)
+    visual_keys = _visual_keys(key, positions).float() if visual_keys is None else visual_keys  # (B, Hkv, Nv, D)
     q = query[:, :, -1].float().reshape(batch, num_kv, num_heads // num_kv, dim)
     scores = torch.matmul(q, visual_keys.transpose(-1, -2)).reshape(batch, num_heads, -1).mul_(scaling)
     mask = _visual_mask(attention_mask, positions, key.shape[2])
@@ -214,6 +216,7 @@ _INTERVENTIONS: dict[Any, Callable] = {}  # attention module -> mask interventio
 _WRAPPERS: dict[Callable, Callable] = {}  # original attention fn -> wrapped fn
 _PATCH: dict[str, Any] = {}  # saved original lookup while patched
 _USERS = 0
+_VERIFIED: set[tuple] = set()  # call signatures whose LSE-route output was checked bitwise against the original
 
 
 def _wrap(original: Callable) -> Callable:
@@ -237,7 +240,7 @@ def _wrap(original: Callable) -> Callable:
             if routed is not None:
                 output, lse = routed
                 reference = lambda: original(module, query, key, value, attention_mask, **kwargs)  # noqa: E731
-                if capture._verify(module, output, attention_mask, reference):
+                if capture._verify(module, query, key, output, attention_mask, reference):
                     capture._record_lse(module, query, key, lse, attention_mask, scaling)
                     return output
         output = original(module, query, key, value, attention_mask, *args, **kwargs)
@@ -341,7 +344,7 @@ class AttentionCapture:
         self._positions: dict[torch.device, torch.Tensor] = {}
         self._pooling: dict[torch.device, torch.Tensor] = {}
         self._pooling_cpu: torch.Tensor | None = None
-        self._verified: set[tuple] = set()
+        self._visual_key_cache: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (cache length, float keys)
         self.num_regions = 0
         self._slots: list[torch.Tensor | None] = [None] * self.num_layers
         if membership is not None:
@@ -409,6 +412,7 @@ class AttentionCapture:
                 if _ACTIVE.get(module) is self:
                     del _ACTIVE[module]
             self.active = False
+            self._visual_key_cache.clear()
             _uninstall()
 
     # -- recording
@@ -433,15 +437,15 @@ class AttentionCapture:
                 logger.info(f"hf_vattr attention capture: '{path}' route for decode steps.")
             self.path = path
 
-    def _verify(self, module, output, attention_mask, reference: Callable[[], Any]) -> bool:
-        """Check the LSE route bitwise against the model's own attention, once per layer and mask kind."""
-        mask_kind = (self._layer_of[module], output[0].dtype, output[0].shape[0],
-                     None if attention_mask is None else (attention_mask.dtype, tuple(attention_mask.shape[:2])))
-        if mask_kind in self._verified:
+    def _verify(self, module, query, key, output, attention_mask, reference: Callable[[], Any]) -> bool:
+        """Check the LSE route bitwise against the model's own attention, once per process and call signature."""
+        signature = (query.device.type, query.dtype, tuple(query.shape), key.shape[1], getattr(module, "num_key_value_groups", 1),
+                     None if attention_mask is None else (attention_mask.dtype, tuple(attention_mask.shape[:3])))
+        if signature in _VERIFIED:
             return True
         expected = reference()[0]
         if torch.equal(expected, output[0]):
-            self._verified.add(mask_kind)
+            _VERIFIED.add(signature)
             return True
         logger.warning("hf_vattr: the log-sum-exp attention route does not reproduce this model's sdpa output "
                        "bitwise; falling back to the full-row route (cost grows with the trace).")
@@ -451,8 +455,17 @@ class AttentionCapture:
     def _record_lse(self, module, query, key, lse, attention_mask, scaling) -> None:
         self._check_batch(query.shape[0])
         positions, pooling = self._device_tables(query.device)
-        self._slots[self._layer_of[module]] = visual_row_features_from_lse(
-            query, key, lse, scaling, positions, pooling, attention_mask)
+        layer = self._layer_of[module]
+        # The visual keys sit in the prompt, so they never change while the cache grows by one token a step:
+        # keep their float32 copy instead of gathering it every step (recomputed if the cache was cropped).
+        kept = self._visual_key_cache.get(layer)
+        if kept is None or key.shape[2] != kept[0] + 1 or kept[1].device != key.device:
+            kept = (key.shape[2], _visual_keys(key, positions).float())
+        else:
+            kept = (key.shape[2], kept[1])
+        self._visual_key_cache[layer] = kept
+        self._slots[layer] = visual_row_features_from_lse(
+            query, key, lse, scaling, positions, pooling, attention_mask, visual_keys=kept[1])
         self._set_path("lse")
 
     def _record(self, module, query, key, attention_mask, scaling, output) -> None:
