@@ -1,17 +1,24 @@
-"""Per-token decode time with and without the AttributionStreamer, same run, same model.
+"""Streaming overhead against context length, in float32 and bfloat16, end to end and per layer.
 
-Model: random weights at Qwen3-VL-2B-like text dims (28 layers, 16 heads, 8 KV heads,
-hidden 2048, intermediate 6144), a small vision tower, one image of >= 256 visual
-tokens, greedy decoding of >= 256 new tokens, sdpa attention.
+Model: random weights at Qwen3-VL-2B text dims (hidden 2048, 16 heads, 8 KV heads, head_dim 128,
+intermediate 6144), 2 decoder layers by default, sdpa; one 544x512 image = 272 visual tokens.
 
-Routes timed (interleaved, repeated; median reported):
-  baseline   generate() with no streamer
-  streamer   generate(streamer=AttributionStreamer(...)) with a LinearEstimator and a consumer thread
-  naive      eager attention + output_attentions=True + return_dict_in_generate (what you would do without us)
+Context length C: a real prefill of the image prompt, then the KV cache is extended with random
+keys and values up to C tokens (their content does not change the cost). Each decode step is a
+real cached forward of the model, as ``generate`` runs it; the routes below run the same steps,
+interleaved, repeated, cache cropped back to C between runs:
 
-Per-token decode time = (time(N new tokens) - time(1 new token)) / (N - 1), so prefill is excluded.
+  baseline   forward only
+  streamer   forward + AttributionStreamer.put (capture, estimator, queue) with a consumer thread
+             reading every event: the log-sum-exp route ("lse", the default on CPU sdpa)
+  full-row   the same, forced onto the fallback route that recomputes the row over all keys
 
-    python benchmarks/bench_streamer.py --new-tokens 256 --repeats 3 --write docs/benchmarks.md
+Per layer: the capture's own work for one layer and step (LSE route: a product over the visual
+keys; full-row: over all keys) against one layer's share of the baseline decode step.
+Memory: bytes the capture allocates per decode step (every tensor an op creates during a step,
+streamer minus baseline, counted with a TorchDispatchMode), against context length.
+
+    python benchmarks/bench_streamer.py --threads 1 --write docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -22,109 +29,228 @@ import statistics
 import threading
 import time
 
+import numpy as np
 import torch
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from hf_vattr import AttributionStreamer, LinearEstimator
+from hf_vattr.capture import attention_row_features, visual_row_features_from_lse
 from hf_vattr.testing import build_model, build_processor, example_inputs
-from PIL import Image
-import numpy as np
 
 QWEN3_VL_2B_TEXT = dict(
-    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, hidden_size=2048,
-    intermediate_size=6144, head_dim=128,
+    num_attention_heads=16, num_key_value_heads=8, hidden_size=2048, intermediate_size=6144, head_dim=128,
     rope_parameters={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True,
                      "rope_theta": 5000000.0},
 )
+MARKER = "<!-- bench_streamer -->"
 
 
-def _generate(model, inputs, n, **kwargs):
-    return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kwargs)
+class AllocationCounter(TorchDispatchMode):
+    """Counts bytes of every tensor an op newly allocates (views and in-place results excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.bytes += t.untyped_storage().nbytes()
+        return out
 
 
-def time_route(route, model, proc, inputs, n, estimator):
-    def run(num):
-        if route == "baseline":
-            start = time.perf_counter()
-            _generate(model, inputs, num)
-            return time.perf_counter() - start
-        if route == "naive":
-            start = time.perf_counter()
-            _generate(model, inputs, num, output_attentions=True, return_dict_in_generate=True)
-            return time.perf_counter() - start
-        streamer = AttributionStreamer(model, proc, inputs=inputs, estimator=estimator, print_text=False,
-                                       timeout=600)
-        consumed = []
-        consumer = threading.Thread(target=lambda: consumed.extend(streamer))
-        consumer.start()
-        start = time.perf_counter()
-        _generate(model, inputs, num, streamer=streamer)
-        elapsed = time.perf_counter() - start
-        consumer.join()
-        assert sum(1 for e in consumed if hasattr(e, "token_id")) == num
-        return elapsed
+class Bench:
+    def __init__(self, layers: int, dtype: torch.dtype, device: str = "cpu", attn: str = "sdpa") -> None:
+        self.proc = build_processor("qwen3_vl", max_pixels=2_000_000)
+        self.model = build_model("qwen3_vl", self.proc.tokenizer, attn_implementation=attn,
+                                 text_overrides=dict(QWEN3_VL_2B_TEXT, num_hidden_layers=layers)).to(device, dtype)
+        self.device, self.attn = device, attn
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (544, 512, 3), dtype=np.uint8))
+        self.inputs = example_inputs(self.proc, [image], text="Describe the image step by step.")
+        self.inputs = {k: v.to(device) for k, v in self.inputs.items()}
+        self.inputs["pixel_values"] = self.inputs["pixel_values"].to(dtype)
+        self.visual = int((self.inputs["input_ids"] == self.model.config.image_token_id).sum())
+        self.estimator = LinearEstimator(layers, 16, model_type="qwen3_vl")
+        self.dtype = dtype
+        self.layers = layers
 
-    t1 = run(1)
-    tn = run(n)
-    return (tn - t1) / (n - 1), t1
+    def prefill(self, context: int):
+        """A real prefill of the prompt, then random keys/values up to ``context`` cached tokens."""
+        with torch.no_grad():
+            out = self.model(**self.inputs, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        extra = context - cache.get_seq_length()
+        gen = torch.Generator().manual_seed(context)
+        for layer in cache.layers:
+            shape = (1, layer.keys.shape[1], extra, layer.keys.shape[3])
+            layer.keys = torch.cat([layer.keys, torch.randn(shape, generator=gen).to(layer.keys)], dim=2)
+            layer.values = torch.cat([layer.values, torch.randn(shape, generator=gen).to(layer.values)], dim=2)
+        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+        return cache
+
+    def steps(self, cache, context: int, steps: int, route: str, counter: AllocationCounter | None = None) -> list[float]:
+        """Per-step wall times of ``steps`` cached decode steps from ``context`` tokens."""
+        if cache.get_seq_length() > context:
+            cache.crop(context - cache.get_seq_length())  # negative: tokens to drop from the end
+        streamer, consumer = None, None
+        if route != "baseline":
+            streamer = AttributionStreamer(self.model, self.proc, inputs=self.inputs, estimator=self.estimator)
+            consumer = threading.Thread(target=lambda: sum(1 for _ in streamer), daemon=True)
+            consumer.start()
+            streamer.put(self.inputs["input_ids"])  # what generate does first: opens the capture
+            if route == "full-row":
+                streamer.capture.path = "full-row"
+        token, times = self.token, []
+        try:
+            with torch.no_grad():
+                for step in range(steps):
+                    start = time.perf_counter()
+                    if counter is not None and step > 0:  # the first step also builds per-stream state
+                        with counter:
+                            logits = self.model(input_ids=token, cache=cache, use_cache=True).logits
+                    else:
+                        logits = self.model(input_ids=token, cache=cache, use_cache=True).logits
+                    token = logits[:, -1].argmax(-1, keepdim=True)
+                    if streamer is not None:
+                        if counter is not None and step > 0:
+                            with counter:
+                                streamer.put(token[0])
+                        else:
+                            streamer.put(token[0])
+                    if self.device != "cpu":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+        finally:
+            if streamer is not None:
+                streamer.end()
+                consumer.join()
+                if self.device == "cpu" and self.attn == "sdpa":
+                    assert streamer.capture.path == ("full-row" if route == "full-row" else "lse"), streamer.capture.path
+        return times
+
+    def per_layer(self, cache, repeats: int = 20) -> dict[str, float]:
+        """Seconds of the capture's own work for one layer and step, per route."""
+        module = self.model.model.language_model.layers[0].self_attn
+        keys = cache.layers[0].keys
+        query = torch.randn(1, 16, 1, 128).to(self.dtype)
+        positions = torch.arange(self.visual)[None] + 5
+        pooling = torch.rand(1, self.visual, 16)
+        out = {}
+        with torch.no_grad():
+            _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, cache.layers[0].values,
+                                                                               scale=module.scaling)
+            lse = lse.reshape(1, 16)
+            for name, fn in {
+                "lse": lambda: visual_row_features_from_lse(query, keys, lse, module.scaling, positions, pooling),
+                "full-row": lambda: attention_row_features(query, keys, module.scaling, positions[0], pooling[0]),
+            }.items():
+                fn()
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    fn()
+                    if self.device != "cpu":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+                out[name] = statistics.median(times)
+        return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--image-size", type=int, nargs=2, default=(544, 512), help="height width in px")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--write", default=None, help="markdown file to append the results table to")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 16384, 32768])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (the per-layer cost is what scales)")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per timed run")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per route")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu.sh)")
+    parser.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, flash_attention_2, eager")
+    parser.add_argument("--write", default=None, help="markdown file whose streaming section to replace")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    proc = build_processor("qwen3_vl", max_pixels=2_000_000)
-    sdpa = build_model("qwen3_vl", proc.tokenizer, text_overrides=QWEN3_VL_2B_TEXT)
-    h, w = args.image_size
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
-    inputs = example_inputs(proc, [image], text="Describe the image step by step.")
-    visual = int((inputs["input_ids"] == sdpa.config.image_token_id).sum())
-    L, H = 28, 16
-    estimator = LinearEstimator(L, H, model_type="qwen3_vl")
-    routes = {"baseline": sdpa, "streamer": sdpa}
-    if not args.skip_naive:
-        eager = build_model("qwen3_vl", proc.tokenizer, text_overrides=QWEN3_VL_2B_TEXT,
-                            attn_implementation="eager")
-        routes["naive"] = eager
-    results: dict[str, list[float]] = {r: [] for r in routes}
-    prefill: dict[str, list[float]] = {r: [] for r in routes}
-    with torch.no_grad():
-        _generate(sdpa, inputs, 2)  # warm-up
-        for rep in range(args.repeats):
-            for route, model in routes.items():
-                per_token, t1 = time_route(route, model, proc, inputs, args.new_tokens, estimator)
-                results[route].append(per_token)
-                prefill[route].append(t1)
-                print(f"repeat {rep} {route:9s} {per_token * 1000:8.2f} ms/token (prefill+1: {t1:.2f} s)", flush=True)
+    rows_e2e, rows_layer, rows_mem = [], [], []
+    for dtype_name in args.dtypes:
+        bench = Bench(args.layers, getattr(torch, dtype_name), args.device, args.attn)
+        for context in args.contexts:
+            cache = bench.prefill(context)
+            bench.steps(cache, context, 2, "baseline")  # warm-up
+            bench.steps(cache, context, 2, "streamer")
+            per_token: dict[str, list[float]] = {"baseline": [], "streamer": [], "full-row": []}
+            for _ in range(args.repeats):
+                for route in per_token:
+                    per_token[route].extend(bench.steps(cache, context, args.steps, route))
+            med = {route: statistics.median(v) for route, v in per_token.items()}
+            rows_e2e.append((dtype_name, context, med["baseline"], med["streamer"] / med["baseline"],
+                             med["full-row"] / med["baseline"]))
+            layer = bench.per_layer(cache) if args.device == "cpu" else {"lse": float("nan"), "full-row": float("nan")}
+            layer_time = med["baseline"] / args.layers
+            rows_layer.append((dtype_name, context, layer["lse"], layer["full-row"], layer_time))
+            allocated = {}
+            for route in per_token:
+                counter = AllocationCounter()
+                bench.steps(cache, context, 5, route, counter)
+                allocated[route] = counter.bytes / 4  # steps 2-5
+            rows_mem.append((dtype_name, context, (allocated["streamer"] - allocated["baseline"]) / args.layers,
+                             (allocated["full-row"] - allocated["baseline"]) / args.layers))
+            print(rows_e2e[-1], rows_layer[-1], rows_mem[-1], flush=True)
+            del cache
 
-    base = statistics.median(results["baseline"])
+    machine = f"{platform.machine()}, {args.threads} torch thread(s), torch {torch.__version__}, {args.device}, {args.attn}"
+    if args.device != "cpu":
+        machine += f" ({torch.cuda.get_device_name(0)})"
     lines = [
-        f"Model: random Qwen3-VL text dims (28 layers, 16 heads, 8 KV heads, hidden 2048, intermediate 6144), "
-        f"float32, sdpa; {visual} visual tokens; prompt {inputs['input_ids'].shape[1]} tokens; "
-        f"{args.new_tokens} new tokens; median of {args.repeats} interleaved repeats; "
-        f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}.",
+        MARKER,
+        "## Streaming overhead against context length",
         "",
-        "| route | ms / token (median) | all repeats (ms) | ratio vs baseline |",
-        "|---|---:|---|---:|",
+        f"`python benchmarks/bench_streamer.py --threads {args.threads} --steps {args.steps} "
+        f"--repeats {args.repeats} --layers {args.layers}`. Random weights at Qwen3-VL-2B text dims (hidden 2048, "
+        f"16 heads, 8 KV heads, head_dim 128, intermediate 6144), {args.layers} decoder layers, sdpa, "
+        f"{bench.visual} visual tokens; the KV cache is a real prefill of the image prompt extended with random "
+        f"keys/values to the context length. Median per-token time of {args.repeats} x {args.steps} cached decode "
+        f"steps per route, routes interleaved in the same run; {machine}.",
+        "",
+        "End to end (ratio = per-token time / baseline per-token time; the streamer route includes the estimator, "
+        "the event queue and a consumer thread reading every event):",
+        "",
+        "| dtype | context | baseline ms/token | streamer (lse route) | fallback (full-row route) |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for route, values in results.items():
-        med = statistics.median(values)
-        lines.append(f"| {route} | {med * 1000:.1f} | {', '.join(f'{v * 1000:.1f}' for v in values)} | "
-                     f"{med / base:.3f} |")
-    table = "\n".join(lines)
+    lines += [f"| {d} | {c} | {b * 1000:.1f} | **{s:.3f}** | {f:.3f} |" for d, c, b, s, f in rows_e2e]
+    lines += [
+        "",
+        "Per layer and decode step: the capture's own work against one layer's share of the baseline step:",
+        "",
+        "| dtype | context | lse route ms | full-row ms | layer decode ms | lse / layer | full-row / layer |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {d} | {c} | {a * 1000:.3f} | {f * 1000:.3f} | {t * 1000:.2f} | {a / t:.3f} | {f / t:.3f} |"
+              for d, c, a, f, t in rows_layer]
+    lines += [
+        "",
+        "Added memory: bytes the capture allocates per layer and decode step (temporaries, streamer minus baseline, "
+        "steady state). Besides, the lse route keeps one float32 copy of the visual keys per layer, made at the "
+        f"first decode step: {8 * bench.visual * 128 * 4 / 2**20:.2f} MiB per layer here (KV heads x visual tokens "
+        "x head_dim x 4 bytes), whatever the trace length.",
+        "",
+        "| dtype | context | lse route | full-row route |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {d} | {c} | {s / 1024:.1f} KiB | {f / 1024:.1f} KiB |" for d, c, s, f in rows_mem]
+    table = "\n".join(lines) + "\n"
     print(table)
     if args.write:
-        with open(args.write, "a") as fh:
-            fh.write("\n## Streaming overhead (decode loop)\n\n")
-            fh.write("`python benchmarks/bench_streamer.py " + " ".join(
-                f"--new-tokens {args.new_tokens} --repeats {args.repeats}".split()) + "`\n\n")
-            fh.write(table + "\n")
+        with open(args.write) as fh:
+            text = fh.read()
+        head = text.split(MARKER)[0].rstrip() + "\n\n"
+        tail = text.split(MARKER)[2] if text.count(MARKER) >= 2 else ""
+        with open(args.write, "w") as fh:
+            fh.write(head + table + MARKER + tail)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from transformers.utils import logging
 
 from .ablation import AblationEngine, leave_one_out_masks, random_subset_masks
 from .capture import AttentionCapture
+from .text import decode_pieces
 from .layouts import text_dims, visual_layout
 from .spans import ReasoningStepSplitter, SpanSplitter
 
@@ -287,34 +288,6 @@ def _atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def decode_pieces(tokenizer: Any, token_ids: Sequence[int], tag_texts: Iterable[str] = ("<think>", "</think>")
-                  ) -> list[str]:
-    """Display text of each generated token, decoded incrementally the way the streamer does.
-
-    Special tokens show as ``""`` except the think tags (the span splitter needs them); a token
-    ending in an incomplete multi-byte character shows ``""`` and its text arrives with the next one.
-    """
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    tags = set(tag_texts)
-    shown: list[int] = []
-    decoded_len = 0
-    pieces = []
-    for token_id in token_ids:
-        token_id = int(token_id)
-        if token_id in special and tokenizer.decode([token_id], skip_special_tokens=False) not in tags:
-            pieces.append("")
-            continue
-        shown.append(token_id)
-        text = tokenizer.decode(shown, skip_special_tokens=False)
-        piece = text[decoded_len:]
-        if piece.endswith("\ufffd"):
-            pieces.append("")
-            continue
-        decoded_len = len(text)
-        pieces.append(piece)
-    return pieces
 
 
 def _build_inputs(processor: Any, images: Sequence[Any], prompt: Any) -> Any:
