@@ -88,6 +88,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
         spec = DatasetSpec("jsonl", path=str(Path(args.prompts).resolve()),
                            images_dir=str(Path(args.images_dir).resolve()) if args.images_dir else None)
     items = spec.items(limit=args.limit)
+    from .collection import check_dataset
+
+    try:  # before anything is loaded or written: a folder holding another dataset is refused
+        check_dataset(args.out, spec.to_dict())
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
     from accelerate import PartialState
 
@@ -107,7 +113,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     if state.is_main_process:
         (out / DATASET_FILE).write_text(json.dumps({**spec.to_dict(), "model": model_id,
                                                     "revision": args.revision}, indent=2) + "\n")
-    result = collect(model, processor, items, out, config, progress=not args.quiet)
+    result = collect(model, processor, items, out, config, progress=not args.quiet, dataset=spec.to_dict())
     if state.is_main_process:
         print(f"collected {len(result['written'])} examples ({len(result['skipped'])} already on disk) into {out}")
     return 0
@@ -285,7 +291,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     estimator = LinearEstimator.from_pretrained(args.estimator)
     url = estimator.push_to_hub(args.repo_id, private=args.private, token=args.token, branch=args.branch,
-                                commit_message=args.commit_message)
+                                commit_message=args.commit_message, model_card_kwargs={"repo_id": args.repo_id})
     print(f"pushed {args.estimator} to {args.repo_id}: {url}")
     return 0
 

@@ -161,9 +161,10 @@ def test_exception_outside_forward_is_not_a_hang():
         **inputs, streamer=streamer, max_new_tokens=10, logits_processor=LogitsProcessorList([_RaiseAt(3)])))
     thread.start()
     start = time.monotonic()
-    with pytest.raises(GenerationError, match="ended without finishing"):
+    with pytest.raises(GenerationError, match="outside the forward") as err:
         for _ in streamer:
             pass
+    assert isinstance(err.value.__cause__, _Boom)
     assert time.monotonic() - start < 10
     thread.join()
     assert not patched_attention_lookup()
