@@ -60,6 +60,7 @@ class AttributionTrace:
     spans: list[SpanAttribution] = field(default_factory=list)
     prompt_text: str = ""
     sequence: int = 0
+    images: list | None = None  # the images the user passed for this sequence (PIL, arrays or (h, w)), if any
 
     @property
     def text(self) -> str:

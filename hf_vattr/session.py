@@ -112,6 +112,7 @@ class AttributionSession:
         self._owner = None if owner is None else weakref.ref(owner)  # weak: a dropped streamer can be collected
         self.on_error = on_error
         rows = _row_inputs(model, inputs, images)
+        self.images: list[Any] = [None if row_images is None else list(row_images) for _, row_images in rows]
         self.layouts: list[VisualLayout] = [
             visual_layout(model, row["input_ids"], row["image_grid_thw"], row_images) for row, row_images in rows]
         self.from_prefill = isinstance(regions, str) and regions == "prefill"
@@ -160,7 +161,8 @@ class AttributionSession:
         if isinstance(regions, str):  # a method name: build them now, e.g. "vlm", "dinov3", "auto"
             from .regions import build_regions
 
-            return build_regions(layout, method=regions, images=images, model=self.model, inputs=row)
+            k = grid_k if regions == "grid" else None  # grid_k is the grid's size; other methods choose their own K
+            return build_regions(layout, method=regions, k=k, images=images, model=self.model, inputs=row)
         maps = regions.maps if isinstance(regions, PromptRegions) else [regions] if isinstance(regions, RegionMap) \
             else list(regions)
         for i, (m, im) in enumerate(zip(maps, layout.images)):

@@ -200,7 +200,8 @@ class AttributionStreamer(BaseStreamer):
         self.timeout = timeout
         self.start_timeout = start_timeout
         self.keep_features = keep_features
-        self.traces = [AttributionTrace(r, sequence=i) for i, r in enumerate(self.session.regions)]
+        self.traces = [AttributionTrace(r, sequence=i, images=self.session.images[i])
+                       for i, r in enumerate(self.session.regions)]
         self.result: Any = None  # generate's return value, when run by :meth:`generate`
         self._work: queue.Queue = queue.Queue()
         self._events: queue.Queue = queue.Queue()
@@ -340,7 +341,8 @@ class AttributionStreamer(BaseStreamer):
             self._fail(error, f"attribution could not start: {error}")
             raise
         rows = self.session.row_of_sequence
-        self.traces = [AttributionTrace(self.session.regions[r], sequence=s) for s, r in enumerate(rows)]
+        self.traces = [AttributionTrace(self.session.regions[r], sequence=s, images=self.session.images[r])
+                       for s, r in enumerate(rows)]
         self._decoders = [TokenTextDecoder(self.tokenizer, self._tag_texts()) for _ in rows]
         self._splitters = [self._splitter if s == 0 else _copy_splitter(self._splitter) for s in range(len(rows))]
         self._ended = [False] * len(rows)
