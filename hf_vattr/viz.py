@@ -1,9 +1,17 @@
-"""Pictures of attribution: region overlays on the original image, a self-contained HTML report,
-and a one-line terminal summary per reasoning step.
+"""Pictures of attribution: step overlays, plain-words region locations, evidence strength,
+the trajectory plot and a self-contained HTML report.
 
-Overlays paint each region's score onto the pixels of the *original* image through
-``RegionMap.pixel_labels()`` (exact token -> pixel geometry, separate y/x scales), so
-what is drawn is what the model saw. No plotting library is needed.
+One rendering code path serves the demo's report, the notebook display
+(:meth:`hf_vattr.events.AttributionTrace.show`) and the web app: they all call
+:func:`step_overlay`, :func:`describe_location`, :func:`span_evidence` and
+:func:`trajectory_plot`.
+
+Overlays paint each region's score through ``RegionMap.pixel_labels()`` (exact token -> pixel
+geometry, separate y/x scales), so what is drawn is what the model saw. The original image is
+never tinted: the task names objects by their colour, so a tint that turns a red cross orange
+would mislead. Instead each image gets two panels side by side, the untouched original with the
+top regions outlined, and a heatmap over a grey copy, plus a colour bar with values in the
+estimator's units (predicted log-probability drop, nats). Only Pillow and NumPy are needed.
 """
 
 from __future__ import annotations
@@ -11,18 +19,56 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .regions import PromptRegions, RegionMap
 
-__all__ = ["overlay", "span_overlays", "render_html", "describe_regions", "save_overlays"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .events import AttributionTrace, SpanAttribution
 
-_HOT = np.array([[0, 0, 0], [120, 0, 160], [230, 40, 60], [255, 170, 0], [255, 255, 160]], dtype=np.float32)
+__all__ = [
+    "describe_location",
+    "step_overlay",
+    "span_evidence",
+    "trajectory_plot",
+    "colour_bar",
+    "render_html",
+    "trace_table_html",
+    "overlay",
+    "span_overlays",
+    "describe_regions",
+    "save_overlays",
+    "EVIDENCE_LEVELS",
+    "WEAK_FRACTION",
+    "SCORE_UNITS",
+]
+
+SCORE_UNITS = "predicted log-prob drop (nats) if the region were removed"
+EVIDENCE_LEVELS = ("grounded", "weak", "indirect")
+#: A thinking step is "weak" when its largest predicted region effect is below this fraction of the
+#: median largest effect of the trace's thinking steps (or is not positive at all).
+WEAK_FRACTION = 0.25
+
+# "inferno"-like sequential ramp: black -> purple -> red -> orange -> pale yellow
+_HOT = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
+_OUTLINE = [(255, 255, 255), (0, 200, 255), (255, 0, 255)]  # rank 1, 2, 3+: none is a toy object colour
+_MIN_PANEL = 224  # small images are enlarged (nearest neighbour) so outlines and labels stay legible
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _font(size: int = 12) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has a fixed bitmap font only
+        return ImageFont.load_default()
 
 
 def _colormap(values: np.ndarray) -> np.ndarray:
@@ -36,76 +82,40 @@ def _colormap(values: np.ndarray) -> np.ndarray:
 def _as_pil(image: Any) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
     arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # (C, H, W) -> (H, W, C)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
     if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0, 1) * 255).astype(np.uint8) if arr.max() <= 1 else arr.astype(np.uint8)
+        arr = (np.clip(arr, 0, 1) * 255).astype(np.uint8) if arr.max() <= 1 else arr.clip(0, 255).astype(np.uint8)
     return Image.fromarray(arr).convert("RGB")
 
 
-def overlay(image: Any, region_map: RegionMap, scores: torch.Tensor | np.ndarray, *, alpha: float = 0.6,
-            outline_top: int = 1, vmax: float | None = None) -> Image.Image:
-    """The image with each region tinted by its (positive) score; the top regions outlined in white.
-
-    Scores are normalised by ``vmax`` (default: the largest positive score), so colours compare
-    regions within one step; pass a shared ``vmax`` to compare steps.
-    """
-    pil = _as_pil(image)
-    labels = region_map.pixel_labels()
-    if labels.shape != (pil.height, pil.width):
-        raise ValueError(
-            f"Region map is for a {labels.shape[1]}x{labels.shape[0]} image but got {pil.width}x{pil.height}; "
-            "pass the original image the prompt was built from."
-        )
-    s = np.asarray(torch.as_tensor(scores, dtype=torch.float32))
-    if s.shape != (region_map.num_regions,):
-        raise ValueError(f"Expected {region_map.num_regions} scores, got shape {s.shape}.")
-    top = float(vmax) if vmax is not None else float(max(s.max(), 1e-12))
-    norm = np.clip(s, 0, None) / top
-    heat = _colormap(norm[labels])
-    base = np.asarray(pil, dtype=np.float32)
-    weight = (alpha * norm[labels])[..., None]
-    mixed = base * (1 - weight) * 0.75 + heat * weight + base * 0.25 * (1 - weight)
-    mixed = np.where(weight > 0, mixed, base * 0.55)  # regions without evidence are dimmed
-    out = Image.fromarray(mixed.clip(0, 255).astype(np.uint8))
-    if outline_top:
-        order = np.argsort(-s, kind="stable")[:outline_top]
-        edges = np.zeros_like(labels, dtype=bool)
-        for region in order:
-            mask = labels == region
-            edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
-            edges |= edge
-        arr = np.asarray(out).copy()
-        arr[edges] = 255
-        out = Image.fromarray(arr)
-    return out
+def _image_or_blank(image: Any, region_map: RegionMap) -> Image.Image:
+    """The picture to draw on: the image itself, or a grey canvas when only its size ``(h, w)`` is known."""
+    if image is None or (isinstance(image, (tuple, list)) and len(image) == 2 and all(isinstance(v, int) for v in image)):
+        h, w = region_map.pixel_labels().shape
+        return Image.new("RGB", (w, h), (128, 128, 128))
+    return _as_pil(image)
 
 
-def span_overlays(regions: PromptRegions, images: Sequence[Any], scores: torch.Tensor, **kwargs: Any) -> Image.Image:
-    """One overlay per image of the prompt, side by side, for one step's global score vector."""
-    if len(images) != len(regions.maps):
-        raise ValueError(f"Got {len(images)} images for {len(regions.maps)} region maps.")
-    panels = []
-    for offset, region_map, image in zip(regions.region_offsets(), regions.maps, images):
-        panels.append(overlay(image, region_map, scores[offset:offset + region_map.num_regions], **kwargs))
-    height = max(p.height for p in panels)
-    canvas = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), height), "white")
-    x = 0
-    for panel in panels:
-        canvas.paste(panel, (x, 0))
-        x += panel.width + 8
-    return canvas
+def _scores_np(scores: Any, n: int) -> np.ndarray:
+    s = np.asarray(torch.as_tensor(scores, dtype=torch.float32).detach().cpu()).reshape(-1)
+    if s.shape != (n,):
+        raise ValueError(f"Expected {n} region scores, got shape {tuple(s.shape)}.")
+    return s
 
 
-def describe_regions(regions: PromptRegions, region_ids: Sequence[int]) -> str:
-    """Human-readable location of regions: image index and centre in original-image pixels."""
-    parts = []
-    for rid in region_ids:
-        image_index, local = regions.region_owner(int(rid))
-        labels = regions.maps[image_index].pixel_labels()
-        ys, xs = np.nonzero(labels == local)
-        where = f"y~{int(ys.mean())}, x~{int(xs.mean())}" if len(ys) else "empty"
-        parts.append(f"#{rid} (img {image_index}, {where})")
-    return ", ".join(parts)
+def _edges(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """Boundary pixels of a boolean mask, ``width`` pixels thick, inside the mask."""
+    inner = mask.copy()
+    for _ in range(width):
+        padded = np.pad(inner, 1, constant_values=False)
+        inner = (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    return mask & ~inner
 
 
 def _png_data_uri(image: Image.Image) -> str:
@@ -114,50 +124,480 @@ def _png_data_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def save_overlays(trace: Any, images: Sequence[Any], out_dir: str | Path, prefix: str = "step") -> list[Path]:
-    """Write one PNG per span (``step_000.png``, ...) and return their paths."""
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 0.01:
+        return f"{v:.2f}"
+    return f"{v:.1e}"
+
+
+# --------------------------------------------------------------------------- locations in words
+
+
+def _region_geometry(regions: PromptRegions, region_id: int) -> tuple[int, float, float, float]:
+    """(image index, centre y fraction, centre x fraction, area fraction) of a global region."""
+    image_index, local = regions.region_owner(int(region_id))
+    labels = regions.maps[image_index].pixel_labels()
+    ys, xs = np.nonzero(labels == local)
+    if len(ys) == 0:
+        return image_index, float("nan"), float("nan"), 0.0
+    h, w = labels.shape
+    return image_index, (ys.mean() + 0.5) / h, (xs.mean() + 0.5) / w, len(ys) / labels.size
+
+
+def describe_location(regions: PromptRegions, region_id: int) -> str:
+    """Where a region is, in words a person reads: ``"top-left, 12% of the image"``.
+
+    The region's pixel centre picks one of nine places (thirds of the image: ``top-left``, ``top``,
+    ``top-right``, ``left``, ``centre``, ``right``, ``bottom-left``, ``bottom``, ``bottom-right``); the percentage is its share of the image's pixels. With several
+    images the image is named first, counting from 1: ``"image 2, centre, 5%"``.
+    """
+    image_index, cy, cx, area = _region_geometry(regions, region_id)
+    if math.isnan(cy):
+        where = "no pixels"
+    else:
+        row = "top" if cy < 1 / 3 else ("bottom" if cy >= 2 / 3 else "")
+        col = "left" if cx < 1 / 3 else ("right" if cx >= 2 / 3 else "")
+        where = "-".join(p for p in (row, col) if p) or "centre"
+    pct = area * 100
+    share = "<1%" if 0 < pct < 1 else f"{pct:.0f}%"
+    if len(regions.maps) > 1:
+        return f"image {image_index + 1}, {where}, {share}"
+    return f"{where}, {share} of the image"
+
+
+def describe_regions(regions: PromptRegions, region_ids: Sequence[int]) -> str:
+    """Plain-words locations of several regions, ``"#3 top-left, 12% of the image; #7 ..."``."""
+    return "; ".join(f"#{int(rid)} {describe_location(regions, int(rid))}" for rid in region_ids)
+
+
+# --------------------------------------------------------------------------- colour bar
+
+
+def colour_bar(vmin: float, vmax: float, width: int, *, height: int = 44, label: str = SCORE_UNITS,
+               clipped_low: bool = False) -> Image.Image:
+    """A horizontal colour bar with tick values, ``vmin`` (left) to ``vmax`` (right), and its units."""
+    bar = Image.new("RGB", (width, height), "white")
+    x0, x1, y0, y1 = 8, width - 8, 4, 16
+    ramp = _colormap(np.linspace(0, 1, max(x1 - x0, 2)))[None].repeat(y1 - y0, 0)
+    bar.paste(Image.fromarray(ramp.astype(np.uint8)), (x0, y0))
+    draw = ImageDraw.Draw(bar)
+    draw.rectangle([x0 - 1, y0 - 1, x1, y1], outline=(80, 80, 80))
+    font = _font(11)
+    ticks = np.linspace(vmin, vmax, 5)
+    for i, t in enumerate(ticks):
+        x = x0 + (x1 - x0) * i / (len(ticks) - 1)
+        draw.line([(x, y1), (x, y1 + 3)], fill=(60, 60, 60))
+        text = _fmt(float(t))
+        tw = draw.textlength(text, font=font)
+        tx = min(max(x - tw / 2, 0), width - tw)
+        draw.text((tx, y1 + 4), text, fill=(30, 30, 30), font=font)
+    if clipped_low:
+        label = label + "; scores below 0 drawn as 0"
+    tw = draw.textlength(label, font=font)
+    draw.text((max((width - tw) / 2, 2), y1 + 16), label, fill=(60, 60, 60), font=font)
+    return bar
+
+
+# --------------------------------------------------------------------------- the step overlay
+
+
+def _panels(image: Any, region_map: RegionMap, s: np.ndarray, order: Sequence[int], vmin: float, vmax: float,
+            hatch: bool = False) -> tuple[Image.Image, Image.Image]:
+    """(original with the top regions outlined, heatmap over a grey copy) for one image."""
+    pil = _image_or_blank(image, region_map)
+    labels = region_map.pixel_labels()
+    if labels.shape != (pil.height, pil.width):
+        raise ValueError(
+            f"Region map is for a {labels.shape[1]}x{labels.shape[0]} image but got {pil.width}x{pil.height}; "
+            "pass the original image the prompt was built from."
+        )
+    scale = max(1, int(math.ceil(_MIN_PANEL / max(pil.height, 1)))) if pil.height < _MIN_PANEL else 1
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+        labels = labels.repeat(scale, 0).repeat(scale, 1)
+    base = np.asarray(pil, dtype=np.float32)
+    norm = np.clip((s - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    grey = base.mean(-1, keepdims=True)
+    heat = 0.78 * _colormap(norm[labels]) + 0.22 * grey  # luminance keeps object shapes findable
+    left = base.copy()
+    width = max(2, scale)
+    for rank, region in enumerate(order):
+        mask = labels == region
+        if not mask.any():
+            continue
+        edge = _edges(mask, width)
+        halo = _edges(mask, width + 1) & ~edge
+        colour = np.array(_OUTLINE[min(rank, len(_OUTLINE) - 1)], dtype=np.float32)
+        for arr in (left, heat):
+            arr[halo] = 0
+            arr[edge] = colour
+    left_img, heat_img = (Image.fromarray(a.clip(0, 255).astype(np.uint8)) for a in (left, heat))
+    if hatch:  # weak or indirect evidence: the heatmap is struck through so it does not read as grounding
+        hd = ImageDraw.Draw(heat_img)
+        for x in range(-heat_img.height, heat_img.width, 10):
+            hd.line([(x, heat_img.height), (x + heat_img.height, 0)], fill=(235, 235, 235), width=1)
+    font = _font(max(11, 5 * scale))
+    for rank, region in enumerate(order):  # rank tags at each outlined region's centre
+        ys, xs = np.nonzero(labels == region)
+        if len(ys) == 0:
+            continue
+        tag = str(rank + 1)
+        for img in (left_img, heat_img):
+            d = ImageDraw.Draw(img)
+            cx, cy = float(xs.mean()), float(ys.mean())
+            tw = d.textlength(tag, font=font)
+            d.rectangle([cx - tw / 2 - 2, cy - 7, cx + tw / 2 + 2, cy + 8], fill=(0, 0, 0))
+            d.text((cx - tw / 2, cy - 7), tag, fill=_OUTLINE[min(rank, len(_OUTLINE) - 1)], font=font)
+    return left_img, heat_img
+
+
+def step_overlay(regions: PromptRegions, images: Sequence[Any], scores: torch.Tensor, *, top: int = 3,
+                 vmax: float | None = None, caption: str | None = None, evidence: str = "grounded") -> Image.Image:
+    """The picture of one step's (or one token's) region scores.
+
+    Per image, side by side: the original, colours untouched, with the ``top`` regions outlined and
+    numbered (white = 1st, cyan = 2nd, magenta = 3rd); and a heatmap of every region's score over a
+    grey copy. Below: a colour bar with values in the estimator's units. The scale runs from 0 to
+    ``vmax`` (default: this step's largest score; pass one value to compare steps); scores at or
+    below 0 (no support) get the darkest colour. ``evidence="weak"`` or ``"indirect"`` (see
+    :func:`span_evidence`) hatches the heatmap and labels the picture "weak evidence" / "indirect evidence". ``images`` entries may be PIL images, arrays, or
+    ``None`` / ``(h, w)`` when only the size is known (a grey canvas is drawn).
+    """
+    if len(images) != len(regions.maps):
+        raise ValueError(f"Got {len(images)} images for {len(regions.maps)} region maps.")
+    if evidence not in EVIDENCE_LEVELS:
+        raise ValueError(f"evidence must be one of {EVIDENCE_LEVELS}, got {evidence!r}.")
+    muted = evidence != "grounded"
+    s = _scores_np(scores, regions.num_regions)
+    hi = float(vmax) if vmax is not None else float(max(s.max(), 0.0))
+    if not hi > 0:
+        hi = 1e-6
+    order_global = [int(r) for r in np.argsort(-s, kind="stable")[:max(int(top), 0)] if s[r] > 0] if top else []
+    tiles: list[Image.Image] = []
+    for i, (offset, region_map, image) in enumerate(zip(regions.region_offsets(), regions.maps, images)):
+        local = s[offset:offset + region_map.num_regions]
+        # keep global ranks for colours: ranks held by another image's regions become -1 (nothing drawn)
+        ranked = [(r - offset) if offset <= r < offset + region_map.num_regions else -1 for r in order_global]
+        left, heat = _panels(image, region_map, local, ranked, 0.0, hi, hatch=muted)
+        tiles.extend([left, heat])
+    gap = 6
+    width = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
+    height = max(t.height for t in tiles)
+    header = 18 if (caption or muted or len(images) > 1) else 0
+    bar = colour_bar(0.0, hi, max(width, 320), clipped_low=bool((s < 0).any()))
+    canvas = Image.new("RGB", (max(width, bar.width), header + height + bar.height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for i, tile in enumerate(tiles):
+        canvas.paste(tile, (x, header))
+        if len(images) > 1 and i % 2 == 0:
+            draw.text((x + 2, 2), f"image {i // 2 + 1}", fill=(40, 40, 40), font=_font(12))
+        x += tile.width + gap
+    if caption or muted:
+        text = (caption or "") + (f"  [{evidence} evidence]" if muted else "")
+        draw.text((max(canvas.width - draw.textlength(text.strip(), font=_font(12)) - 4, 2), 2), text.strip(),
+                  fill=(150, 60, 0) if muted else (40, 40, 40), font=_font(12))
+    canvas.paste(bar, (0, header + height))
+    return canvas
+
+
+# --------------------------------------------------------------------------- evidence strength
+
+
+def span_evidence(span: "SpanAttribution", trace: "AttributionTrace") -> str:
+    """How much a span's region scores can be trusted as visual evidence: grounded, weak or indirect.
+
+    Rule (simple on purpose, so a reader can check it):
+
+    * ``"indirect"``: answer spans (``span.section == "answer"``). The answer follows from the
+      thinking text, so removing a region barely moves it directly; on the toy task the estimator's
+      Pearson with measured effects is 0.96 on thinking steps but 0.005 on answer spans
+      (docs/faithfulness.md). Its heatmap is noise and must not be read as grounding.
+    * ``"weak"``: a thinking step whose largest predicted effect is not positive, or is below
+      ``WEAK_FRACTION`` (0.25) of the median largest effect over the trace's thinking steps.
+    * ``"grounded"``: every other thinking step.
+    """
+    if span.section == "answer":
+        return "indirect"
+    peak = float(torch.as_tensor(span.region_scores).max()) if torch.as_tensor(span.region_scores).numel() else 0.0
+    if not peak > 0:
+        return "weak"
+    peaks = [float(s.region_scores.max()) for s in trace.spans
+             if s.section != "answer" and s.sequence == span.sequence and s.region_scores.numel()]
+    if peaks:
+        ref = float(np.median(peaks))
+        if ref > 0 and peak < WEAK_FRACTION * ref:
+            return "weak"
+    return "grounded"
+
+
+# --------------------------------------------------------------------------- trajectory plot
+
+
+def _pca(x: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """(S, dims) PCA coordinates (zero-padded when fewer components exist) and explained ratios."""
+    from sklearn.decomposition import PCA
+
+    n = min(dims, x.shape[0], x.shape[1])
+    out = np.zeros((x.shape[0], dims))
+    ratios = np.zeros(dims)
+    if n >= 1 and x.shape[0] >= 2 and np.ptp(x, axis=0).max() > 0:
+        pca = PCA(n_components=n, svd_solver="full")
+        out[:, :n] = pca.fit_transform(x)
+        ratios[:n] = pca.explained_variance_ratio_
+    return out, ratios
+
+
+def _step_colour(i: int, n: int) -> tuple[int, int, int]:
+    c = _colormap(np.array([0.15 + 0.7 * i / max(n - 1, 1)]))[0]
+    return tuple(int(v) for v in c)
+
+
+def trajectory_plot(trace: "AttributionTrace", *, dims: int = 2, size: tuple[int, int] = (640, 300)) -> Image.Image:
+    """The region-effect path over reasoning steps (paper fig. 7) and its concentration.
+
+    Left: each step's region-score vector projected on its first ``dims`` (2 or 3) principal
+    components (scikit-learn PCA over the trace's steps), joined in order and coloured from dark
+    (first step) to light (last); answer spans are drawn hollow. Right: concentration of each step
+    (:func:`hf_vattr.trajectory.concentration`, 1 = one region, 0 = spread evenly).
+    """
+    from .trajectory import concentration
+
+    if dims not in (2, 3):
+        raise ValueError(f"dims must be 2 or 3, got {dims}.")
+    w, h = size
+    canvas = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font(11)
+    spans = list(trace.spans)
+    pw = int(w * 0.55)
+    draw.text((6, 4), f"reasoning path (PCA {dims}D of step region scores)", fill=(30, 30, 30), font=font)
+    draw.text((pw + 10, 4), "concentration over steps", fill=(30, 30, 30), font=font)
+    if not spans:
+        draw.text((10, h // 2), "no steps yet", fill=(120, 120, 120), font=font)
+        return canvas
+    x = np.stack([np.asarray(s.region_scores, dtype=np.float64) for s in spans])
+    coords, ratios = _pca(x, dims)
+    if dims == 3:  # fixed oblique projection of the 3-D path
+        az, el = math.radians(35), math.radians(25)
+        rx = np.array([math.cos(az), -math.sin(az), 0.0])
+        ry = np.array([math.sin(az) * math.sin(el), math.cos(az) * math.sin(el), -math.cos(el)])
+        pts2 = np.stack([coords @ rx, coords @ ry], 1)
+    else:
+        pts2 = coords[:, :2] * np.array([1.0, -1.0])
+    box = (30, 24, pw - 10, h - 30)
+    lo, hi = pts2.min(0), pts2.max(0)
+    span_xy = np.where(hi - lo > 0, hi - lo, 1.0)
+
+    def to_px(p: np.ndarray) -> tuple[float, float]:
+        u = (p - lo) / span_xy
+        return box[0] + u[0] * (box[2] - box[0]), box[1] + u[1] * (box[3] - box[1])
+
+    draw.rectangle(box, outline=(200, 200, 200))
+    if dims == 3:
+        centre = pts2.mean(0)
+        scale = float(np.abs(pts2 - centre).max() or 1.0) * 0.4
+        for k, axis in enumerate(np.eye(3)):
+            end = np.array([axis @ rx, axis @ ry]) * scale + centre
+            draw.line([to_px(centre), to_px(end)], fill=(170, 170, 170), width=1)
+            draw.text(to_px(end), f"PC{k + 1}", fill=(140, 140, 140), font=font)
+    else:
+        draw.text((box[0] + 2, box[3] + 2), f"PC1 ({ratios[0] * 100:.0f}% var.)", fill=(110, 110, 110), font=font)
+        draw.text((2, box[1] + 2), "PC2", fill=(110, 110, 110), font=font)
+    pix = [to_px(p) for p in pts2]
+    n = len(spans)
+    for i in range(n - 1):
+        draw.line([pix[i], pix[i + 1]], fill=_step_colour(i, n), width=2)
+    for i, (px, span) in enumerate(zip(pix, spans)):
+        r = 5
+        col = _step_colour(i, n)
+        if span.section == "answer":
+            draw.ellipse([px[0] - r, px[1] - r, px[0] + r, px[1] + r], outline=col, width=2, fill="white")
+        else:
+            draw.ellipse([px[0] - r, px[1] - r, px[0] + r, px[1] + r], fill=col, outline=(0, 0, 0))
+        draw.text((px[0] + 6, px[1] - 6), str(span.index), fill=(40, 40, 40), font=font)
+    # concentration over steps
+    conc = []
+    for s in spans:
+        try:
+            conc.append(concentration(np.asarray(s.region_scores, dtype=np.float64)))
+        except ValueError:
+            conc.append(float("nan"))
+    cb = (pw + 34, 24, w - 10, h - 30)
+    draw.rectangle(cb, outline=(200, 200, 200))
+    for v in (0.0, 0.5, 1.0):
+        y = cb[3] - v * (cb[3] - cb[1])
+        draw.line([(cb[0] - 3, y), (cb[0], y)], fill=(120, 120, 120))
+        draw.text((cb[0] - 26, y - 6), f"{v:.1f}", fill=(110, 110, 110), font=font)
+    draw.text((cb[0], cb[3] + 2), "step", fill=(110, 110, 110), font=font)
+
+    def cpx(i: int, v: float) -> tuple[float, float]:
+        return (cb[0] + (i + 0.5) / n * (cb[2] - cb[0]), cb[3] - v * (cb[3] - cb[1]))
+
+    prev = None
+    for i, (v, span) in enumerate(zip(conc, spans)):
+        if math.isnan(v):
+            prev = None
+            continue
+        p = cpx(i, v)
+        if prev is not None:
+            draw.line([prev, p], fill=(90, 90, 90), width=1)
+        col = (170, 170, 170) if span.section == "answer" else (120, 0, 160)
+        draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=col)
+        prev = p
+    return canvas
+
+
+# --------------------------------------------------------------------------- legacy single-panel tint
+
+
+def overlay(image: Any, region_map: RegionMap, scores: torch.Tensor | np.ndarray, *, alpha: float = 0.6,
+            outline_top: int = 1, vmax: float | None = None) -> Image.Image:
+    """One image tinted by region score (kept for callers of 0.1; prefer :func:`step_overlay`, which
+    leaves the original's colours untouched)."""
+    pil = _as_pil(image)
+    labels = region_map.pixel_labels()
+    if labels.shape != (pil.height, pil.width):
+        raise ValueError(
+            f"Region map is for a {labels.shape[1]}x{labels.shape[0]} image but got {pil.width}x{pil.height}; "
+            "pass the original image the prompt was built from."
+        )
+    s = _scores_np(scores, region_map.num_regions)
+    top = float(vmax) if vmax is not None else float(max(s.max(), 1e-12))
+    norm = np.clip(s, 0, None) / top
+    heat = _colormap(norm[labels])
+    base = np.asarray(pil, dtype=np.float32)
+    weight = (alpha * norm[labels])[..., None]
+    mixed = base * (1 - weight) + heat * weight
+    out = mixed.clip(0, 255).astype(np.uint8)
+    for region in np.argsort(-s, kind="stable")[:outline_top]:
+        out[_edges(labels == region)] = 255
+    return Image.fromarray(out)
+
+
+def span_overlays(regions: PromptRegions, images: Sequence[Any], scores: torch.Tensor, **kwargs: Any) -> Image.Image:
+    """Alias of :func:`step_overlay` (the 0.1 name)."""
+    return step_overlay(regions, images, scores, **kwargs)
+
+
+# --------------------------------------------------------------------------- trace-level outputs
+
+
+def _trace_images(trace: "AttributionTrace", images: Sequence[Any] | None) -> list[Any]:
+    if images is None:
+        images = getattr(trace, "images", None)
+    if trace.regions is None:
+        raise ValueError("The trace has no regions yet (generation has not started).")
+    if images is None:
+        return [None] * len(trace.regions.maps)  # grey canvases of the right size
+    return list(images)
+
+
+def save_overlays(trace: "AttributionTrace", images: Sequence[Any] | None = None, out_dir: str | Path = ".",
+                  prefix: str = "step", top: int = 3) -> list[Path]:
+    """Write one PNG per span (``step_000.png``, ...) with :func:`step_overlay`; return their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    images = _trace_images(trace, images)
     paths = []
     for span in trace.spans:
         path = out_dir / f"{prefix}_{span.index:03d}.png"
-        span_overlays(trace.regions, images, span.region_scores).save(path)
+        evidence = span_evidence(span, trace)
+        step_overlay(trace.regions, images, span.region_scores, top=top, evidence=evidence,
+                     caption=f"{span.section} {span.index}").save(path)
         paths.append(path)
     return paths
 
 
-def render_html(trace: Any, images: Sequence[Any], path: str | Path | None = None, *, title: str = "hf_vattr report",
-                question: str | None = None, top_k: int = 3) -> str:
-    """A self-contained HTML page (images inlined): the prompt image(s), then each step with its overlay."""
+_CSS = """
+.vattr {{ font-family: system-ui, sans-serif; color: #222; }}
+.vattr table {{ border-collapse: collapse; }}
+.vattr td {{ border-bottom: 1px solid #ddd; padding: 6px 10px; vertical-align: middle; text-align: left; }}
+.vattr td.txt {{ font-family: ui-monospace, monospace; max-width: 30em; white-space: pre-wrap; }}
+.vattr td.idx {{ color: #888; }}
+.vattr td.sec.thinking {{ color: #7a4fb5; }} .vattr td.sec.answer {{ color: #1b7f3b; font-weight: bold; }}
+.vattr img.ov {{ max-height: {h}px; image-rendering: pixelated; }}
+.vattr .top {{ font-size: 0.85em; color: #555; }}
+.vattr .ev {{ font-size: 0.8em; padding: 1px 6px; border-radius: 8px; white-space: nowrap; }}
+.vattr .ev.grounded {{ background: #e3f4e6; color: #1b6b32; }}
+.vattr .ev.weak, .vattr .ev.indirect {{ background: #eee; color: #777; }}
+.vattr tr.weak img.ov, .vattr tr.indirect img.ov {{ opacity: 0.45; filter: grayscale(60%); }}
+.vattr tr.weak td.txt, .vattr tr.indirect td.txt {{ color: #777; }}
+"""
+
+_EVIDENCE_NOTE = {
+    "grounded": "predicted effects are large for this trace; the outlined regions are what the step relies on",
+    "weak": "largest predicted effect is small compared with this trace's other steps; little visual evidence",
+    "indirect": "answer span: it follows from the thinking text, so its region scores are not reliable "
+                "(estimator Pearson ~0.005 on answers, docs/faithfulness.md)",
+}
+
+
+def trace_table_html(trace: "AttributionTrace", images: Sequence[Any] | None = None, *, top_k: int = 3,
+                     max_height: int = 180) -> str:
+    """The step table as an HTML fragment (inline CSS, PNGs as data URIs): one row per span with its
+    text, evidence label, overlay and top regions in words. Used by the report and by Jupyter."""
     rows = []
-    for span in trace.spans:
-        top = span.top_regions(top_k)
-        rows.append(
-            "<tr><td class='idx'>{i}</td><td class='sec {sec}'>{sec}</td><td class='txt'>{text}</td>"
-            "<td><img src='{img}' alt='step {i} overlay'></td><td class='top'>{top}</td></tr>".format(
-                i=span.index, sec=html.escape(span.section), text=html.escape(span.text),
-                img=_png_data_uri(span_overlays(trace.regions, images, span.region_scores)),
-                top=html.escape(describe_regions(trace.regions, top)),
+    if trace.regions is not None and trace.spans:
+        images = _trace_images(trace, images)
+        for span in trace.spans:
+            evidence = span_evidence(span, trace)
+            top = [r for r in span.top_regions(top_k) if float(span.region_scores[r]) > 0]
+            picture = step_overlay(trace.regions, images, span.region_scores, top=top_k, evidence=evidence)
+            where = "<br>".join(
+                f"{i + 1}. {html.escape(describe_location(trace.regions, r))} "
+                f"(<span title='{html.escape(SCORE_UNITS)}'>{_fmt(float(span.region_scores[r]))}</span>)"
+                for i, r in enumerate(top)) or "no region with positive predicted effect"
+            rows.append(
+                f"<tr class='{evidence}'><td class='idx'>{span.index}</td>"
+                f"<td class='sec {html.escape(span.section)}'>{html.escape(span.section)}</td>"
+                f"<td class='txt'>{html.escape(span.text.strip())}</td>"
+                f"<td><span class='ev {evidence}' title='{html.escape(_EVIDENCE_NOTE[evidence])}'>"
+                f"{'weak evidence' if evidence == 'weak' else evidence}</span></td>"
+                f"<td><img class='ov' src='{_png_data_uri(picture)}' alt='step {span.index} overlay'></td>"
+                f"<td class='top'>{where}</td></tr>"
             )
-        )
-    originals = "".join(f"<img src='{_png_data_uri(_as_pil(im))}' alt='input image {i}'>" for i, im in enumerate(images))
+    body = "".join(rows) or "<tr><td colspan='6'>no finished steps yet</td></tr>"
+    return (f"<div class='vattr'><style>{_CSS.format(h=max_height)}</style>"
+            "<table><tr><th>#</th><th>section</th><th>step</th><th>evidence</th><th>attribution</th>"
+            f"<th>top regions (score)</th></tr>{body}</table></div>")
+
+
+def render_html(trace: "AttributionTrace", images: Sequence[Any] | None = None, path: str | Path | None = None, *,
+                title: str = "hf_vattr report", question: str | None = None, top_k: int = 3) -> str:
+    """A self-contained HTML page (images inlined): the prompt image(s), how to read the pictures,
+    the step table (:func:`trace_table_html`) and the trajectory plot. ``images`` default to
+    ``trace.images``."""
+    imgs = _trace_images(trace, images) if trace.regions is not None else list(images or trace.images or [])
+    originals = "".join(f"<img src='{_png_data_uri(_as_pil(im))}' alt='input image {i + 1}' "
+                        "style='max-height:220px;margin-right:6px'>"
+                        for i, im in enumerate(imgs) if im is not None and not isinstance(im, tuple))
+    trajectory = ""
+    if trace.spans:
+        trajectory = (f"<h2>Trajectory</h2><p><img src='{_png_data_uri(trajectory_plot(trace))}' "
+                      "alt='reasoning path and concentration'></p>")
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; }} td {{ border-bottom: 1px solid #ddd; padding: 6px 10px; vertical-align: middle; }}
-td.txt {{ font-family: ui-monospace, monospace; max-width: 32em; }} td.idx {{ color: #888; }}
-td.sec.thinking {{ color: #7a4fb5; }} td.sec.answer {{ color: #1b7f3b; font-weight: bold; }}
-img {{ max-height: 180px; image-rendering: pixelated; margin-right: 6px; }} .top {{ font-size: 0.85em; color: #555; }}
-</style></head><body>
+<style>body {{ margin: 2em; }}</style></head><body class="vattr" style="font-family: system-ui, sans-serif">
 <h1>{html.escape(title)}</h1>
 {f"<p><b>Question:</b> {html.escape(question)}</p>" if question else ""}
 <p>{originals}</p>
-<p>Each reasoning step with the image regions its estimator scores highest (brighter = larger predicted
-log-probability drop if the region were ablated; the top region is outlined).</p>
-<table><tr><th>#</th><th>section</th><th>step</th><th>attribution</th><th>top regions</th></tr>
-{''.join(rows)}
-</table></body></html>
+<p>How to read: for each reasoning step, the left picture is the original image with the regions the
+estimator scores highest outlined and numbered (white 1, cyan 2, magenta 3); the right picture colours
+every region by its score, the {html.escape(SCORE_UNITS)}, on the scale drawn below it (dark = no effect).
+Steps marked <i>weak evidence</i> (small predicted effects) or <i>indirect</i> (answer spans, which follow
+from the thinking text; the estimator does not predict their effects, Pearson ~0.005 on the toy task) are
+greyed out: do not read their heatmaps as grounding.</p>
+{trace_table_html(trace, imgs if trace.regions is not None else None, top_k=top_k)}
+{trajectory}
+</body></html>
 """
     if path is not None:
         Path(path).write_text(page, encoding="utf-8")
