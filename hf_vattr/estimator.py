@@ -75,9 +75,13 @@ class EstimatorMismatchError(EstimatorError, ValueError):
 MODEL_CARD_TEMPLATE = (Path(__file__).parent / "estimator_card.md").read_text(encoding="utf-8")
 
 
+_MAX_DIM = 4096  # far above any real decoder's layers or heads: bigger values are a corrupt config
+
+
 def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise EstimatorConfigError(f"{name} must be a positive integer, got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 < value <= _MAX_DIM:
+        shown = repr(value) if len(repr(value)) < 40 else repr(value)[:37] + "..."
+        raise EstimatorConfigError(f"{name} must be a positive integer of at most {_MAX_DIM}, got {shown}.")
     return int(value)
 
 
@@ -270,7 +274,11 @@ class LinearEstimator(
                                           or source.count("/") > 1 or os.path.exists(source)):
             raise EstimatorLoadError(f"No estimator folder at {source!r}. Pass a folder written by "
                                      "LinearEstimator.save_pretrained, or a Hub repo id like 'namespace/name'.")
-        return super().from_pretrained(source, **kwargs)
+        try:
+            return super().from_pretrained(source, **kwargs)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:  # the mixin parses config.json before our hook
+            raise EstimatorConfigError(f"The estimator's config.json at {source!r} is not valid JSON ({e}). Re-save "
+                                       "the estimator with LinearEstimator.save_pretrained.") from e
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,

@@ -311,3 +311,17 @@ def test_check_compatible_reports_every_mismatch_and_untyped_estimator_warns():
     with CaptureLogger(estimator_mod.logger) as captured:
         untyped.check_compatible(qwen3_vl_config(layers=2, heads=4))
     assert "model_type" in captured.out
+
+
+def test_binary_or_huge_config_values_get_clear_errors(tmp_path):
+    est = make_estimator(2, 3)
+    est.save_pretrained(tmp_path / "binary")
+    (tmp_path / "binary" / "config.json").write_bytes(b"\xff\xfe\x00binary\x00")
+    with pytest.raises(EstimatorConfigError, match="config.json.*not valid JSON"):
+        LinearEstimator.from_pretrained(tmp_path / "binary")
+    est.save_pretrained(tmp_path / "huge")
+    config = json.loads((tmp_path / "huge" / "config.json").read_text())
+    config["num_layers"] = 10**30
+    (tmp_path / "huge" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EstimatorConfigError, match="num_layers must be a positive integer of at most"):
+        LinearEstimator.from_pretrained(tmp_path / "huge")
