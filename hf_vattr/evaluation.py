@@ -53,21 +53,10 @@ __all__ = [
     "check_estimator",
     "trajectory_report",
     "DEFAULT_KS",
-    "METRIC_LABELS",
 ]
 
 DEFAULT_KS = (1, 3, 5)
 
-METRIC_LABELS = {
-    "lds": "LDS",
-    "top1_drop": "Top-1 drop",
-    "top3_drop": "Top-3 drop",
-    "top5_drop": "Top-5 drop",
-    "r2": "R^2",
-    "r2_calibrated": "R^2 (cal.)",
-    "pearson": "Pearson",
-    "time_per_span_ms": "Time / span (ms)",
-}
 
 
 # ----------------------------------------------------------------------------- per-span metrics
@@ -202,7 +191,7 @@ class EvalReport:
 
     def to_markdown(self, digits: int = 3) -> str:
         cols = self.columns()
-        head = "| Method | " + " | ".join(METRIC_LABELS.get(c, c) for c in cols) + " |"
+        head = "| Method | " + " | ".join(M.metric_label(c) for c in cols) + " |"
         sep = "|---|" + "|".join("---:" for _ in cols) + "|"
         lines = [head, sep]
         for name, row in self.rows.items():
