@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr_report.html", top: int = 3,
              quiet: bool = False) -> dict:
-    """Run the demo and return a summary dict (paths, spans, pointing hits)."""
+    """Run the demo and return a summary dict (paths, spans, pointing hits, the trace itself)."""
     import torch
 
     from .estimator import LinearEstimator
@@ -115,7 +115,7 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
     print(f"\nWrote {out} and {len(pngs)} overlay PNGs in {png_dir}/ ({elapsed:.1f} s). "
           f"Top region on the step's object for {sum(hits)}/{len(hits)} steps.")
     return {"html": out, "pngs": pngs, "spans": len(streamer.trace.spans), "hits": hits, "seconds": elapsed,
-            "text": streamer.trace.text, "example": example}
+            "text": streamer.trace.text, "example": example, "trace": streamer.trace}
 
 
 def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:

@@ -1,9 +1,19 @@
-"""What a streamer yields: token and span attributions, and the trace that keeps them."""
+"""What a streamer yields: token and span attributions, and the trace that keeps them.
+
+A finished :class:`AttributionTrace` renders itself in Jupyter (``_repr_html_``, :meth:`~AttributionTrace.show`)
+and round-trips through :meth:`~AttributionTrace.save` / :meth:`~AttributionTrace.load` as one safetensors
+file (every number and image) next to one JSON file (text, structure, regions); no pickle. The format is
+described in docs/visualisation.md.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from .regions import PromptRegions
@@ -77,3 +87,175 @@ class AttributionTrace:
         if not self.spans:
             return torch.zeros(0, self.regions.num_regions if self.regions is not None else 0)
         return torch.stack([s.region_scores for s in self.spans])
+
+    # ------------------------------------------------------------------ display
+    def _repr_html_(self) -> str:
+        """Jupyter's rich display: the step table with overlays inline (hf_vattr.viz.trace_table_html)."""
+        from .viz import trace_table_html
+
+        return trace_table_html(self)
+
+    def show(self, *, top_k: int = 3, trajectory: bool = True) -> None:
+        """Display the step table (and the trajectory plot) inline in Jupyter; print a text table elsewhere."""
+        from .viz import trace_table_html, trajectory_plot
+
+        shell = None
+        try:
+            from IPython import get_ipython
+
+            shell = get_ipython()
+        except ImportError:
+            pass
+        if shell is not None and getattr(shell, "kernel", None) is not None:
+            from IPython.display import HTML, display
+
+            display(HTML(trace_table_html(self, top_k=top_k)))
+            if trajectory and self.spans:
+                display(trajectory_plot(self))
+            return
+        print(self.summary(top_k=top_k))
+
+    def summary(self, *, top_k: int = 3) -> str:
+        """A plain-text table: one line per step with its evidence label and top regions in words."""
+        from .viz import _fmt, describe_location, span_evidence
+
+        lines = []
+        for span in self.spans:
+            where = ", ".join(f"{describe_location(self.regions, r)} ({_fmt(float(span.region_scores[r]))})"
+                              for r in span.top_regions(top_k) if float(span.region_scores[r]) > 0)
+            lines.append(f"[{span.index}] {span.section:8s} {span_evidence(span, self):8s} "
+                         f"{span.text.strip()!r}: {where or 'no region with positive effect'}")
+        return "\n".join(lines) or "(no finished steps)"
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | Path) -> Path:
+        """Write the trace to the folder ``path``: ``trace.json`` + ``trace.safetensors`` (no pickle).
+
+        JSON holds the text and structure (token ids, pieces, sections, span ranges, the regions via
+        ``PromptRegions.to_dict``, how each image is stored); safetensors holds every number: token and
+        span scores, token features when kept, and the images' pixels. :meth:`load` restores all of it.
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        if self.tokens:
+            tensors["token_scores"] = torch.stack([t.region_scores.detach().cpu() for t in self.tokens])
+        if self.spans:
+            tensors["span_scores"] = torch.stack([s.region_scores.detach().cpu() for s in self.spans])
+        with_features = [i for i, t in enumerate(self.tokens) if t.features is not None]
+        if with_features:
+            tensors["token_features"] = torch.stack([self.tokens[i].features.detach().cpu() for i in with_features])
+        images_meta = None if self.images is None else [_save_image(im, i, tensors) for i, im in enumerate(self.images)]
+        regions_meta = None
+        if self.regions is not None:
+            regions_meta = self.regions.to_dict()
+            regions_meta["layout"]["extras"] = _jsonable(self.regions.layout.extras)
+        meta = {
+            "format": TRACE_FORMAT, "version": TRACE_FORMAT_VERSION,
+            "prompt_text": self.prompt_text, "sequence": self.sequence,
+            "num_regions": None if self.regions is None else self.regions.num_regions,
+            "tokens": [{"index": t.index, "token_id": int(t.token_id), "text": t.text, "section": t.section,
+                        "sequence": t.sequence} for t in self.tokens],
+            "features_of": with_features,
+            "spans": [{"index": s.index, "text": s.text, "token_range": list(s.token_range), "section": s.section,
+                       "sequence": s.sequence} for s in self.spans],
+            "regions": regions_meta,
+            "images": images_meta,
+        }
+        (folder / "trace.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "trace.safetensors"),
+                  metadata={"format": TRACE_FORMAT, "version": str(TRACE_FORMAT_VERSION)})
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttributionTrace":
+        """Read a trace written by :meth:`save`."""
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        meta = json.loads((folder / "trace.json").read_text(encoding="utf-8"))
+        if meta.get("format") != TRACE_FORMAT:
+            raise ValueError(f"{folder} does not hold an hf_vattr trace (format {meta.get('format')!r}).")
+        if int(meta.get("version", 0)) > TRACE_FORMAT_VERSION:
+            raise ValueError(f"{folder} was written by a newer hf_vattr (trace format {meta['version']}); upgrade.")
+        tensors = load_file(str(folder / "trace.safetensors"))
+        regions = None
+        if meta["regions"] is not None:
+            regions = PromptRegions.from_dict(meta["regions"])
+            regions.layout.extras = dict(meta["regions"]["layout"].get("extras") or {})
+        features = dict(zip(meta.get("features_of", []), tensors.get("token_features", [])))
+        tokens = [TokenAttribution(index=t["index"], token_id=t["token_id"], text=t["text"],
+                                   region_scores=tensors["token_scores"][i].clone(), section=t["section"],
+                                   features=None if i not in features else features[i].clone(),
+                                   sequence=t["sequence"]) for i, t in enumerate(meta["tokens"])]
+        spans = [SpanAttribution(index=s["index"], text=s["text"], token_range=tuple(s["token_range"]),
+                                 region_scores=tensors["span_scores"][i].clone(), section=s["section"],
+                                 sequence=s["sequence"]) for i, s in enumerate(meta["spans"])]
+        images = None if meta["images"] is None else [_load_image(m, tensors) for m in meta["images"]]
+        return cls(regions, tokens, spans, prompt_text=meta["prompt_text"], sequence=meta["sequence"], images=images)
+
+
+TRACE_FORMAT = "hf_vattr.trace"
+TRACE_FORMAT_VERSION = 1
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` if JSON can hold it exactly, else its JSON-able parts (tensors become lists)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value).tolist()
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _save_image(image: Any, i: int, tensors: dict[str, torch.Tensor]) -> dict:
+    """Put one image's pixels into ``tensors`` and return how to rebuild it."""
+    key = f"image.{i}"
+    if image is None:
+        return {"kind": "none"}
+    if isinstance(image, (tuple, list)) and len(image) == 2 and all(isinstance(v, (int, np.integer)) for v in image):
+        return {"kind": "size", "size": [int(image[0]), int(image[1])]}
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        mode = image.mode
+        if mode not in ("RGB", "RGBA", "L", "LA", "I", "F", "I;16"):
+            image, mode = image.convert("RGBA" if "A" in mode or "transparency" in image.info else "RGB"), None
+        tensors[key] = torch.from_numpy(np.array(image))
+        return {"kind": "pil", "mode": image.mode, "tensor": key, "converted": mode is None}
+    if isinstance(image, torch.Tensor):
+        tensors[key] = image.detach().cpu().contiguous()
+        return {"kind": "tensor", "tensor": key}
+    arr = np.ascontiguousarray(np.asarray(image))
+    tensors[key] = torch.from_numpy(arr.copy())
+    return {"kind": "array", "tensor": key}
+
+
+def _load_image(meta: dict, tensors: dict[str, torch.Tensor]) -> Any:
+    kind = meta["kind"]
+    if kind == "none":
+        return None
+    if kind == "size":
+        return tuple(meta["size"])
+    data = tensors[meta["tensor"]]
+    if kind == "tensor":
+        return data.clone()
+    arr = data.numpy().copy()
+    if kind == "array":
+        return arr
+    if kind == "pil":
+        from PIL import Image
+
+        image = Image.fromarray(arr)  # the array's dtype and shape determine the mode
+        return image if image.mode == meta["mode"] else image.convert(meta["mode"])
+    raise ValueError(f"Unknown stored image kind {kind!r}.")
