@@ -7,6 +7,7 @@
     hf-vattr eval runs/gt --estimator runs/estimator --model Qwen/...   # markdown table + JSON
     hf-vattr push runs/estimator your-name/qwen3-vl-8b-vattr
     hf-vattr demo                                                       # toy model, offline, on CPU
+    hf-vattr app                                                        # live web page (toy model by default)
 
 The options of ``collect`` and ``train`` that configure the pipeline are generated from
 :class:`~hf_vattr.collection.CollectionConfig` and :class:`~hf_vattr.training.TrainingConfig`
@@ -309,6 +310,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return int(result or 0)
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    """Serve the live web app: the bundled toy with a toy example preloaded, or --model with --estimator."""
+    try:
+        app = importlib.import_module("hf_vattr.app")
+        importlib.import_module("gradio")
+    except ImportError as e:
+        print(f"hf-vattr app needs Gradio: pip install \"hf_vattr[app]\" ({e})", file=sys.stderr)
+        return 2
+    from .estimator import EstimatorMismatchError, LinearEstimator
+
+    if args.regions is not None and args.regions not in app.REGION_METHODS:
+        raise SystemExit(f"--regions {args.regions!r} is not a region method; choose one of {app.REGION_METHODS}.")
+    toy = args.model is None
+    model, processor, _ = _load_model(args.model, toy=toy, dtype=args.dtype, device_map=args.device_map,
+                                      attn=args.attn_implementation, device=args.device)
+    estimator_ref = args.estimator
+    examples: list = []
+    if toy:
+        from .demo import HELD_OUT_SEED, toy_estimator_path
+        from .toy import make_examples
+
+        estimator_ref = estimator_ref or str(toy_estimator_path())
+        examples = [(ex.image, ex.question) for ex in make_examples(4, seed=HELD_OUT_SEED)]
+    estimator = None
+    if estimator_ref:
+        try:
+            estimator = LinearEstimator.from_pretrained(estimator_ref).check_compatible(model)
+        except EstimatorMismatchError as err:
+            raise SystemExit(f"--estimator {estimator_ref}: {err}") from None
+    regions = args.regions or ("vlm" if toy else "prefill")  # the toy estimator was trained on vlm regions, K=16
+    print(f"hf-vattr app: serving on http://{args.host}:{args.port or 7860} (Ctrl-C stops)", flush=True)
+    app.launch(model, processor, estimator, host=args.host, port=args.port, estimator_ref=estimator_ref or "",
+               regions=regions, examples=examples, max_new_tokens=args.max_new_tokens,
+               updates_per_second=args.updates_per_second, title="hf_vattr: live visual attribution"
+               + (" (bundled toy model)" if toy else f" ({args.model})"))
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 #: CollectionConfig / TrainingConfig fields that are command-line options (the rest are Python-only:
@@ -376,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-vattr", description="Live, faithful visual attribution for VLMs: "
                                      "collect ground truth, train, evaluate and push estimators.")
     parser.add_argument("-v", "--verbose", action="store_true", help="info-level logging")
-    sub = parser.add_subparsers(dest="command", metavar="{collect,train,eval,push,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{collect,train,eval,push,demo,app}")
     sub.required = True
 
     def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
@@ -473,6 +512,21 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="stream attributions from the bundled toy model and write an HTML report "
                                     "(`hf-vattr demo --help` lists its options)", add_help=False)
     d.set_defaults(func=cmd_demo, demo_args=[])
+
+    a = add_parser("app", help="serve the live web app (Gradio; pip install \"hf_vattr[app]\")",
+                   description="Serve a web page that streams the reasoning and, per step, the image regions it\n"
+                               "relies on. No arguments: the bundled toy model, offline, a toy example preloaded.")
+    model_args(a, "model id or local folder (default: the bundled toy model)")
+    a.add_argument("--estimator", default=None, help="estimator folder or Hub id (default with the toy: its own)")
+    a.add_argument("--regions", default=None,
+                   help="region method: prefill, vlm, grid, color, slic, dinov3, dinov2, auto "
+                        "(default: vlm for the toy, prefill otherwise)")
+    a.add_argument("--max-new-tokens", type=int, default=1024, help="default generation budget on the page")
+    a.add_argument("--updates-per-second", type=float, default=4.0,
+                   help="most overlay updates per second while tokens arrive (decoding never waits)")
+    a.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    a.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    a.set_defaults(func=cmd_app)
     return parser
 
 

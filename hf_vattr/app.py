@@ -1,0 +1,600 @@
+"""``hf-vattr app``: a Gradio web app that shows, while a VLM thinks, which image regions each step relies on.
+
+    hf-vattr app                                   # the bundled toy, offline, a toy example preloaded
+    hf-vattr app --model Qwen/Qwen3-VL-2B-Thinking --estimator org/qwen3-vl-2b-vattr --regions prefill
+
+Two layers, so that the streaming loop can be tested and benchmarked without a browser:
+
+* :class:`LiveApp` holds the loaded model, refuses bad input before any work (:meth:`LiveApp.check_inputs`)
+  and turns one :class:`~hf_vattr.streamer.AttributionStreamer` run into a throttled series of
+  :class:`Frame` objects (:meth:`LiveApp.stream`): at most ``updates_per_second`` pictures per second
+  while tokens arrive, and one frame per finished step.
+* :meth:`LiveApp.build` lays those frames out as a Gradio ``Blocks`` page.
+
+Every picture comes from :mod:`hf_vattr.viz` (``step_overlay``, ``describe_location``, ``span_evidence``,
+``trajectory_plot``), the same code path as the demo's report. Nothing is loaded at import time: Gradio is
+imported by :meth:`LiveApp.build` only (``pip install "hf_vattr[app]"``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import inspect
+import io
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from .events import AttributionTrace, SpanAttribution
+    from .regions import PromptRegions
+
+__all__ = ["LiveApp", "Frame", "StepItem", "AppRequest", "InputError", "REGION_METHODS", "launch"]
+
+#: Region methods a user may type: "prefill" (free, from the vision tower's own output) and the
+#: ``build_regions`` methods that need nothing but the image and the model.
+REGION_METHODS = ("prefill", "vlm", "grid", "color", "slic", "dinov3", "dinov2", "auto")
+#: Most pixels an uploaded image may have (a 4096 x 4096 photo); larger ones are refused, not resized silently.
+MAX_PIXELS = 4096 * 4096
+#: Outline colours of the top regions in :func:`hf_vattr.viz.step_overlay` (1st, 2nd, 3rd), for the legend.
+_RANK_COLOURS = ("#ffffff", "#00c8ff", "#ff00ff")
+_EVIDENCE_TEXT = {"grounded": "", "weak": " (weak evidence)",
+                  "indirect": " (indirect: follows from the thinking text)"}
+
+
+class InputError(ValueError):
+    """Bad input refused before any work; its message is shown on the page as it is."""
+
+
+@dataclass
+class AppRequest:
+    """Checked inputs of one run: everything :meth:`LiveApp.stream` needs, nothing left to validate."""
+
+    image: "Image.Image"
+    question: str
+    estimator: Any | None
+    regions: str
+    max_new_tokens: int
+
+
+@dataclass
+class StepItem:
+    """One finished reasoning step as the page lists it."""
+
+    index: int
+    section: str
+    text: str
+    evidence: str  # "grounded" | "weak" | "indirect" (viz.span_evidence)
+
+    @property
+    def label(self) -> str:
+        """The item's text on the page: number, text and, unless grounded, why its heatmap is not evidence."""
+        head = "Answer" if self.section == "answer" else f"Step {self.index + 1}"
+        return f"{head}: {self.text.strip()}{_EVIDENCE_TEXT.get(self.evidence, '')}"
+
+
+@dataclass
+class Frame:
+    """One update of the page. ``overlay`` / ``trajectory`` are ``None`` when unchanged since the last frame."""
+
+    text: str
+    steps: list[StepItem]
+    tokens: int
+    overlay: "Image.Image | None" = None
+    overlay_kind: str = "live"  # "live" (the step being written), "step" (a finished step), "pinned"
+    overlay_step: int | None = None  # span index the overlay shows (for "live": the step being written)
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (region id, words, score)
+    trajectory: "Image.Image | None" = None
+    concentration: list[float] = field(default_factory=list)
+    steps_changed: bool = False
+    done: bool = False
+    elapsed: float = 0.0
+
+
+class _Live:
+    """What one browser session's last run left for the step-pinning handler (its trace, images, pin)."""
+
+    def __init__(self) -> None:
+        self.trace: AttributionTrace | None = None
+        self.images: list[Any] = []
+        self.pinned: int | None = None
+        self.lock = threading.Lock()
+
+
+def _png_uri(image: "Image.Image") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _overlay_kwargs() -> set[str]:
+    """Keyword names :func:`hf_vattr.viz.step_overlay` takes (its evidence keyword was being renamed)."""
+    from . import viz
+
+    return set(inspect.signature(viz.step_overlay).parameters)
+
+
+def step_picture(trace: "AttributionTrace", images: Sequence[Any], scores: Any, *, evidence: str = "grounded",
+                 caption: str | None = None, top: int = 3) -> "Image.Image":
+    """One step's (or the running step's) overlay through :func:`hf_vattr.viz.step_overlay`.
+
+    Weak and indirect steps are drawn muted, so they are not painted as strongly as grounded ones.
+    """
+    from . import viz
+
+    names = _overlay_kwargs()
+    kwargs: dict[str, Any] = {"top": top}
+    if caption is not None and "caption" in names:
+        kwargs["caption"] = caption
+    if "evidence" in names:
+        kwargs["evidence"] = evidence
+    elif "muted" in names:
+        kwargs["muted"] = evidence != "grounded"
+    return viz.step_overlay(trace.regions, images, scores, **kwargs)
+
+
+def top_regions(regions: "PromptRegions", scores: Any, k: int = 3) -> list[tuple[int, str, float]]:
+    """The ``k`` highest-scoring regions with a positive score, located in words (viz.describe_location)."""
+    import torch
+
+    from . import viz
+
+    s = torch.as_tensor(scores, dtype=torch.float32)
+    order = torch.argsort(s, descending=True, stable=True)[:k].tolist()
+    return [(int(r), viz.describe_location(regions, int(r)), float(s[r])) for r in order if float(s[r]) > 0]
+
+
+def _concentrations(trace: "AttributionTrace") -> list[float]:
+    from .trajectory import concentration
+
+    return [concentration(span.region_scores.double().numpy()) for span in trace.spans]
+
+
+class LiveApp:
+    """The web app's model side: input checks, the throttled streaming loop, and the Gradio page.
+
+    Args:
+        model, processor: a loaded supported VLM and its processor.
+        estimator: the default :class:`~hf_vattr.estimator.LinearEstimator` (``None``: raw attention).
+        estimator_ref: how the user refers to ``estimator`` in the page's estimator field (path or Hub id).
+        regions: the default region method (one of :data:`REGION_METHODS`).
+        examples: ``(image, question)`` pairs offered as clickable examples; the first is preloaded.
+        max_new_tokens: default generation budget.
+        updates_per_second: most pictures rendered per second while tokens arrive (each finished step
+            always gets its own frame); the decode loop never waits for the page.
+    """
+
+    def __init__(self, model: Any, processor: Any, estimator: Any | None = None, *, estimator_ref: str = "",
+                 regions: str = "prefill", examples: Sequence[tuple[Any, str]] = (), max_new_tokens: int = 512,
+                 updates_per_second: float = 4.0, title: str = "hf_vattr: live visual attribution") -> None:
+        if regions not in REGION_METHODS:
+            raise InputError(_unknown_regions(regions))
+        if estimator is not None:
+            estimator.check_compatible(model)
+        if updates_per_second <= 0:
+            raise ValueError(f"updates_per_second must be positive, got {updates_per_second}.")
+        self.model, self.processor = model, processor
+        self.estimator, self.estimator_ref = estimator, estimator_ref
+        self.regions = regions
+        self.examples = list(examples)
+        self.max_new_tokens = int(max_new_tokens)
+        self.updates_per_second = float(updates_per_second)
+        self.title = title
+        self._estimators: dict[str, Any] = {estimator_ref: estimator} if estimator_ref else {}
+        self._sessions: OrderedDict[str, _Live] = OrderedDict()
+        self._example_dir: tempfile.TemporaryDirectory | None = None
+
+    # ------------------------------------------------------------------ input checks
+
+    def _load_estimator(self, ref: str) -> Any | None:
+        """The estimator the page names, loaded once per name and checked against the model."""
+        from .estimator import EstimatorMismatchError, LinearEstimator
+
+        ref = (ref or "").strip()
+        if not ref:
+            return None
+        if ref not in self._estimators:
+            try:
+                estimator = LinearEstimator.from_pretrained(ref)
+            except Exception as err:  # a missing folder, an offline Hub id, a broken file: all user input
+                raise InputError(f"Could not load the estimator {ref!r}: {type(err).__name__}: {err}") from None
+            self._estimators[ref] = estimator
+        estimator = self._estimators[ref]
+        try:
+            estimator.check_compatible(self.model)
+        except EstimatorMismatchError as err:
+            raise InputError(f"The estimator {ref!r} was trained for another model. {err}") from None
+        return estimator
+
+    def check_inputs(self, image: Any, question: str | None, estimator_ref: str | None = None,
+                     regions: str | None = None, max_new_tokens: Any = None) -> AppRequest:
+        """Refuse bad input before anything runs: raise :class:`InputError` with a message for the page.
+
+        ``image`` is a path (what the page uploads) or a PIL image; ``estimator_ref`` a folder or Hub id
+        (``None``: the default estimator; ``""``: none, raw attention).
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        if image is None or (isinstance(image, str) and not image.strip()):
+            raise InputError("No image: pick an example or upload an image first.")
+        if isinstance(image, Image.Image):
+            pil = image.convert("RGB")
+        else:
+            name = Path(str(image)).name
+            try:
+                with Image.open(image) as opened:
+                    opened.load()  # decode every byte now: a truncated file fails here, not mid-run
+                    if opened.width * opened.height > MAX_PIXELS:
+                        raise InputError(f"The image {name} is {opened.width}x{opened.height}; the app accepts at most "
+                                         f"{MAX_PIXELS} pixels.")
+                    pil = opened.convert("RGB")
+            except InputError:
+                raise
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+                raise InputError(f"Could not read the image {name}: it is not a valid image file "
+                                 f"({type(err).__name__}).") from None
+        if min(pil.size) < 1:
+            raise InputError("The image is empty.")
+        question = (question or "").strip()
+        if not question:
+            raise InputError("No question: type what the model should answer about the image.")
+        method = (regions or self.regions).strip()
+        if method not in REGION_METHODS:
+            raise InputError(_unknown_regions(method))
+        estimator = self.estimator if estimator_ref is None else self._load_estimator(estimator_ref)
+        try:
+            budget = int(max_new_tokens) if max_new_tokens not in (None, "") else self.max_new_tokens
+        except (TypeError, ValueError):
+            raise InputError(f"Max new tokens must be a whole number, got {max_new_tokens!r}.") from None
+        if not 1 <= budget <= 32768:
+            raise InputError(f"Max new tokens must be between 1 and 32768, got {budget}.")
+        return AppRequest(image=pil, question=question, estimator=estimator, regions=method, max_new_tokens=budget)
+
+    # ------------------------------------------------------------------ the streaming loop
+
+    def _inputs(self, request: AppRequest) -> Any:
+        messages = [{"role": "user", "content": [{"type": "image", "image": request.image},
+                                                 {"type": "text", "text": request.question}]}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(text=[prompt], images=[request.image], return_tensors="pt")
+        return inputs.to(self.model.device)
+
+    def _regions(self, request: AppRequest, inputs: Any) -> Any:
+        """The streamer's ``regions=``: "prefill" as is; a method the estimator was trained with gets its K."""
+        if request.regions == "prefill":
+            return "prefill"
+        from .layouts import visual_layout
+        from .regions import build_regions
+
+        est = request.estimator
+        k = None
+        if est is not None and request.regions == (getattr(est, "region_method", None) or ""):
+            k = (getattr(est, "k_policy", None) or {}).get("k")
+        if request.regions == "grid" and k is None:
+            k = 16
+        layout = visual_layout(self.model, inputs["input_ids"], inputs["image_grid_thw"], [request.image])
+        return build_regions(layout, method=request.regions, k=k, images=[request.image], model=self.model,
+                             inputs=inputs)
+
+    def stream(self, request: AppRequest, live: _Live | None = None, **generate_kwargs: Any) -> Iterator[Frame]:
+        """Run ``generate`` with an :class:`AttributionStreamer` and yield page frames, throttled.
+
+        While tokens arrive, a picture of the step being written (the mean of its tokens' scores so far)
+        is rendered at most ``updates_per_second`` times a second; every finished step gets its own
+        frame, shown for at least ``1 / updates_per_second`` s. Generation runs in the streamer's own
+        thread and never waits for this loop. Failures raise :class:`~hf_vattr.streamer.GenerationError`.
+        """
+        import torch
+
+        from . import viz
+        from .streamer import AttributionStreamer, SpanAttribution, TokenAttribution
+
+        live = live or _Live()
+        start = time.perf_counter()
+        inputs = self._inputs(request)
+        images = [request.image]
+        streamer = AttributionStreamer(self.model, self.processor, inputs=inputs, estimator=request.estimator,
+                                       images=images, regions=self._regions(request, inputs))
+        with live.lock:
+            live.trace, live.images, live.pinned = None, images, None
+        gap = 1.0 / self.updates_per_second
+        last = -float("inf")
+        text, n_tokens = "", 0
+        running: list[torch.Tensor] = []  # scores of the tokens of the step being written
+        steps: list[StepItem] = []
+        seen: list[SpanAttribution] = []  # finished steps, in order (the trace may still be appending)
+        kwargs = {"max_new_tokens": request.max_new_tokens, **generate_kwargs}
+        with streamer:
+            for event in streamer.generate(**inputs, **kwargs):
+                trace = streamer.trace  # built when generation starts
+                if live.trace is not trace:
+                    with live.lock:
+                        live.trace = trace
+                if isinstance(event, TokenAttribution):
+                    text += event.text
+                    n_tokens += 1
+                    running.append(event.region_scores)
+                    now = time.perf_counter()
+                    if now - last < gap or trace.regions is None:
+                        continue
+                    last = now
+                    frame = Frame(text=text, steps=list(steps), tokens=n_tokens, elapsed=now - start)
+                    if live.pinned is None:
+                        scores = torch.stack(running).mean(0)
+                        number = len(steps)
+                        frame.overlay = step_picture(trace, images, scores, caption=f"step {number + 1}, writing")
+                        frame.overlay_step, frame.top = number, top_regions(trace.regions, scores)
+                    yield frame
+                elif isinstance(event, SpanAttribution):
+                    running = []
+                    seen.append(event)
+                    view = _TraceView(trace, seen)
+                    steps = [StepItem(s.index, s.section, s.text, viz.span_evidence(s, view)) for s in seen]
+                    wait = gap - (time.perf_counter() - last)
+                    if wait > 0:  # the previous frame stays up for its share of a second; decoding goes on
+                        time.sleep(wait)
+                    last = time.perf_counter()
+                    frame = Frame(text=text, steps=list(steps), tokens=n_tokens, steps_changed=True,
+                                  trajectory=viz.trajectory_plot(view), concentration=_concentrations(view),
+                                  elapsed=last - start)
+                    if live.pinned is None:
+                        self._finished_picture(frame, trace, images, steps[-1], event)
+                    yield frame
+        trace = streamer.trace
+        final = Frame(text=text, steps=[StepItem(s.index, s.section, s.text, viz.span_evidence(s, trace))
+                                        for s in trace.spans], tokens=n_tokens, steps_changed=True, done=True,
+                      elapsed=time.perf_counter() - start)
+        if trace.spans:
+            final.trajectory = viz.trajectory_plot(trace)
+            final.concentration = _concentrations(trace)
+            if live.pinned is None:
+                self._finished_picture(final, trace, images, final.steps[-1], trace.spans[-1])
+        yield final
+
+    def _finished_picture(self, frame: Frame, trace: "AttributionTrace", images: list[Any], item: StepItem,
+                          span: "SpanAttribution", kind: str = "step") -> None:
+        head = "answer" if item.section == "answer" else f"step {item.index + 1}"
+        caption = f"{head}, pinned" if kind == "pinned" else head
+        frame.overlay = step_picture(trace, images, span.region_scores, evidence=item.evidence, caption=caption)
+        frame.overlay_kind, frame.overlay_step = kind, item.index
+        frame.top = top_regions(trace.regions, span.region_scores)
+
+    def pin(self, live: _Live, index: int | None) -> Frame | None:
+        """The frame of step ``index`` pinned (``None``: follow the live step again); ``None`` if no such step."""
+        from . import viz
+
+        with live.lock:
+            live.pinned = index
+            trace = live.trace
+        if index is None or trace is None:
+            return None
+        spans = [s for s in trace.spans if s.index == index]
+        if not spans:
+            return None
+        span = spans[0]
+        item = StepItem(span.index, span.section, span.text, viz.span_evidence(span, trace))
+        frame = Frame(text=trace.text, steps=[], tokens=len(trace.tokens))
+        self._finished_picture(frame, trace, live.images, item, span, kind="pinned")
+        return frame
+
+    def session(self, key: str) -> _Live:
+        """The per-browser-session state (the 64 most recent sessions are kept)."""
+        live = self._sessions.pop(key, None) or _Live()
+        self._sessions[key] = live
+        while len(self._sessions) > 64:
+            self._sessions.popitem(last=False)
+        return live
+
+    # ------------------------------------------------------------------ the page
+
+    def _example_files(self) -> list[list[str]]:
+        """Examples as PNG files (Gradio's examples take paths), written once to a temporary folder."""
+        if not self.examples:
+            return []
+        from PIL import Image
+
+        if self._example_dir is None:
+            self._example_dir = tempfile.TemporaryDirectory(prefix="hf_vattr_app_")
+        rows = []
+        for i, (image, question) in enumerate(self.examples):
+            path = Path(self._example_dir.name) / f"example_{i}.png"
+            if not path.exists():
+                (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB").save(path)
+            rows.append([str(path), question])
+        return rows
+
+    def build(self) -> Any:
+        """The Gradio ``Blocks`` page (imports Gradio)."""
+        import gradio as gr
+
+        examples = self._example_files()
+        with gr.Blocks(title=self.title) as demo:
+            gr.Markdown(f"## {html.escape(self.title)}\nPick an example or upload an image, ask a question and "
+                        "press **Run**. The reasoning streams in; each finished step becomes an item you can click to "
+                        "pin its heatmap. Colours are the estimator's prediction of how much each region's removal "
+                        "would lower the step's log-probability.")
+            with gr.Row():
+                with gr.Column(scale=2):
+                    image = _unchecked_image(gr)(type="filepath", label="Image", sources=["upload"],
+                                                 value=examples[0][0] if examples else None, elem_id="vattr-image",
+                                                 height=260)
+                    question = gr.Textbox(label="Question", value=examples[0][1] if examples else "",
+                                          elem_id="vattr-question")
+                    with gr.Accordion("Options", open=False):
+                        estimator = gr.Textbox(label="Estimator (folder or Hub id; empty: raw attention)",
+                                               value=self.estimator_ref, elem_id="vattr-estimator")
+                        regions = gr.Textbox(label=f"Regions ({', '.join(REGION_METHODS)})", value=self.regions,
+                                             elem_id="vattr-regions")
+                        budget = gr.Number(label="Max new tokens", value=self.max_new_tokens, precision=0,
+                                           elem_id="vattr-max-tokens")
+                    run = gr.Button("Run", variant="primary", elem_id="vattr-run")
+                    message = gr.HTML(_message("Ready."), elem_id="vattr-message")
+                    if examples:
+                        gr.Examples(examples, inputs=[image, question], label="Toy examples")
+                with gr.Column(scale=3):
+                    overlay = gr.HTML(_overlay_html(None), elem_id="vattr-overlay")
+                    where = gr.HTML("", elem_id="vattr-top")
+                    follow = gr.Button("Follow the live step", size="sm", elem_id="vattr-follow")
+            with gr.Row():
+                with gr.Column(scale=2):
+                    text = gr.Textbox(label="Reasoning (streaming)", lines=6, max_lines=14, interactive=False,
+                                      elem_id="vattr-text")
+                    steps = gr.Radio(choices=[], label="Finished steps: click one to pin its heatmap",
+                                     elem_id="vattr-steps")
+                with gr.Column(scale=3):
+                    trajectory = gr.Image(label="Trajectory: region-effect path and concentration over steps",
+                                          type="pil", format="png", interactive=False, elem_id="vattr-trajectory")
+                    trajectory_note = gr.HTML("", elem_id="vattr-concentration")
+            outputs = [message, text, steps, overlay, where, trajectory, trajectory_note]
+
+            def on_run(image_path: Any, question_text: str, estimator_ref: str, region_method: str,
+                       max_tokens: Any, request: gr.Request) -> Iterator[tuple]:
+                from .streamer import GenerationError
+
+                skip = gr.skip()
+                try:
+                    checked = self.check_inputs(image_path, question_text, estimator_ref, region_method, max_tokens)
+                except InputError as err:
+                    yield (_message(str(err), error=True), *([skip] * (len(outputs) - 1)))
+                    return
+                live = self.session(request.session_hash if request is not None else "default")
+                yield (_message("Running..."), "", gr.update(choices=[], value=None), _overlay_html(None), "", None, "")
+                try:
+                    for frame in self.stream(checked, live):
+                        yield self._frame_outputs(gr, frame, live)
+                except GenerationError as err:
+                    yield (_message(f"Generation failed: {err}", error=True), *([skip] * (len(outputs) - 1)))
+
+            def on_pin(value: Any, request: gr.Request) -> tuple:
+                live = self.session(request.session_hash if request is not None else "default")
+                frame = self.pin(live, None if value in (None, "") else int(value))
+                if frame is None:
+                    return gr.skip(), gr.skip()
+                return _overlay_html(frame), _top_html(frame)
+
+            def on_follow(request: gr.Request) -> tuple:
+                live = self.session(request.session_hash if request is not None else "default")
+                self.pin(live, None)
+                return gr.update(value=None), _message("Following the live step.")
+
+            run.click(on_run, [image, question, estimator, regions, budget], outputs, concurrency_limit=1,
+                      concurrency_id="generate")
+            steps.input(on_pin, [steps], [overlay, where])
+            follow.click(on_follow, None, [steps, message])
+        return demo
+
+    def _frame_outputs(self, gr: Any, frame: Frame, live: _Live) -> tuple:
+        """One frame as the page's outputs; unchanged parts are skipped so a click is not overwritten."""
+        skip = gr.skip()
+        status = (f"Done: {frame.tokens} tokens, {len(frame.steps)} steps in {frame.elapsed:.1f} s."
+                  if frame.done else f"Thinking... {frame.tokens} tokens, {len(frame.steps)} steps finished.")
+        steps = skip
+        if frame.steps_changed:
+            pinned = live.pinned
+            steps = gr.update(choices=[(s.label, str(s.index)) for s in frame.steps],
+                              value=None if pinned is None else str(pinned))
+        overlay = _overlay_html(frame) if frame.overlay is not None else skip
+        where = _top_html(frame) if frame.overlay is not None else skip
+        trajectory = frame.trajectory if frame.trajectory is not None else skip
+        note = _concentration_html(frame.concentration) if frame.trajectory is not None else skip
+        return _message(status), frame.text, steps, overlay, where, trajectory, note
+
+    def launch(self, host: str = "127.0.0.1", port: int | None = None, **kwargs: Any) -> Any:
+        """Build and serve the page (blocks unless ``prevent_thread_lock=True``)."""
+        demo = self.build()
+        return demo.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, css=_CSS,
+                                                              ssr_mode=False, **kwargs)
+
+
+class _TraceView:
+    """A trace with the spans this loop has seen so far: evidence and trajectory match the frame shown."""
+
+    def __init__(self, trace: "AttributionTrace", spans: Sequence["SpanAttribution"]) -> None:
+        self.regions, self.images, self.sequence = trace.regions, trace.images, trace.sequence
+        self.spans = list(spans)
+        self.tokens = trace.tokens
+
+
+def _unknown_regions(method: str) -> str:
+    return f"Unknown region method {method!r}; choose one of: {', '.join(REGION_METHODS)}."
+
+
+def _unchecked_image(gr: Any) -> type:
+    """``gr.Image`` that passes the uploaded file's path through unopened, so that :meth:`LiveApp.check_inputs`
+    (not Gradio's preprocessing) judges a corrupt upload and says so on the page."""
+
+    class UncheckedImage(gr.Image):
+        def get_block_name(self) -> str:  # the same front-end component as gr.Image
+            return "image"
+
+        def preprocess(self, payload: Any) -> str | None:
+            return None if payload is None else payload.path
+
+    return UncheckedImage
+
+
+_CSS = """
+#vattr-message .vattr-error { background: #fdecea; color: #8a1c12; border: 1px solid #f3b5ab; padding: 8px 10px;
+  border-radius: 6px; }
+#vattr-message .vattr-status { color: #555; padding: 4px 2px; }
+#vattr-overlay .vattr-cap { font-size: 0.9em; color: #444; margin-bottom: 4px; }
+#vattr-overlay img { max-width: 100%; image-rendering: pixelated; }
+#vattr-overlay .vattr-empty { color: #888; padding: 60px 10px; text-align: center; border: 1px dashed #ccc; }
+#vattr-top ol { margin: 4px 0 0 0; } #vattr-top .sw { display: inline-block; width: 10px; height: 10px;
+  border: 1px solid #333; margin-right: 4px; vertical-align: middle; }
+#vattr-steps label { font-family: ui-monospace, monospace; }
+"""
+
+
+def _message(text: str, *, error: bool = False) -> str:
+    cls = "vattr-error" if error else "vattr-status"
+    return f"<div class='{cls}' role='{'alert' if error else 'status'}'>{html.escape(text)}</div>"
+
+
+def _overlay_html(frame: Frame | None) -> str:
+    """The overlay panel; ``data-*`` attributes say which step and what kind of picture it is."""
+    if frame is None or frame.overlay is None:
+        return "<div class='vattr-empty' data-kind='none'>The current step's heatmap appears here.</div>"
+    step = "" if frame.overlay_step is None else str(frame.overlay_step)
+    if frame.overlay_kind == "live":
+        caption = f"Step {frame.overlay_step + 1 if frame.overlay_step is not None else ''} being written " \
+                  f"({frame.tokens} tokens so far)"
+    elif frame.overlay_kind == "pinned":
+        caption = f"Pinned: finished step {step} (press 'Follow the live step' to unpin)"
+    else:
+        caption = f"Finished step {step}"
+    return (f"<div class='vattr-ov' data-kind='{frame.overlay_kind}' data-step='{step}'>"
+            f"<div class='vattr-cap'>{html.escape(caption)}</div>"
+            f"<img src='{_png_uri(frame.overlay)}' alt='attribution overlay'></div>")
+
+
+def _top_html(frame: Frame) -> str:
+    if not frame.top:
+        return "<div class='vattr-status'>No region has a positive predicted effect.</div>"
+    items = "".join(f"<li><span class='sw' style='background:{_RANK_COLOURS[min(i, 2)]}'></span>"
+                    f"{html.escape(words)} <small>(region #{rid}, {score:.3g} nats)</small></li>"
+                    for i, (rid, words, score) in enumerate(frame.top))
+    return f"<div><b>Top regions</b> (outlined on the image)<ol>{items}</ol></div>"
+
+
+def _concentration_html(values: Sequence[float]) -> str:
+    if not values:
+        return ""
+    shown = ", ".join("n/a" if v != v else f"{v:.2f}" for v in values)
+    return (f"<div class='vattr-status'>Concentration per step (1 = one region, 0 = spread evenly): "
+            f"{html.escape(shown)}</div>")
+
+
+def launch(model: Any, processor: Any, estimator: Any | None = None, *, host: str = "127.0.0.1",
+           port: int | None = None, **options: Any) -> Any:
+    """Build a :class:`LiveApp` and serve it (what ``hf-vattr app`` calls)."""
+    app_options = {k: options.pop(k) for k in ("estimator_ref", "regions", "examples", "max_new_tokens",
+                                                 "updates_per_second", "title") if k in options}
+    return LiveApp(model, processor, estimator, **app_options).launch(host, port, **options)
