@@ -40,6 +40,8 @@ __all__ = [
     "colour_bar",
     "render_html",
     "trace_table_html",
+    "span_row_html",
+    "table_html",
     "overlay",
     "span_overlays",
     "describe_regions",
@@ -226,6 +228,8 @@ def _panels(image: Any, region_map: RegionMap, s: np.ndarray, order: Sequence[in
     norm = np.clip((s - vmin) / max(vmax - vmin, 1e-12), 0, 1)
     grey = base.mean(-1, keepdims=True)
     heat = 0.78 * _colormap(norm[labels]) + 0.22 * grey  # luminance keeps object shapes findable
+    if hatch:  # weak or indirect evidence: paint it faintly, so it does not look like grounding
+        heat = 0.4 * heat + 0.6 * (150 + 0.3 * grey)
     left = base.copy()
     width = max(2, scale)
     for rank, region in enumerate(order):
@@ -243,18 +247,20 @@ def _panels(image: Any, region_map: RegionMap, s: np.ndarray, order: Sequence[in
         hd = ImageDraw.Draw(heat_img)
         for x in range(-heat_img.height, heat_img.width, 10):
             hd.line([(x, heat_img.height), (x + heat_img.height, 0)], fill=(235, 235, 235), width=1)
-    font = _font(max(11, 5 * scale))
-    for rank, region in enumerate(order):  # rank tags at each outlined region's centre
+    font = _font(12)
+    for rank, region in enumerate(order):  # rank tags in each outlined region's top-left corner, off the object
         ys, xs = np.nonzero(labels == region)
         if len(ys) == 0:
             continue
         tag = str(rank + 1)
+        y0 = int(ys.min())
+        x0 = int(xs[ys == y0].min())  # leftmost pixel of the region's top row: inside the region
         for img in (left_img, heat_img):
             d = ImageDraw.Draw(img)
-            cx, cy = float(xs.mean()), float(ys.mean())
             tw = d.textlength(tag, font=font)
-            d.rectangle([cx - tw / 2 - 2, cy - 7, cx + tw / 2 + 2, cy + 8], fill=(0, 0, 0))
-            d.text((cx - tw / 2, cy - 7), tag, fill=_OUTLINE[min(rank, len(_OUTLINE) - 1)], font=font)
+            box = [x0 + width + 1, y0 + width + 1, x0 + width + tw + 5, y0 + width + 15]
+            d.rectangle(box, fill=(0, 0, 0))
+            d.text((box[0] + 2, box[1]), tag, fill=_OUTLINE[min(rank, len(_OUTLINE) - 1)], font=font)
     return left_img, heat_img
 
 
@@ -379,7 +385,7 @@ def trajectory_plot(trace: "AttributionTrace", *, dims: int = 2, size: tuple[int
     spans = list(trace.spans)
     pw = int(w * 0.55)
     draw.text((6, 4), f"reasoning path (PCA {dims}D of step region scores)", fill=(30, 30, 30), font=font)
-    draw.text((pw + 10, 4), "concentration over steps", fill=(30, 30, 30), font=font)
+    draw.text((pw + 10, 4), "concentration over steps (1 = one region)", fill=(30, 30, 30), font=font)
     if not spans:
         draw.text((10, h // 2), "no steps yet", fill=(120, 120, 120), font=font)
         return canvas
@@ -392,25 +398,26 @@ def trajectory_plot(trace: "AttributionTrace", *, dims: int = 2, size: tuple[int
         pts2 = np.stack([coords @ rx, coords @ ry], 1)
     else:
         pts2 = coords[:, :2] * np.array([1.0, -1.0])
-    box = (30, 24, pw - 10, h - 30)
+    box = (30, 24, pw - 10, h - 44)
+    inner = (box[0] + 18, box[1] + 14, box[2] - 22, box[3] - 14)  # margin so markers and labels stay inside
     lo, hi = pts2.min(0), pts2.max(0)
     span_xy = np.where(hi - lo > 0, hi - lo, 1.0)
 
     def to_px(p: np.ndarray) -> tuple[float, float]:
-        u = (p - lo) / span_xy
-        return box[0] + u[0] * (box[2] - box[0]), box[1] + u[1] * (box[3] - box[1])
+        u = np.clip((p - lo) / span_xy, -0.08, 1.08)
+        return inner[0] + u[0] * (inner[2] - inner[0]), inner[1] + u[1] * (inner[3] - inner[1])
 
     draw.rectangle(box, outline=(200, 200, 200))
     if dims == 3:
         centre = pts2.mean(0)
-        scale = float(np.abs(pts2 - centre).max() or 1.0) * 0.4
+        scale = float(np.abs(pts2 - centre).max() or 1.0) * 0.35
         for k, axis in enumerate(np.eye(3)):
             end = np.array([axis @ rx, axis @ ry]) * scale + centre
             draw.line([to_px(centre), to_px(end)], fill=(170, 170, 170), width=1)
             draw.text(to_px(end), f"PC{k + 1}", fill=(140, 140, 140), font=font)
     else:
-        draw.text((box[0] + 2, box[3] + 2), f"PC1 ({ratios[0] * 100:.0f}% var.)", fill=(110, 110, 110), font=font)
-        draw.text((2, box[1] + 2), "PC2", fill=(110, 110, 110), font=font)
+        draw.text((box[0], box[3] + 2), f"x: PC1 ({ratios[0] * 100:.0f}% of variance), y: PC2 ({ratios[1] * 100:.0f}%)",
+                  fill=(110, 110, 110), font=font)
     pix = [to_px(p) for p in pts2]
     n = len(spans)
     for i in range(n - 1):
@@ -430,17 +437,22 @@ def trajectory_plot(trace: "AttributionTrace", *, dims: int = 2, size: tuple[int
             conc.append(concentration(np.asarray(s.region_scores, dtype=np.float64)))
         except ValueError:
             conc.append(float("nan"))
-    cb = (pw + 34, 24, w - 10, h - 30)
+    cb = (pw + 34, 24, w - 10, h - 44)
     draw.rectangle(cb, outline=(200, 200, 200))
     for v in (0.0, 0.5, 1.0):
         y = cb[3] - v * (cb[3] - cb[1])
         draw.line([(cb[0] - 3, y), (cb[0], y)], fill=(120, 120, 120))
         draw.text((cb[0] - 26, y - 6), f"{v:.1f}", fill=(110, 110, 110), font=font)
-    draw.text((cb[0], cb[3] + 2), "step", fill=(110, 110, 110), font=font)
+    draw.text((cb[2] - 26, cb[3] + 14), "step", fill=(110, 110, 110), font=font)
+    every = max(1, int(math.ceil(n / 12)))
 
     def cpx(i: int, v: float) -> tuple[float, float]:
         return (cb[0] + (i + 0.5) / n * (cb[2] - cb[0]), cb[3] - v * (cb[3] - cb[1]))
 
+    for i in range(0, n, every):
+        tick = str(spans[i].index)
+        x = cb[0] + (i + 0.5) / n * (cb[2] - cb[0])
+        draw.text((x - draw.textlength(tick, font=font) / 2, cb[3] + 2), tick, fill=(110, 110, 110), font=font)
     prev = None
     for i, (v, span) in enumerate(zip(conc, spans)):
         if math.isnan(v):
@@ -449,9 +461,11 @@ def trajectory_plot(trace: "AttributionTrace", *, dims: int = 2, size: tuple[int
         p = cpx(i, v)
         if prev is not None:
             draw.line([prev, p], fill=(90, 90, 90), width=1)
-        col = (170, 170, 170) if span.section == "answer" else (120, 0, 160)
+        col = (120, 0, 160) if span_evidence(span, trace) == "grounded" else (175, 175, 175)
         draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=col)
         prev = p
+    legend = "colour dark -> light: first -> last step; hollow: answer (indirect); grey dots: weak/indirect evidence"
+    draw.text((6, h - 16), legend, fill=(110, 110, 110), font=font)
     return canvas
 
 
@@ -528,7 +542,7 @@ _CSS = """
 .vattr .ev {{ font-size: 0.8em; padding: 1px 6px; border-radius: 8px; white-space: nowrap; }}
 .vattr .ev.grounded {{ background: #e3f4e6; color: #1b6b32; }}
 .vattr .ev.weak, .vattr .ev.indirect {{ background: #eee; color: #777; }}
-.vattr tr.weak img.ov, .vattr tr.indirect img.ov {{ opacity: 0.45; filter: grayscale(60%); }}
+.vattr tr.weak img.ov, .vattr tr.indirect img.ov {{ outline: 2px dashed #bbb; }}
 .vattr tr.weak td.txt, .vattr tr.indirect td.txt {{ color: #777; }}
 """
 
@@ -540,34 +554,43 @@ _EVIDENCE_NOTE = {
 }
 
 
-def trace_table_html(trace: "AttributionTrace", images: Sequence[Any] | None = None, *, top_k: int = 3,
-                     max_height: int = 180) -> str:
-    """The step table as an HTML fragment (inline CSS, PNGs as data URIs): one row per span with its
-    text, evidence label, overlay and top regions in words. Used by the report and by Jupyter."""
-    rows = []
-    if trace.regions is not None and trace.spans:
-        images = _trace_images(trace, images)
-        for span in trace.spans:
-            evidence = span_evidence(span, trace)
-            top = [r for r in span.top_regions(top_k) if float(span.region_scores[r]) > 0]
-            picture = step_overlay(trace.regions, images, span.region_scores, top=top_k, evidence=evidence)
-            where = "<br>".join(
-                f"{i + 1}. {html.escape(describe_location(trace.regions, r))} "
-                f"(<span title='{html.escape(SCORE_UNITS)}'>{_fmt(float(span.region_scores[r]))}</span>)"
-                for i, r in enumerate(top)) or "no region with positive predicted effect"
-            rows.append(
-                f"<tr class='{evidence}'><td class='idx'>{span.index}</td>"
-                f"<td class='sec {html.escape(span.section)}'>{html.escape(span.section)}</td>"
-                f"<td class='txt'>{html.escape(span.text.strip())}</td>"
-                f"<td><span class='ev {evidence}' title='{html.escape(_EVIDENCE_NOTE[evidence])}'>"
-                f"{'weak evidence' if evidence == 'weak' else evidence}</span></td>"
-                f"<td><img class='ov' src='{_png_data_uri(picture)}' alt='step {span.index} overlay'></td>"
-                f"<td class='top'>{where}</td></tr>"
-            )
+def span_row_html(span: "SpanAttribution", trace: "AttributionTrace", images: Sequence[Any] | None = None, *,
+                  top_k: int = 3) -> str:
+    """One ``<tr>`` of the step table: index, section, text, evidence label, overlay, top regions in words.
+    Rendered once per finished step (the live notebook view caches it)."""
+    images = _trace_images(trace, images)
+    evidence = span_evidence(span, trace)
+    top = [r for r in span.top_regions(top_k) if float(span.region_scores[r]) > 0]
+    picture = step_overlay(trace.regions, images, span.region_scores, top=top_k, evidence=evidence)
+    where = "<br>".join(
+        f"{i + 1}. {html.escape(describe_location(trace.regions, r))} "
+        f"(<span title='{html.escape(SCORE_UNITS)}'>{_fmt(float(span.region_scores[r]))}</span>)"
+        for i, r in enumerate(top)) or "no region with positive predicted effect"
+    label = "weak evidence" if evidence == "weak" else evidence
+    return (f"<tr class='{evidence}'><td class='idx'>{span.index}</td>"
+            f"<td class='sec {html.escape(span.section)}'>{html.escape(span.section)}</td>"
+            f"<td class='txt'>{html.escape(span.text.strip())}</td>"
+            f"<td><span class='ev {evidence}' title='{html.escape(_EVIDENCE_NOTE[evidence])}'>{label}</span></td>"
+            f"<td><img class='ov' src='{_png_data_uri(picture)}' alt='step {span.index} overlay'></td>"
+            f"<td class='top'>{where}</td></tr>")
+
+
+def table_html(rows: Sequence[str], *, max_height: int = 300) -> str:
+    """Wrap step rows (:func:`span_row_html`) in the table with its header and CSS."""
     body = "".join(rows) or "<tr><td colspan='6'>no finished steps yet</td></tr>"
     return (f"<div class='vattr'><style>{_CSS.format(h=max_height)}</style>"
             "<table><tr><th>#</th><th>section</th><th>step</th><th>evidence</th><th>attribution</th>"
             f"<th>top regions (score)</th></tr>{body}</table></div>")
+
+
+def trace_table_html(trace: "AttributionTrace", images: Sequence[Any] | None = None, *, top_k: int = 3,
+                     max_height: int = 300) -> str:
+    """The step table as an HTML fragment (inline CSS, PNGs as data URIs): one row per span with its
+    text, evidence label, overlay and top regions in words. Used by the report and by Jupyter."""
+    rows = []
+    if trace.regions is not None:
+        rows = [span_row_html(span, trace, images, top_k=top_k) for span in trace.spans]
+    return table_html(rows, max_height=max_height)
 
 
 def render_html(trace: "AttributionTrace", images: Sequence[Any] | None = None, path: str | Path | None = None, *,
