@@ -38,6 +38,7 @@ __all__ = [
     "span_evidence",
     "trajectory_plot",
     "colour_bar",
+    "scale_ticks",
     "render_html",
     "trace_table_html",
     "span_row_html",
@@ -182,6 +183,11 @@ def describe_regions(regions: PromptRegions, region_ids: Sequence[int]) -> str:
 # --------------------------------------------------------------------------- colour bar
 
 
+def scale_ticks(vmin: float, vmax: float, n: int = 5) -> list[tuple[float, str]]:
+    """The ``n`` evenly spaced (value, label) ticks a colour bar from ``vmin`` to ``vmax`` shows."""
+    return [(float(t), _fmt(float(t))) for t in np.linspace(vmin, vmax, n)]
+
+
 def colour_bar(vmin: float, vmax: float, width: int, *, height: int = 44, label: str = SCORE_UNITS,
                clipped_low: bool = False) -> Image.Image:
     """A horizontal colour bar with tick values, ``vmin`` (left) to ``vmax`` (right), and its units."""
@@ -192,11 +198,10 @@ def colour_bar(vmin: float, vmax: float, width: int, *, height: int = 44, label:
     draw = ImageDraw.Draw(bar)
     draw.rectangle([x0 - 1, y0 - 1, x1, y1], outline=(80, 80, 80))
     font = _font(11)
-    ticks = np.linspace(vmin, vmax, 5)
-    for i, t in enumerate(ticks):
+    ticks = scale_ticks(vmin, vmax)
+    for i, (_, text) in enumerate(ticks):
         x = x0 + (x1 - x0) * i / (len(ticks) - 1)
         draw.line([(x, y1), (x, y1 + 3)], fill=(60, 60, 60))
-        text = _fmt(float(t))
         tw = draw.textlength(text, font=font)
         tx = min(max(x - tw / 2, 0), width - tw)
         draw.text((tx, y1 + 4), text, fill=(30, 30, 30), font=font)

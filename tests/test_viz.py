@@ -1,0 +1,240 @@
+"""Pictures: plain-words locations, overlays that keep the original colours, evidence labels,
+the trajectory plot and the HTML report. Built on hand-made layouts (no model needed)."""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from hf_vattr.events import AttributionTrace, SpanAttribution, TokenAttribution
+from hf_vattr.layouts import ImageTokens, VisualLayout
+from hf_vattr.regions import PromptRegions, RegionMap
+from hf_vattr.viz import (
+    WEAK_FRACTION,
+    _pca,
+    describe_location,
+    render_html,
+    scale_ticks,
+    span_evidence,
+    step_overlay,
+    trajectory_plot,
+)
+
+RED, GREEN, BG = (220, 50, 40), (30, 170, 60), (212, 204, 206)
+
+
+def toy_image(size: int = 96) -> Image.Image:
+    """A red cross bottom-right and a green circle top-left, like the toy task."""
+    im = Image.new("RGB", (size, size), BG)
+    d = ImageDraw.Draw(im)
+    d.ellipse([8, 8, 24, 24], fill=GREEN)
+    d.rectangle([76, 68, 80, 88], fill=RED)
+    d.rectangle([68, 76, 88, 80], fill=RED)
+    return im
+
+
+def three_by_three(image_index: int = 0, size: tuple[int, int] = (96, 96), start: int = 3) -> RegionMap:
+    """A 3x3 token grid (32 px tokens) with one region per token, row-major: region r is cell r."""
+    tokens = ImageTokens(image_index, torch.arange(start, start + 9), (1, 3, 3), 32, size)
+    return RegionMap.from_assignment(tokens, list(range(9)), method="custom")
+
+
+def regions_for(*maps: RegionMap) -> PromptRegions:
+    layout = VisualLayout([m.image for m in maps], sequence_length=40, model_type="qwen3_vl")
+    return PromptRegions(layout, list(maps))
+
+
+def hue(rgb) -> float:
+    return colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0]
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def test_describe_location_names_the_cell_and_its_share():
+    regions = regions_for(three_by_three())
+    assert describe_location(regions, 0) == "top-left, 11% of the image"
+    assert describe_location(regions, 4) == "centre, 11% of the image"
+    assert describe_location(regions, 5) == "right, 11% of the image"
+    assert describe_location(regions, 7) == "bottom, 11% of the image"
+    assert describe_location(regions, 8) == "bottom-right, 11% of the image"
+
+
+def test_describe_location_counts_images_from_one_when_there_are_several():
+    regions = regions_for(three_by_three(0), three_by_three(1, start=20))
+    assert describe_location(regions, 9 + 4) == "image 2, centre, 11%"
+    assert describe_location(regions, 2) == "image 1, top-right, 11%"
+
+
+def test_describe_location_uses_original_pixels_with_separate_scales():
+    # 3x3 tokens stretched onto a 60 (high) x 300 (wide) image: a cell is still 1/9 of it
+    regions = regions_for(three_by_three(size=(60, 300)))
+    assert describe_location(regions, 6) == "bottom-left, 11% of the image"
+    two = ImageTokens(0, torch.arange(3, 12), (1, 3, 3), 32, (96, 96))
+    big = RegionMap.from_assignment(two, [0, 0, 0, 0, 0, 0, 0, 0, 1])  # 8 cells vs 1
+    assert describe_location(regions_for(big), 0).endswith("89% of the image")
+
+
+# --------------------------------------------------------------------------- overlays
+
+
+def overlay_panels(picture: Image.Image, image: Image.Image) -> tuple[np.ndarray, np.ndarray, int]:
+    scale = int(np.ceil(224 / image.height))
+    side = image.height * scale
+    arr = np.asarray(picture)
+    return arr[:side, :side], arr[:side, side + 6: 2 * side + 6], scale
+
+
+def test_overlay_keeps_original_colours_outside_the_outlines():
+    image = toy_image()
+    regions = regions_for(three_by_three())
+    scores = torch.zeros(9)
+    scores[8], scores[0] = 5.0, 2.0  # cross cell first, circle cell second
+    picture = step_overlay(regions, [image], scores, top=2)
+    left, heat, scale = overlay_panels(picture, image)
+    original = np.asarray(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
+    labels = regions.maps[0].pixel_labels().repeat(scale, 0).repeat(scale, 1)
+    outside = ~np.isin(labels, [0, 8])
+    assert np.array_equal(left[outside], original[outside])  # not one pixel of the other regions changed
+    # inside the outlined regions, away from the outline and the rank tag, the object keeps its exact colour
+    cross = original[..., 0] == RED[0]
+    circle = original[..., 1] == GREEN[1]
+    assert cross.any() and circle.any()
+    assert np.array_equal(left[cross & (labels == 8)], original[cross & (labels == 8)])
+    assert hue(left[circle].mean(0)) == pytest.approx(hue(GREEN), abs=0.02)
+    # the outline is drawn: the top region's border pixels changed
+    assert (left[labels == 8] != original[labels == 8]).any(axis=-1).sum() > 0
+    # heatmap: the highest-scoring region is the brightest
+    bright = heat.astype(float).mean(-1)
+    assert bright[labels == 8].mean() > bright[labels == 0].mean() > bright[labels == 4].mean()
+
+
+def test_overlay_has_a_colour_bar_with_values_from_zero_to_the_top_score():
+    image = toy_image()
+    regions = regions_for(three_by_three())
+    scores = torch.linspace(-1, 7.5, 9)
+    picture = step_overlay(regions, [image], scores)
+    assert [label for _, label in scale_ticks(0.0, 7.5)] == ["0", "1.88", "3.75", "5.62", "7.50"]
+    left, _, scale = overlay_panels(picture, image)
+    bar = np.asarray(picture)[left.shape[0]:].astype(float)
+    assert bar.shape[0] >= 30  # a bar with tick labels under the panels
+    ramp = bar[8, 10:-10].mean(-1)  # one row through the ramp: dark (0) on the left, light (vmax) on the right
+    assert ramp[0] < 20 and ramp[-1] > 200
+    assert np.all(np.diff(ramp[:: max(len(ramp) // 20, 1)]) >= -2)
+
+
+def test_shared_vmax_dims_the_heat_and_bad_inputs_are_refused():
+    image = toy_image()
+    regions = regions_for(three_by_three())
+    scores = torch.zeros(9)
+    scores[4] = 1.0
+    own = overlay_panels(step_overlay(regions, [image], scores, top=0), image)[1]
+    shared = overlay_panels(step_overlay(regions, [image], scores, top=0, vmax=4.0), image)[1]
+    labels = regions.maps[0].pixel_labels().repeat(3, 0).repeat(3, 1)
+    assert shared[labels == 4].mean() < own[labels == 4].mean()
+    with pytest.raises(ValueError, match="images"):
+        step_overlay(regions, [image, image], scores)
+    with pytest.raises(ValueError, match="9 region scores"):
+        step_overlay(regions, [image], torch.zeros(8))
+    with pytest.raises(ValueError, match="evidence"):
+        step_overlay(regions, [image], scores, evidence="strong")
+
+
+def test_weak_evidence_is_painted_fainter_and_labelled():
+    image = toy_image()
+    regions = regions_for(three_by_three())
+    scores = torch.arange(9, dtype=torch.float32)
+    strong = step_overlay(regions, [image], scores)
+    weak = step_overlay(regions, [image], scores, evidence="weak")
+    assert weak.height == strong.height + 18  # a caption line: "[weak evidence]"
+    heat_strong = overlay_panels(strong, image)[1].astype(float)
+    heat_weak = np.asarray(weak)[18:18 + heat_strong.shape[0], heat_strong.shape[1] + 6:].astype(float)
+    sat = lambda a: (a.max(-1) - a.min(-1)).mean()  # noqa: E731 - colourfulness
+    assert sat(heat_weak) < 0.6 * sat(heat_strong)
+
+
+def test_overlay_for_several_images_and_for_a_size_only_image():
+    regions = regions_for(three_by_three(0), three_by_three(1, start=20))
+    scores = torch.zeros(18)
+    scores[13] = 1.0
+    picture = step_overlay(regions, [toy_image(), (96, 96)], scores)
+    assert picture.width == 4 * 288 + 3 * 6  # four panels: original + heatmap per image
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+def span(i: int, scores, section: str = "thinking") -> SpanAttribution:
+    return SpanAttribution(i, f"step {i}", (i, i + 1), torch.as_tensor(scores, dtype=torch.float32), section)
+
+
+def test_span_evidence_rule():
+    regions = regions_for(three_by_three())
+    spans = [span(0, [10.0] + [0] * 8), span(1, [0, 8.0] + [0] * 7), span(2, [0, 0, 12.0] + [0] * 6),
+             span(3, [0.5] + [0] * 8), span(4, [-1.0] * 9), span(5, [20.0] + [0] * 8, "answer")]
+    trace = AttributionTrace(regions, spans=spans)
+    median_peak = float(np.median([10, 8, 12, 0.5, -1]))  # thinking steps only: 8
+    assert 0.5 < WEAK_FRACTION * median_peak
+    assert [span_evidence(s, trace) for s in spans] == ["grounded", "grounded", "grounded", "weak", "weak",
+                                                        "indirect"]
+
+
+# --------------------------------------------------------------------------- trajectory
+
+
+def test_pca_coordinates_match_an_svd_reference():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 9))
+    coords, ratios = _pca(x, 2)
+    centred = x - x.mean(0)
+    u, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    reference = centred @ vt[:2].T
+    for k in range(2):  # components are defined up to sign
+        assert np.allclose(np.abs(coords[:, k]), np.abs(reference[:, k]))
+    assert np.allclose(ratios, (sv ** 2 / (sv ** 2).sum())[:2])
+    one, _ = _pca(x[:1], 2)  # one step: no direction to find
+    assert np.array_equal(one, np.zeros((1, 2)))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_trajectory_plot_draws_every_step(dims):
+    regions = regions_for(three_by_three())
+    rng = np.random.default_rng(1)
+    spans = [span(i, rng.random(9) * 5) for i in range(6)] + [span(6, rng.random(9), "answer")]
+    picture = trajectory_plot(AttributionTrace(regions, spans=spans), dims=dims, size=(640, 300))
+    assert picture.size == (640, 300)
+    arr = np.asarray(picture).astype(int)
+    assert (np.abs(arr - 255).sum(-1) > 60).mean() > 0.01  # something besides the white background
+    empty = np.asarray(trajectory_plot(AttributionTrace(regions), dims=dims))
+    assert (np.abs(arr[:, :350] - 255).sum() > np.abs(empty[:, :350].astype(int) - 255).sum())
+    with pytest.raises(ValueError, match="dims"):
+        trajectory_plot(AttributionTrace(regions, spans=spans), dims=4)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_report_uses_the_trace_images_and_marks_weak_and_indirect_steps(tmp_path):
+    regions = regions_for(three_by_three())
+    spans = [span(0, [9.0] + [0] * 8), span(1, [0] * 8 + [7.0]), span(2, [0.1] * 9), span(3, [3.0] * 9, "answer")]
+    tokens = [TokenAttribution(i, 10 + i, f"t{i}", s.region_scores, s.section) for i, s in enumerate(spans)]
+    trace = AttributionTrace(regions, tokens, spans, images=[toy_image()])
+    page = render_html(trace, path=tmp_path / "r.html", question="Where is the red cross?")
+    assert (tmp_path / "r.html").read_text() == page
+    assert page.count("data:image/png;base64,") == 1 + len(spans) + 1  # input, one overlay per step, trajectory
+    assert page.count("class='ev grounded'") == 2 and "weak evidence</span>" in page and "indirect</span>" in page
+    assert "top-left, 11% of the image" in page and "bottom-right, 11% of the image" in page
+    assert "predicted log-prob drop" in page and "Pearson" in page
+    assert "http://" not in page and "https://" not in page
+    assert trace._repr_html_().count("<tr class=") == len(spans)
+
+
+def test_report_without_images_draws_grey_canvases():
+    regions = regions_for(three_by_three())
+    trace = AttributionTrace(regions, spans=[span(0, [1.0] * 9)])
+    page = render_html(trace)
+    assert page.count("data:image/png;base64,") == 2  # overlay and trajectory, no input image
