@@ -5,8 +5,9 @@ intermediate 6144), 2 decoder layers by default, sdpa; one 544x512 image = 272 v
 
 Context length C: a real prefill of the image prompt, then the KV cache is extended with random
 keys and values up to C tokens (their content does not change the cost). Each decode step is a
-real cached forward of the model, as ``generate`` runs it; the routes below run the same steps,
-interleaved, repeated, cache cropped back to C between runs:
+real cached forward of the model, as ``generate`` runs it. The three routes below each get their
+own copy of the model and cache and alternate step by step (rotating order), so drifts of a shared
+machine hit all of them alike; the ratio is the median over steps of the paired step-time ratio:
 
   baseline   forward only
   streamer   forward + AttributionStreamer.put (capture, estimator, queue) with a consumer thread
@@ -24,10 +25,12 @@ streamer minus baseline, counted with a TorchDispatchMode), against context leng
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,10 +81,10 @@ class Bench:
         self.dtype = dtype
         self.layers = layers
 
-    def prefill(self, context: int):
+    def prefill(self, context: int, model: Any = None):
         """A real prefill of the prompt, then random keys/values up to ``context`` cached tokens."""
         with torch.no_grad():
-            out = self.model(**self.inputs, use_cache=True)
+            out = (model or self.model)(**self.inputs, use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
         extra = context - cache.get_seq_length()
         gen = torch.Generator().manual_seed(context)
@@ -132,6 +135,48 @@ class Bench:
                     assert streamer.capture.path == ("full-row" if route == "full-row" else "lse"), streamer.capture.path
         return times
 
+    def paired(self, context: int, steps: int) -> dict[str, list[float]]:
+        """Per-step times of the three routes, alternating step by step (rotating the order), each on its
+        own copy of the model and cache: slow drifts of a shared machine hit every route alike."""
+        models = {"baseline": self.model, "streamer": copy.deepcopy(self.model), "full-row": copy.deepcopy(self.model)}
+        caches = {route: self.prefill(context, model) for route, model in models.items()}
+        tokens = {route: self.token for route in models}
+        streamers, consumers = {}, []
+        for route in ("streamer", "full-row"):
+            streamer = AttributionStreamer(models[route], self.proc, inputs=self.inputs, estimator=self.estimator)
+            consumer = threading.Thread(target=lambda s=streamer: sum(1 for _ in s), daemon=True)
+            consumer.start()
+            streamer.put(self.inputs["input_ids"])  # what generate does first: opens the capture
+            if route == "full-row":
+                streamer.capture.path = "full-row"
+            streamers[route] = streamer
+            consumers.append(consumer)
+        times: dict[str, list[float]] = {route: [] for route in models}
+        cpu: dict[str, list[float]] = {route: [] for route in models}  # CPU time of the decoding thread alone
+        order = list(models)
+        try:
+            with torch.no_grad():
+                for step in range(steps + 2):
+                    for route in order[step % 3:] + order[:step % 3]:
+                        start, cpu_start = time.perf_counter(), time.thread_time()
+                        logits = models[route](input_ids=tokens[route], cache=caches[route], use_cache=True).logits
+                        tokens[route] = logits[:, -1].argmax(-1, keepdim=True)
+                        if route in streamers:
+                            streamers[route].put(tokens[route][0])
+                        if self.device != "cpu":
+                            torch.cuda.synchronize()
+                        if step >= 2:  # the first two steps warm up (and build per-stream state)
+                            times[route].append(time.perf_counter() - start)
+                            cpu[route].append(time.thread_time() - cpu_start)
+        finally:
+            for streamer in streamers.values():
+                streamer.end()
+            for consumer in consumers:
+                consumer.join()
+        if self.device == "cpu" and self.attn == "sdpa":
+            assert streamers["streamer"].capture.path == "lse" and streamers["full-row"].capture.path == "full-row"
+        return times, cpu
+
     def per_layer(self, cache, repeats: int = 20) -> dict[str, float]:
         """Seconds of the capture's own work for one layer and step, per route."""
         module = self.model.model.language_model.layers[0].self_attn
@@ -165,8 +210,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 16384, 32768])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (the per-layer cost is what scales)")
-    parser.add_argument("--steps", type=int, default=16, help="decode steps per timed run")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per route")
+    parser.add_argument("--steps", type=int, default=40, help="timed decode steps per route")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu.sh)")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, flash_attention_2, eager")
@@ -178,16 +222,14 @@ def main() -> None:
     for dtype_name in args.dtypes:
         bench = Bench(args.layers, getattr(torch, dtype_name), args.device, args.attn)
         for context in args.contexts:
-            cache = bench.prefill(context)
-            bench.steps(cache, context, 2, "baseline")  # warm-up
-            bench.steps(cache, context, 2, "streamer")
-            per_token: dict[str, list[float]] = {"baseline": [], "streamer": [], "full-row": []}
-            for _ in range(args.repeats):
-                for route in per_token:
-                    per_token[route].extend(bench.steps(cache, context, args.steps, route))
+            per_token, cpu = bench.paired(context, args.steps)
             med = {route: statistics.median(v) for route, v in per_token.items()}
-            rows_e2e.append((dtype_name, context, med["baseline"], med["streamer"] / med["baseline"],
-                             med["full-row"] / med["baseline"]))
+            ratio = {route: statistics.median([t / b for t, b in zip(v, per_token["baseline"])])
+                     for route, v in per_token.items()}
+            cpu_ratio = {route: statistics.median([t / b for t, b in zip(v, cpu["baseline"])]) for route, v in cpu.items()}
+            rows_e2e.append((dtype_name, context, med["baseline"], ratio["streamer"], ratio["full-row"],
+                             cpu_ratio["streamer"], cpu_ratio["full-row"]))
+            cache = bench.prefill(context)
             layer = bench.per_layer(cache) if args.device == "cpu" else {"lse": float("nan"), "full-row": float("nan")}
             layer_time = med["baseline"] / args.layers
             rows_layer.append((dtype_name, context, layer["lse"], layer["full-row"], layer_time))
@@ -209,19 +251,25 @@ def main() -> None:
         "## Streaming overhead against context length",
         "",
         f"`python benchmarks/bench_streamer.py --threads {args.threads} --steps {args.steps} "
-        f"--repeats {args.repeats} --layers {args.layers}`. Random weights at Qwen3-VL-2B text dims (hidden 2048, "
+        f"--layers {args.layers}`. Random weights at Qwen3-VL-2B text dims (hidden 2048, "
         f"16 heads, 8 KV heads, head_dim 128, intermediate 6144), {args.layers} decoder layers, sdpa, "
         f"{bench.visual} visual tokens; the KV cache is a real prefill of the image prompt extended with random "
-        f"keys/values to the context length. Median per-token time of {args.repeats} x {args.steps} cached decode "
-        f"steps per route, routes interleaved in the same run; {machine}.",
+        f"keys/values to the context length. {args.steps} cached decode steps per route, the three routes "
+        f"alternating step by step on their own copies of the model and cache (rotating order, two warm-up "
+        f"steps); ratio = median over steps of (route step time / the same step's baseline time); {machine}.",
         "",
-        "End to end (ratio = per-token time / baseline per-token time; the streamer route includes the estimator, "
-        "the event queue and a consumer thread reading every event):",
+        "End to end (the streamer routes include the estimator, the event queue, the worker thread and a "
+        "consumer thread reading every event):",
         "",
-        "| dtype | context | baseline ms/token | streamer (lse route) | fallback (full-row route) |",
-        "|---|---:|---:|---:|---:|",
+        "| dtype | context | baseline ms/token | streamer (lse route), wall | full-row route, wall "
+        "| streamer, decode-thread CPU | full-row, decode-thread CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {d} | {c} | {b * 1000:.1f} | **{s:.3f}** | {f:.3f} |" for d, c, b, s, f in rows_e2e]
+    lines += [f"| {d} | {c} | {b * 1000:.1f} | **{s:.3f}** | {f:.3f} | {sc:.3f} | {fc:.3f} |"
+              for d, c, b, s, f, sc, fc in rows_e2e]
+    lines += ["", "Wall: what a user waits for per token. Decode-thread CPU: the CPU time of the thread running the "
+              "model alone (`time.thread_time`), insensitive to other processes on a shared machine; the worker and "
+              "consumer threads run beside it."]
     lines += [
         "",
         "Per layer and decode step: the capture's own work against one layer's share of the baseline step:",

@@ -153,15 +153,18 @@ def visual_row_features_from_lse(
         (B, H, K) float32 features.
     """
     batch, num_heads, _, dim = query.shape
-    num_kv = key.shape[1]
+    num_kv, groups = key.shape[1], num_heads // key.shape[1]
     visual_keys = _visual_keys(key, positions).float() if visual_keys is None else visual_keys  # (B, Hkv, Nv, D)
-    q = query[:, :, -1].float().reshape(batch, num_kv, num_heads // num_kv, dim)
-    scores = torch.matmul(q, visual_keys.transpose(-1, -2)).reshape(batch, num_heads, -1).mul_(scaling)
+    num_visual = visual_keys.shape[2]
+    q = query[:, :, -1].float().mul_(scaling).reshape(batch * num_kv, groups, dim)
+    # One fused op: -lse + scale * q . k over the visual keys, per (sequence, KV head, query head of the group).
+    shift = logsumexp.float().neg().reshape(batch * num_kv, groups, 1)
+    scores = torch.baddbmm(shift, q, visual_keys.reshape(batch * num_kv, num_visual, dim).transpose(1, 2))
+    scores = scores.reshape(batch, num_heads, num_visual)
     mask = _visual_mask(attention_mask, positions, key.shape[2])
     if mask is not None:
         scores = scores + mask
-    probs = torch.exp(scores.sub_(logsumexp.reshape(batch, num_heads, 1).float()))
-    return torch.matmul(probs, pooling)
+    return torch.matmul(scores.exp_(), pooling)
 
 
 def _last_row_features(query, key, scaling, positions, pooling, attention_mask) -> torch.Tensor:
