@@ -2,13 +2,15 @@
 
 Prints the trace as it is generated and, after each finished reasoning step, its top
 regions (and whether the top region lands on the object the step talks about: the toy
-task knows the right answer). Then writes a self-contained HTML report and one overlay
-PNG per step.
+task knows the right answer). Then writes a self-contained HTML report (hf_vattr.viz: the same
+rendering as the notebook view and the web app), one overlay PNG per step, and the trace itself
+(``AttributionTrace.load("vattr_report/trace")`` brings it back in a notebook).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -60,7 +62,7 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
     from .estimator import LinearEstimator
     from .streamer import AttributionStreamer, SpanAttribution, TokenAttribution
     from .toy import evidence_for_step, load_toy_model, make_examples, prompt_messages, region_on_evidence
-    from .viz import describe_regions, render_html, save_overlays
+    from .viz import describe_regions, render_html, save_overlays, span_evidence
 
     start = time.perf_counter()
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
@@ -103,18 +105,21 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
                 print()
                 at_line_start = True
             label = f"step {event.index}" if event.section == "thinking" else "answer"
-            print(f"    -> {label}: top regions {describe_regions(streamer.regions, top_ids)}{verdict}",
+            evidence = span_evidence(event, streamer.trace)
+            note = "" if evidence == "grounded" else f" ({evidence} evidence)"
+            print(f"    -> {label}{note}: top regions {describe_regions(streamer.regions, top_ids)}{verdict}",
                   flush=True)
     thread.join()
     out = Path(out)
     png_dir = out.with_suffix("")
-    pngs = save_overlays(streamer.trace, images, png_dir)
-    render_html(streamer.trace, images, out, title="hf_vattr demo: toy thinking VLM", question=example.question,
+    pngs = save_overlays(streamer.trace, out_dir=png_dir, top=top)
+    render_html(streamer.trace, path=out, title="hf_vattr demo: toy thinking VLM", question=example.question,
                 top_k=top)
+    trace_dir = streamer.trace.save(png_dir / "trace")
     elapsed = time.perf_counter() - start
-    print(f"\nWrote {out} and {len(pngs)} overlay PNGs in {png_dir}/ ({elapsed:.1f} s). "
+    print(f"\nWrote {out}, {len(pngs)} overlay PNGs and the trace in {png_dir}/ ({elapsed:.1f} s). "
           f"Top region on the step's object for {sum(hits)}/{len(hits)} steps.")
-    return {"html": out, "pngs": pngs, "spans": len(streamer.trace.spans), "hits": hits, "seconds": elapsed,
+    return {"html": out, "pngs": pngs, "trace_dir": trace_dir, "spans": len(streamer.trace.spans), "hits": hits, "seconds": elapsed,
             "text": streamer.trace.text, "example": example, "trace": streamer.trace}
 
 
@@ -123,7 +128,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     if isinstance(args, argparse.Namespace):
         argv = list(getattr(args, "demo_args", []) or [])
     else:
-        argv = list(args or [])
+        argv = list(sys.argv[1:] if args is None else args)  # `python -m hf_vattr.demo --out x.html` too
     opts = _parser().parse_args(argv)
     run_demo(opts.seed, opts.index, opts.out, opts.top, opts.quiet)
     return 0

@@ -21,7 +21,7 @@ import html
 import io
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +29,27 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .regions import PromptRegions, RegionMap
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .events import AttributionTrace, SpanAttribution
+
+
+class SpanLike(Protocol):
+    """What the pictures need of a span (:class:`hf_vattr.events.SpanAttribution` has it). viz does not import
+    events, whose display methods import viz."""
+
+    index: int
+    text: str
+    section: str
+    sequence: int
+    region_scores: torch.Tensor
+
+    def top_regions(self, k: int = 3) -> list[int]: ...
+
+
+class TraceLike(Protocol):
+    """What the pictures need of a trace (:class:`hf_vattr.events.AttributionTrace` has it)."""
+
+    regions: PromptRegions | None
+    spans: Sequence[SpanLike]
+    images: list | None
 
 __all__ = [
     "describe_location",
@@ -48,6 +67,8 @@ __all__ = [
     "describe_regions",
     "save_overlays",
     "EVIDENCE_LEVELS",
+    "SpanLike",
+    "TraceLike",
     "WEAK_FRACTION",
     "SCORE_UNITS",
 ]
@@ -322,7 +343,7 @@ def step_overlay(regions: PromptRegions, images: Sequence[Any], scores: torch.Te
 # --------------------------------------------------------------------------- evidence strength
 
 
-def span_evidence(span: "SpanAttribution", trace: "AttributionTrace") -> str:
+def span_evidence(span: SpanLike, trace: TraceLike) -> str:
     """How much a span's region scores can be trusted as visual evidence: grounded, weak or indirect.
 
     Rule (simple on purpose, so a reader can check it):
@@ -371,7 +392,7 @@ def _step_colour(i: int, n: int) -> tuple[int, int, int]:
     return tuple(int(v) for v in c)
 
 
-def trajectory_plot(trace: "AttributionTrace", *, dims: int = 2, size: tuple[int, int] = (640, 300)) -> Image.Image:
+def trajectory_plot(trace: TraceLike, *, dims: int = 2, size: tuple[int, int] = (640, 300)) -> Image.Image:
     """The region-effect path over reasoning steps (paper fig. 7) and its concentration.
 
     Left: each step's region-score vector projected on its first ``dims`` (2 or 3) principal
@@ -509,7 +530,7 @@ def span_overlays(regions: PromptRegions, images: Sequence[Any], scores: torch.T
 # --------------------------------------------------------------------------- trace-level outputs
 
 
-def _trace_images(trace: "AttributionTrace", images: Sequence[Any] | None) -> list[Any]:
+def _trace_images(trace: TraceLike, images: Sequence[Any] | None) -> list[Any]:
     if images is None:
         images = getattr(trace, "images", None)
     if trace.regions is None:
@@ -519,7 +540,7 @@ def _trace_images(trace: "AttributionTrace", images: Sequence[Any] | None) -> li
     return list(images)
 
 
-def save_overlays(trace: "AttributionTrace", images: Sequence[Any] | None = None, out_dir: str | Path = ".",
+def save_overlays(trace: TraceLike, images: Sequence[Any] | None = None, out_dir: str | Path = ".",
                   prefix: str = "step", top: int = 3) -> list[Path]:
     """Write one PNG per span (``step_000.png``, ...) with :func:`step_overlay`; return their paths."""
     out_dir = Path(out_dir)
@@ -559,7 +580,7 @@ _EVIDENCE_NOTE = {
 }
 
 
-def span_row_html(span: "SpanAttribution", trace: "AttributionTrace", images: Sequence[Any] | None = None, *,
+def span_row_html(span: SpanLike, trace: TraceLike, images: Sequence[Any] | None = None, *,
                   top_k: int = 3) -> str:
     """One ``<tr>`` of the step table: index, section, text, evidence label, overlay, top regions in words.
     Rendered once per finished step (the live notebook view caches it)."""
@@ -588,7 +609,7 @@ def table_html(rows: Sequence[str], *, max_height: int = 300) -> str:
             f"<th>top regions (score)</th></tr>{body}</table></div>")
 
 
-def trace_table_html(trace: "AttributionTrace", images: Sequence[Any] | None = None, *, top_k: int = 3,
+def trace_table_html(trace: TraceLike, images: Sequence[Any] | None = None, *, top_k: int = 3,
                      max_height: int = 300) -> str:
     """The step table as an HTML fragment (inline CSS, PNGs as data URIs): one row per span with its
     text, evidence label, overlay and top regions in words. Used by the report and by Jupyter."""
@@ -598,7 +619,7 @@ def trace_table_html(trace: "AttributionTrace", images: Sequence[Any] | None = N
     return table_html(rows, max_height=max_height)
 
 
-def render_html(trace: "AttributionTrace", images: Sequence[Any] | None = None, path: str | Path | None = None, *,
+def render_html(trace: TraceLike, images: Sequence[Any] | None = None, path: str | Path | None = None, *,
                 title: str = "hf_vattr report", question: str | None = None, top_k: int = 3) -> str:
     """A self-contained HTML page (images inlined): the prompt image(s), how to read the pictures,
     the step table (:func:`trace_table_html`) and the trajectory plot. ``images`` default to

@@ -1,9 +1,13 @@
 """The README's main command, on the shipped toy model and estimator (offline, CPU)."""
 
+import torch
+
 from hf_vattr import LinearEstimator
+from hf_vattr.events import AttributionTrace
 from hf_vattr.cli import main
 from hf_vattr.demo import run_demo, toy_estimator_path
 from hf_vattr.toy import load_toy_model
+from hf_vattr.viz import render_html
 
 
 def test_shipped_estimator_fits_the_toy_model_and_records_its_metrics():
@@ -27,6 +31,16 @@ def test_demo_streams_and_writes_report(tmp_path, capsys):
     assert "http://" not in html and "https://" not in html  # self-contained
     assert summary["spans"] >= 2 and len(summary["pngs"]) == summary["spans"]
     assert all(p.exists() and p.stat().st_size > 0 for p in summary["pngs"])
+    # the report says how to read it and marks the answer span as indirect evidence
+    assert "predicted log-prob drop" in html and "indirect</span>" in html and "of the image" in html
+    assert "(indirect evidence)" in printed
+    # the saved trace comes back whole: the same report, rendered from the loaded trace alone
+    loaded = AttributionTrace.load(summary["trace_dir"])
+    trace = summary["trace"]
+    assert loaded.text == trace.text and [t.token_id for t in loaded.tokens] == [t.token_id for t in trace.tokens]
+    assert torch.equal(loaded.token_scores(), trace.token_scores())
+    assert render_html(loaded, question=summary["example"].question) == \
+        render_html(trace, question=summary["example"].question)
 
 
 def test_cli_demo_entry_point(tmp_path, capsys):
