@@ -123,3 +123,32 @@ def test_generation_unchanged_and_features_match_eager(family, dtype):
     else:
         relative = relative_error(got, ref)
         assert relative <= BF16_RELATIVE_BOUND, f"bfloat16 features deviate by {relative:.4f} of the largest value"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("route", ["weights", "full-row"])
+def test_other_routes_keep_generation_and_features(family, dtype, route, monkeypatch):
+    """The eager route (weights returned by the attention function) and the full-row fallback (any kernel
+    without a log-sum-exp) also leave generation bitwise unchanged and match the eager reference."""
+    import hf_vattr.capture as capture_module
+
+    base, proc = get_tiny(family)
+    model = copy.deepcopy(base).to(dtype)
+    if route == "weights":
+        model.set_attn_implementation("eager")
+    else:
+        monkeypatch.setattr(capture_module, "_sdpa_decode_with_lse", lambda *args: None)  # no LSE kernel
+    inputs32, inputs = _inputs(proc, dtype)
+    plain = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, keep_features=True)
+    tokens, output = _stream(streamer, **inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(output, plain)
+    assert streamer.capture.path == route
+    got = torch.stack([t.features for t in tokens]).float()
+    ref = _eager_features(family, inputs32, output, streamer)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    else:
+        assert relative_error(got, ref) <= BF16_RELATIVE_BOUND
+    assert not patched_attention_lookup() and not model._forward_hooks
