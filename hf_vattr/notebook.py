@@ -88,6 +88,12 @@ class LiveView:
         return table_html(self._rows)
 
     # ------------------------------------------------------------------ updates
+    def follow(self, trace: AttributionTrace) -> None:
+        """Switch to the streamer's current trace object (the streamer makes new ones when generation starts)."""
+        if trace is not self.trace:
+            self.trace = trace
+            self._rows, self._evidence, self._rows_shown = [], [], -1
+
     def update(self, force: bool = False, done: bool = False) -> bool:
         """Redraw if the throttle allows (or ``force``); returns whether it drew."""
         now = self.clock()
@@ -142,10 +148,15 @@ def live(streamer: Iterable[Any], *, sequence: int = 0, top: int = 3, interval: 
         for event in streamer:
             if isinstance(event, (TokenAttribution, SpanAttribution)) and event.sequence != sequence:
                 continue
-            if view.trace.regions is None:
-                view.trace = _trace_of(streamer, sequence)
+            view.follow(_trace_of(streamer, sequence))
             view.update()
-    finally:
-        view.trace = _trace_of(streamer, sequence)
-        view.update(force=True, done=True)
+    except BaseException:
+        view.follow(_trace_of(streamer, sequence))
+        try:  # show what was generated before the failure, but let the failure itself reach the cell
+            view.update(force=True, done=True)
+        except Exception:  # noqa: BLE001 - the original error matters more than a failed redraw
+            pass
+        raise
+    view.follow(_trace_of(streamer, sequence))
+    view.update(force=True, done=True)
     return view.trace

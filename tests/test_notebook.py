@@ -112,6 +112,21 @@ def test_live_skips_other_sequences_of_a_batch(shell):
     assert "finished steps appear here" in created[1]["data"]["text/html"]
 
 
+def test_live_reraises_a_generation_error_after_drawing_what_came(shell):
+    class Failing(FakeStreamer):
+        def __iter__(self):
+            for i, event in enumerate(super().__iter__()):
+                if i == 8:
+                    raise RuntimeError("generate raised in its thread")
+                yield event
+
+    streamer = Failing()
+    with pytest.raises(RuntimeError, match="generate raised"):
+        live(streamer, interval=10.0)
+    last = [o for o in shell.display_pub.outputs if o["update"]][-2]["data"]["text/html"]
+    assert "done: 8 tokens, 1 finished steps" in last
+
+
 def test_show_displays_html_in_a_kernel_and_prints_elsewhere(shell, capsys):
     streamer = FakeStreamer(n_steps=2)
     list(streamer)
