@@ -48,6 +48,8 @@ logger = logging.get_logger(__name__)
 __all__ = [
     "stored_metrics",
     "span_level_metrics",
+    "span_groups",
+    "breakdown_metrics",
     "EvalReport",
     "evaluate",
     "check_estimator",
@@ -94,19 +96,26 @@ def _table_lookup(loo: np.ndarray | None, masks: np.ndarray | None, subsets: np.
 
 
 def span_level_metrics(scores: Sequence[Any], examples: Sequence[ExampleRecord], ks: Sequence[int] = DEFAULT_KS,
-                       topk_effects: Sequence[Mapping[int, Any]] | None = None) -> dict[str, np.ndarray]:
+                       topk_effects: Sequence[Mapping[Any, Any]] | None = None) -> dict[str, np.ndarray]:
     """Per-span metric values of ``scores[e] (S_e, K_e)`` against the stored effects of ``examples[e]``.
 
     Returns arrays over all spans (``nan`` where undefined) for ``lds``, ``pearson``,
-    ``top{k}_drop``, and the pooled point lists ``loo_pred`` / ``loo_actual`` used for R^2.
-    ``topk_effects[e][k]`` (``(S_e,)``), when given, are measured top-k drops that replace
-    the table lookup.
+    ``top{k}_drop``, ``deletion_auc``, ``insertion_auc`` and ``all_drop`` (the span's drop with
+    every region ablated), and the pooled point lists ``loo_pred`` / ``loo_actual`` used for
+    R^2 with ``loo_span`` (index of each point's span among all spans).
+    ``topk_effects[e]``, when given, holds measured values of example ``e`` (``(S_e,)`` each) that
+    replace the table lookup: ``topk_effects[e][k]`` top-k drops, and ``"deletion_auc"``,
+    ``"insertion_auc"``, ``"all_drop"`` (which need real ablations: ``nan`` without them).
     """
     if len(scores) != len(examples):
         raise ValueError(f"got scores for {len(scores)} examples but {len(examples)} examples.")
-    out: dict[str, list] = {"lds": [], "pearson": [], "loo_pred": [], "loo_actual": []}
+    curve_keys = ("deletion_auc", "insertion_auc", "all_drop")
+    out: dict[str, list] = {"lds": [], "pearson": [], "loo_pred": [], "loo_actual": [], "loo_span": []}
     for k in ks:
         out[f"top{k}_drop"] = []
+    for key in curve_keys:
+        out[key] = []
+    span_index = 0
     for e, (sc, r) in enumerate(zip(scores, examples)):
         sc = _np(sc)
         if sc.shape != (r.num_spans, r.num_regions):
@@ -115,29 +124,39 @@ def span_level_metrics(scores: Sequence[Any], examples: Sequence[ExampleRecord],
         loo = _np(r.loo_effects)
         masks = r.subset_masks.numpy().astype(bool)
         subs = _np(r.subset_effects)
+        measured = topk_effects[e] if topk_effects is not None else {}
         for s in range(r.num_spans):
             out["lds"].append(M.lds(sc[s], masks, subs[s]) if masks.shape[0] >= 2 else float("nan"))
             out["pearson"].append(M.pearson(sc[s], loo[s]))
             out["loo_pred"].extend(sc[s].tolist())
             out["loo_actual"].extend(loo[s].tolist())
+            out["loo_span"].extend([span_index] * r.num_regions)
+            span_index += 1
             ablate = _table_lookup(loo[s], masks, subs[s])
             for k in ks:
                 kk = min(k, r.num_regions)
-                if topk_effects is not None and k in topk_effects[e]:
-                    out[f"top{k}_drop"].append(float(_np(topk_effects[e][k])[s]))
+                if k in measured:
+                    out[f"top{k}_drop"].append(float(_np(measured[k])[s]))
                     continue
                 try:
                     out[f"top{k}_drop"].append(M.topk_drop(sc[s], ablate, kk))
                 except KeyError:
                     out[f"top{k}_drop"].append(float("nan"))
-    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+            for key in curve_keys:
+                out[key].append(float(_np(measured[key])[s]) if key in measured else float("nan"))
+    return {k: np.asarray(v, dtype=np.int64 if k == "loo_span" else np.float64) for k, v in out.items()}
+
+
+#: Per-span metrics averaged over spans (mean, ``_sem``, ``_n``), in report order.
+_MEAN_METRICS = ("lds", "pearson", "deletion_auc", "insertion_auc")
+_POINT_KEYS = ("loo_pred", "loo_actual", "loo_span")
 
 
 def _aggregate(per_span: Mapping[str, np.ndarray], ks: Sequence[int]) -> dict[str, Any]:
     res: dict[str, Any] = {}
-    for name in ["lds", "pearson", *[f"top{k}_drop" for k in ks]]:
+    for name in ["lds", "pearson", *[f"top{k}_drop" for k in ks], "deletion_auc", "insertion_auc"]:
         vals = per_span.get(name)
-        if vals is None or vals.size == 0:
+        if vals is None or vals.size == 0 or (name in ("deletion_auc", "insertion_auc") and np.isnan(vals).all()):
             continue
         s = M.summarize(vals)
         res[name] = s["mean"]
@@ -148,18 +167,90 @@ def _aggregate(per_span: Mapping[str, np.ndarray], ks: Sequence[int]) -> dict[st
         res["r2"] = M.r2_score(pred, act)
         res["r2_calibrated"] = M.calibrated_r2(pred, act)
         res["pearson_pooled"] = M.pearson(pred, act)
-    res["num_spans"] = int(next(iter(per_span.values())).size) if per_span else 0
+    n = per_span.get("lds")
+    res["num_spans"] = int(n.size) if n is not None else 0
     return res
 
 
-def stored_metrics(scores: Sequence[Any], examples: Sequence[ExampleRecord], ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+def span_groups(examples: Sequence[ExampleRecord], num_groups: int = 5) -> dict[str, Any]:
+    """Per span (all spans of ``examples`` in order): its ``section`` and its example's length quintile.
+
+    Generation length is the number of generated tokens of the span's **example** (its whole
+    trace, ``record.num_generated``): examples that have spans are sorted by it and cut into
+    ``min(num_groups, n)`` equal-count groups (:func:`hf_vattr.metrics.length_quantile_groups`;
+    ties keep collection order), and every span of an example belongs to the example's group.
+    Returns ``section`` ``(N,)`` str, ``quintile`` ``(N,)`` int (0 = shortest), and
+    ``quintiles``: one dict per group with its ``q`` (1-based), ``min_tokens`` / ``max_tokens``,
+    ``examples`` and ``spans``.
+    """
+    with_spans = [r for r in examples if r.num_spans]
+    sections = np.array([str(sp.get("section") or "thinking") for r in examples for sp in r.spans], dtype=object)
+    if not with_spans:
+        return {"section": sections, "quintile": np.zeros(0, dtype=np.int64), "quintiles": []}
+    lengths = np.array([r.num_generated for r in with_spans], dtype=np.float64)
+    group = M.length_quantile_groups(lengths, num_groups)
+    quintile = np.concatenate([np.full(r.num_spans, g) for r, g in zip(with_spans, group)]).astype(np.int64)
+    info = []
+    for g in range(int(group.max()) + 1):
+        sel = group == g
+        info.append({"q": g + 1, "min_tokens": int(lengths[sel].min()), "max_tokens": int(lengths[sel].max()),
+                     "examples": int(sel.sum()), "spans": int(sum(r.num_spans for r, x in zip(with_spans, sel) if x))})
+    return {"section": sections, "quintile": quintile, "quintiles": info}
+
+
+def _subset(per_span: Mapping[str, np.ndarray], keep: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-span arrays of the spans where ``keep`` (bool over spans) holds, points included."""
+    out = {k: v[keep] for k, v in per_span.items() if k not in _POINT_KEYS}
+    if "loo_span" in per_span:
+        pts = keep[per_span["loo_span"]]
+        for k in _POINT_KEYS:
+            out[k] = per_span[k][pts]
+    return out
+
+
+def breakdown_metrics(per_span: Mapping[str, np.ndarray], groups: Mapping[str, Any],
+                      ks: Sequence[int]) -> dict[str, Any]:
+    """Section and length-quintile breakdowns of one method's :func:`span_level_metrics`.
+
+    * For each span section present (``thinking``, ``answer``): every metric of the main table
+      restricted to that section's spans, keyed with a ``_<section>`` suffix (``lds_answer``,
+      ``r2_thinking``, ``num_spans_answer`` ...).
+    * For each generation-length quintile ``q`` (:func:`span_groups`): raw and calibrated R^2 of
+      the pooled single-region points of its spans (``r2_q1`` .. ``r2_q5``,
+      ``r2_calibrated_q1`` ..).
+    """
+    res: dict[str, Any] = {}
+    sections = groups["section"]
+    for section in sorted(set(sections.tolist()), key=lambda x: (x != "thinking", x != "answer", x)):
+        sub = _aggregate(_subset(per_span, sections == section), ks)
+        res.update({f"{k}_{section}": v for k, v in sub.items()})
+    quint = groups["quintile"]
+    pred, act, span = per_span.get("loo_pred"), per_span.get("loo_actual"), per_span.get("loo_span")
+    if pred is not None and span is not None and quint.size and pred.size:
+        point_q = quint[span]
+        raw = M.r2_by_group(pred, act, point_q)
+        cal = M.r2_by_group(pred, act, point_q, calibrated=True)
+        for g in range(len(groups["quintiles"])):
+            res[f"r2_q{g + 1}"] = raw.get(g, float("nan"))
+            res[f"r2_calibrated_q{g + 1}"] = cal.get(g, float("nan"))
+    return res
+
+
+def stored_metrics(scores: Sequence[Any], examples: Sequence[ExampleRecord], ks: Sequence[int] = DEFAULT_KS,
+                   breakdown: bool = False) -> dict[str, Any]:
     """Metrics of ``scores`` against the ground truth *stored* with ``examples`` (no model needed).
 
     Keys: ``lds``, ``pearson`` (mean per-span), ``top{k}_drop`` (from the stored tables,
     ``top{k}_drop_n`` spans found), ``r2`` / ``r2_calibrated`` / ``pearson_pooled`` (pooled
     LOO points), each mean with ``_sem`` and ``_n``; ``nan`` is reported as missing.
+    ``breakdown=True`` adds the per-section and per-length-quintile keys of
+    :func:`breakdown_metrics`. Deletion / insertion AUCs need real ablations (:func:`evaluate`
+    with a model) and are absent here.
     """
-    res = _aggregate(span_level_metrics(scores, examples, ks), ks)
+    per = span_level_metrics(scores, examples, ks)
+    res = _aggregate(per, ks)
+    if breakdown:
+        res.update(breakdown_metrics(per, span_groups(examples), ks))
     return {k: _nan_to_none(v) for k, v in res.items()}
 
 
@@ -178,7 +269,11 @@ class EvalReport:
     per_span: dict[str, dict[str, list]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
-    COLUMNS = ("lds", "top1_drop", "top3_drop", "top5_drop", "r2", "r2_calibrated", "pearson", "time_per_span_ms")
+    COLUMNS = ("lds", "top1_drop", "top3_drop", "top5_drop", "deletion_auc", "insertion_auc", "r2", "r2_calibrated",
+               "pearson", "time_per_span_ms")
+    #: Columns of the per-section table (each metric restricted to one span section).
+    SECTION_COLUMNS = ("num_spans", "lds", "pearson", "r2", "r2_calibrated", "top1_drop", "top3_drop", "top5_drop",
+                       "deletion_auc", "insertion_auc")
 
     def columns(self) -> list[str]:
         cols = [c for c in self.COLUMNS if any(r.get(c) is not None for r in self.rows.values())]
@@ -186,8 +281,64 @@ class EvalReport:
                  and c not in cols]
         for c in extra:
             if c not in cols:
-                cols.insert(cols.index("r2") if "r2" in cols else len(cols), c)
+                cols.insert(cols.index("deletion_auc") if "deletion_auc" in cols else
+                            cols.index("r2") if "r2" in cols else len(cols), c)
         return cols
+
+    def sections(self) -> list[str]:
+        """Span sections with per-section metrics in the rows (``thinking`` first, then ``answer``)."""
+        found = {c.rsplit("_", 1)[1] for r in self.rows.values() for c in r
+                 if c.startswith("num_spans_")}
+        return sorted(found, key=lambda x: (x != "thinking", x != "answer", x))
+
+    @staticmethod
+    def _cell(row: Mapping[str, Any], c: str, digits: int, sem: bool = True) -> str:
+        v = row.get(c)
+        if v is None:
+            return "n/a"
+        if c == "time_per_span_ms":
+            return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+        if c.startswith("num_spans"):
+            return str(int(v))
+        err = row.get(f"{c}_sem") if sem and not c.startswith("r2") else None
+        return f"{v:.{digits}f}" + (f" ± {err:.{digits}f}" if err is not None else "")
+
+    def section_markdown(self, digits: int = 3) -> str:
+        """Methods x span sections: the main metrics on thinking steps and on answer spans separately."""
+        sections = self.sections()
+        if not sections:
+            return ""
+        cols = [c for c in self.SECTION_COLUMNS
+                if any(r.get(f"{c}_{sec}") is not None for r in self.rows.values() for sec in sections)]
+        cols += [c for c in self.columns() if c.startswith("top") and c.endswith("_drop") and c not in cols
+                 and any(r.get(f"{c}_{sec}") is not None for r in self.rows.values() for sec in sections)]
+        lines = ["| Method | Section | " + " | ".join(M.metric_label(c) for c in cols) + " |",
+                 "|---|---|" + "|".join("---:" for _ in cols) + "|"]
+        for name, row in self.rows.items():
+            for sec in sections:
+                if row.get(f"num_spans_{sec}") is None:
+                    continue
+                sub = {k[: -len(sec) - 1]: v for k, v in row.items() if k.endswith("_" + sec)}
+                lines.append(f"| {name} | {sec} | " + " | ".join(self._cell(sub, c, digits) for c in cols) + " |")
+        return "\n".join(lines)
+
+    def quintile_markdown(self, digits: int = 3) -> str:
+        """Methods x generation-length quintiles: raw R^2 (calibrated in brackets) per quintile."""
+        groups = self.info.get("length_quintiles") or []
+        if not groups or not any(r.get("r2_q1") is not None or r.get("r2_calibrated_q1") is not None
+                                 for r in self.rows.values()):
+            return ""
+        head = " | ".join(f"Q{g['q']} ({g['min_tokens']}-{g['max_tokens']} tok, {g['spans']} spans)" for g in groups)
+        lines = [f"| Method | {head} |", "|---|" + "|".join("---:" for _ in groups) + "|"]
+
+        def fmt(v: Any) -> str:
+            return "n/a" if v is None else f"{v:.{digits}f}"
+
+        for name, row in self.rows.items():
+            cells = [f"{fmt(row.get('r2_q%d' % g['q']))} ({fmt(row.get('r2_calibrated_q%d' % g['q']))})"
+                     for g in groups]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
 
     def to_markdown(self, digits: int = 3) -> str:
         cols = self.columns()
@@ -195,18 +346,7 @@ class EvalReport:
         sep = "|---|" + "|".join("---:" for _ in cols) + "|"
         lines = [head, sep]
         for name, row in self.rows.items():
-            cells = []
-            for c in cols:
-                v = row.get(c)
-                if v is None:
-                    cells.append("n/a")
-                elif c == "time_per_span_ms":
-                    cells.append(f"{v:.3g}" if v < 100 else f"{v:.0f}")
-                else:
-                    sem = row.get(f"{c}_sem")
-                    cells.append(f"{v:.{digits}f}" + (f" ± {sem:.{digits}f}" if sem is not None and c != "r2"
-                                                      and c != "r2_calibrated" else ""))
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | " + " | ".join(self._cell(row, c, digits) for c in cols) + " |")
         notes = []
         if self.info:
             n = self.info.get("num_examples")
@@ -215,9 +355,21 @@ class EvalReport:
                                                        if self.info.get("k_min") is not None else ""))
             if self.info.get("topk_source"):
                 notes.append(f"top-k drop: {self.info['topk_source']}")
+            auc = self.info.get("auc")
+            if auc and "deletion_auc" in cols:
+                notes.append("deletion / insertion AUC: real ablations at "
+                             + (f"{auc['points']} steps" if auc.get("points") else "every region")
+                             + f", normalised by the all-regions drop (spans below {auc['min_effect']:g} nats left out)")
         if notes:
             lines.append("")
             lines.append("_" + "; ".join(notes) + "; ± is the standard error over spans._")
+        section = self.section_markdown(digits)
+        if section:
+            lines += ["", "**By span section**", "", section]
+        quint = self.quintile_markdown(digits)
+        if quint:
+            lines += ["", "**R^2 by generation-length quintile** (raw; calibrated in brackets; quintiles of the "
+                          "examples by generated tokens, each span in its example's quintile)", "", quint]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -302,46 +454,64 @@ def check_estimator(estimator: Any, records: Sequence[ExampleRecord]) -> None:
 
 def _measured_topk(record: ExampleRecord, model: Any, inputs: Mapping[str, Any],
                    all_scores: Mapping[str, torch.Tensor], ks: Sequence[int], batch_size: int,
-                   method: str) -> dict[str, dict[int, np.ndarray]]:
-    """Real top-k drops for every method: one ablation engine per example, unique masks batched."""
+                   method: str, auc_points: int | None = 0,
+                   min_total: float = M.MIN_TOTAL_EFFECT) -> dict[str, dict[Any, np.ndarray]]:
+    """Real ablations for every method: top-k drops and (``auc_points != 0``) deletion / insertion AUCs.
+
+    One ablation engine per example; every distinct mask of every method and span (top-k sets,
+    deletion and insertion steps, all regions) is measured once, batched, for all spans at once.
+    Returns ``{method: {k: (S,) drops, "deletion_auc": (S,), "insertion_auc": (S,), "all_drop": (S,)}}``.
+    """
     from .ablation import AblationEngine
 
     k_regions = record.num_regions
     keys: dict[bytes, int] = {}
     rows: list[np.ndarray] = []
-    where: dict[str, dict[int, list[int]]] = {}
-    for name, sc in all_scores.items():
-        sc = M.as_array(sc)
-        where[name] = {}
-        for k in ks:
-            kk = min(k, k_regions)
-            idx = []
-            for s in range(sc.shape[0]):
-                mask = M.topk_mask(sc[s], kk)
-                key = np.packbits(mask).tobytes()
-                if key not in keys:
-                    keys[key] = len(rows)
-                    rows.append(mask)
-                idx.append(keys[key])
-            where[name][k] = idx
+
+    def add(mask: np.ndarray) -> None:
+        key = np.packbits(mask).tobytes()
+        if key not in keys and mask.any():  # the empty mask is the unablated run: drop 0 by definition
+            keys[key] = len(rows)
+            rows.append(mask)
+
+    curves = auc_points is None or auc_points > 0
+    arrays = {name: M.as_array(sc) for name, sc in all_scores.items()}
+    for sc in arrays.values():
+        for s in range(sc.shape[0]):
+            for k in ks:
+                add(M.topk_mask(sc[s], min(k, k_regions)))
+            if curves:
+                for mask in (*M.deletion_masks(sc[s], auc_points), *M.insertion_masks(sc[s], auc_points)):
+                    add(mask)
     if not rows:
         return {}
     spans = record.span_ranges
     engine = AblationEngine(model, inputs, record.sequence[None], record.prompt_regions(),
                             max_generated=max(b for _, b in spans))
     eff = engine.span_effects(spans, torch.as_tensor(np.stack(rows)), batch_size=batch_size,
-                              method=method).numpy()  # (U, S)
-    out: dict[str, dict[int, np.ndarray]] = {}
-    for name in all_scores:
-        out[name] = {}
-        for k in ks:
-            idx = where[name][k]
-            drops = np.empty(len(idx))
-            for s, u in enumerate(idx):
-                # through metrics.topk_drop so the definition stays in one place
-                sc_s = M.as_array(all_scores[name])[s]
-                drops[s] = M.topk_drop(sc_s, lambda _mask, u=u, s=s: eff[u, s], min(k, k_regions))
-            out[name][k] = drops
+                              method=method).numpy().astype(np.float64)  # (U, S)
+
+    def lookup(s: int) -> Callable[[np.ndarray], float]:
+        def ablate(mask: np.ndarray) -> float:
+            return 0.0 if not mask.any() else eff[keys[np.packbits(mask).tobytes()], s]
+        return ablate
+
+    out: dict[str, dict[Any, np.ndarray]] = {}
+    for name, sc in arrays.items():
+        res: dict[Any, np.ndarray] = {k: np.empty(sc.shape[0]) for k in ks}
+        if curves:
+            for key in ("deletion_auc", "insertion_auc", "all_drop"):
+                res[key] = np.empty(sc.shape[0])
+        for s in range(sc.shape[0]):
+            ablate = lookup(s)
+            # through the metrics module so each definition stays in one place
+            for k in ks:
+                res[k][s] = M.topk_drop(sc[s], ablate, min(k, k_regions))
+            if curves:
+                res["deletion_auc"][s] = M.deletion_auc(sc[s], ablate, auc_points, min_total)
+                res["insertion_auc"][s] = M.insertion_auc(sc[s], ablate, auc_points, min_total)
+                res["all_drop"][s] = ablate(np.ones(k_regions, dtype=bool))
+        out[name] = res
     return out
 
 
@@ -358,6 +528,9 @@ def evaluate(
     inputs_fn: Callable[[Any], Mapping] | None = None,
     progress: bool = True,
     keep_scores: bool = False,
+    auc_points: int | None = M.DEFAULT_CURVE_POINTS,
+    auc_min_effect: float = M.MIN_TOTAL_EFFECT,
+    length_groups: int = 5,
 ) -> EvalReport:
     """Run every method over ``records`` and score it; returns an :class:`EvalReport`.
 
@@ -378,6 +551,15 @@ def evaluate(
         inputs_fn: ``inputs_fn(record) -> processor outputs`` of the record's prompt (records do not
             store pixels); needed by the methods that run the model.
         keep_scores: also return every method's ``(S, K)`` scores in ``report.info["scores"]``.
+        auc_points: steps along the deletion / insertion curves, measured with real ablations
+            whenever top-k drops are (:func:`hf_vattr.metrics.curve_steps`: ``round(i*K/auc_points)``
+            regions for ``i = 0..auc_points``; ``None`` or ``>= K``: every region, the full curve;
+            ``0``: no curves).
+        auc_min_effect: spans whose drop with every region ablated is below this (nats) get no AUC.
+        length_groups: number of generation-length groups for ``r2_q*`` (5: quintiles).
+
+    Every row also carries the per-section metrics (``lds_thinking``, ``pearson_answer`` ...) and
+    R^2 by generation-length quintile (``r2_q1`` ..) of :func:`breakdown_metrics`.
     """
     from .baselines import AttributionMethod, EstimatorMethod
 
@@ -440,7 +622,8 @@ def evaluate(
         if do_measure:
             if model is None or inputs is None or rec.regions is None:
                 raise ValueError("topk='measure' needs the model, inputs_fn and records with their regions.")
-            got = _measured_topk(rec, model, inputs, per_example, ks, batch_size, method)
+            got = _measured_topk(rec, model, inputs, per_example, ks, batch_size, method, auc_points,
+                                 auc_min_effect)
             measured_any = True
             for m in runnable:
                 measured[m.name].append(got.get(m.name, {}))
@@ -449,16 +632,20 @@ def evaluate(
                 measured[m.name].append({})
     if measured_any:
         topk_source = "measured (real ablation of the top-k regions)"
+    curves = measured_any and (auc_points is None or auc_points > 0)
 
     total_spans = sum(r.num_spans for r in records)
     rows: dict[str, dict[str, Any]] = {}
     per_span_out: dict[str, dict[str, list]] = {}
+    groups = span_groups(records, length_groups)
     for m in runnable:
         per = span_level_metrics(scores[m.name], records, ks, topk_effects=measured[m.name])
         agg = _aggregate(per, ks)
         agg["time_per_span_ms"] = 1000.0 * seconds[m.name] / max(total_spans, 1)
+        agg.update(breakdown_metrics(per, groups, ks))
         rows[m.name] = {k: _nan_to_none(v) for k, v in agg.items()}
-        per_span_out[m.name] = {k: v.tolist() for k, v in per.items() if k not in ("loo_pred", "loo_actual")}
+        per_span_out[m.name] = {k: v.tolist() for k, v in per.items() if k not in _POINT_KEYS
+                                and not (k in ("deletion_auc", "insertion_auc", "all_drop") and not curves)}
     ks_all = [r.num_regions for r in records]
     info = {
         "num_examples": len(records),
@@ -468,6 +655,12 @@ def evaluate(
         "masks_per_example": sorted({r.num_subsets for r in records}),
         "ks": list(ks),
         "topk_source": topk_source,
+        "auc": ({"points": auc_points, "min_effect": auc_min_effect,
+                 "steps": "round(i*K/points) regions, i = 0..points" if auc_points is not None else "every region"}
+                if curves else None),
+        "length_quintiles": groups["quintiles"],
+        "sections": {sec: int((groups["section"] == sec).sum()) for sec in sorted(set(groups["section"].tolist()),
+                                                                                  reverse=True)},
         "methods": [m.name for m in runnable],
         "skipped_methods": [m.name for m in methods if m not in runnable],
         "example_ids": [str(r.example_id) for r in records],

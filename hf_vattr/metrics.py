@@ -48,6 +48,18 @@ __all__ = [
     "r2_score",
     "calibrated_r2",
     "summarize",
+    "curve_steps",
+    "deletion_masks",
+    "insertion_masks",
+    "deletion_curve",
+    "insertion_curve",
+    "curve_auc",
+    "deletion_auc",
+    "insertion_auc",
+    "DEFAULT_CURVE_POINTS",
+    "MIN_TOTAL_EFFECT",
+    "length_quantile_groups",
+    "r2_by_group",
     "METRICS",
     "metric_label",
     "metric_meaning",
@@ -311,10 +323,201 @@ def ablation_from_table(masks: Any, effects: Any) -> Callable[[np.ndarray], floa
     return ablate
 
 
+# --------------------------------------------------------------------------- deletion / insertion AUC
+
+#: Default number of steps along a deletion / insertion curve (``None`` = every region, i.e. K steps).
+DEFAULT_CURVE_POINTS = 8
+#: Spans whose all-regions drop ``E`` is below this (nats) have no normalised curve (``nan``).
+MIN_TOTAL_EFFECT = 1e-2
+
+
+def curve_steps(num_regions: int, points: int | None = DEFAULT_CURVE_POINTS) -> np.ndarray:
+    """Region counts ``j`` at which a deletion / insertion curve is measured, ``0 .. K`` increasing.
+
+    ``points=None`` (or ``points >= K``): every ``j = 0, 1, ..., K`` (the full curve). Otherwise the
+    ``points + 1`` evenly spaced fractions ``0, 1/points, ..., 1`` of the K regions, each rounded to
+    the nearest whole region (``round(i * K / points)``, duplicates dropped). ``0`` and ``K`` are
+    always included.
+    """
+    if isinstance(num_regions, bool) or not isinstance(num_regions, (int, np.integer)) or num_regions < 1:
+        raise ValueError(f"num_regions must be a positive integer; got {num_regions!r}.")
+    k = int(num_regions)
+    if points is None or points >= k:
+        return np.arange(k + 1)
+    if isinstance(points, bool) or not isinstance(points, (int, np.integer)) or points < 1:
+        raise ValueError(f"points must be a positive integer or None (full curve); got {points!r}.")
+    return np.unique(np.round(np.linspace(0, k, int(points) + 1)).astype(int))
+
+
+def _order(scores: Any) -> np.ndarray:
+    """Regions by decreasing score, ties to the lower index (the order of :func:`topk_regions`)."""
+    return np.argsort(-_vector(scores, "scores"), kind="stable")
+
+
+def deletion_masks(scores: Any, points: int | None = DEFAULT_CURVE_POINTS) -> np.ndarray:
+    """``(P, K)`` bool ablation masks of a deletion curve: row ``i`` ablates the ``j_i`` top-scored regions.
+
+    ``j_i`` are :func:`curve_steps`; the first row (``j = 0``) ablates nothing, the last all regions.
+    """
+    order = _order(scores)
+    steps = curve_steps(order.size, points)
+    masks = np.zeros((steps.size, order.size), dtype=bool)
+    for i, j in enumerate(steps):
+        masks[i, order[:j]] = True
+    return masks
+
+
+def insertion_masks(scores: Any, points: int | None = DEFAULT_CURVE_POINTS) -> np.ndarray:
+    """``(P, K)`` bool ablation masks of an insertion curve: row ``i`` keeps (restores) only the ``j_i``
+    top-scored regions and ablates the rest; the first row ablates every region, the last none."""
+    order = _order(scores)
+    steps = curve_steps(order.size, points)
+    masks = np.ones((steps.size, order.size), dtype=bool)
+    for i, j in enumerate(steps):
+        masks[i, order[:j]] = False
+    return masks
+
+
+def _call_ablate(ablate: Callable[[np.ndarray], float], mask: np.ndarray) -> float:
+    drop = ablate(mask.copy())
+    try:
+        value = float(np.asarray(as_array(drop)).item())
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"ablate must return one number (the log-prob drop); got {drop!r}.") from e
+    if not np.isfinite(value):
+        raise ValueError(f"ablate returned {value} for mask {mask.astype(int).tolist()}; expected a finite drop.")
+    return value
+
+
+def deletion_curve(scores: Any, ablate: Callable[[np.ndarray], float],
+                   points: int | None = DEFAULT_CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Deletion curve of one span: ``(fractions, drops)``, both ``(P,)``.
+
+    ``drops[i] = D(j_i)``: the span's log-prob drop when its ``j_i`` top-scored regions are ablated
+    together (``j_i`` from :func:`curve_steps`, ``fractions = j / K``). ``D(0) = 0`` by definition
+    (``ablate`` is not called for the empty mask); ``D(K) = E`` is the drop with every region ablated.
+    ``ablate(mask) -> drop`` as in :func:`topk_drop` (True = ablated).
+    """
+    masks = deletion_masks(scores, points)
+    k = masks.shape[1]
+    drops = np.array([0.0 if not m.any() else _call_ablate(ablate, m) for m in masks])
+    return masks.sum(1) / k, drops
+
+
+def insertion_curve(scores: Any, ablate: Callable[[np.ndarray], float],
+                    points: int | None = DEFAULT_CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """Insertion curve of one span: ``(fractions, recovered)``, both ``(P,)``.
+
+    Start from every region ablated and restore regions in score order: ``recovered[i] = I(j_i) =
+    E - drop(ablate all but the j_i top-scored regions)``, the log-prob the span gets back when only
+    those ``j_i`` regions are visible, with ``E = drop(ablate all)``. ``I(0) = 0``, ``I(K) = E``
+    (``ablate`` is not called for the empty mask).
+    """
+    masks = insertion_masks(scores, points)
+    k = masks.shape[1]
+    total = _call_ablate(ablate, np.ones(k, dtype=bool))
+    rec = np.array([total - (0.0 if not m.any() else (total if m.all() else _call_ablate(ablate, m)))
+                    for m in masks])
+    return (~masks).sum(1) / k, rec
+
+
+def curve_auc(fractions: Any, values: Any, total: float, min_total: float = MIN_TOTAL_EFFECT) -> float:
+    """Area under ``values / total`` over ``fractions`` in [0, 1] (trapezoid rule).
+
+    ``total`` is the normaliser (the all-regions drop ``E``); the result is ``nan`` when
+    ``total < min_total`` (a span that barely depends on the image, or is helped by removing it,
+    has no meaningful order). The normalised curve runs from 0 to 1 and may leave [0, 1] when
+    effects are not monotone in the ablated set.
+    """
+    x, y = _vector(fractions, "fractions"), _vector(values, "values")
+    _same_length(x, y, "fractions", "values")
+    if x[0] != 0.0 or x[-1] != 1.0 or np.any(np.diff(x) <= 0):
+        raise ValueError("fractions must increase from 0 to 1.")
+    if not np.isfinite(total) or total < min_total:
+        return float("nan")
+    y = y / total
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
+
+
+def deletion_auc(scores: Any, ablate: Callable[[np.ndarray], float], points: int | None = DEFAULT_CURVE_POINTS,
+                 min_total: float = MIN_TOTAL_EFFECT) -> float:
+    """Normalised deletion AUC of one span; **higher is more faithful**.
+
+    Remove regions in decreasing score order; the curve is the span's log-prob drop ``D(j)``
+    after ``j`` regions are ablated, divided by ``E = D(K)`` (every region ablated), over the
+    fraction ``j / K`` of regions removed; AUC by the trapezoid rule on :func:`curve_steps`.
+    A method that puts the regions the span needs first makes the drop rise early (AUC near
+    ``1 - 1/(2K)`` when one region carries everything); random order gives 0.5 in expectation
+    when effects add up. ``nan`` when ``E < min_total`` nats. ``E`` does not depend on the
+    method, so every method is normalised by the same number on a span.
+
+    (Unlike RISE-style "deletion" curves of the remaining probability, where lower is better,
+    this curve is the drop, so higher is better.)
+    """
+    fractions, drops = deletion_curve(scores, ablate, points)
+    return curve_auc(fractions, drops, drops[-1], min_total)
+
+
+def insertion_auc(scores: Any, ablate: Callable[[np.ndarray], float], points: int | None = DEFAULT_CURVE_POINTS,
+                  min_total: float = MIN_TOTAL_EFFECT) -> float:
+    """Normalised insertion AUC of one span; **higher is more faithful**.
+
+    Start from every region ablated and restore regions in decreasing score order; the curve is
+    the log-prob recovered ``I(j) = E - drop(all but the top j ablated)``, divided by ``E``, over
+    the fraction ``j / K`` restored; trapezoid AUC on :func:`curve_steps`. ``nan`` when
+    ``E < min_total`` nats. Differs from :func:`deletion_auc` when regions interact: two regions
+    that each show the same evidence score low on deletion (removing one changes nothing) and
+    high on insertion (restoring one brings the evidence back).
+    """
+    fractions, rec = insertion_curve(scores, ablate, points)
+    return curve_auc(fractions, rec, rec[-1], min_total)
+
+
+# --------------------------------------------------------------------------- R^2 by length
+
+
+def length_quantile_groups(lengths: Any, num_groups: int = 5) -> np.ndarray:
+    """Group index ``0 .. G-1`` of each item by increasing length, equal counts (quintiles for G = 5).
+
+    Items are sorted by length (ties keep their input order) and cut into ``G = min(num_groups,
+    n)`` consecutive groups whose sizes differ by at most one (``np.array_split``), so every group
+    is populated even when many lengths tie; group 0 holds the shortest items.
+    """
+    v = _vector(lengths, "lengths")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive integer; got {num_groups!r}.")
+    g = min(int(num_groups), v.size)
+    out = np.empty(v.size, dtype=np.int64)
+    for i, idx in enumerate(np.array_split(np.argsort(v, kind="stable"), g)):
+        out[idx] = i
+    return out
+
+
+def r2_by_group(predicted: Any, actual: Any, groups: Any, *, calibrated: bool = False) -> dict[int, float]:
+    """R^2 of ``predicted`` for ``actual`` within each group: ``{group: r2}`` in increasing group order.
+
+    Raw :func:`r2_score` (or :func:`calibrated_r2` with ``calibrated=True``) of the points whose
+    ``groups`` entry equals the group; ``nan`` for a group with fewer than two points or constant
+    ``actual``.
+    """
+    p, a = _vector(predicted, "predicted"), _vector(actual, "actual")
+    _same_length(p, a, "predicted", "actual")
+    g = np.asarray(groups)
+    if g.shape != p.shape:
+        raise ValueError(f"groups must have one entry per point ({p.size}); got shape {g.shape}.")
+    fn = calibrated_r2 if calibrated else r2_score
+    out: dict[int, float] = {}
+    for key in sorted(np.unique(g).tolist()):
+        sel = g == key
+        out[int(key)] = fn(p[sel], a[sel]) if sel.sum() >= 2 else float("nan")
+    return out
+
+
 # --------------------------------------------------------------------------- glossary
 
 #: Every metric name that training and evaluation write, with a short label and its meaning.
-#: ``top{k}_drop`` stands for any k; ``test_`` / ``val_`` / ``train_`` prefixes and ``_sem`` /
+#: ``top{k}_drop`` stands for any k and ``r2_q{q}`` for any quintile; ``test_`` / ``val_`` / ``train_``
+#: prefixes, ``_thinking`` / ``_answer`` suffixes (the metric on one span section) and ``_sem`` /
 #: ``_n`` suffixes are resolved by :func:`metric_meaning`.
 METRICS: dict[str, tuple[str, str]] = {
     "lds": (
@@ -330,6 +533,28 @@ METRICS: dict[str, tuple[str, str]] = {
         "Top-{k} drop",
         "Log-prob drop of a span when its top-{k} regions by score are ablated together (nats; higher is more faithful)",
     ),
+    "deletion_auc": (
+        "Deletion AUC",
+        "Regions ablated one after another in decreasing score order (real ablations): area under the span's "
+        "log-prob drop, divided by its drop with every region ablated, over the fraction of regions removed; "
+        "mean over spans (0..1 when effects are monotone; random order about 0.5; higher is more faithful)",
+    ),
+    "insertion_auc": (
+        "Insertion AUC",
+        "From every region ablated, regions restored in decreasing score order (real ablations): area under "
+        "the log-prob recovered, divided by the drop with every region ablated, over the fraction of regions "
+        "restored; mean over spans (random order about 0.5; higher is more faithful)",
+    ),
+    "r2_q{q}": (
+        "R^2 Q{q}",
+        "R^2 (raw, pooled single-region points) on the spans of the examples in generation-length quintile {q} "
+        "(1 = shortest fifth of the traces by generated tokens)",
+    ),
+    "r2_calibrated_q{q}": (
+        "R^2 (cal.) Q{q}",
+        "Calibrated R^2 (pooled Pearson^2) on the spans of the examples in generation-length quintile {q} "
+        "(1 = shortest fifth of the traces by generated tokens)",
+    ),
     "pointing": ("Pointing", "Fraction of steps whose top-1 region is on the object the step is about (toy task)"),
     "time_per_span_ms": ("Time / span (ms)", "Wall time to attribute one span, in milliseconds"),
     "num_spans": ("Spans", "Number of spans the metrics were computed on"),
@@ -340,14 +565,23 @@ METRICS: dict[str, tuple[str, str]] = {
 _SPLITS = {"test": "test examples", "val": "held-out validation examples", "train": "training examples"}
 
 
+#: Span sections a metric name can be restricted to with a ``_<section>`` suffix (``lds_answer``).
+SECTIONS = {"thinking": "thinking (reasoning) spans only", "answer": "answer spans only"}
+
+
 def _lookup(name: str) -> tuple[str, str] | None:
-    """(label, meaning) of a plain metric name, ``top{k}_drop`` filled in for its k."""
-    match = re.fullmatch(r"top(\d+)_drop", name)
-    key = "top{k}_drop" if match else name
-    if key not in METRICS:
+    """(label, meaning) of a plain metric name: ``top{k}_drop`` / ``r2_q{q}`` filled in, ``_<section>`` resolved."""
+    for section, what in SECTIONS.items():
+        if name.endswith("_" + section) and (found := _lookup(name[: -len(section) - 1])):
+            return f"{found[0]} ({section})", f"{found[1]}; on {what}"
+    for pattern, key, field in ((r"top(\d+)_drop", "top{k}_drop", "k"), (r"r2_q(\d+)", "r2_q{q}", "q"),
+                                (r"r2_calibrated_q(\d+)", "r2_calibrated_q{q}", "q")):
+        if match := re.fullmatch(pattern, name):
+            label, meaning = METRICS[key]
+            return label.format(**{field: match[1]}), meaning.format(**{field: match[1]})
+    if name not in METRICS:
         return None
-    label, meaning = METRICS[key]
-    return (label.format(k=match[1]), meaning.format(k=match[1])) if match else (label, meaning)
+    return METRICS[name]
 
 
 def metric_label(name: str) -> str:
@@ -359,8 +593,9 @@ def metric_label(name: str) -> str:
 def metric_meaning(name: str) -> str:
     """One-line meaning of a metric name as written by training / evaluation; ``""`` if unknown.
 
-    Understands ``top{k}_drop`` for any k, a ``test_`` / ``val_`` / ``train_`` prefix (the same
-    metric on that split) and a ``_sem`` / ``_n`` suffix (its standard error / span count).
+    Understands ``top{k}_drop`` for any k, ``r2_q{q}`` for any quintile, a ``_thinking`` /
+    ``_answer`` suffix (the metric on one span section), a ``test_`` / ``val_`` / ``train_`` prefix
+    (the same metric on that split) and a ``_sem`` / ``_n`` suffix (its standard error / span count).
     """
     for suffix, what in (("_sem", "Standard error (over spans) of: "), ("_n", "Spans with a defined value of: ")):
         if name.endswith(suffix) and _lookup(name[: -len(suffix)]):
