@@ -45,6 +45,7 @@ class LiveView:
         self._last = float("-inf")
         self._next_gap = self.interval
         self._started = clock()
+        self._seen = self._started
         self.current = display(HTML(self._current_html(done=False)), display_id=True)
         self.table = display(HTML(self._table_html()), display_id=True)
 
@@ -62,7 +63,7 @@ class LiveView:
         from .viz import _png_data_uri, step_overlay, trajectory_plot
 
         trace = self.trace
-        n, elapsed = len(trace.tokens), max(self.clock() - self._started, 1e-9)
+        n, elapsed = len(trace.tokens), max((self.clock() if not done else self._seen) - self._started, 1e-9)
         status = (f"{'done' if done else 'generating'}: {n} tokens, {len(trace.spans)} finished steps, "
                   f"{n / elapsed:.1f} tokens/s")
         picture = ""
@@ -97,6 +98,8 @@ class LiveView:
     def update(self, force: bool = False, done: bool = False) -> bool:
         """Redraw if the throttle allows (or ``force``); returns whether it drew."""
         now = self.clock()
+        if not done:
+            self._seen = now  # tokens/s counts generation time, not the final redraw
         if not force and now - self._last < self._next_gap:
             return False
         from .viz import span_evidence, span_row_html
