@@ -90,6 +90,7 @@ class Frame:
     overlay: "Image.Image | None" = None
     overlay_kind: str = "live"  # "live" (the step being written), "step" (a finished step), "pinned"
     overlay_step: int | None = None  # span index the overlay shows (for "live": the step being written)
+    overlay_title: str = ""  # the finished step's label, for the caption
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (region id, words, score)
     trajectory: "Image.Image | None" = None
     concentration: list[float] = field(default_factory=list)
@@ -361,9 +362,9 @@ class LiveApp:
     def _finished_picture(self, frame: Frame, trace: "AttributionTrace", images: list[Any], item: StepItem,
                           span: "SpanAttribution", kind: str = "step") -> None:
         head = "answer" if item.section == "answer" else f"step {item.index + 1}"
-        caption = f"{head}, pinned" if kind == "pinned" else head
-        frame.overlay = step_picture(trace, images, span.region_scores, evidence=item.evidence, caption=caption)
-        frame.overlay_kind, frame.overlay_step = kind, item.index
+        # the same picture whether shown live or pinned: the page's caption says which
+        frame.overlay = step_picture(trace, images, span.region_scores, evidence=item.evidence, caption=head)
+        frame.overlay_kind, frame.overlay_step, frame.overlay_title = kind, item.index, item.label
         frame.top = top_regions(trace.regions, span.region_scores)
 
     def pin(self, live: _Live, index: int | None) -> Frame | None:
@@ -424,10 +425,10 @@ class LiveApp:
                 with gr.Column(scale=2):
                     image = _unchecked_image(gr)(type="filepath", label="Image", sources=["upload"],
                                                  value=examples[0][0] if examples else None, elem_id="vattr-image",
-                                                 height=260)
+                                                 height=220)
                     question = gr.Textbox(label="Question", value=examples[0][1] if examples else "",
                                           elem_id="vattr-question")
-                    with gr.Accordion("Options", open=False):
+                    with gr.Accordion("Options", open=False, elem_id="vattr-options"):
                         estimator = gr.Textbox(label="Estimator (folder or Hub id; empty: raw attention)",
                                                value=self.estimator_ref, elem_id="vattr-estimator")
                         regions = gr.Textbox(label=f"Regions ({', '.join(REGION_METHODS)})", value=self.regions,
@@ -436,22 +437,20 @@ class LiveApp:
                                            elem_id="vattr-max-tokens")
                     run = gr.Button("Run", variant="primary", elem_id="vattr-run")
                     message = gr.HTML(_message("Ready."), elem_id="vattr-message")
-                    if examples:
-                        gr.Examples(examples, inputs=[image, question], label="Toy examples")
-                with gr.Column(scale=3):
-                    overlay = gr.HTML(_overlay_html(None), elem_id="vattr-overlay")
-                    where = gr.HTML("", elem_id="vattr-top")
-                    follow = gr.Button("Follow the live step", size="sm", elem_id="vattr-follow")
-            with gr.Row():
-                with gr.Column(scale=2):
-                    text = gr.Textbox(label="Reasoning (streaming)", lines=6, max_lines=14, interactive=False,
+                    text = gr.Textbox(label="Reasoning (streaming)", lines=5, max_lines=14, interactive=False,
                                       elem_id="vattr-text")
                     steps = gr.Radio(choices=[], label="Finished steps: click one to pin its heatmap",
                                      elem_id="vattr-steps")
                 with gr.Column(scale=3):
+                    overlay = gr.HTML(_overlay_html(None), elem_id="vattr-overlay")
+                    where = gr.HTML("", elem_id="vattr-top")
+                    follow = gr.Button("Follow the live step", size="sm", elem_id="vattr-follow")
                     trajectory = gr.Image(label="Trajectory: region-effect path and concentration over steps",
-                                          type="pil", format="png", interactive=False, elem_id="vattr-trajectory")
+                                          type="pil", format="png", interactive=False, elem_id="vattr-trajectory",
+                                          height=240)
                     trajectory_note = gr.HTML("", elem_id="vattr-concentration")
+            if examples:
+                gr.Examples(examples, inputs=[image, question], label="Toy examples (click one to load it)")
             outputs = [message, text, steps, overlay, where, trajectory, trajectory_note]
 
             def on_run(image_path: Any, question_text: str, estimator_ref: str, region_method: str,
@@ -484,8 +483,10 @@ class LiveApp:
                 self.pin(live, None)
                 return gr.update(value=None), _message("Following the live step.")
 
+            for handler in (on_run, on_pin, on_follow):  # Gradio finds gr.Request by its (resolved) annotation
+                handler.__annotations__["request"] = gr.Request
             run.click(on_run, [image, question, estimator, regions, budget], outputs, concurrency_limit=1,
-                      concurrency_id="generate")
+                      concurrency_id="generate", show_progress="minimal")
             steps.input(on_pin, [steps], [overlay, where])
             follow.click(on_follow, None, [steps, message])
         return demo
@@ -494,7 +495,7 @@ class LiveApp:
         """One frame as the page's outputs; unchanged parts are skipped so a click is not overwritten."""
         skip = gr.skip()
         status = (f"Done: {frame.tokens} tokens, {len(frame.steps)} steps in {frame.elapsed:.1f} s."
-                  if frame.done else f"Thinking... {frame.tokens} tokens, {len(frame.steps)} steps finished.")
+                  if frame.done else f"Thinking... {frame.tokens} tokens, {len(frame.steps)} finished step(s).")
         steps = skip
         if frame.steps_changed:
             pinned = live.pinned
@@ -545,7 +546,7 @@ _CSS = """
   border-radius: 6px; }
 #vattr-message .vattr-status { color: #555; padding: 4px 2px; }
 #vattr-overlay .vattr-cap { font-size: 0.9em; color: #444; margin-bottom: 4px; }
-#vattr-overlay img { max-width: 100%; image-rendering: pixelated; }
+#vattr-overlay img { max-width: 100%; max-height: 330px; height: auto; }
 #vattr-overlay .vattr-empty { color: #888; padding: 60px 10px; text-align: center; border: 1px dashed #ccc; }
 #vattr-top ol { margin: 4px 0 0 0; } #vattr-top .sw { display: inline-block; width: 10px; height: 10px;
   border: 1px solid #333; margin-right: 4px; vertical-align: middle; }
@@ -567,9 +568,9 @@ def _overlay_html(frame: Frame | None) -> str:
         caption = f"Step {frame.overlay_step + 1 if frame.overlay_step is not None else ''} being written " \
                   f"({frame.tokens} tokens so far)"
     elif frame.overlay_kind == "pinned":
-        caption = f"Pinned: finished step {step} (press 'Follow the live step' to unpin)"
+        caption = f"Pinned: {frame.overlay_title} (press 'Follow the live step' to unpin)"
     else:
-        caption = f"Finished step {step}"
+        caption = f"Just finished: {frame.overlay_title}"
     return (f"<div class='vattr-ov' data-kind='{frame.overlay_kind}' data-step='{step}'>"
             f"<div class='vattr-cap'>{html.escape(caption)}</div>"
             f"<img src='{_png_uri(frame.overlay)}' alt='attribution overlay'></div>")
