@@ -423,7 +423,7 @@ class LiveApp:
                         "would lower the step's log-probability.")
             with gr.Row():
                 with gr.Column(scale=2):
-                    image = _unchecked_image(gr)(type="filepath", label="Image", sources=["upload"],
+                    image = _unchecked_image(gr, type="filepath", label="Image", sources=["upload"],
                                                  value=examples[0][0] if examples else None, elem_id="vattr-image",
                                                  height=220)
                     question = gr.Textbox(label="Question", value=examples[0][1] if examples else "",
@@ -527,18 +527,20 @@ def _unknown_regions(method: str) -> str:
     return f"Unknown region method {method!r}; choose one of: {', '.join(REGION_METHODS)}."
 
 
-def _unchecked_image(gr: Any) -> type:
+def _unchecked_image(gr: Any, **kwargs: Any) -> Any:
     """``gr.Image`` that passes the uploaded file's path through unopened, so that :meth:`LiveApp.check_inputs`
-    (not Gradio's preprocessing) judges a corrupt upload and says so on the page."""
+    (not Gradio's preprocessing) judges a corrupt upload and says so on the page.
 
-    class UncheckedImage(gr.Image):
-        def get_block_name(self) -> str:  # the same front-end component as gr.Image
-            return "image"
+    The instance's ``preprocess`` is replaced rather than subclassing: a ``gr.Image`` subclass makes Gradio
+    write a ``.pyi`` stub next to this module, inside the installed package.
+    """
+    image = gr.Image(**kwargs)
 
-        def preprocess(self, payload: Any) -> str | None:
-            return None if payload is None else payload.path
+    def preprocess(payload: Any) -> str | None:
+        return None if payload is None else payload.path
 
-    return UncheckedImage
+    image.preprocess = preprocess
+    return image
 
 
 _CSS = """
