@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import html
-import inspect
 import io
 import tempfile
 import threading
@@ -115,13 +114,6 @@ def _png_uri(image: "Image.Image") -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _overlay_kwargs() -> set[str]:
-    """Keyword names :func:`hf_vattr.viz.step_overlay` takes (its evidence keyword was being renamed)."""
-    from . import viz
-
-    return set(inspect.signature(viz.step_overlay).parameters)
-
-
 def step_picture(trace: "AttributionTrace", images: Sequence[Any], scores: Any, *, evidence: str = "grounded",
                  caption: str | None = None, top: int = 3) -> "Image.Image":
     """One step's (or the running step's) overlay through :func:`hf_vattr.viz.step_overlay`.
@@ -130,15 +122,7 @@ def step_picture(trace: "AttributionTrace", images: Sequence[Any], scores: Any, 
     """
     from . import viz
 
-    names = _overlay_kwargs()
-    kwargs: dict[str, Any] = {"top": top}
-    if caption is not None and "caption" in names:
-        kwargs["caption"] = caption
-    if "evidence" in names:
-        kwargs["evidence"] = evidence
-    elif "muted" in names:
-        kwargs["muted"] = evidence != "grounded"
-    return viz.step_overlay(trace.regions, images, scores, **kwargs)
+    return viz.step_overlay(trace.regions, images, scores, top=top, caption=caption, evidence=evidence)
 
 
 def top_regions(regions: "PromptRegions", scores: Any, k: int = 3) -> list[tuple[int, str, float]]:
