@@ -245,7 +245,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise SystemExit("method 'estimator' needs --estimator DIR.")
         methods.append(make_method(n, estimator=estimator, **kwargs))
     report = evaluate(methods, records, model, processor, ks=tuple(args.ks), topk=args.topk,
-                      batch_size=args.batch_size, inputs_fn=inputs_fn, progress=not args.quiet)
+                      batch_size=args.batch_size, inputs_fn=inputs_fn, progress=not args.quiet,
+                      auc_points=args.auc_points)
     report.info.update(split=split, collection=str(collection), estimator=args.estimator)
     if args.trajectories:
         labels = correctness_labels(dataset, records)
@@ -488,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--topk", default="auto", choices=["auto", "measure", "table"],
                    help="top-K drops: measure (ablate with the model), table (from the collected ground truth), "
                         "auto (measure when a model is loaded)")
+    e.add_argument("--auc-points", type=int, default=8, metavar="N",
+                   help="deletion / insertion AUC: steps along each curve (round(i*K/N) regions, i = 0..N; "
+                        "N >= K: every region), measured with real ablations with the top-K drops; 0: skip")
     e.add_argument("--ig-steps", type=int, default=16, help="integrated-gradients interpolation steps")
     e.add_argument("--batch-size", type=int, default=16, help="ablation masks per forward pass")
     e.add_argument("--seed", type=int, default=0, help="seed of the random baseline")

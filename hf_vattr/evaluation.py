@@ -304,9 +304,12 @@ class EvalReport:
         return f"{v:.{digits}f}" + (f" ± {err:.{digits}f}" if err is not None else "")
 
     def section_markdown(self, digits: int = 3) -> str:
-        """Methods x span sections: the main metrics on thinking steps and on answer spans separately."""
+        """Methods x span sections: the main metrics on thinking steps and on answer spans separately.
+
+        Empty when the spans are all of one section (the main table then says the same).
+        """
         sections = self.sections()
-        if not sections:
+        if len(sections) < 2:  # one section: the main table already is that section
             return ""
         cols = [c for c in self.SECTION_COLUMNS
                 if any(r.get(f"{c}_{sec}") is not None for r in self.rows.values() for sec in sections)]

@@ -98,11 +98,12 @@ def test_offline_evaluate_ranks_methods_sensibly():
     assert again.to_markdown() == md
 
 
-def test_evaluate_with_model_measures_topk_and_runs_every_baseline():
+@pytest.fixture(scope="module")
+def tiny_glm_run():
+    """Two examples collected on the tiny GLM-4.1V (6 regions each), with the prompt rebuilder."""
     collection = pytest.importorskip("hf_vattr.collection")
     from conftest import get_tiny
 
-    from hf_vattr.baselines import GradientXInput, IntegratedGradients
     from hf_vattr.testing import example_image
 
     model, processor = get_tiny("glm4v")
@@ -115,10 +116,18 @@ def test_evaluate_with_model_measures_topk_and_runs_every_baseline():
     def inputs_fn(record):
         return collection._build_inputs(processor, [images[record.example_id]], "What colour is the circle?")
 
+    return model, processor, records, inputs_fn
+
+
+def test_evaluate_with_model_measures_topk_and_runs_every_baseline(tiny_glm_run):
+    from hf_vattr.baselines import GradientXInput, IntegratedGradients
+
+    model, processor, records, inputs_fn = tiny_glm_run
     L, H = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
     methods = [EstimatorMethod(LinearEstimator(L, H, model_type="glm4v")), RawAttention(), LeaveOneOut(),
                GradientXInput(), IntegratedGradients(steps=4), RandomScores()]
-    report = evaluate(methods, records, model, processor, inputs_fn=inputs_fn, ks=(1, 3), progress=False)
+    report = evaluate(methods, records, model, processor, inputs_fn=inputs_fn, ks=(1, 3), progress=False,
+                      auc_points=2)  # curves at 0, 3, 6 regions: every method through the measured-curve path
     rows = report.rows
     assert set(rows) == {"estimator", "raw_attention", "leave_one_out", "grad_x_input", "integrated_gradients",
                          "random"}
@@ -130,6 +139,7 @@ def test_evaluate_with_model_measures_topk_and_runs_every_baseline():
     assert rows["leave_one_out"]["top1_drop"] == pytest.approx(best, abs=1e-4)
     for name, row in rows.items():
         assert row["top3_drop"] is not None, name
+        assert np.isfinite(row["deletion_auc"]) and np.isfinite(row["insertion_auc"]), name
         assert row["time_per_span_ms"] > 0, name
     # measured top-1 drop agrees with the stored LOO table (same engine, same masks)
     table = evaluate([RawAttention()], records, progress=False, ks=(1,))
@@ -203,3 +213,136 @@ def test_evaluate_refuses_an_estimator_made_for_another_collection(field, estima
     kwargs.update(estimator_kwargs)
     with pytest.raises(ValueError, match=re.escape(message)):
         evaluate([EstimatorMethod(LinearEstimator(**kwargs))], records, progress=False)
+
+
+# ----------------------------------------------------------------------------- deletion / insertion AUC, breakdowns
+
+
+def test_deletion_insertion_auc_match_an_independent_ablation_on_a_tiny_model(tiny_glm_run):
+    """The AUC columns exist and are finite, and equal curves rebuilt by hand from the functional ablation API."""
+    from hf_vattr.ablation import span_effects
+
+    model, processor, records, inputs_fn = tiny_glm_run
+    report = evaluate([RawAttention(), RandomScores(seed=1)], records[:1], model, processor,
+                      inputs_fn=inputs_fn, ks=(1,), progress=False, auc_points=3, keep_scores=True)
+    for name, row in report.rows.items():
+        for col in ("deletion_auc", "insertion_auc", "r2_q1", "r2_calibrated_q1", "lds_thinking",
+                    "num_spans_thinking"):
+            assert row[col] is not None and np.isfinite(row[col]), (name, col)
+    assert report.info["auc"]["points"] == 3 and "deletion_auc" in report.columns()
+    assert report.info["length_quintiles"] == [{"q": 1, "min_tokens": records[0].num_generated,
+                                                "max_tokens": records[0].num_generated, "examples": 1,
+                                                "spans": records[0].num_spans}]
+    md = report.to_markdown()
+    assert "| Deletion AUC | Insertion AUC |" in md.splitlines()[0]
+    assert "R^2 by generation-length quintile" in md and "Q1 (" in md
+
+    # Independent reference: K = 6, points = 3 -> j = 0, 2, 4, 6; trapezoid over j / K of drop / E.
+    rec = records[0]
+    scores = np.asarray(report.info["scores"]["raw_attention"][0])
+    order = np.argsort(-scores[0], kind="stable")
+    j = np.array([0, 2, 4, 6])
+    delete = np.zeros((4, 6), dtype=bool)
+    restore = np.ones((4, 6), dtype=bool)
+    for i, n in enumerate(j):
+        delete[i, order[:n]] = True
+        restore[i, order[:n]] = False
+    inputs = inputs_fn(rec)
+    eff = span_effects(model, inputs, rec.sequence[None], rec.span_ranges[:1],
+                       torch.as_tensor(np.concatenate([delete, restore])), rec.prompt_regions()).double().numpy()[:, 0]
+    drops, after = eff[:4], eff[4:]
+    total = drops[-1]
+    assert total == pytest.approx(after[0], abs=1e-9)  # both are "every region ablated"
+    deletion = np.trapezoid(drops / total, j / 6)
+    insertion = np.trapezoid((total - after) / total, j / 6)
+    per = report.per_span["raw_attention"]
+    assert per["all_drop"][0] == pytest.approx(total, abs=1e-4)
+    assert per["deletion_auc"][0] == pytest.approx(deletion, abs=1e-4)
+    assert per["insertion_auc"][0] == pytest.approx(insertion, abs=1e-4)
+    # no model: no real ablations, so no AUC column (not a guess from tables)
+    offline = evaluate([RawAttention()], records, progress=False, ks=(1,))
+    assert "deletion_auc" not in offline.columns() and offline.rows["raw_attention"].get("deletion_auc") is None
+
+
+def _mixed_records():
+    """Synthetic examples of different generation lengths whose last span is an answer."""
+    records, w = synthetic_examples(10, 2, 3, num_subsets=8, noise=0.3, seed=4)
+    out = []
+    for i, r in enumerate(records):
+        n = r.num_spans
+        spans = [dict(sp, section="answer" if s == n - 1 else "thinking") for s, sp in enumerate(r.spans)]
+        length = 20 + 37 * ((i * 7) % 10)  # distinct generation lengths, not in example order
+        out.append(dataclasses.replace(r, spans=spans, sequence=torch.zeros(5 + length, dtype=torch.long),
+                                       prompt_len=5))
+    return out, w
+
+
+def test_section_and_length_quintile_breakdowns_against_an_independent_split():
+    from sklearn.metrics import r2_score
+
+    records, w = _mixed_records()
+    scores = [torch.einsum("slhk,lh->sk", r.span_features, w) for r in records]
+    report = evaluate([EstimatorMethod(true_estimator(w)), RandomScores(seed=0)], records, progress=False,
+                      keep_scores=True)
+    row = report.rows["estimator"]
+    # sections: recompute each metric on that section's spans only
+    for section in ("thinking", "answer"):
+        pears, lds, pred, act = [], [], [], []
+        for sc, r in zip(scores, records):
+            for s, sp in enumerate(r.spans):
+                if sp["section"] == section:
+                    pears.append(M.pearson(sc[s], r.loo_effects[s]))
+                    lds.append(M.lds(sc[s], r.subset_masks, r.subset_effects[s]))
+                    pred += sc[s].tolist()
+                    act += r.loo_effects[s].tolist()
+        assert row[f"num_spans_{section}"] == len(pears)
+        assert row[f"pearson_{section}"] == pytest.approx(np.nanmean(pears))
+        assert row[f"lds_{section}"] == pytest.approx(np.nanmean(lds))
+        assert row[f"r2_{section}"] == pytest.approx(r2_score(act, pred))
+    assert row["num_spans_thinking"] + row["num_spans_answer"] == row["num_spans"]
+    # quintiles: 10 examples by generated tokens -> 5 groups of 2; sklearn on each group's pooled points
+    lengths = [r.num_generated for r in records]
+    by_length = sorted(range(10), key=lambda e: lengths[e])
+    for q in range(5):
+        members = by_length[2 * q: 2 * q + 2]
+        pred = np.concatenate([scores[e].flatten().numpy() for e in members])
+        act = np.concatenate([records[e].loo_effects.flatten().numpy() for e in members])
+        assert row[f"r2_q{q + 1}"] == pytest.approx(r2_score(act, pred), abs=1e-6)
+        assert row[f"r2_calibrated_q{q + 1}"] == pytest.approx(np.corrcoef(pred, act)[0, 1] ** 2, abs=1e-6)
+        info = report.info["length_quintiles"][q]
+        assert (info["min_tokens"], info["max_tokens"]) == (lengths[members[0]], lengths[members[1]])
+    # the report: main table, then both breakdown tables, and the labels come from the glossary
+    md = report.to_markdown()
+    assert "**By span section**" in md and "| estimator | answer | " in md and "| random | thinking | " in md
+    quint = md.split("R^2 by generation-length quintile")[1]
+    assert quint.count("| estimator |") == 1 and "Q5 (" in quint
+    again = EvalReport.from_json(report.to_json())
+    assert again.to_markdown() == md
+    # stored_metrics (training reports) gives the same breakdown on request
+    stored = stored_metrics(scores, records, breakdown=True)
+    assert stored["pearson_answer"] == pytest.approx(row["pearson_answer"])
+    assert stored["r2_q3"] == pytest.approx(row["r2_q3"])
+    assert "pearson_answer" not in stored_metrics(scores, records)
+
+
+def test_cli_eval_prints_the_breakdowns_and_writes_them(tmp_path, capsys):
+    collection = pytest.importorskip("hf_vattr.collection")
+    from hf_vattr.cli import build_parser, main
+
+    records, _ = _mixed_records()
+    gt = tmp_path / "gt"
+    cfg = {"pooling": "sum", "method": "attention", "k": 10, "region_method": "grid"}
+    for r in records:
+        dataclasses.replace(r, config=cfg, model_type="qwen3_vl").save(collection.example_path(gt, r.example_id))
+    (gt / "collection.json").write_text(json.dumps({
+        "format": collection.FORMAT_NAME, "version": collection.FORMAT_VERSION, "config": dict(cfg, keep_prob=0.5),
+        "model": {"model_type": "qwen3_vl", "name_or_path": "synthetic/model", "num_layers": 2, "num_heads": 3},
+        "examples": list(range(len(records))), "complete": True}))
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", str(gt), "--methods", "raw_attention,random", "--json", str(out_json), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "**By span section**" in out and "| raw_attention | answer |" in out
+    assert "R^2 by generation-length quintile" in out
+    rows = json.loads(out_json.read_text())["rows"]
+    assert rows["raw_attention"]["r2_q5"] is not None and rows["random"]["pearson_answer"] is not None
+    assert build_parser().parse_args(["eval", "x", "--auc-points", "0"]).auc_points == 0

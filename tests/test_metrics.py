@@ -197,5 +197,120 @@ def test_metric_glossary_resolves_the_names_reports_write():
     assert M.metric_meaning("lds_sem").startswith("Standard error") and M.metric_meaning("lds") in M.metric_meaning("lds_sem")
     assert M.metric_meaning("val_loss").startswith("Best validation loss")  # its own entry, not "loss" on val
     for name in ("lds", "pearson", "pearson_pooled", "r2", "r2_calibrated", "top1_drop", "top5_drop", "pointing",
-                 "num_spans", "split", "val_loss", "time_per_span_ms", "test_pointing", "test_top3_drop"):
+                 "num_spans", "split", "val_loss", "time_per_span_ms", "test_pointing", "test_top3_drop",
+                 "deletion_auc", "insertion_auc", "r2_q1", "r2_calibrated_q5", "deletion_auc_sem",
+                 "insertion_auc_answer", "num_spans_thinking", "top3_drop_answer_n", "test_lds_answer"):
         assert M.metric_meaning(name), name
+    assert M.metric_label("r2_q3") == "R^2 Q3" and M.metric_label("r2_calibrated_q2") == "R^2 (cal.) Q2"
+    assert M.metric_label("lds_answer") == "LDS (answer)" and M.metric_label("deletion_auc") == "Deletion AUC"
+    assert "quintile 3" in M.metric_meaning("r2_q3")
+    assert M.metric_meaning("pearson_answer") == M.metric_meaning("pearson") + "; on answer spans only"
+    assert "higher is more faithful" in M.metric_meaning("insertion_auc")
+
+
+# --------------------------------------------------------------------------- deletion / insertion AUC
+
+
+def additive(effects):
+    """An ``ablate`` whose drop is the sum of the ablated regions' effects (a linear model of the span)."""
+    e = np.asarray(effects, dtype=float)
+    return lambda mask: float(e[mask].sum())
+
+
+def test_curve_steps_full_and_subsampled():
+    np.testing.assert_array_equal(M.curve_steps(4), [0, 1, 2, 3, 4])  # K <= points: every region
+    np.testing.assert_array_equal(M.curve_steps(4, None), [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(M.curve_steps(16, 4), [0, 4, 8, 12, 16])
+    np.testing.assert_array_equal(M.curve_steps(10, 4), [0, 2, 5, 8, 10])  # round(2.5) = 2, round(7.5) = 8
+    with pytest.raises(ValueError, match="points"):
+        M.curve_steps(4, 0)
+
+
+def test_deletion_and_insertion_auc_by_hand_additive():
+    # K = 4, effects [3, 1, 0, 0], E = 4. Best order: D = [0, 3, 4, 4, 4] / 4 at x = 0, .25, .5, .75, 1;
+    # trapezoid: .25 * ((0 + .75)/2 + (.75 + 1)/2 + 1 + 1) = 0.8125. Additive effects: insertion equal.
+    ablate = additive([3.0, 1.0, 0.0, 0.0])
+    best, worst = [4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]
+    assert M.deletion_auc(best, ablate) == pytest.approx(0.8125)
+    assert M.insertion_auc(best, ablate) == pytest.approx(0.8125)
+    # Reversed order: D = [0, 0, 0, 1, 4] / 4 -> .25 * (0 + 0 + .125 + .625) = 0.1875
+    assert M.deletion_auc(worst, ablate) == pytest.approx(0.1875)
+    assert M.insertion_auc(worst, ablate) == pytest.approx(0.1875)
+    x, d = M.deletion_curve(best, ablate)
+    np.testing.assert_allclose(x, [0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(d, [0, 3, 4, 4, 4])
+    x, i = M.insertion_curve(worst, ablate)  # restore regions 3, 2, 1, 0: recovered 0, 0, 0, 1, 4
+    np.testing.assert_allclose(i, [0, 0, 0, 1, 4])
+
+
+def test_insertion_differs_from_deletion_when_regions_are_redundant():
+    # The object is visible in region 0 or region 1: the span loses 2 nats only when both are ablated.
+    def ablate(mask):
+        return 2.0 if mask[0] and mask[1] else 0.0
+
+    scores = [4.0, 3.0, 2.0, 1.0]
+    # deletion: D = [0, 0, 2, 2, 2] / 2 -> .25 * (0 + .5 + 1 + 1) = 0.625
+    assert M.deletion_auc(scores, ablate) == pytest.approx(0.625)
+    # insertion: restoring region 0 alone brings it all back: I = [0, 2, 2, 2, 2] / 2 -> .25 * 3.5 = 0.875
+    assert M.insertion_auc(scores, ablate) == pytest.approx(0.875)
+
+
+def test_auc_subsampled_steps_and_masks():
+    calls = []
+
+    def ablate(mask):
+        calls.append(mask.copy())
+        return float(mask[:2].sum())  # regions 0 and 1 matter, 1 nat each; E = 2
+
+    scores = np.arange(8.0)[::-1]  # order 0, 1, ..., 7
+    # steps j = 0, 2, 4, 6, 8 -> D = [0, 2, 2, 2, 2] / 2 -> .25 * (.5 + 1 + 1 + 1) = 0.875
+    assert M.deletion_auc(scores, ablate, points=4) == pytest.approx(0.875)
+    assert [int(m.sum()) for m in calls] == [2, 4, 6, 8]  # the empty mask is never measured
+    masks = M.insertion_masks(scores, points=4)
+    np.testing.assert_array_equal(masks.sum(1), [8, 6, 4, 2, 0])
+    np.testing.assert_array_equal(masks[1], [False, False, True, True, True, True, True, True])
+    np.testing.assert_array_equal(M.deletion_masks([0.1, 0.5, 0.5], None),
+                                  [[0, 0, 0], [0, 1, 0], [0, 1, 1], [1, 1, 1]])  # ties to the lower index
+
+
+def test_auc_is_nan_without_an_image_effect_and_checks_ablate():
+    assert math.isnan(M.deletion_auc([1.0, 2.0], additive([0.0, 0.001])))  # E below MIN_TOTAL_EFFECT
+    assert math.isnan(M.insertion_auc([1.0, 2.0], additive([-1.0, 0.5])))  # removing the image helps: E < 0
+    assert M.deletion_auc([1.0, 2.0], additive([0.0, 0.001]), min_total=0.0) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="finite"):
+        M.deletion_auc([1.0, 2.0], lambda m: float("nan"))
+    with pytest.raises(ValueError, match="increase from 0 to 1"):
+        M.curve_auc([0.0, 0.5], [0.0, 1.0], 1.0)
+
+
+# --------------------------------------------------------------------------- R^2 by length quintile
+
+
+def test_length_quantile_groups_equal_counts_with_ties():
+    lengths = [50, 10, 30, 10, 90, 70, 10, 20, 40, 60]
+    g = M.length_quantile_groups(lengths, 5)
+    # sorted (ties in input order): 10(1) 10(3) | 10(6) 20(7) | 30(2) 40(8) | 50(0) 60(9) | 70(5) 90(4)
+    np.testing.assert_array_equal(g, [3, 0, 2, 0, 4, 4, 1, 1, 2, 3])
+    np.testing.assert_array_equal(M.length_quantile_groups([5, 1, 3], 5), [2, 0, 1])  # fewer items than groups
+    assert np.bincount(M.length_quantile_groups(np.arange(23), 5)).tolist() == [5, 5, 5, 4, 4]
+
+
+def test_r2_by_group_matches_sklearn_on_the_split_data():
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(20, 2000, size=40)
+    group_of_example = M.length_quantile_groups(lengths, 5)
+    point_group = np.repeat(group_of_example, 6)  # 6 (span, region) points per example
+    actual = rng.normal(size=point_group.size)
+    predicted = actual + rng.normal(scale=0.5 + point_group / 2, size=point_group.size)
+    raw = M.r2_by_group(predicted, actual, point_group)
+    cal = M.r2_by_group(predicted, actual, point_group, calibrated=True)
+    assert sorted(raw) == [0, 1, 2, 3, 4]
+    order = np.argsort(lengths, kind="stable")
+    for q, examples in enumerate(np.array_split(order, 5)):
+        sel = np.isin(np.repeat(np.arange(40), 6), examples)
+        assert raw[q] == pytest.approx(r2_score(actual[sel], predicted[sel]))
+        assert cal[q] == pytest.approx(np.corrcoef(predicted[sel], actual[sel])[0, 1] ** 2)
+    assert raw[0] > raw[4]  # the noise grows with the quintile
+    assert math.isnan(M.r2_by_group([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [0, 0, 1])[1])  # one point
