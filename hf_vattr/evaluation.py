@@ -1,4 +1,4 @@
-"""Faithfulness evaluation of attribution methods against ablation ground truth (LDS, top-k drop, R^2).
+"""Faithfulness evaluation of attribution methods against ablation ground truth (LDS, top-k drop, AUCs, R^2).
 
 :func:`evaluate` runs every method (the estimator and the baselines of
 :mod:`hf_vattr.baselines`) over the same collected examples through the same code path,
@@ -15,6 +15,14 @@ times each, and scores each against the measured effects:
   points, raw (scores taken as log-prob drops: needs calibrated units) and calibrated
   (after one least-squares line ``actual ~ a * score + b``: Pearson^2 of the pooled points).
 * **Pearson**: per-span Pearson of predicted vs actual leave-one-out effects, mean over spans.
+* **Deletion / insertion AUC** (with a model only: real ablations, same engine): regions
+  removed from the image (deletion) or restored to a fully ablated image (insertion) in the
+  method's score order; area under the span's log-prob drop (resp. log-prob recovered),
+  divided by its drop with every region ablated, over the fraction of regions; higher is
+  more faithful for both (:func:`hf_vattr.metrics.deletion_auc`, :func:`~hf_vattr.metrics.insertion_auc`).
+* **Breakdowns** (:func:`breakdown_metrics`): every metric per span section (``lds_thinking``,
+  ``pearson_answer`` ...) and R^2 per generation-length quintile of the examples
+  (``r2_q1`` .. ``r2_q5``), in the rows, the JSON and :meth:`EvalReport.to_markdown`.
 * **Time per span**: wall-clock seconds a method spends producing a trace's scores,
   divided by its number of spans. For the estimator and raw attention that is the scoring
   of features the model computed anyway during generation (see ``docs/training.md``).
