@@ -14,11 +14,12 @@ computed by the attention kernel anyway, so the row on the visual keys is
 trace length, and the KV cache is never copied. Which route serves a capture is its
 ``path`` attribute (logged once):
 
-* ``"lse"``: transformers' sdpa on CPU decode steps. The kernel that ``F.scaled_dot_product_attention``
-  dispatches to (``_scaled_dot_product_flash_attention_for_cpu``) is called directly so it returns
-  the log-sum-exp too; its output is checked bitwise against the model's own attention on first use.
+* ``"lse"``: transformers' sdpa on decode steps. The kernel that ``F.scaled_dot_product_attention``
+  dispatches to (``_scaled_dot_product_flash_attention_for_cpu`` on CPU; on CUDA the flash or
+  memory-efficient kernel) is called directly so it returns the log-sum-exp too; its output is
+  checked bitwise against the model's own attention on first use, per call signature.
 * ``"weights"``: the attention function already returns its weights (eager): they are read, for free.
-* ``"full-row"``: any other kernel (flash-attn, flex, CUDA sdpa): the row is recomputed over all
+* ``"full-row"``: any other kernel (flash-attn, flex, an sdpa kernel that is not reproduced): the row is recomputed over all
   keys, in blocks so that memory stays bounded; the cost then grows with the trace.
 
 Prefill steps (many queries) always take the full-row route once.
@@ -185,30 +186,81 @@ def _is_transformers_sdpa(function: Callable) -> bool:
     return function is sdpa_attention.sdpa_attention_forward
 
 
-def _sdpa_decode_with_lse(module, query, key, value, attention_mask, scaling, kwargs) -> tuple[Any, torch.Tensor] | None:
-    """transformers' sdpa for a single-query CPU step, through the kernel it dispatches to, plus the LSE.
+def _call_signature(module, query, key, attention_mask) -> tuple:
+    """What decides which kernel ``F.scaled_dot_product_attention`` picks for a decode step."""
+    return (query.device.type, query.dtype, tuple(query.shape), tuple(key.shape[:2]), key.shape[-1],
+            getattr(module, "num_key_value_groups", 1),
+            None if attention_mask is None else (attention_mask.dtype, tuple(attention_mask.shape[:3])))
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean (True = attend) mask as the additive mask sdpa builds from it; float masks as they are."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _lse_kernels(q, key, value, mask, scaling, gqa: bool, groups: int) -> list[tuple[str, Callable]]:
+    """Kernels that return the attention output *and* its log-sum-exp, in the order sdpa prefers them.
+
+    Each returns ``(output, lse)`` for the layout transformers passed (``q`` possibly packed). Which one
+    reproduces the model's own sdpa bitwise is checked on first use (``_verify``), so a kernel that
+    sdpa would not have picked is never used.
+    """
+    aten = torch.ops.aten
+    if q.device.type == "cpu":
+        return [("cpu-flash", lambda: aten._scaled_dot_product_flash_attention_for_cpu(
+            q, key, value, attn_mask=_additive(mask, q.dtype), scale=scaling))]
+    if q.device.type != "cuda":
+        return []
+    kernels = []
+    if mask is None and q.dtype in (torch.float16, torch.bfloat16):
+        kernels.append(("cuda-flash", lambda: aten._scaled_dot_product_flash_attention(
+            q, key, value, scale=scaling)[:2]))
+    rep = groups if gqa else 1  # sdpa repeats keys for the memory-efficient kernel under enable_gqa
+
+    def efficient():
+        k, v = (key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)) if rep > 1 else (key, value)
+        out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, _additive(mask, q.dtype), True,
+                                                                scale=scaling)[:2]
+        return out, lse[..., : q.shape[2]]
+
+    kernels.append(("cuda-efficient", efficient))
+    return kernels
+
+
+def _sdpa_decode_with_lse(module, query, key, value, attention_mask, scaling, kwargs
+                          ) -> tuple[Any, torch.Tensor, str, tuple] | None:
+    """transformers' sdpa for a single-query step, through a kernel that also returns the LSE.
 
     Mirrors ``sdpa_attention_forward``'s decode layout (GQA handled natively without a mask, packed
     queries with one) using transformers' own helpers; the caller checks the output bitwise against
-    the original once per capture. Returns None where this route does not apply.
+    the original once per call signature. Returns None where no such kernel applies.
     """
     from transformers.integrations import sdpa_attention as tsdpa
 
-    if (query.device.type != "cpu" or query.shape[2] != 1 or kwargs.get("dropout", 0.0)
-            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
-            or query.shape[-1] != value.shape[-1]):
+    if (query.shape[2] != 1 or kwargs.get("dropout", 0.0) or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap") is not None or query.shape[-1] != value.shape[-1]):
+        return None
+    if attention_mask is not None and attention_mask.dtype not in (torch.bool, query.dtype):
         return None
     q, mask = query, attention_mask
     groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1 and not tsdpa.use_gqa_in_sdpa(mask, key, value):
+    gqa = groups > 1 and tsdpa.use_gqa_in_sdpa(mask, key, value)
+    if groups > 1 and not gqa:
         q, mask = tsdpa.pack_gqa(q, groups), tsdpa.pack_gqa(mask, groups)
-    if mask is not None and mask.dtype == torch.bool:  # the kernel takes additive masks in the query's dtype
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    elif mask is not None and mask.dtype != q.dtype:
-        return None
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, key, value, attn_mask=mask, scale=scaling)
-    out = out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous()
-    return (out, None), lse.reshape(query.shape[0], query.shape[1])
+    signature = _call_signature(module, query, key, attention_mask)
+    for name, kernel in _lse_kernels(q, key, value, mask, scaling, gqa, groups):
+        if (signature, name) in _REJECTED:
+            continue
+        try:
+            out, lse = kernel()
+        except RuntimeError:  # this kernel does not take these shapes or dtypes here
+            _REJECTED.add((signature, name))
+            continue
+        out = out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous()
+        return (out, None), lse.reshape(query.shape[0], query.shape[1]), name, signature
+    return None
 
 
 # ----------------------------------------------------------------------------- global dispatcher
@@ -219,7 +271,8 @@ _INTERVENTIONS: dict[Any, Callable] = {}  # attention module -> mask interventio
 _WRAPPERS: dict[Callable, Callable] = {}  # original attention fn -> wrapped fn
 _PATCH: dict[str, Any] = {}  # saved original lookup while patched
 _USERS = 0
-_VERIFIED: set[tuple] = set()  # call signatures whose LSE-route output was checked bitwise against the original
+_VERIFIED: set[tuple] = set()  # (call signature, kernel) whose LSE-route output equals the model's own, bitwise
+_REJECTED: set[tuple] = set()  # (call signature, kernel) that differ or refuse the call: never tried again
 
 
 def _wrap(original: Callable) -> Callable:
@@ -241,9 +294,9 @@ def _wrap(original: Callable) -> Callable:
         if is_sdpa and capture.rows == "last" and capture.path != "full-row" and query.shape[2] == 1 and not args:
             routed = _sdpa_decode_with_lse(module, query, key, value, attention_mask, kwargs.get("scaling"), kwargs)
             if routed is not None:
-                output, lse = routed
+                output, lse, kernel, signature = routed
                 reference = lambda: original(module, query, key, value, attention_mask, **kwargs)  # noqa: E731
-                if capture._verify(module, query, key, output, attention_mask, reference):
+                if capture._verify(output, kernel, signature, reference):
                     capture._record_lse(module, query, key, lse, attention_mask, scaling)
                     return output
         output = original(module, query, key, value, attention_mask, *args, **kwargs)
@@ -440,19 +493,20 @@ class AttentionCapture:
                 logger.info(f"hf_vattr attention capture: '{path}' route for decode steps.")
             self.path = path
 
-    def _verify(self, module, query, key, output, attention_mask, reference: Callable[[], Any]) -> bool:
-        """Check the LSE route bitwise against the model's own attention, once per process and call signature."""
-        signature = (query.device.type, query.dtype, tuple(query.shape), key.shape[1], getattr(module, "num_key_value_groups", 1),
-                     None if attention_mask is None else (attention_mask.dtype, tuple(attention_mask.shape[:3])))
-        if signature in _VERIFIED:
+    def _verify(self, output, kernel: str, signature: tuple, reference: Callable[[], Any]) -> bool:
+        """Check an LSE kernel bitwise against the model's own attention, once per process and call signature.
+
+        A kernel that differs is never used again for that signature (the next one is tried at the next
+        step); this step's features then come from the full-row route.
+        """
+        if (signature, kernel) in _VERIFIED:
             return True
-        expected = reference()[0]
-        if torch.equal(expected, output[0]):
-            _VERIFIED.add(signature)
+        if torch.equal(reference()[0], output[0]):
+            _VERIFIED.add((signature, kernel))
             return True
-        logger.warning("hf_vattr: the log-sum-exp attention route does not reproduce this model's sdpa output "
-                       "bitwise; falling back to the full-row route (cost grows with the trace).")
-        self._set_path("full-row")
+        _REJECTED.add((signature, kernel))
+        logger.warning(f"hf_vattr: the '{kernel}' log-sum-exp kernel does not reproduce this model's sdpa output "
+                       "bitwise; not using it (the full-row route serves this step).")
         return False
 
     def _record_lse(self, module, query, key, lse, attention_mask, scaling) -> None:

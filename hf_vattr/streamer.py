@@ -355,8 +355,9 @@ class AttributionStreamer(BaseStreamer):
             text = self.tokenizer.decode(prompt_ids[s].tolist(), skip_special_tokens=False)
             self.traces[s].prompt_text = text
             splitter.reset(text)
-        self._worker = threading.Thread(target=self._work_loop, name="hf_vattr-attribution", daemon=True)
-        self._worker.start()
+        worker = threading.Thread(target=self._work_loop, name="hf_vattr-attribution", daemon=True)
+        worker.start()
+        self._worker = worker  # only once alive: the consumer's liveness check must not see it unstarted
 
     def _tag_texts(self) -> tuple[str, str]:
         return (getattr(self._splitter, "think_open", "<think>"), getattr(self._splitter, "think_close", "</think>"))
