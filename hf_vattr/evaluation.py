@@ -370,7 +370,8 @@ class EvalReport:
             if auc and "deletion_auc" in cols:
                 notes.append("deletion / insertion AUC: real ablations at "
                              + (f"{auc['points']} steps" if auc.get("points") else "every region")
-                             + f", normalised by the all-regions drop (spans below {auc['min_effect']:g} nats left out)")
+                             + ", normalised by the all-regions drop (spans below "
+                             + f"{auc['min_effect']:g} nats left out)")
         if notes:
             lines.append("")
             lines.append("_" + "; ".join(notes) + "; ± is the standard error over spans._")
