@@ -59,12 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                            return_dict=True, return_tensors="pt").to(model.device)
     streamer = AttributionStreamer(model, processor, inputs=inputs, estimator=estimator, images=[image],
-                                   regions=args.regions, print_text=False)
-    thread = streamer.generate_in_thread(**inputs, max_new_tokens=args.max_new_tokens)
+                                   regions=args.regions)
 
     print(f"Q: {question}\n")
     text = ""
-    for event in streamer:  # in generation order: every token, then each finished step
+    # streamer.generate runs model.generate in a thread the streamer owns: any failure ends this loop
+    # with GenerationError (its __cause__ is the original exception), and nothing stays patched.
+    for event in streamer.generate(**inputs, max_new_tokens=args.max_new_tokens):  # every token, each finished step
         if isinstance(event, TokenAttribution):
             print(event.text, end="", flush=True)
             text += event.text
@@ -73,7 +74,6 @@ def main(argv: list[str] | None = None) -> None:
             newline = "" if text.endswith("\n") else "\n"
             print(f"{newline}    [{event.section} step {event.index}] relies on {where}", flush=True)
             text += newline
-    thread.join()
     if args.html:
         render_html(streamer.trace, [image], args.html, question=question)
         print(f"\nwrote {args.html}")

@@ -82,12 +82,11 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
     streamer = AttributionStreamer(model, processor, inputs=inputs, estimator=estimator, images=images,
                                    regions=regions, print_text=False, timeout=120)
     print(f"Question: {example.question}\n")
-    thread = streamer.generate_in_thread(**inputs, max_new_tokens=96, do_sample=False)
     hits = []
     at_line_start = True
     # Print from the event stream itself (not the streamer's own printer, which runs in another
     # thread): text and step annotations then come out in generation order.
-    for event in streamer:
+    for event in streamer.generate(**inputs, max_new_tokens=96, do_sample=False):
         if isinstance(event, TokenAttribution):
             if not quiet and event.text:
                 print(event.text, end="", flush=True)
@@ -109,7 +108,7 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
             note = "" if evidence == "grounded" else f" ({evidence} evidence)"
             print(f"    -> {label}{note}: top regions {describe_regions(streamer.regions, top_ids)}{verdict}",
                   flush=True)
-    thread.join()
+    streamer.join()
     out = Path(out)
     png_dir = out.with_suffix("")
     pngs = save_overlays(streamer.trace, out_dir=png_dir, top=top)
