@@ -18,6 +18,8 @@ _EXPORTS = {
     "AttributionTrace": "streamer",
     "GenerationError": "streamer",
     "AttributionTimeout": "streamer",
+    "StreamerStateError": "streamer",
+    "AttributionSession": "session",
     "LinearEstimator": "estimator",
     "AttentionCapture": "capture",
     "visual_layout": "layouts",
