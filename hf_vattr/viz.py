@@ -17,9 +17,12 @@ estimator's units (predicted log-probability drop, nats). Only Pillow and NumPy 
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import math
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -54,6 +57,9 @@ class TraceLike(Protocol):
 __all__ = [
     "describe_location",
     "step_overlay",
+    "OverlayRenderer",
+    "overlay_renderer",
+    "clear_cache",
     "span_evidence",
     "trajectory_plot",
     "colour_bar",
@@ -88,6 +94,7 @@ _MIN_PANEL = 224  # small images are enlarged (nearest neighbour) so outlines an
 # --------------------------------------------------------------------------- small helpers
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int = 12) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -164,15 +171,38 @@ def _fmt(v: float) -> str:
 # --------------------------------------------------------------------------- locations in words
 
 
+_CACHE_LOCK = threading.Lock()  # guards the memo tables below (renderers, geometry); the app draws from threads
+_GEOMETRY: OrderedDict[int, tuple[PromptRegions, dict]] = OrderedDict()  # id(regions) -> (regions, memo)
+
+
 def _region_geometry(regions: PromptRegions, region_id: int) -> tuple[int, float, float, float]:
-    """(image index, centre y fraction, centre x fraction, area fraction) of a global region."""
-    image_index, local = regions.region_owner(int(region_id))
-    labels = regions.maps[image_index].pixel_labels()
-    ys, xs = np.nonzero(labels == local)
-    if len(ys) == 0:
-        return image_index, float("nan"), float("nan"), 0.0
-    h, w = labels.shape
-    return image_index, (ys.mean() + 0.5) / h, (xs.mean() + 0.5) / w, len(ys) / labels.size
+    """(image index, centre y fraction, centre x fraction, area fraction) of a global region.
+
+    Memoised per ``regions`` object (the 8 most recent), so that a live view naming the top regions of
+    every frame does not recompute pixel label maps."""
+    with _CACHE_LOCK:
+        entry = _GEOMETRY.get(id(regions))
+        if entry is None or entry[0] is not regions:
+            entry = (regions, {})
+            _GEOMETRY[id(regions)] = entry
+            while len(_GEOMETRY) > 8:
+                _GEOMETRY.popitem(last=False)
+        else:
+            _GEOMETRY.move_to_end(id(regions))
+    memo = entry[1]
+    key = int(region_id)
+    if key not in memo:
+        image_index, local = regions.region_owner(key)
+        labels = memo.get(("labels", image_index))
+        if labels is None:
+            labels = memo[("labels", image_index)] = regions.maps[image_index].pixel_labels()
+        ys, xs = np.nonzero(labels == local)
+        if len(ys) == 0:
+            memo[key] = (image_index, float("nan"), float("nan"), 0.0)
+        else:
+            h, w = labels.shape
+            memo[key] = (image_index, (ys.mean() + 0.5) / h, (xs.mean() + 0.5) / w, len(ys) / labels.size)
+    return memo[key]
 
 
 def describe_location(regions: PromptRegions, region_id: int) -> str:
@@ -209,9 +239,9 @@ def scale_ticks(vmin: float, vmax: float, n: int = 5) -> list[tuple[float, str]]
     return [(float(t), _fmt(float(t))) for t in np.linspace(vmin, vmax, n)]
 
 
-def colour_bar(vmin: float, vmax: float, width: int, *, height: int = 44, label: str = SCORE_UNITS,
-               clipped_low: bool = False) -> Image.Image:
-    """A horizontal colour bar with tick values, ``vmin`` (left) to ``vmax`` (right), and its units."""
+@functools.lru_cache(maxsize=32)
+def _bar_base(width: int, height: int, label: str) -> Image.Image:
+    """Everything of a colour bar but its tick values: the ramp, its frame, the tick marks and the units."""
     bar = Image.new("RGB", (width, height), "white")
     x0, x1, y0, y1 = 8, width - 8, 4, 16
     ramp = _colormap(np.linspace(0, 1, max(x1 - x0, 2)))[None].repeat(y1 - y0, 0)
@@ -219,75 +249,278 @@ def colour_bar(vmin: float, vmax: float, width: int, *, height: int = 44, label:
     draw = ImageDraw.Draw(bar)
     draw.rectangle([x0 - 1, y0 - 1, x1, y1], outline=(80, 80, 80))
     font = _font(11)
-    ticks = scale_ticks(vmin, vmax)
-    for i, (_, text) in enumerate(ticks):
-        x = x0 + (x1 - x0) * i / (len(ticks) - 1)
+    for i in range(_TICKS):
+        x = x0 + (x1 - x0) * i / (_TICKS - 1)
         draw.line([(x, y1), (x, y1 + 3)], fill=(60, 60, 60))
-        tw = draw.textlength(text, font=font)
-        tx = min(max(x - tw / 2, 0), width - tw)
-        draw.text((tx, y1 + 4), text, fill=(30, 30, 30), font=font)
-    if clipped_low:
-        label = label + "; scores below 0 drawn as 0"
     tw = draw.textlength(label, font=font)
     draw.text((max((width - tw) / 2, 2), y1 + 16), label, fill=(60, 60, 60), font=font)
     return bar
 
 
+_TICKS = 5
+
+
+def colour_bar(vmin: float, vmax: float, width: int, *, height: int = 44, label: str = SCORE_UNITS,
+               clipped_low: bool = False) -> Image.Image:
+    """A horizontal colour bar with tick values, ``vmin`` (left) to ``vmax`` (right), and its units.
+
+    Only the tick values are drawn per call; the rest is cached per (width, height, label)."""
+    if clipped_low:
+        label = label + "; scores below 0 drawn as 0"
+    bar = _bar_base(int(width), int(height), label).copy()
+    x0, x1, y1 = 8, width - 8, 16
+    draw = ImageDraw.Draw(bar)
+    font = _font(11)
+    ticks = scale_ticks(vmin, vmax, _TICKS)
+    for i, (_, text) in enumerate(ticks):
+        x = x0 + (x1 - x0) * i / (len(ticks) - 1)
+        tw = draw.textlength(text, font=font)
+        tx = min(max(x - tw / 2, 0), width - tw)
+        draw.text((tx, y1 + 4), text, fill=(30, 30, 30), font=font)
+    return bar
+
+
 # --------------------------------------------------------------------------- the step overlay
 
+_CACHE_SIZE = 4  # (regions, images) pairs whose fixed drawing parts are kept (see overlay_renderer)
+_RENDERERS: OrderedDict[tuple, "OverlayRenderer"] = OrderedDict()
+_GAP = 6  # pixels between panels
 
-def _panels(image: Any, region_map: RegionMap, s: np.ndarray, order: Sequence[int], vmin: float, vmax: float,
-            hatch: bool = False) -> tuple[Image.Image, Image.Image]:
-    """(original with the top regions outlined, heatmap over a grey copy) for one image."""
-    pil = _image_or_blank(image, region_map)
-    labels = region_map.pixel_labels()
-    if labels.shape != (pil.height, pil.width):
-        raise ValueError(
-            f"Region map is for a {labels.shape[1]}x{labels.shape[0]} image but got {pil.width}x{pil.height}; "
-            "pass the original image the prompt was built from."
-        )
-    scale = max(1, int(math.ceil(_MIN_PANEL / max(pil.height, 1)))) if pil.height < _MIN_PANEL else 1
-    if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-        labels = labels.repeat(scale, 0).repeat(scale, 1)
-    base = np.asarray(pil, dtype=np.float32)
-    norm = np.clip((s - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    grey = base.mean(-1, keepdims=True)
-    heat = 0.78 * _colormap(norm[labels]) + 0.22 * grey  # luminance keeps object shapes findable
-    if hatch:  # weak or indirect evidence: paint it faintly, so it does not look like grounding
-        heat = 0.4 * heat + 0.6 * (150 + 0.3 * grey)
-    left = base.copy()
-    width = max(2, scale)
-    for rank, region in enumerate(order):
-        mask = labels == region
-        if not mask.any():
-            continue
-        edge = _edges(mask, width)
-        halo = _edges(mask, width + 1) & ~edge
-        colour = np.array(_OUTLINE[min(rank, len(_OUTLINE) - 1)], dtype=np.float32)
-        for arr in (left, heat):
-            arr[halo] = 0
-            arr[edge] = colour
-    left_img, heat_img = (Image.fromarray(a.clip(0, 255).astype(np.uint8)) for a in (left, heat))
-    if hatch:  # weak or indirect evidence: the heatmap is struck through so it does not read as grounding
-        hd = ImageDraw.Draw(heat_img)
-        for x in range(-heat_img.height, heat_img.width, 10):
-            hd.line([(x, heat_img.height), (x + heat_img.height, 0)], fill=(235, 235, 235), width=1)
+
+def _is_size(image: Any) -> bool:
+    return isinstance(image, (tuple, list)) and len(image) == 2 and all(isinstance(v, int) for v in image)
+
+
+@functools.lru_cache(maxsize=64)
+def _tag_patch(rank: int, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """A rank tag (black box, number in the rank's outline colour) as (RGB patch, mask of its pixels), drawn
+    exactly as ``ImageDraw`` draws it at any integer position: box at (0, 0), text 2 px in."""
     font = _font(12)
-    for rank, region in enumerate(order):  # rank tags in each outlined region's top-left corner, off the object
-        ys, xs = np.nonzero(labels == region)
-        if len(ys) == 0:
-            continue
-        tag = str(rank + 1)
-        y0 = int(ys.min())
-        x0 = int(xs[ys == y0].min())  # leftmost pixel of the region's top row: inside the region
-        for img in (left_img, heat_img):
-            d = ImageDraw.Draw(img)
-            tw = d.textlength(tag, font=font)
-            box = [x0 + width + 1, y0 + width + 1, x0 + width + tw + 5, y0 + width + 15]
-            d.rectangle(box, fill=(0, 0, 0))
-            d.text((box[0] + 2, box[1]), tag, fill=_OUTLINE[min(rank, len(_OUTLINE) - 1)], font=font)
-    return left_img, heat_img
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    tw = probe.textlength(tag, font=font)
+    w, h = int(math.ceil(tw)) + 8, 20
+    patch, mask = Image.new("RGB", (w, h)), Image.new("L", (w, h))
+    box = [0, 0, tw + 4, 14]
+    ImageDraw.Draw(mask).rectangle(box, fill=255)
+    ImageDraw.Draw(mask).text((2, 0), tag, fill=255, font=font)  # (inside the box for digits)
+    d = ImageDraw.Draw(patch)
+    d.rectangle(box, fill=(0, 0, 0))
+    d.text((2, 0), tag, fill=_OUTLINE[min(rank, len(_OUTLINE) - 1)], font=font)
+    return np.asarray(patch), np.asarray(mask) > 0
+
+
+def _paste(arr: np.ndarray, patch: np.ndarray, mask: np.ndarray, x: int, y: int) -> None:
+    """``arr[y:, x:][mask] = patch[mask]``, clipped to ``arr`` (what drawing off the edge does)."""
+    h, w = arr.shape[:2]
+    ph, pw = mask.shape
+    ys, xs = max(y, 0), max(x, 0)
+    ye, xe = min(y + ph, h), min(x + pw, w)
+    if ye <= ys or xe <= xs:
+        return
+    m = mask[ys - y:ye - y, xs - x:xe - x]
+    arr[ys:ye, xs:xe][m] = patch[ys - y:ye - y, xs - x:xe - x][m]
+
+
+class _Panel:
+    """One image's fixed drawing parts: the (enlarged) original, its grey copy, the per-pixel region labels,
+    and, per region on first use, its outline pixels and tag corner."""
+
+    def __init__(self, image: Any, region_map: RegionMap) -> None:
+        pil = _image_or_blank(image, region_map)
+        labels = region_map.pixel_labels()
+        if labels.shape != (pil.height, pil.width):
+            raise ValueError(
+                f"Region map is for a {labels.shape[1]}x{labels.shape[0]} image but got {pil.width}x{pil.height}; "
+                "pass the original image the prompt was built from."
+            )
+        scale = max(1, int(math.ceil(_MIN_PANEL / max(pil.height, 1)))) if pil.height < _MIN_PANEL else 1
+        if scale > 1:
+            pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+            labels = labels.repeat(scale, 0).repeat(scale, 1)
+        self.k = region_map.num_regions
+        self.labels = labels
+        self.width = max(2, scale)  # outline thickness
+        self.base = np.asarray(pil, dtype=np.uint8)
+        h, w = labels.shape
+        self.shape = (h, w)
+        grey = self.base.astype(np.float32).mean(-1)  # exactly the grey of the reference formula, per pixel
+        # The heatmap's value at a pixel depends only on (its region, its grey level): colour those pairs per
+        # frame and gather, instead of colouring every pixel.
+        flat_labels = labels.reshape(-1).astype(np.int64) % max(self.k, 1)  # -1 picks the last, as indexing did
+        grey_sum = self.base.reshape(-1, 3).astype(np.int64).sum(-1)
+        pairs, self.pair_of_pixel = np.unique(flat_labels * 766 + grey_sum, return_inverse=True)
+        self.pair_of_pixel = self.pair_of_pixel.reshape(-1).astype(np.intp)
+        self.pair_region = pairs // 766
+        pair_grey = np.empty(len(pairs), dtype=np.float32)
+        pair_grey[self.pair_of_pixel] = grey.reshape(-1)
+        self.pair_grey22 = (0.22 * pair_grey)[:, None]
+        self.pair_faint = (0.6 * (150 + 0.3 * pair_grey))[:, None]
+        self._outlines: dict[int, tuple[np.ndarray, np.ndarray, tuple[int, int]] | None] = {}
+        self._hatch: np.ndarray | None = None
+
+    def outline(self, region: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]] | None:
+        """(flat edge pixels, flat halo pixels, top-left (x, y) of the region's top row), or None if empty."""
+        if region not in self._outlines:
+            ys, xs = np.nonzero(self.labels == region)
+            if len(ys) == 0:
+                self._outlines[region] = None
+            else:
+                y0, y1, x0, x1 = ys[0], ys[-1] + 1, int(xs.min()), int(xs.max()) + 1
+                mask = self.labels[y0:y1, x0:x1] == region  # a crop: outside it the mask is False anyway
+                edge = _edges(mask, self.width)
+                halo = _edges(mask, self.width + 1) & ~edge
+                w = self.shape[1]
+                flat = [(yy + y0) * w + (xx + x0) for yy, xx in (np.nonzero(edge), np.nonzero(halo))]
+                self._outlines[region] = (flat[0], flat[1], (int(xs[0]), int(ys[0])))
+        return self._outlines[region]
+
+    def hatch(self) -> np.ndarray:
+        """Flat pixels of the diagonal strike-through of weak / indirect heatmaps."""
+        if self._hatch is None:
+            h, w = self.shape
+            mask = Image.new("L", (w, h))
+            d = ImageDraw.Draw(mask)
+            for x in range(-h, w, 10):
+                d.line([(x, h), (x + h, 0)], fill=255, width=1)
+            self._hatch = np.flatnonzero(np.asarray(mask))
+        return self._hatch
+
+    def draw(self, s: np.ndarray, order: Sequence[int], vmin: float, vmax: float,
+             hatch: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(original with the top regions outlined, heatmap over a grey copy) as (H, W, 3) uint8 arrays."""
+        h, w = self.shape
+        norm = np.clip((s - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+        colours = 0.78 * _colormap(norm)  # (K, 3): luminance from the grey copy keeps object shapes findable
+        heat = colours[self.pair_region] + self.pair_grey22
+        if hatch:  # weak or indirect evidence: paint it faintly, so it does not look like grounding
+            heat = 0.4 * heat + self.pair_faint
+        table = np.zeros((len(heat), 4), dtype=np.uint8)  # RGB + padding: one 4-byte word per pair, one gather
+        table[:, :3] = heat.clip(0, 255).astype(np.uint8)
+        heat = np.take(table.view(np.uint32).reshape(-1), self.pair_of_pixel).view(np.uint8).reshape(h, w, 4)[..., :3]
+        left = self.base.copy()
+        lf, hf = left.reshape(-1, 3), heat.reshape(h * w, 3)  # (views: heat is strided, reshape keeps it a view)
+        tags = []
+        for rank, region in enumerate(order):
+            geometry = self.outline(int(region)) if region >= 0 else None
+            if geometry is None:
+                continue
+            edge, halo, corner = geometry
+            colour = _OUTLINE[min(rank, len(_OUTLINE) - 1)]
+            for flat in (lf, hf):
+                flat[halo] = 0
+                flat[edge] = colour
+            tags.append((rank, corner))
+        if hatch:  # the heatmap is struck through so it does not read as grounding
+            hf[self.hatch()] = 235
+        for rank, (x0, y0) in tags:  # rank tags in each outlined region's top-left corner, off the object
+            patch, mask = _tag_patch(rank, str(rank + 1))
+            for arr in (left, heat):
+                _paste(arr, patch, mask, x0 + self.width + 1, y0 + self.width + 1)
+        return left, heat
+
+
+class OverlayRenderer:
+    """Draws :func:`step_overlay` pictures of one ``(regions, images)`` pair, fast enough for live views.
+
+    Everything that does not depend on the scores is prepared once: the enlarged originals, their grey copies,
+    the per-pixel region labels, each region's outline pixels and tag position (on first use), the header and
+    the colour bar's ramp and units. A picture then costs a table lookup per (region, grey level), a gather,
+    a few hundred outline pixels and six short texts (a few ms at the toy's size). The output is the same,
+    pixel for pixel, as drawing from scratch.
+
+    :func:`step_overlay` keeps one per ``(regions, images)`` for you (:func:`overlay_renderer`); build one
+    yourself to hold it explicitly. Images are read once: a renderer does not see later in-place edits.
+    """
+
+    def __init__(self, regions: PromptRegions, images: Sequence[Any]) -> None:
+        if len(images) != len(regions.maps):
+            raise ValueError(f"Got {len(images)} images for {len(regions.maps)} region maps.")
+        self.regions = regions
+        self.images = list(images)
+        self.panels = [_Panel(image, m) for image, m in zip(self.images, regions.maps)]
+        self.offsets = regions.region_offsets()
+        self.num_regions = regions.num_regions
+        self.width = sum(2 * p.shape[1] for p in self.panels) + _GAP * (2 * len(self.panels) - 1)
+        self.height = max(p.shape[0] for p in self.panels)
+        self.bar_width = max(self.width, 320)
+        self.canvas_width = max(self.width, self.bar_width)
+        self._header: np.ndarray | None = None
+
+    def _header_strip(self) -> np.ndarray:
+        """The white 18-px header, with "image n" over each image's panels when there are several."""
+        if self._header is None:
+            strip = Image.new("RGB", (self.canvas_width, 18), "white")
+            if len(self.panels) > 1:
+                draw = ImageDraw.Draw(strip)
+                x = 0
+                for i, panel in enumerate(self.panels):
+                    draw.text((x + 2, 2), f"image {i + 1}", fill=(40, 40, 40), font=_font(12))
+                    x += 2 * (panel.shape[1] + _GAP)
+            self._header = np.asarray(strip)
+        return self._header
+
+    def render(self, scores: torch.Tensor | np.ndarray, *, top: int = 3, vmax: float | None = None,
+               caption: str | None = None, evidence: str = "grounded") -> Image.Image:
+        """The picture of one score vector; arguments as :func:`step_overlay`."""
+        if evidence not in EVIDENCE_LEVELS:
+            raise ValueError(f"evidence must be one of {EVIDENCE_LEVELS}, got {evidence!r}.")
+        muted = evidence != "grounded"
+        s = _scores_np(scores, self.num_regions)
+        hi = float(vmax) if vmax is not None else float(max(s.max(), 0.0))
+        if not hi > 0:
+            hi = 1e-6
+        order_global = [int(r) for r in np.argsort(-s, kind="stable")[:max(int(top), 0)] if s[r] > 0] if top else []
+        header = 18 if (caption or muted or len(self.panels) > 1) else 0
+        bar = colour_bar(0.0, hi, self.bar_width, clipped_low=bool((s < 0).any()))
+        canvas = np.full((header + self.height + bar.height, self.canvas_width, 3), 255, dtype=np.uint8)
+        if header:
+            canvas[:header] = self._header_strip()
+        x = 0
+        for offset, panel in zip(self.offsets, self.panels):
+            local = s[offset:offset + panel.k]
+            # keep global ranks for colours: ranks held by another image's regions become -1 (nothing drawn)
+            ranked = [(r - offset) if offset <= r < offset + panel.k else -1 for r in order_global]
+            h, w = panel.shape
+            for tile in panel.draw(local, ranked, 0.0, hi, hatch=muted):
+                canvas[header:header + h, x:x + w] = tile
+                x += w + _GAP
+        canvas[header + self.height:, :bar.width] = np.asarray(bar)
+        picture = Image.fromarray(canvas)
+        if caption or muted:
+            draw = ImageDraw.Draw(picture)
+            text = ((caption or "") + (f"  [{evidence} evidence]" if muted else "")).strip()
+            draw.text((max(picture.width - draw.textlength(text, font=_font(12)) - 4, 2), 2), text,
+                      fill=(150, 60, 0) if muted else (40, 40, 40), font=_font(12))
+        return picture
+
+
+def _image_key(image: Any) -> tuple:
+    return ("size", tuple(image)) if _is_size(image) else ("id", id(image))
+
+
+def overlay_renderer(regions: PromptRegions, images: Sequence[Any]) -> OverlayRenderer:
+    """The :class:`OverlayRenderer` of ``(regions, images)``, built on first use and kept (the 4 most recent
+    pairs, by object identity; a ``(h, w)`` size entry matches by value). :func:`clear_cache` drops them."""
+    key = (id(regions), tuple(_image_key(im) for im in images))
+    with _CACHE_LOCK:
+        renderer = _RENDERERS.get(key)
+        if renderer is not None and renderer.regions is regions and all(
+                a is b or _is_size(b) for a, b in zip(renderer.images, images)):
+            _RENDERERS.move_to_end(key)
+            return renderer
+    renderer = OverlayRenderer(regions, images)  # outside the lock: other threads keep drawing meanwhile
+    with _CACHE_LOCK:
+        _RENDERERS[key] = renderer  # the entry holds regions and images, so their ids are not reused meanwhile
+        while len(_RENDERERS) > _CACHE_SIZE:
+            _RENDERERS.popitem(last=False)
+    return renderer
+
+
+def clear_cache() -> None:
+    """Forget every cached renderer and region geometry (after editing an image or regions in place)."""
+    with _CACHE_LOCK:
+        _RENDERERS.clear()
+        _GEOMETRY.clear()
 
 
 def step_overlay(regions: PromptRegions, images: Sequence[Any], scores: torch.Tensor, *, top: int = 3,
@@ -301,43 +534,17 @@ def step_overlay(regions: PromptRegions, images: Sequence[Any], scores: torch.Te
     below 0 (no support) get the darkest colour. ``evidence="weak"`` or ``"indirect"`` (see
     :func:`span_evidence`) hatches the heatmap and labels the picture "weak evidence" / "indirect evidence". ``images`` entries may be PIL images, arrays, or
     ``None`` / ``(h, w)`` when only the size is known (a grey canvas is drawn).
+
+    The parts that do not depend on the scores are prepared once per ``(regions, images)`` objects and
+    reused (:class:`OverlayRenderer`, :func:`overlay_renderer`): the first picture of a pair costs tens of
+    ms, the next ones a few ms. Call :func:`clear_cache` after editing an image in place.
     """
     if len(images) != len(regions.maps):
         raise ValueError(f"Got {len(images)} images for {len(regions.maps)} region maps.")
     if evidence not in EVIDENCE_LEVELS:
         raise ValueError(f"evidence must be one of {EVIDENCE_LEVELS}, got {evidence!r}.")
-    muted = evidence != "grounded"
-    s = _scores_np(scores, regions.num_regions)
-    hi = float(vmax) if vmax is not None else float(max(s.max(), 0.0))
-    if not hi > 0:
-        hi = 1e-6
-    order_global = [int(r) for r in np.argsort(-s, kind="stable")[:max(int(top), 0)] if s[r] > 0] if top else []
-    tiles: list[Image.Image] = []
-    for i, (offset, region_map, image) in enumerate(zip(regions.region_offsets(), regions.maps, images)):
-        local = s[offset:offset + region_map.num_regions]
-        # keep global ranks for colours: ranks held by another image's regions become -1 (nothing drawn)
-        ranked = [(r - offset) if offset <= r < offset + region_map.num_regions else -1 for r in order_global]
-        left, heat = _panels(image, region_map, local, ranked, 0.0, hi, hatch=muted)
-        tiles.extend([left, heat])
-    gap = 6
-    width = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
-    height = max(t.height for t in tiles)
-    header = 18 if (caption or muted or len(images) > 1) else 0
-    bar = colour_bar(0.0, hi, max(width, 320), clipped_low=bool((s < 0).any()))
-    canvas = Image.new("RGB", (max(width, bar.width), header + height + bar.height), "white")
-    draw = ImageDraw.Draw(canvas)
-    x = 0
-    for i, tile in enumerate(tiles):
-        canvas.paste(tile, (x, header))
-        if len(images) > 1 and i % 2 == 0:
-            draw.text((x + 2, 2), f"image {i // 2 + 1}", fill=(40, 40, 40), font=_font(12))
-        x += tile.width + gap
-    if caption or muted:
-        text = (caption or "") + (f"  [{evidence} evidence]" if muted else "")
-        draw.text((max(canvas.width - draw.textlength(text.strip(), font=_font(12)) - 4, 2), 2), text.strip(),
-                  fill=(150, 60, 0) if muted else (40, 40, 40), font=_font(12))
-    canvas.paste(bar, (0, header + height))
-    return canvas
+    _scores_np(scores, regions.num_regions)  # refuse a wrong length before any preparation
+    return overlay_renderer(regions, images).render(scores, top=top, vmax=vmax, caption=caption, evidence=evidence)
 
 
 # --------------------------------------------------------------------------- evidence strength
