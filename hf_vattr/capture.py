@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers.utils import logging
 
-from .layouts import attention_modules, text_dims
+from .layouts import attention_modules, output_projection, text_dims
 
 logger = logging.get_logger(__name__)
 
@@ -46,11 +46,14 @@ __all__ = [
     "AttentionCapture",
     "attention_row_features",
     "visual_row_features_from_lse",
+    "value_norm_weights",
+    "FEATURE_KINDS",
     "attention_intervention",
     "CaptureError",
     "patched_attention_lookup",
 ]
 
+FEATURE_KINDS = ("attention", "value_norm")
 _KEY_BLOCK = 4096  # keys per block on the full-row route: bounds the float32 temporary
 
 
@@ -69,6 +72,7 @@ def attention_row_features(
     pooling_matrix: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     query_rows: slice | None = None,
+    visual_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Region-pooled attention of selected query rows on the visual tokens (the full-row reference).
 
@@ -80,6 +84,7 @@ def attention_row_features(
         pooling_matrix: (Nv, K) token -> region weights (membership, or membership / region size for mean).
         attention_mask: optional additive float or boolean (True = attend) mask of shape (1, 1|H, Tq, Tk).
         query_rows: which query rows to use; default only the last one (the query predicting the next token).
+        visual_weights: optional (H, Nv) per-head weight of each visual token (``feature_kind="value_norm"``).
 
     Returns:
         (Tq', H, K) float32 features, one (H, K) block per selected query row.
@@ -104,6 +109,8 @@ def attention_row_features(
             scores = scores + mask.float()
     probs = torch.softmax(scores, dim=-1)
     visual = probs.index_select(-1, visual_positions)  # (H, Tq', Nv)
+    if visual_weights is not None:
+        visual = visual * visual_weights[:, None, :]
     pooled = torch.matmul(visual, pooling_matrix)  # (H, Tq', K)
     return pooled.transpose(0, 1)
 
@@ -137,6 +144,7 @@ def visual_row_features_from_lse(
     pooling: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     visual_keys: torch.Tensor | None = None,
+    visual_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Region-pooled attention of the last query row, from the kernel's log-sum-exp.
 
@@ -149,6 +157,7 @@ def visual_row_features_from_lse(
         positions: (B, Nv) visual key positions per sequence (padded entries point at any valid key).
         pooling: (B, Nv, K) token -> region weights (zero rows for padded entries).
         visual_keys: optional (B, Hkv, Nv, D) float32 keys at ``positions``, kept from an earlier step.
+        visual_weights: optional (B, H, Nv) per-head weight of each visual token (``feature_kind="value_norm"``).
 
     Returns:
         (B, H, K) float32 features.
@@ -165,16 +174,43 @@ def visual_row_features_from_lse(
     mask = _visual_mask(attention_mask, positions, key.shape[2])
     if mask is not None:
         scores = scores + mask
-    return torch.matmul(scores.exp_(), pooling)
+    probs = scores.exp_()
+    if visual_weights is not None:
+        probs = probs.mul_(visual_weights)
+    return torch.matmul(probs, pooling)
 
 
-def _last_row_features(query, key, scaling, positions, pooling, attention_mask) -> torch.Tensor:
+def _last_row_features(query, key, scaling, positions, pooling, attention_mask, weights=None) -> torch.Tensor:
     """(B, H, K): the full-row route, one sequence at a time."""
     out = []
     for b in range(query.shape[0]):
         mask = None if attention_mask is None or attention_mask.dim() != 4 else attention_mask[b % attention_mask.shape[0]][None]
-        out.append(attention_row_features(query[b:b + 1], key[b:b + 1], scaling, positions[b], pooling[b], mask)[0])
+        out.append(attention_row_features(query[b:b + 1], key[b:b + 1], scaling, positions[b], pooling[b], mask,
+                                          visual_weights=None if weights is None else weights[b])[0])
     return torch.stack(out)
+
+
+def value_norm_weights(value: torch.Tensor, positions: torch.Tensor, output_weight: torch.Tensor,
+                       num_heads: int) -> torch.Tensor:
+    """``||W_O^h v_j^h||`` for every head h and visual token j: (B, H, Nv) float32.
+
+    How much a unit of head h's attention on token j can move the residual stream (the norm of
+    that token's contribution through the output projection). Values of prompt tokens never change
+    once the prefill ran, so this is computed once per layer; attention times this norm then costs
+    one elementwise product per decode step.
+
+    Args:
+        value: (B, Hkv, T, D) value states of one layer (the model's own, as its attention received them).
+        positions: (B, Nv) visual positions.
+        output_weight: (hidden, H * D) weight of the layer's output projection.
+    """
+    batch, num_kv, _, dim = value.shape
+    visual_values = _visual_keys(value, positions).float()  # (B, Hkv, Nv, D)
+    per_head = output_weight.float().reshape(-1, num_heads, dim).permute(1, 2, 0)  # (H, D, hidden)
+    gram = torch.matmul(per_head, per_head.transpose(1, 2))  # (H, D, D): ||W v||^2 = v^T (W^T W) v
+    values = visual_values.repeat_interleave(num_heads // num_kv, dim=1)  # (B, H, Nv, D)
+    squared = (torch.matmul(values, gram) * values).sum(-1)
+    return squared.clamp_min(0).sqrt()
 
 
 # ----------------------------------------------------------------------------- kernels with log-sum-exp
@@ -297,10 +333,10 @@ def _wrap(original: Callable) -> Callable:
                 output, lse, kernel, signature = routed
                 reference = lambda: original(module, query, key, value, attention_mask, **kwargs)  # noqa: E731
                 if capture._verify(output, kernel, signature, reference):
-                    capture._record_lse(module, query, key, lse, attention_mask, scaling)
+                    capture._record_lse(module, query, key, value, lse, attention_mask, scaling)
                     return output
         output = original(module, query, key, value, attention_mask, *args, **kwargs)
-        capture._record(module, query, key, attention_mask, scaling, output)
+        capture._record(module, query, key, value, attention_mask, scaling, output)
         return output
 
     capturing_attention.__wrapped__ = original  # type: ignore[attr-defined]
@@ -360,6 +396,9 @@ class AttentionCapture:
         membership: (Nv, K) or (B, Nv, K) token -> region membership; ``None`` to set it later with
             :meth:`set_membership` (before the first attention call).
         pooling: ``"sum"`` (attention mass on the region) or ``"mean"`` (per-token average).
+        feature_kind: ``"attention"`` (attention weights) or ``"value_norm"`` (each weight times the norm of
+            that token's contribution through the head's output projection, ``||W_O^h v_j||``: computed
+            once per prompt, so it adds one elementwise product per decode step).
 
     Attributes:
         path: the route that served the latest decode step: ``"lse"``, ``"weights"`` or ``"full-row"``
@@ -375,7 +414,10 @@ class AttentionCapture:
         pooling: str = "sum",
         rows: str = "last",
         first_row: int = 0,
+        feature_kind: str = "attention",
     ) -> None:
+        if feature_kind not in FEATURE_KINDS:
+            raise ValueError(f"feature_kind must be one of {FEATURE_KINDS}, got {feature_kind!r}.")
         if pooling not in ("sum", "mean"):
             raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}.")
         if rows not in ("last", "all"):
@@ -391,6 +433,8 @@ class AttentionCapture:
             raise CaptureError("rows='all' captures one sequence; pass (Nv,) positions.")
         self._positions_cpu = positions if self.batched else positions[None]
         self.pooling = pooling
+        self.feature_kind = feature_kind
+        self._value_weights: dict[int, torch.Tensor] = {}  # layer -> (B, H, Nv), for feature_kind="value_norm"
         self.rows = rows
         self.first_row = int(first_row)
         self.path: str | None = None
@@ -469,6 +513,7 @@ class AttentionCapture:
                     del _ACTIVE[module]
             self.active = False
             self._visual_key_cache.clear()
+            self._value_weights.clear()
             _uninstall()
 
     # -- recording
@@ -509,10 +554,22 @@ class AttentionCapture:
                        "bitwise; not using it (the full-row route serves this step).")
         return False
 
-    def _record_lse(self, module, query, key, lse, attention_mask, scaling) -> None:
+    def _weights(self, layer: int, module: Any, value: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """(B, H, Nv) value-norm weights of a layer, computed at its first call (the prefill) and kept."""
+        if self.feature_kind != "value_norm":
+            return None
+        kept = self._value_weights.get(layer)
+        if kept is None or kept.device != value.device or kept.shape[0] != value.shape[0]:
+            weight = output_projection(self.model, module).weight
+            kept = value_norm_weights(value, positions, weight, self.num_heads)
+            self._value_weights[layer] = kept
+        return kept
+
+    def _record_lse(self, module, query, key, value, lse, attention_mask, scaling) -> None:
         self._check_batch(query.shape[0])
         positions, pooling = self._device_tables(query.device)
         layer = self._layer_of[module]
+        weights = self._weights(layer, module, value, positions)
         # The visual keys sit in the prompt, so they never change while the cache grows by one token a step:
         # keep their float32 copy instead of gathering it every step (recomputed if the cache was cropped).
         kept = self._visual_key_cache.get(layer)
@@ -522,30 +579,35 @@ class AttentionCapture:
             kept = (key.shape[2], kept[1])
         self._visual_key_cache[layer] = kept
         self._slots[layer] = visual_row_features_from_lse(
-            query, key, lse, scaling, positions, pooling, attention_mask, visual_keys=kept[1])
+            query, key, lse, scaling, positions, pooling, attention_mask, visual_keys=kept[1], visual_weights=weights)
         self._set_path("lse")
 
-    def _record(self, module, query, key, attention_mask, scaling, output) -> None:
+    def _record(self, module, query, key, value, attention_mask, scaling, output) -> None:
         layer = self._layer_of[module]
         positions, pooling = self._device_tables(query.device)
         if self.rows == "all":
             self._check_batch(query.shape[0])
-            self._slots[layer] = self._all_rows(query, key, scaling, positions[0], pooling[0], attention_mask)
+            weights = self._weights(layer, module, value, positions)
+            self._slots[layer] = self._all_rows(query, key, scaling, positions[0], pooling[0], attention_mask,
+                                                None if weights is None else weights[0])
             return
+        weights = self._weights(layer, module, value, positions)
         self._check_batch(query.shape[0])
-        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        if isinstance(weights, torch.Tensor) and weights.dim() == 4 and weights.shape[-1] == key.shape[2]:
-            last = weights[:, :, -1].float()  # (B, H, Tk): the function returned its probabilities (eager)
+        attention = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if isinstance(attention, torch.Tensor) and attention.dim() == 4 and attention.shape[-1] == key.shape[2]:
+            last = attention[:, :, -1].float()  # (B, H, Tk): the function returned its probabilities (eager)
             index = positions[:, None, :].expand(last.shape[0], last.shape[1], -1)
-            self._slots[layer] = torch.matmul(last.gather(-1, index), pooling)
+            visual = last.gather(-1, index)
+            self._slots[layer] = torch.matmul(visual if weights is None else visual * weights, pooling)
             route = "weights"
         else:
-            self._slots[layer] = _last_row_features(query, key, scaling, positions, pooling, attention_mask)
+            self._slots[layer] = _last_row_features(query, key, scaling, positions, pooling, attention_mask, weights)
             route = "full-row"
         if query.shape[2] == 1:
             self._set_path(route)
 
-    def _all_rows(self, query, key, scaling, positions, pooling, attention_mask, block: int = 256) -> torch.Tensor:
+    def _all_rows(self, query, key, scaling, positions, pooling, attention_mask, weights=None,
+                  block: int = 256) -> torch.Tensor:
         num_q, num_k = query.shape[2], key.shape[2]
         if num_q != num_k:
             raise CaptureError("rows='all' needs a forward without cache (use_cache=False, full sequence).")
@@ -559,7 +621,7 @@ class AttentionCapture:
                 extra = attention_mask[:, :, start:stop, :num_k]
                 mask = mask & (extra if extra.dtype == torch.bool else extra > torch.finfo(extra.dtype).min / 2)
             out.append(attention_row_features(query[:, :, start:stop], key, scaling, positions, pooling, mask,
-                                              query_rows=slice(None)))
+                                              query_rows=slice(None), visual_weights=weights))
         return torch.cat(out, 0)  # (T', H, K)
 
     def pop(self) -> torch.Tensor:

@@ -28,6 +28,7 @@ from huggingface_hub.utils import is_jsonable
 from torch import nn
 from transformers.utils import logging
 
+from .capture import FEATURE_KINDS
 from .layouts import text_dims
 from .metrics import metric_meaning
 
@@ -114,6 +115,10 @@ class LinearEstimator(
             ``None`` accepts any model (with a warning).
         base_model_id, base_model_revision: the base model it was trained on, shown in the model card.
         pooling: how a region's visual tokens are pooled into a feature, ``"sum"`` or ``"mean"``.
+        feature_kind: what is pooled: ``"attention"`` (attention weights) or ``"value_norm"`` (attention times
+            ``||W_O^h v_j||``, the norm of the token's contribution through the head; see
+            :class:`hf_vattr.capture.AttentionCapture`). Streamers and collections use the estimator's kind;
+            ``config.json`` omits it for ``"attention"``, so older files keep their bytes.
         region_method: how regions were made at training time (``"grid"``, ``"ward"``, ``"vlm"`` ...).
         k_policy: how the number of regions K is chosen, e.g. ``{"k": 32}``.
         training_metrics: e.g. ``{"lds": 0.41, "r2": 0.65}``; names as in :data:`hf_vattr.metrics.METRICS`.
@@ -133,6 +138,7 @@ class LinearEstimator(
         base_model_id: str | None = None,
         base_model_revision: str | None = None,
         pooling: str = "sum",
+        feature_kind: str = "attention",
         region_method: str = "grid",
         k_policy: dict | None = None,
         training_metrics: dict | None = None,
@@ -144,6 +150,9 @@ class LinearEstimator(
         self.num_heads = _positive_int(num_heads, "num_heads")
         if pooling not in POOLINGS:
             raise EstimatorConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
+        if feature_kind not in FEATURE_KINDS:
+            raise EstimatorConfigError(f"feature_kind must be one of {FEATURE_KINDS}, got {feature_kind!r}.")
+        self.feature_kind = feature_kind
         for name, value in (("use_bias", use_bias), ("nonnegative", nonnegative)):
             if not isinstance(value, bool):
                 raise EstimatorConfigError(f"{name} must be a bool, got {value!r}.")
@@ -161,7 +170,8 @@ class LinearEstimator(
     def _sync_config(self) -> None:
         # The mixin writes `_hub_mixin_config` to config.json; it is built from the raw call
         # arguments, so make it the validated attributes instead (and keep it current).
-        self._hub_mixin_config = {name: getattr(self, name) for name in list(self._hub_mixin_init_parameters)[1:]}
+        self._hub_mixin_config = {name: getattr(self, name) for name in list(self._hub_mixin_init_parameters)[1:]
+                                  if not (name == "feature_kind" and self.feature_kind == "attention")}
 
     def set_training_info(self, *, training_metrics: dict | None = None, training_data: dict | None = None) -> None:
         """Record metrics / a data summary after fitting (they go to config.json and the model card)."""
@@ -173,6 +183,7 @@ class LinearEstimator(
 
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, num_heads={self.num_heads}, pooling={self.pooling!r}, "
+                f"feature_kind={self.feature_kind!r}, "
                 f"use_bias={self.use_bias}, nonnegative={self.nonnegative}, model_type={self.model_type!r}")
 
     # ----------------------------------------------------------------- scoring

@@ -52,6 +52,7 @@ class ArchitectureSpec:
     merge_size: str = "vision_config.spatial_merge_size"  # config attribute (patches per LLM token side)
     decoder_layers: str = "model.language_model.layers"  # model attribute: the text decoder's layer list
     attention: str = "self_attn"  # attribute of each decoder layer holding its attention module
+    output_projection: str = "o_proj"  # attribute of the attention module: heads -> hidden (for value-norm features)
     text_config: str = "text_config"  # config attribute holding num_hidden_layers / num_attention_heads
     family: str = ""  # human-readable family name for messages and docs
 
@@ -109,6 +110,16 @@ def architecture_spec(model_or_config: Any) -> ArchitectureSpec:
             "Fix the ArchitectureSpec paths with register_architecture(..., overwrite=True)."
         )
     return spec
+
+
+def output_projection(model: Any, attention_module: Any) -> Any:
+    """The declared heads -> hidden projection of one decoder attention module (``W_O``)."""
+    spec = architecture_spec(model)
+    proj = getattr(attention_module, spec.output_projection, None)
+    if proj is None or not hasattr(proj, "weight"):
+        raise UnsupportedModelError(f"The attention module has no '{spec.output_projection}' projection; declare the "
+                                    "right name in ArchitectureSpec(output_projection=...).")
+    return proj
 
 
 def text_dims(model_or_config: Any) -> tuple[int, int]:

@@ -135,6 +135,7 @@ class AttributionSession:
         if estimator is not None:
             estimator.check_compatible(model)
             self.pooling = getattr(estimator, "pooling", "sum")
+            self.feature_kind = getattr(estimator, "feature_kind", "attention")
             # A private copy on the model's device: scoring then never copies weights per token.
             estimator = copy.deepcopy(estimator).to(next(model.parameters()).device).eval()
         else:
@@ -143,6 +144,7 @@ class AttributionSession:
                 "which is not causal. Load one with LinearEstimator.from_pretrained(...)."
             )
             self.pooling = "sum"
+            self.feature_kind = "attention"
         self.estimator = estimator
         self.capture: AttentionCapture | None = None
         self.row_of_sequence: list[int] = []
@@ -229,7 +231,7 @@ class AttributionSession:
         self.row_of_sequence = [s // copies for s in range(num_sequences)]
         ready = all(r is not None for r in self.regions)
         self.capture = AttentionCapture(self.model, self._positions(), self._membership() if ready else None,
-                                        pooling=self.pooling)
+                                        pooling=self.pooling, feature_kind=self.feature_kind)
         self.capture.stale = stale
         self.capture.on_evicted = on_evicted or self.close
         self.capture.start()
