@@ -99,7 +99,8 @@ def _check_spans(spans: Sequence[tuple[int, int]], num_generated: int) -> None:
 
 @torch.no_grad()
 def compute_span_features(model: Any, inputs: Mapping[str, Any], sequence: torch.Tensor,
-                          spans: Sequence[tuple[int, int]], regions: Any, *, pooling: str = "sum") -> torch.Tensor:
+                          spans: Sequence[tuple[int, int]], regions: Any, *, pooling: str = "sum",
+                          feature_kind: str = "attention") -> torch.Tensor:
     """``(S, L, H, K)`` span features from one teacher-forced forward (no cache).
 
     Row ``i`` of the capture is the query at position ``prompt_len - 1 + i``, which predicts
@@ -111,7 +112,8 @@ def compute_span_features(model: Any, inputs: Mapping[str, Any], sequence: torch
         sequence = sequence[None]
     prompt_len = int(inputs["input_ids"].shape[-1])
     _check_spans(spans, sequence.shape[-1] - prompt_len)
-    cap = AttentionCapture(model, regions.layout.positions, regions.membership(), pooling=pooling, rows="all",
+    cap = AttentionCapture(model, regions.layout.positions, regions.membership(), pooling=pooling,
+                           feature_kind=feature_kind, rows="all",
                            first_row=prompt_len - 1)
     with cap:
         model(**_model_inputs(model, inputs, sequence), use_cache=False)

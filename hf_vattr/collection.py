@@ -86,6 +86,10 @@ class CollectionConfig:
                 "recorded by name only"})
     pooling: str = field(
         default="sum", metadata={"help": "pooling of attention over a region's tokens", "choices": ("sum", "mean")})
+    feature_kind: str = field(default="attention", metadata={
+        "help": "what is pooled: attention weights, or attention times the norm of each visual token's "
+                "contribution through the head's output projection (value_norm)",
+        "choices": ("attention", "value_norm")})
     batch_size: int = field(default=16, metadata={"help": "ablation masks per forward pass"})
     seed: int = field(default=0, metadata={
         "help": "seeds the random subsets (with the example id, so shards agree with one process)"})
@@ -185,6 +189,10 @@ class ExampleRecord:
     @property
     def pooling(self) -> str:
         return str(self.config.get("pooling") or "sum")
+
+    @property
+    def feature_kind(self) -> str:
+        return str(self.config.get("feature_kind") or "attention")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {
@@ -396,7 +404,8 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
     num_layers, num_heads = text_dims(model)
     scored = len(generated) if config.keep_token_features else max([e for _, e in span_ranges] + [1])
     # The engine's unablated forward runs with the capture on: one pass gives features and base log-probs.
-    capture = AttentionCapture(model, layout.positions, regions.membership(), pooling=config.pooling, rows="all",
+    capture = AttentionCapture(model, layout.positions, regions.membership(), pooling=config.pooling,
+                               feature_kind=config.feature_kind, rows="all",
                                first_row=prompt_len - 1)
     with capture:
         engine = AblationEngine(model, inputs, sequence, regions, max_generated=scored)

@@ -447,6 +447,7 @@ def check_estimator(estimator: Any, records: Sequence[ExampleRecord]) -> None:
         ("num_layers (L)", estimator.num_layers, first.dims[0]),
         ("num_heads (H)", estimator.num_heads, first.dims[1]),
         ("pooling", estimator.pooling, cfg.get("pooling")),
+        ("feature_kind", getattr(estimator, "feature_kind", "attention"), first.feature_kind),
         ("region_method", estimator.region_method, cfg.get("region_method")),
         ("k (regions per image)", k_est, cfg.get("k")),
     ]

@@ -555,6 +555,7 @@ def fit_estimator(
         base_model_id=base_model_id,
         base_model_revision=base_model_revision,
         pooling=pooling,
+        feature_kind=first.feature_kind,
         region_method=region_method,
         k_policy=k_policy,
         nonnegative=config.nonnegative,

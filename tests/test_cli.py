@@ -115,7 +115,8 @@ def test_collect_train_eval_push_end_to_end(tmp_path, tiny_model_dir, capsys, lo
                  "--trajectories", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "| Outcome | Traces |" in out  # toy labels from check_answer
-    names = [ln.split("|")[1].strip() for ln in out.split("| Outcome")[0].splitlines() if ln.startswith("| ")][1:]
+    main_table = out[out.index("| Method |"):].split("\n\n")[0]  # the methods table (section tables follow)
+    names = [ln.split("|")[1].strip() for ln in main_table.splitlines() if ln.startswith("| ")][1:]
     assert names == ["estimator", "raw_attention", "leave_one_out", "grad_x_input", "integrated_gradients", "random"]
     data = json.loads((est_dir / "eval_report.json").read_text())
     assert "measured" in data["info"]["topk_source"]

@@ -201,6 +201,7 @@ def test_bench_methods_smoke():
     ("pooling", dict(pooling="mean"), "pooling: estimator has 'mean', collection has 'sum'"),
     ("region_method", dict(region_method="slic"), "region_method: estimator has 'slic', collection has 'grid'"),
     ("K", dict(k_policy={"k": 32}), "k (regions per image): estimator has 32, collection has 10"),
+    ("feature_kind", dict(feature_kind="value_norm"), "feature_kind: estimator has 'value_norm', collection has 'attention'"),
 ])
 def test_evaluate_refuses_an_estimator_made_for_another_collection(field, estimator_kwargs, message):
     """Without a model nothing else would notice: the scores would look like any other table."""

@@ -100,3 +100,23 @@ def test_estimator_records_its_feature_kind(tmp_path):
     assert LinearEstimator.from_pretrained(tmp_path / "att").feature_kind == "attention"
     with pytest.raises(ValueError, match="feature_kind"):
         LinearEstimator(2, 4, feature_kind="norms")
+
+
+def test_collection_and_training_carry_the_feature_kind(tmp_path):
+    """A value_norm collection stores value_norm features (equal to the reference) and trains a value_norm estimator."""
+    from test_collection import EveryN, config, dataset
+
+    from hf_vattr.collection import collect, load_collection
+    from hf_vattr.training import TrainingConfig, fit_estimator
+
+    model, proc = get_tiny("qwen3_vl")
+    collect(model, proc, dataset(2), tmp_path, config(feature_kind="value_norm"), splitter_factory=EveryN,
+            progress=False)
+    records = load_collection(tmp_path)
+    assert all(r.feature_kind == "value_norm" for r in records)
+    plain_dir = tmp_path / "plain"
+    collect(model, proc, dataset(2), plain_dir, config(), splitter_factory=EveryN, progress=False)
+    plain = load_collection(plain_dir)
+    assert not torch.allclose(records[0].span_features, plain[0].span_features)
+    estimator, _ = fit_estimator(records, config=TrainingConfig(epochs=2))
+    assert estimator.feature_kind == "value_norm"
