@@ -184,6 +184,7 @@ class Bench:
         query = torch.randn(1, 16, 1, 128).to(self.dtype)
         positions = torch.arange(self.visual)[None] + 5
         pooling = torch.rand(1, self.visual, 16)
+        weights = torch.rand(1, 16, self.visual)  # value-norm weights: computed once per prompt, then reused
         out = {}
         with torch.no_grad():
             _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, cache.layers[0].values,
@@ -191,6 +192,8 @@ class Bench:
             lse = lse.reshape(1, 16)
             for name, fn in {
                 "lse": lambda: visual_row_features_from_lse(query, keys, lse, module.scaling, positions, pooling),
+                "lse, value_norm": lambda: visual_row_features_from_lse(query, keys, lse, module.scaling, positions,
+                                                                        pooling, visual_weights=weights),
                 "full-row": lambda: attention_row_features(query, keys, module.scaling, positions[0], pooling[0]),
             }.items():
                 fn()
@@ -232,7 +235,7 @@ def main() -> None:
             cache = bench.prefill(context)
             layer = bench.per_layer(cache) if args.device == "cpu" else {"lse": float("nan"), "full-row": float("nan")}
             layer_time = med["baseline"] / args.layers
-            rows_layer.append((dtype_name, context, layer["lse"], layer["full-row"], layer_time))
+            rows_layer.append((dtype_name, context, layer["lse"], layer["lse, value_norm"], layer["full-row"], layer_time))
             allocated = {}
             for route in per_token:
                 counter = AllocationCounter()
@@ -274,11 +277,12 @@ def main() -> None:
         "",
         "Per layer and decode step: the capture's own work against one layer's share of the baseline step:",
         "",
-        "| dtype | context | lse route ms | full-row ms | layer decode ms | lse / layer | full-row / layer |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| dtype | context | lse route ms | lse route, value_norm ms | full-row ms | layer decode ms | lse / layer "
+        "| full-row / layer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {d} | {c} | {a * 1000:.3f} | {f * 1000:.3f} | {t * 1000:.2f} | {a / t:.3f} | {f / t:.3f} |"
-              for d, c, a, f, t in rows_layer]
+    lines += [f"| {d} | {c} | {a * 1000:.3f} | {v * 1000:.3f} | {f * 1000:.3f} | {t * 1000:.2f} | {a / t:.3f} "
+              f"| {f / t:.3f} |" for d, c, a, v, f, t in rows_layer]
     lines += [
         "",
         "Added memory: bytes the capture allocates per layer and decode step (temporaries, streamer minus baseline, "

@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-subsets", type=int, default=32)
     p.add_argument("--k", type=int, default=16, help="regions per image")
     p.add_argument("--ig-steps", type=int, default=16, help="integrated-gradients steps (the costliest baseline)")
+    p.add_argument("--feature-kind", default="attention", choices=("attention", "value_norm"),
+                   help="what the estimator's features pool (CollectionConfig.feature_kind)")
+    p.add_argument("--methods", nargs="+", default=["estimator", "raw_attention", "leave_one_out", "grad_x_input",
+                                                    "integrated_gradients", "random"], help="methods to report")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = load_toy_model()
     work = Path(args.work)
     config = CollectionConfig(num_subsets=args.num_subsets, max_new_tokens=96, region_method=REGION_METHOD,
-                              k=args.k, seed=0)
+                              k=args.k, seed=0, feature_kind=args.feature_kind)
     test_set = DatasetSpec("toy", n=args.test, seed=TEST_SEED)  # the CLI's toy dataset: same examples, same prompts
     collect(model, processor, DatasetSpec("toy", n=args.train, seed=TRAIN_SEED).items(), work / "train", config)
     collect(model, processor, test_set.items(), work / "test", config)
@@ -128,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     test_records = load_collection(work / "test")
     options = {"integrated_gradients": {"steps": args.ig_steps}}
-    methods = [make_method(name, estimator=estimator, **options.get(name, {})) for name in
-               ("estimator", "raw_attention", "leave_one_out", "grad_x_input", "integrated_gradients", "random")]
+    methods = [make_method(name, estimator=estimator, **options.get(name, {})) for name in args.methods]
+
     def inputs_fn(record):
         return _build_inputs(processor, *test_set.get(int(record.example_id)))
 
