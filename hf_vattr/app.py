@@ -276,13 +276,15 @@ class LiveApp:
         """Run ``generate`` with an :class:`AttributionStreamer` and yield page frames, throttled.
 
         While tokens arrive, a picture of the step being written (the mean of its tokens' scores so far)
-        is rendered at most ``updates_per_second`` times a second, and only once this loop has caught up
-        with decoding (a due picture is skipped while more than :data:`BEHIND_TOKENS` decoded tokens wait,
-        unless it is a whole period late); every finished step gets its own frame, shown for at least
-        ``1 / updates_per_second`` s (its trajectory plot is skipped while later steps already wait; the
-        last frame always has it). Per token this loop only appends the token's text and scores. Generation
-        runs in the streamer's own thread and never waits for this loop. Failures raise
-        :class:`~hf_vattr.streamer.GenerationError`.
+        is rendered at most ``updates_per_second`` times a second (the first at the first token), and only
+        once this loop has caught up with decoding (a due picture waits while more than
+        :data:`BEHIND_TOKENS` decoded tokens are unread, unless it is a whole period late); every finished
+        step gets its own frame, shown for at least ``1 / updates_per_second`` s (its trajectory plot is
+        skipped while later steps already wait; the last frame always has it). Per token this loop only
+        appends the token's text and scores and reads the clock. Region maps known before decoding
+        (every method but "prefill") have their pictures' fixed parts prepared before ``generate`` starts
+        (:meth:`hf_vattr.viz.OverlayRenderer.prepare`). Generation runs in the streamer's own thread and
+        never waits for this loop. Failures raise :class:`~hf_vattr.streamer.GenerationError`.
         """
         import torch
 
@@ -293,12 +295,15 @@ class LiveApp:
         start = time.perf_counter()
         inputs = self._inputs(request)
         images = [request.image]
+        regions = self._regions(request, inputs)
         streamer = AttributionStreamer(self.model, self.processor, inputs=inputs, estimator=request.estimator,
-                                       images=images, regions=self._regions(request, inputs))
+                                       images=images, regions=regions)
+        if not isinstance(regions, str):  # known before decoding: prepare the pictures' fixed parts now
+            viz.overlay_renderer(regions, images).prepare()
         with live.lock:
             live.trace, live.images, live.pinned = None, images, None
         gap = 1.0 / self.updates_per_second
-        last = -float("inf")  # when the last frame was shown
+        last = -float("inf")  # when the last frame was shown: the first token gets a picture at once
         pieces: list[str] = []  # the text, joined only when a frame is due
         n_tokens = 0
         running: list[torch.Tensor] = []  # scores of the tokens of the step being written

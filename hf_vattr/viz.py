@@ -171,38 +171,58 @@ def _fmt(v: float) -> str:
 # --------------------------------------------------------------------------- locations in words
 
 
-_CACHE_LOCK = threading.Lock()  # guards the memo tables below (renderers, geometry); the app draws from threads
-_GEOMETRY: OrderedDict[int, tuple[PromptRegions, dict]] = OrderedDict()  # id(regions) -> (regions, memo)
+_CACHE_LOCK = threading.Lock()  # guards the memo tables below; the app draws from several threads
+_MAP_MEMOS: OrderedDict[int, tuple[RegionMap, dict]] = OrderedDict()  # id(region map) -> (map, memo)
+
+
+def _lru(table: OrderedDict, key: Any, owners: tuple, make: Any, size: int) -> Any:
+    """``table[key]``'s value if it was made for the same ``owners`` (by identity), else a new ``make()`` kept
+    there; the ``size`` most recently used entries are kept. An entry holds its owners, so their ids are not
+    reused while it lives."""
+    with _CACHE_LOCK:
+        entry = table.get(key)
+        if entry is not None and len(entry[0]) == len(owners) and all(a is b for a, b in zip(entry[0], owners)):
+            table.move_to_end(key)
+            return entry[1]
+    value = make()  # outside the lock: other threads keep drawing meanwhile
+    with _CACHE_LOCK:
+        table[key] = (owners, value)
+        while len(table) > size:
+            table.popitem(last=False)
+    return value
+
+
+def _map_memo(region_map: RegionMap) -> dict:
+    """Memo table of one region map (the 16 most recent maps, by identity): its pixel labels, its regions' geometry."""
+    return _lru(_MAP_MEMOS, id(region_map), (region_map,), dict, 16)
+
+
+def _pixel_labels(region_map: RegionMap) -> np.ndarray:
+    """``region_map.pixel_labels()``, memoised (treat as read-only)."""
+    memo = _map_memo(region_map)
+    labels = memo.get("labels")
+    if labels is None:
+        labels = memo["labels"] = region_map.pixel_labels()
+    return labels
 
 
 def _region_geometry(regions: PromptRegions, region_id: int) -> tuple[int, float, float, float]:
     """(image index, centre y fraction, centre x fraction, area fraction) of a global region.
 
-    Memoised per ``regions`` object (the 8 most recent), so that a live view naming the top regions of
-    every frame does not recompute pixel label maps."""
-    with _CACHE_LOCK:
-        entry = _GEOMETRY.get(id(regions))
-        if entry is None or entry[0] is not regions:
-            entry = (regions, {})
-            _GEOMETRY[id(regions)] = entry
-            while len(_GEOMETRY) > 8:
-                _GEOMETRY.popitem(last=False)
-        else:
-            _GEOMETRY.move_to_end(id(regions))
-    memo = entry[1]
-    key = int(region_id)
-    if key not in memo:
-        image_index, local = regions.region_owner(key)
-        labels = memo.get(("labels", image_index))
-        if labels is None:
-            labels = memo[("labels", image_index)] = regions.maps[image_index].pixel_labels()
+    Memoised per region map, so that a live view naming the top regions of every frame does not recompute
+    pixel label maps."""
+    image_index, local = regions.region_owner(int(region_id))
+    region_map = regions.maps[image_index]
+    memo = _map_memo(region_map)
+    if local not in memo:
+        labels = _pixel_labels(region_map)
         ys, xs = np.nonzero(labels == local)
         if len(ys) == 0:
-            memo[key] = (image_index, float("nan"), float("nan"), 0.0)
+            memo[local] = (float("nan"), float("nan"), 0.0)
         else:
             h, w = labels.shape
-            memo[key] = (image_index, (ys.mean() + 0.5) / h, (xs.mean() + 0.5) / w, len(ys) / labels.size)
-    return memo[key]
+            memo[local] = ((ys.mean() + 0.5) / h, (xs.mean() + 0.5) / w, len(ys) / labels.size)
+    return (image_index, *memo[local])
 
 
 def describe_location(regions: PromptRegions, region_id: int) -> str:
@@ -283,7 +303,8 @@ def colour_bar(vmin: float, vmax: float, width: int, *, height: int = 44, label:
 # --------------------------------------------------------------------------- the step overlay
 
 _CACHE_SIZE = 4  # (regions, images) pairs whose fixed drawing parts are kept (see overlay_renderer)
-_RENDERERS: OrderedDict[tuple, "OverlayRenderer"] = OrderedDict()
+_RENDERERS: OrderedDict[tuple, tuple] = OrderedDict()  # (id(regions), image keys) -> (owners, OverlayRenderer)
+_PANELS: OrderedDict[tuple, tuple] = OrderedDict()  # (id(region map), image key) -> (owners, _Panel)
 _GAP = 6  # pixels between panels
 
 
@@ -321,13 +342,23 @@ def _paste(arr: np.ndarray, patch: np.ndarray, mask: np.ndarray, x: int, y: int)
     arr[ys:ye, xs:xe][m] = patch[ys - y:ye - y, xs - x:xe - x][m]
 
 
+def _grey_of_sum() -> np.ndarray:
+    """grey(R + G + B): the float32 mean over channels that a pixel with that channel sum gets (same operation)."""
+    g = np.arange(766)
+    rgb = np.stack([g.clip(0, 255), (g - 255).clip(0, 255), (g - 510).clip(0, 255)], -1).astype(np.float32)
+    return rgb.mean(-1)
+
+
+_GREY_OF_SUM = _grey_of_sum()
+
+
 class _Panel:
     """One image's fixed drawing parts: the (enlarged) original, its grey copy, the per-pixel region labels,
     and, per region on first use, its outline pixels and tag corner."""
 
-    def __init__(self, image: Any, region_map: RegionMap) -> None:
+    def __init__(self, image: Any, region_map: RegionMap, labels: np.ndarray | None = None) -> None:
         pil = _image_or_blank(image, region_map)
-        labels = region_map.pixel_labels()
+        labels = region_map.pixel_labels() if labels is None else labels
         if labels.shape != (pil.height, pil.width):
             raise ValueError(
                 f"Region map is for a {labels.shape[1]}x{labels.shape[0]} image but got {pil.width}x{pil.height}; "
@@ -337,22 +368,26 @@ class _Panel:
         if scale > 1:
             pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
             labels = labels.repeat(scale, 0).repeat(scale, 1)
-        self.k = region_map.num_regions
+        self.k = k = max(region_map.num_regions, 1)
         self.labels = labels
         self.width = max(2, scale)  # outline thickness
         self.base = np.asarray(pil, dtype=np.uint8)
         h, w = labels.shape
         self.shape = (h, w)
-        grey = self.base.astype(np.float32).mean(-1)  # exactly the grey of the reference formula, per pixel
-        # The heatmap's value at a pixel depends only on (its region, its grey level): colour those pairs per
-        # frame and gather, instead of colouring every pixel.
-        flat_labels = labels.reshape(-1).astype(np.int64) % max(self.k, 1)  # -1 picks the last, as indexing did
-        grey_sum = self.base.reshape(-1, 3).astype(np.int64).sum(-1)
-        pairs, self.pair_of_pixel = np.unique(flat_labels * 766 + grey_sum, return_inverse=True)
-        self.pair_of_pixel = self.pair_of_pixel.reshape(-1).astype(np.intp)
+        # The heatmap's value at a pixel depends only on its region and its grey level, and the grey level
+        # (the mean of R, G, B) only on R + G + B (0..765): colour the (region, R + G + B) pairs present
+        # per frame and gather, instead of colouring every pixel.
+        rgb = self.base.reshape(-1, 3)
+        grey_sum = rgb[:, 0].astype(np.int64) + rgb[:, 1] + rgb[:, 2]
+        key = (labels.reshape(-1).astype(np.int64) % k) * 766 + grey_sum  # % k: label -1 takes the last region's
+        present = np.zeros(k * 766, dtype=bool)                            # colour, as indexing did before
+        present[key] = True
+        pairs = np.flatnonzero(present)
+        lookup = np.zeros(k * 766, dtype=np.intp)
+        lookup[pairs] = np.arange(len(pairs))
+        self.pair_of_pixel = lookup[key]
         self.pair_region = pairs // 766
-        pair_grey = np.empty(len(pairs), dtype=np.float32)
-        pair_grey[self.pair_of_pixel] = grey.reshape(-1)
+        pair_grey = _GREY_OF_SUM[pairs % 766]
         self.pair_grey22 = (0.22 * pair_grey)[:, None]
         self.pair_faint = (0.6 * (150 + 0.3 * pair_grey))[:, None]
         self._outlines: dict[int, tuple[np.ndarray, np.ndarray, tuple[int, int]] | None] = {}
@@ -437,7 +472,8 @@ class OverlayRenderer:
             raise ValueError(f"Got {len(images)} images for {len(regions.maps)} region maps.")
         self.regions = regions
         self.images = list(images)
-        self.panels = [_Panel(image, m) for image, m in zip(self.images, regions.maps)]
+        # panels are kept per (region map, image): a new PromptRegions over the same maps reuses them
+        self.panels = [_panel(m, image) for image, m in zip(self.images, regions.maps)]
         self.offsets = regions.region_offsets()
         self.num_regions = regions.num_regions
         self.width = sum(2 * p.shape[1] for p in self.panels) + _GAP * (2 * len(self.panels) - 1)
@@ -445,6 +481,16 @@ class OverlayRenderer:
         self.bar_width = max(self.width, 320)
         self.canvas_width = max(self.width, self.bar_width)
         self._header: np.ndarray | None = None
+
+    def prepare(self) -> "OverlayRenderer":
+        """Compute now what is otherwise computed on first use: every region's outline and tag position and its
+        location in words (:func:`describe_location`). Call it before decoding starts, so that no picture
+        drawn during decoding pays for it. Returns ``self``."""
+        for offset, panel in zip(self.offsets, self.panels):
+            for local in range(panel.k):
+                panel.outline(local)
+                _region_geometry(self.regions, offset + local)
+        return self
 
     def _header_strip(self) -> np.ndarray:
         """The white 18-px header, with "image n" over each image's panels when there are several."""
@@ -498,29 +544,32 @@ def _image_key(image: Any) -> tuple:
     return ("size", tuple(image)) if _is_size(image) else ("id", id(image))
 
 
+def _owners(*objects: Any) -> tuple:
+    """What a cache entry must be the same objects as: a ``(h, w)`` size entry matches by value instead."""
+    return tuple(o for o in objects if not _is_size(o))
+
+
+def _panel(region_map: RegionMap, image: Any) -> _Panel:
+    return _lru(_PANELS, (id(region_map), _image_key(image)), _owners(region_map, image),
+                lambda: _Panel(image, region_map, _pixel_labels(region_map)), 2 * _CACHE_SIZE)
+
+
 def overlay_renderer(regions: PromptRegions, images: Sequence[Any]) -> OverlayRenderer:
     """The :class:`OverlayRenderer` of ``(regions, images)``, built on first use and kept (the 4 most recent
-    pairs, by object identity; a ``(h, w)`` size entry matches by value). :func:`clear_cache` drops them."""
-    key = (id(regions), tuple(_image_key(im) for im in images))
-    with _CACHE_LOCK:
-        renderer = _RENDERERS.get(key)
-        if renderer is not None and renderer.regions is regions and all(
-                a is b or _is_size(b) for a, b in zip(renderer.images, images)):
-            _RENDERERS.move_to_end(key)
-            return renderer
-    renderer = OverlayRenderer(regions, images)  # outside the lock: other threads keep drawing meanwhile
-    with _CACHE_LOCK:
-        _RENDERERS[key] = renderer  # the entry holds regions and images, so their ids are not reused meanwhile
-        while len(_RENDERERS) > _CACHE_SIZE:
-            _RENDERERS.popitem(last=False)
-    return renderer
+    pairs, by object identity; a ``(h, w)`` size entry matches by value). Its per-image parts are kept per
+    (region map, image), so a new ``PromptRegions`` over the same maps and images is ready at once.
+    :func:`clear_cache` drops them all."""
+    images = list(images)
+    return _lru(_RENDERERS, (id(regions), tuple(_image_key(im) for im in images)), _owners(regions, *images),
+                lambda: OverlayRenderer(regions, images), _CACHE_SIZE)
 
 
 def clear_cache() -> None:
     """Forget every cached renderer and region geometry (after editing an image or regions in place)."""
     with _CACHE_LOCK:
         _RENDERERS.clear()
-        _GEOMETRY.clear()
+        _PANELS.clear()
+        _MAP_MEMOS.clear()
 
 
 def step_overlay(regions: PromptRegions, images: Sequence[Any], scores: torch.Tensor, *, top: int = 3,
@@ -612,16 +661,15 @@ def trajectory_plot(trace: TraceLike, *, dims: int = 2, size: tuple[int, int] = 
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims}.")
     w, h = size
-    canvas = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(canvas)
     font = _font(11)
     spans = list(trace.spans)
     pw = int(w * 0.55)
-    draw.text((6, 4), f"reasoning path (PCA {dims}D of step region scores)", fill=(30, 30, 30), font=font)
-    draw.text((pw + 10, 4), "concentration over steps (1 = one region)", fill=(30, 30, 30), font=font)
     if not spans:
-        draw.text((10, h // 2), "no steps yet", fill=(120, 120, 120), font=font)
+        canvas = _trajectory_titles(w, h, dims).copy()
+        ImageDraw.Draw(canvas).text((10, h // 2), "no steps yet", fill=(120, 120, 120), font=font)
         return canvas
+    canvas = _trajectory_frame(w, h, dims).copy()  # titles, boxes, axis ticks and legend: drawn once per size
+    draw = ImageDraw.Draw(canvas)
     x = np.stack([np.asarray(s.region_scores, dtype=np.float64) for s in spans])
     coords, ratios = _pca(x, dims)
     if dims == 3:  # fixed oblique projection of the 3-D path
@@ -640,7 +688,6 @@ def trajectory_plot(trace: TraceLike, *, dims: int = 2, size: tuple[int, int] = 
         u = np.clip((p - lo) / span_xy, -0.08, 1.08)
         return inner[0] + u[0] * (inner[2] - inner[0]), inner[1] + u[1] * (inner[3] - inner[1])
 
-    draw.rectangle(box, outline=(200, 200, 200))
     if dims == 3:
         centre = pts2.mean(0)
         scale = float(np.abs(pts2 - centre).max() or 1.0) * 0.35
@@ -671,12 +718,6 @@ def trajectory_plot(trace: TraceLike, *, dims: int = 2, size: tuple[int, int] = 
         except ValueError:
             conc.append(float("nan"))
     cb = (pw + 34, 24, w - 10, h - 44)
-    draw.rectangle(cb, outline=(200, 200, 200))
-    for v in (0.0, 0.5, 1.0):
-        y = cb[3] - v * (cb[3] - cb[1])
-        draw.line([(cb[0] - 3, y), (cb[0], y)], fill=(120, 120, 120))
-        draw.text((cb[0] - 26, y - 6), f"{v:.1f}", fill=(110, 110, 110), font=font)
-    draw.text((cb[2] - 26, cb[3] + 14), "step", fill=(110, 110, 110), font=font)
     every = max(1, int(math.ceil(n / 12)))
 
     def cpx(i: int, v: float) -> tuple[float, float]:
@@ -697,6 +738,35 @@ def trajectory_plot(trace: TraceLike, *, dims: int = 2, size: tuple[int, int] = 
         col = (120, 0, 160) if span_evidence(span, trace) == "grounded" else (175, 175, 175)
         draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=col)
         prev = p
+    return canvas
+
+
+@functools.lru_cache(maxsize=8)
+def _trajectory_titles(w: int, h: int, dims: int) -> Image.Image:
+    canvas = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font(11)
+    pw = int(w * 0.55)
+    draw.text((6, 4), f"reasoning path (PCA {dims}D of step region scores)", fill=(30, 30, 30), font=font)
+    draw.text((pw + 10, 4), "concentration over steps (1 = one region)", fill=(30, 30, 30), font=font)
+    return canvas
+
+
+@functools.lru_cache(maxsize=8)
+def _trajectory_frame(w: int, h: int, dims: int) -> Image.Image:
+    """The trajectory plot's fixed furniture: titles, both boxes, the concentration axis and the legend."""
+    canvas = _trajectory_titles(w, h, dims).copy()
+    draw = ImageDraw.Draw(canvas)
+    font = _font(11)
+    pw = int(w * 0.55)
+    draw.rectangle((30, 24, pw - 10, h - 44), outline=(200, 200, 200))
+    cb = (pw + 34, 24, w - 10, h - 44)
+    draw.rectangle(cb, outline=(200, 200, 200))
+    for v in (0.0, 0.5, 1.0):
+        y = cb[3] - v * (cb[3] - cb[1])
+        draw.line([(cb[0] - 3, y), (cb[0], y)], fill=(120, 120, 120))
+        draw.text((cb[0] - 26, y - 6), f"{v:.1f}", fill=(110, 110, 110), font=font)
+    draw.text((cb[2] - 26, cb[3] + 14), "step", fill=(110, 110, 110), font=font)
     legend = "colour dark -> light: first -> last step; hollow: answer (indirect); grey dots: weak/indirect evidence"
     draw.text((6, h - 16), legend, fill=(110, 110, 110), font=font)
     return canvas
