@@ -370,7 +370,7 @@ class EvalReport:
             if auc and "deletion_auc" in cols:
                 notes.append("deletion / insertion AUC: real ablations at "
                              + (f"{auc['points']} steps" if auc.get("points") else "every region")
-                             + ", normalised by the all-regions drop (spans below "
+                             + ", in nats (spans whose all-regions drop is below "
                              + f"{auc['min_effect']:g} nats left out)")
         if notes:
             lines.append("")

@@ -422,12 +422,13 @@ def insertion_curve(scores: Any, ablate: Callable[[np.ndarray], float],
 
 
 def curve_auc(fractions: Any, values: Any, total: float, min_total: float = MIN_TOTAL_EFFECT) -> float:
-    """Area under ``values / total`` over ``fractions`` in [0, 1] (trapezoid rule).
+    """Area under ``values`` (nats) over ``fractions`` in [0, 1] (trapezoid rule): the curve's mean height.
 
-    ``total`` is the normaliser (the all-regions drop ``E``); the result is ``nan`` when
-    ``total < min_total`` (a span that barely depends on the image, or is helped by removing it,
-    has no meaningful order). The normalised curve runs from 0 to 1 and may leave [0, 1] when
-    effects are not monotone in the ablated set.
+    Why not divided by ``total`` (the all-regions drop ``E``): effects are far from monotone in the
+    ablated set (ablating one object can cost a step 20 nats while ablating the whole image costs it
+    2), so ``curve / E`` explodes on exactly the spans that matter. In nats, methods compare on the
+    same scale, like top-k drop. ``nan`` when ``total < min_total`` (a span that barely depends on the
+    image, or is helped by removing it, has no meaningful order).
     """
     x, y = _vector(fractions, "fractions"), _vector(values, "values")
     _same_length(x, y, "fractions", "values")
@@ -435,21 +436,19 @@ def curve_auc(fractions: Any, values: Any, total: float, min_total: float = MIN_
         raise ValueError("fractions must increase from 0 to 1.")
     if not np.isfinite(total) or total < min_total:
         return float("nan")
-    y = y / total
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
 
 
 def deletion_auc(scores: Any, ablate: Callable[[np.ndarray], float], points: int | None = DEFAULT_CURVE_POINTS,
                  min_total: float = MIN_TOTAL_EFFECT) -> float:
-    """Normalised deletion AUC of one span; **higher is more faithful**.
+    """Deletion AUC of one span, in nats; **higher is more faithful**.
 
     Remove regions in decreasing score order; the curve is the span's log-prob drop ``D(j)``
-    after ``j`` regions are ablated, divided by ``E = D(K)`` (every region ablated), over the
-    fraction ``j / K`` of regions removed; AUC by the trapezoid rule on :func:`curve_steps`.
-    A method that puts the regions the span needs first makes the drop rise early (AUC near
-    ``1 - 1/(2K)`` when one region carries everything); random order gives 0.5 in expectation
-    when effects add up. ``nan`` when ``E < min_total`` nats. ``E`` does not depend on the
-    method, so every method is normalised by the same number on a span.
+    after ``j`` regions are ablated, over the fraction ``j / K`` of regions removed; AUC by the
+    trapezoid rule on :func:`curve_steps` (the mean drop along the removal order). A method that
+    puts the regions the span needs first makes the drop rise early (``E (1 - 1/(2K))`` when one
+    region carries everything, ``E = D(K)``); random order gives ``E / 2`` in expectation when
+    effects add up. ``nan`` when ``E < min_total`` nats.
 
     (Unlike RISE-style "deletion" curves of the remaining probability, where lower is better,
     this curve is the drop, so higher is better.)
@@ -460,11 +459,11 @@ def deletion_auc(scores: Any, ablate: Callable[[np.ndarray], float], points: int
 
 def insertion_auc(scores: Any, ablate: Callable[[np.ndarray], float], points: int | None = DEFAULT_CURVE_POINTS,
                   min_total: float = MIN_TOTAL_EFFECT) -> float:
-    """Normalised insertion AUC of one span; **higher is more faithful**.
+    """Insertion AUC of one span, in nats; **higher is more faithful**.
 
     Start from every region ablated and restore regions in decreasing score order; the curve is
-    the log-prob recovered ``I(j) = E - drop(all but the top j ablated)``, divided by ``E``, over
-    the fraction ``j / K`` restored; trapezoid AUC on :func:`curve_steps`. ``nan`` when
+    the log-prob recovered ``I(j) = E - drop(all but the top j ablated)``, over the fraction
+    ``j / K`` restored; trapezoid AUC on :func:`curve_steps` (the mean recovery). ``nan`` when
     ``E < min_total`` nats. Differs from :func:`deletion_auc` when regions interact: two regions
     that each show the same evidence score low on deletion (removing one changes nothing) and
     high on insertion (restoring one brings the evidence back).
@@ -536,14 +535,14 @@ METRICS: dict[str, tuple[str, str]] = {
     "deletion_auc": (
         "Deletion AUC",
         "Regions ablated one after another in decreasing score order (real ablations): area under the span's "
-        "log-prob drop, divided by its drop with every region ablated, over the fraction of regions removed; "
-        "mean over spans (0..1 when effects are monotone; random order about 0.5; higher is more faithful)",
+        "log-prob drop over the fraction of regions removed, i.e. the mean drop along that order; mean over "
+        "spans (nats; higher is more faithful)",
     ),
     "insertion_auc": (
         "Insertion AUC",
         "From every region ablated, regions restored in decreasing score order (real ablations): area under "
-        "the log-prob recovered, divided by the drop with every region ablated, over the fraction of regions "
-        "restored; mean over spans (random order about 0.5; higher is more faithful)",
+        "the log-prob recovered over the fraction of regions restored, i.e. the mean recovery; mean over "
+        "spans (nats; higher is more faithful)",
     ),
     "r2_q{q}": (
         "R^2 Q{q}",

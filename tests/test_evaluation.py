@@ -238,7 +238,7 @@ def test_deletion_insertion_auc_match_an_independent_ablation_on_a_tiny_model(ti
     assert "| Deletion AUC | Insertion AUC |" in md.splitlines()[0]
     assert "R^2 by generation-length quintile" in md and "Q1 (" in md
 
-    # Independent reference: K = 6, points = 3 -> j = 0, 2, 4, 6; trapezoid over j / K of drop / E.
+    # Independent reference: K = 6, points = 3 -> j = 0, 2, 4, 6; trapezoid over j / K of the drop (nats).
     rec = records[0]
     scores = np.asarray(report.info["scores"]["raw_attention"][0])
     order = np.argsort(-scores[0], kind="stable")
@@ -254,8 +254,8 @@ def test_deletion_insertion_auc_match_an_independent_ablation_on_a_tiny_model(ti
     drops, after = eff[:4], eff[4:]
     total = drops[-1]
     assert total == pytest.approx(after[0], abs=1e-9)  # both are "every region ablated"
-    deletion = np.trapezoid(drops / total, j / 6)
-    insertion = np.trapezoid((total - after) / total, j / 6)
+    deletion = np.trapezoid(drops, j / 6)
+    insertion = np.trapezoid(total - after, j / 6)
     per = report.per_span["raw_attention"]
     assert per["all_drop"][0] == pytest.approx(total, abs=1e-4)
     assert per["deletion_auc"][0] == pytest.approx(deletion, abs=1e-4)

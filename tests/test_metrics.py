@@ -227,15 +227,15 @@ def test_curve_steps_full_and_subsampled():
 
 
 def test_deletion_and_insertion_auc_by_hand_additive():
-    # K = 4, effects [3, 1, 0, 0], E = 4. Best order: D = [0, 3, 4, 4, 4] / 4 at x = 0, .25, .5, .75, 1;
-    # trapezoid: .25 * ((0 + .75)/2 + (.75 + 1)/2 + 1 + 1) = 0.8125. Additive effects: insertion equal.
+    # K = 4, effects [3, 1, 0, 0], E = 4. Best order: D = [0, 3, 4, 4, 4] nats at x = 0, .25, .5, .75, 1;
+    # trapezoid: .25 * ((0 + 3)/2 + (3 + 4)/2 + 4 + 4) = 3.25. Additive effects: insertion equal.
     ablate = additive([3.0, 1.0, 0.0, 0.0])
     best, worst = [4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]
-    assert M.deletion_auc(best, ablate) == pytest.approx(0.8125)
-    assert M.insertion_auc(best, ablate) == pytest.approx(0.8125)
-    # Reversed order: D = [0, 0, 0, 1, 4] / 4 -> .25 * (0 + 0 + .125 + .625) = 0.1875
-    assert M.deletion_auc(worst, ablate) == pytest.approx(0.1875)
-    assert M.insertion_auc(worst, ablate) == pytest.approx(0.1875)
+    assert M.deletion_auc(best, ablate) == pytest.approx(3.25)
+    assert M.insertion_auc(best, ablate) == pytest.approx(3.25)
+    # Reversed order: D = [0, 0, 0, 1, 4] -> .25 * (0 + 0 + .5 + 2.5) = 0.75
+    assert M.deletion_auc(worst, ablate) == pytest.approx(0.75)
+    assert M.insertion_auc(worst, ablate) == pytest.approx(0.75)
     x, d = M.deletion_curve(best, ablate)
     np.testing.assert_allclose(x, [0, 0.25, 0.5, 0.75, 1.0])
     np.testing.assert_allclose(d, [0, 3, 4, 4, 4])
@@ -249,10 +249,10 @@ def test_insertion_differs_from_deletion_when_regions_are_redundant():
         return 2.0 if mask[0] and mask[1] else 0.0
 
     scores = [4.0, 3.0, 2.0, 1.0]
-    # deletion: D = [0, 0, 2, 2, 2] / 2 -> .25 * (0 + .5 + 1 + 1) = 0.625
-    assert M.deletion_auc(scores, ablate) == pytest.approx(0.625)
-    # insertion: restoring region 0 alone brings it all back: I = [0, 2, 2, 2, 2] / 2 -> .25 * 3.5 = 0.875
-    assert M.insertion_auc(scores, ablate) == pytest.approx(0.875)
+    # deletion: D = [0, 0, 2, 2, 2] -> .25 * (0 + 1 + 2 + 2) = 1.25
+    assert M.deletion_auc(scores, ablate) == pytest.approx(1.25)
+    # insertion: restoring region 0 alone brings it all back: I = [0, 2, 2, 2, 2] -> .25 * 7 = 1.75
+    assert M.insertion_auc(scores, ablate) == pytest.approx(1.75)
 
 
 def test_auc_subsampled_steps_and_masks():
@@ -263,8 +263,8 @@ def test_auc_subsampled_steps_and_masks():
         return float(mask[:2].sum())  # regions 0 and 1 matter, 1 nat each; E = 2
 
     scores = np.arange(8.0)[::-1]  # order 0, 1, ..., 7
-    # steps j = 0, 2, 4, 6, 8 -> D = [0, 2, 2, 2, 2] / 2 -> .25 * (.5 + 1 + 1 + 1) = 0.875
-    assert M.deletion_auc(scores, ablate, points=4) == pytest.approx(0.875)
+    # steps j = 0, 2, 4, 6, 8 -> D = [0, 2, 2, 2, 2] -> .25 * (1 + 2 + 2 + 2) = 1.75
+    assert M.deletion_auc(scores, ablate, points=4) == pytest.approx(1.75)
     assert [int(m.sum()) for m in calls] == [2, 4, 6, 8]  # the empty mask is never measured
     masks = M.insertion_masks(scores, points=4)
     np.testing.assert_array_equal(masks.sum(1), [8, 6, 4, 2, 0])
@@ -276,7 +276,7 @@ def test_auc_subsampled_steps_and_masks():
 def test_auc_is_nan_without_an_image_effect_and_checks_ablate():
     assert math.isnan(M.deletion_auc([1.0, 2.0], additive([0.0, 0.001])))  # E below MIN_TOTAL_EFFECT
     assert math.isnan(M.insertion_auc([1.0, 2.0], additive([-1.0, 0.5])))  # removing the image helps: E < 0
-    assert M.deletion_auc([1.0, 2.0], additive([0.0, 0.001]), min_total=0.0) == pytest.approx(0.75)
+    assert M.deletion_auc([1.0, 2.0], additive([0.0, 0.001]), min_total=0.0) == pytest.approx(0.00075)
     with pytest.raises(ValueError, match="finite"):
         M.deletion_auc([1.0, 2.0], lambda m: float("nan"))
     with pytest.raises(ValueError, match="increase from 0 to 1"):
