@@ -13,6 +13,12 @@ criterion that only records time, so it measures the decoding thread (prefill an
 loop also shows each finished step for at least 1 / updates-per-second s, after decoding has moved on;
 its end-to-end time (until the loop ends) is reported separately.
 
+Two scenarios: the toy's natural length (about two dozen tokens, decoded in about 0.1 s, less than one update
+period) and a long one (``--long-tokens``, end-of-sequence suppressed with ``min_new_tokens``) where the app
+draws live pictures, step pictures and trajectory plots throughout decoding. The app loop is compared both with
+plain generate and with the bare streamer loop (the floor it can reach). The section also states what one
+picture costs (``viz.step_overlay``, ``viz.trajectory_plot``, the page's PNG).
+
     python benchmarks/bench_app.py --write docs/benchmarks.md
 """
 
@@ -209,7 +215,8 @@ def main() -> None:
         *table_rows,
         "",
         "Natural length: the toy stops after about two dozen tokens, a whole trace decodes in about 0.1 s, less "
-        "than one update period, so the app draws at most a step picture or two while decoding runs. Long: the "
+        "than one update period, so while decoding runs the app draws the first live picture (at the first "
+        "token) and at most a step picture or two. Long: the "
         "same prompts with end-of-sequence suppressed, so decoding lasts about a second and the app draws "
         "live pictures, step pictures and trajectory plots while it runs (the toy's text after its answer is "
         "meaningless, its steps are still split and drawn): the steady state of a long thinking trace.",

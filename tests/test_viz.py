@@ -15,8 +15,12 @@ from hf_vattr.layouts import ImageTokens, VisualLayout
 from hf_vattr.regions import PromptRegions, RegionMap
 from hf_vattr.viz import (
     WEAK_FRACTION,
+    OverlayRenderer,
+    _colormap,
     _pca,
+    clear_cache,
     describe_location,
+    overlay_renderer,
     render_html,
     scale_ticks,
     span_evidence,
@@ -163,6 +167,51 @@ def test_overlay_for_several_images_and_for_a_size_only_image():
     scores[13] = 1.0
     picture = step_overlay(regions, [toy_image(), (96, 96)], scores)
     assert picture.width == 4 * 288 + 3 * 6  # four panels: original + heatmap per image
+
+
+def test_heatmap_is_the_colour_formula_at_every_pixel():
+    # the renderer colours (region, grey level) pairs and gathers: check it against the per-pixel formula
+    image = toy_image()
+    regions = regions_for(three_by_three())
+    scores = torch.linspace(-1, 7.5, 9)
+    _, heat, scale = overlay_panels(step_overlay(regions, [image], scores, top=0), image)
+    big = np.asarray(image.resize((image.width * scale, image.height * scale), Image.NEAREST), dtype=np.float32)
+    labels = regions.maps[0].pixel_labels().repeat(scale, 0).repeat(scale, 1)
+    norm = np.clip(scores.numpy() / 7.5, 0, 1)
+    grey = big.mean(-1, keepdims=True)
+    expected = 0.78 * _colormap(norm[labels]) + 0.22 * grey
+    assert np.array_equal(heat, expected.clip(0, 255).astype(np.uint8))
+    # weak evidence: the faint formula everywhere but on the strike-through lines
+    weak = np.asarray(step_overlay(regions, [image], scores, top=0, evidence="weak"))[18:18 + heat.shape[0],
+                                                                                      heat.shape[1] + 6:]
+    faint = (0.4 * expected + 0.6 * (150 + 0.3 * grey)).clip(0, 255).astype(np.uint8)
+    differ = (weak != faint).any(-1)
+    assert 0.02 < differ.mean() < 0.2 and (weak[differ] == 235).all()
+
+
+def test_cached_pictures_equal_fresh_ones_and_follow_new_objects():
+    image = toy_image()
+    regions = regions_for(three_by_three())
+    scores = torch.arange(9, dtype=torch.float32)
+    first = np.asarray(step_overlay(regions, [image], scores, caption="step 1"))
+    again = np.asarray(step_overlay(regions, [image], scores, caption="step 1"))
+    clear_cache()
+    fresh = np.asarray(step_overlay(regions, [image], scores, caption="step 1"))
+    own = np.asarray(OverlayRenderer(regions, [image]).render(scores, caption="step 1"))
+    assert np.array_equal(first, again) and np.array_equal(first, fresh) and np.array_equal(first, own)
+    # a new PromptRegions over the same maps (what a streamer's trace holds) reuses the prepared panels
+    same_maps = PromptRegions(regions.layout, list(regions.maps))
+    assert overlay_renderer(same_maps, [image]).panels[0] is overlay_renderer(regions, [image]).panels[0]
+    assert np.array_equal(np.asarray(step_overlay(same_maps, [image], scores, caption="step 1")), first)
+    # another image object is drawn from its own pixels, never from the cache of the first
+    other = image.copy()
+    ImageDraw.Draw(other).rectangle([0, 0, 95, 40], fill=(0, 0, 255))
+    left = overlay_panels(step_overlay(regions, [other], scores, caption="step 1"), other)[0][18:]
+    assert (left[:60, 150:] == [0, 0, 255]).all(-1).mean() > 0.5
+    # prepare() computes every region's outline and location up front; pictures are unchanged
+    renderer = OverlayRenderer(regions, [image]).prepare()
+    assert len(renderer.panels[0]._outlines) == 9
+    assert np.array_equal(np.asarray(renderer.render(scores, caption="step 1")), first)
 
 
 # --------------------------------------------------------------------------- evidence
