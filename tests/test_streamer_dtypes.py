@@ -152,3 +152,19 @@ def test_other_routes_keep_generation_and_features(family, dtype, route, monkeyp
     else:
         assert relative_error(got, ref) <= BF16_RELATIVE_BOUND
     assert not patched_attention_lookup() and not model._forward_hooks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cuda_generation_unchanged_and_route_reported(dtype):
+    """On CUDA the LSE kernels are used only where they reproduce sdpa bitwise; generation never changes."""
+    base, proc = get_tiny("qwen3_vl")
+    model = copy.deepcopy(base).to("cuda", dtype)
+    _, inputs = _inputs(proc, dtype)
+    inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    plain = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, keep_features=True)
+    tokens, output = _stream(streamer, **inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(output, plain)
+    assert streamer.capture.path in ("lse", "full-row")
+    assert all(torch.isfinite(t.region_scores).all() for t in tokens)
