@@ -209,6 +209,7 @@ class AttributionStreamer(BaseStreamer):
         # A plain deque polled by the worker: appending wakes no thread, so the decode loop never hands the GIL
         # to the worker in the middle of a step (a Queue's notify did, costing ~2 ms a token on a busy CPU).
         self._work: collections.deque = collections.deque()
+        self._wake = threading.Event()  # set only for the end of the stream, so the last events are not late
         self._events: queue.Queue = queue.Queue()
         self._state = "new"  # new -> running -> done | failed | closed
         self._lock = threading.Lock()
@@ -301,7 +302,11 @@ class AttributionStreamer(BaseStreamer):
         _disarm(self)
         self._generate_frame = None
         if not state_was_final:
-            self._work.append(_END) if self._worker is not None else self._events.put(_END)
+            if self._worker is not None:
+                self._work.append(_END)
+                self._wake.set()
+            else:
+                self._events.put(_END)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()  # it stops at its next token (put raises once closed)
 
@@ -414,6 +419,7 @@ class AttributionStreamer(BaseStreamer):
         _disarm(self)
         self._generate_frame = None
         self._work.append(_END)
+        self._wake.set()
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join()  # generation is over: let text and spans catch up before generate returns
 
@@ -429,6 +435,7 @@ class AttributionStreamer(BaseStreamer):
         self._generate_frame = None
         if self._worker is not None:
             self._work.append(self._failure)
+            self._wake.set()
         else:
             self._events.put(self._failure)
 
@@ -438,7 +445,7 @@ class AttributionStreamer(BaseStreamer):
         try:
             while True:
                 if not self._work:
-                    time.sleep(_POLL_INTERVAL)
+                    self._wake.wait(_POLL_INTERVAL)
                     if time.monotonic() - last_check >= _WATCH_INTERVAL:
                         last_check = time.monotonic()
                         if self._generate_exited():
