@@ -1,4 +1,4 @@
-"""Time to produce one span's region scores, per attribution method (issue 4, Must 6).
+"""Time to produce one span's region scores, per attribution method.
 
     python benchmarks/bench_methods.py                  # prints a markdown table
     python benchmarks/bench_methods.py --write-docs     # also updates docs/training.md ("Benchmark")

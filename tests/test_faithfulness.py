@@ -31,7 +31,7 @@ def small_run(tmp_path_factory):
 
 def test_runner_writes_report_estimator_and_json(small_run):
     report = (small_run / "faithfulness.md").read_text()
-    for heading in ("## Methods x metrics", "## Pointing accuracy", "## By span section", "## Targets (issue 5)"):
+    for heading in ("## Methods x metrics", "## Pointing accuracy", "## By span section", "## Targets"):
         assert heading in report
     for method in ("estimator", "raw_attention", "leave_one_out", "grad_x_input", "integrated_gradients", "random"):
         assert f"| {method} |" in report

@@ -182,7 +182,7 @@ def test_shipped_model_answers_held_out_questions(toy_model):
     exs = make_examples(40, seed=toy.EVAL_SEED, start=5000)  # held out: never seen in training
     texts = _generate(model, processor, exs)
     answers, steps = zip(*(check_answer(e, text) for e, text in zip(exs, texts)))
-    # The target, on 40 examples the training script never scored (metrics.json: 100% on
+    # The project's target, on 40 examples the training script never scored (metrics.json: 100% on
     # 200 held-out, and 2000 more were 100% too; see docs/toy.md).
     assert np.mean(answers) >= 0.95, (np.mean(answers), np.mean(steps))
     assert np.mean(steps) >= 0.95, (np.mean(answers), np.mean(steps))

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *stable,
         "",
-        "## Targets (issue 5)",
+        "## Targets",
         "",
         "| target | met | value |",
         "|---|---|---|",
