@@ -107,3 +107,22 @@ def test_beam_search_stays_refused_with_a_clear_error():
     with pytest.raises(GenerationError, match="beam") as err:
         _events(streamer.generate(**single, max_new_tokens=NEW, num_beams=2))
     assert isinstance(err.value.__cause__, ValueError)
+
+
+def test_prefill_regions_per_row_of_a_batch():
+    """regions="prefill" in a batch: each row's regions equal a batch-1 prefill run of that row."""
+    model, proc = get_tiny("qwen3_vl")
+    proc.tokenizer.padding_side = "left"
+    images = [example_image(150, 210, seed=1), example_image(120, 100, seed=2)]
+    questions = ["What colour is the circle?", "Where?"]
+    batch = proc(text=[_prompt(proc, q) for q in questions], images=images, return_tensors="pt", padding=True)
+    streamer = AttributionStreamer(model, proc, inputs=batch, images=images, regions="prefill")
+    events = _events(streamer.generate(**batch, max_new_tokens=3, do_sample=False))
+    tokens, _ = _by_sequence(events, 2)
+    for s, (question, image) in enumerate(zip(questions, images)):
+        single = proc(text=[_prompt(proc, question)], images=[image], return_tensors="pt")
+        alone = AttributionStreamer(model, proc, inputs=single, images=[image], regions="prefill")
+        _events(alone.generate(**single, max_new_tokens=3, do_sample=False))
+        assert torch.equal(streamer.traces[s].regions.membership(), alone.regions.membership())
+        assert all(t.region_scores.shape == (alone.regions.num_regions,) for t in tokens[s])
+    assert not patched_attention_lookup()
