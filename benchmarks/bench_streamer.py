@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from hf_vattr import AttributionStreamer, LinearEstimator
-from hf_vattr.capture import attention_row_features, visual_row_features_from_lse
+from hf_vattr.capture import _features_from_lse, _scaled_keys_t, _visual_keys, attention_row_features
 from hf_vattr.testing import build_model, build_processor, example_inputs
 
 QWEN3_VL_2B_TEXT = dict(
@@ -190,10 +190,11 @@ class Bench:
             _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, cache.layers[0].values,
                                                                                scale=module.scaling)
             lse = lse.reshape(1, 16)
+            keys_t = _scaled_keys_t(_visual_keys(keys, positions), module.scaling)
             for name, fn in {
-                "lse": lambda: visual_row_features_from_lse(query, keys, lse, module.scaling, positions, pooling),
-                "lse, value_norm": lambda: visual_row_features_from_lse(query, keys, lse, module.scaling, positions,
-                                                                        pooling, visual_weights=weights),
+                # what a decode step runs: the visual keys were gathered and scaled at the first step
+                "lse": lambda: _features_from_lse(query, lse, keys_t, pooling),
+                "lse, value_norm": lambda: _features_from_lse(query, lse, keys_t, pooling, None, weights),
                 "full-row": lambda: attention_row_features(query, keys, module.scaling, positions[0], pooling[0]),
             }.items():
                 fn()

@@ -163,17 +163,29 @@ def visual_row_features_from_lse(
         (B, H, K) float32 features.
     """
     batch, num_heads, _, dim = query.shape
-    num_kv, groups = key.shape[1], num_heads // key.shape[1]
-    visual_keys = _visual_keys(key, positions).float() if visual_keys is None else visual_keys  # (B, Hkv, Nv, D)
-    num_visual = visual_keys.shape[2]
-    q = query[:, :, -1].float().mul_(scaling).reshape(batch * num_kv, groups, dim)
-    # One fused op: -lse + scale * q . k over the visual keys, per (sequence, KV head, query head of the group).
-    shift = logsumexp.float().neg().reshape(batch * num_kv, groups, 1)
-    scores = torch.baddbmm(shift, q, visual_keys.reshape(batch * num_kv, num_visual, dim).transpose(1, 2))
-    scores = scores.reshape(batch, num_heads, num_visual)
-    mask = _visual_mask(attention_mask, positions, key.shape[2])
-    if mask is not None:
-        scores = scores + mask
+    if visual_keys is None:
+        visual_keys = _visual_keys(key, positions).float()
+    keys_t = _scaled_keys_t(visual_keys, scaling)
+    return _features_from_lse(query, logsumexp, keys_t, pooling,
+                              _visual_mask(attention_mask, positions, key.shape[2]), visual_weights)
+
+
+def _scaled_keys_t(visual_keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(B * Hkv, D, Nv) float32: the visual keys times the softmax scale, laid out for one batched product."""
+    batch, num_kv, num_visual, dim = visual_keys.shape
+    return (visual_keys.float() * scaling).reshape(batch * num_kv, num_visual, dim).transpose(1, 2).contiguous()
+
+
+def _features_from_lse(query, logsumexp, keys_t, pooling, visual_mask=None, visual_weights=None) -> torch.Tensor:
+    """(B, H, K): four small kernels per layer and step (cast, fused product, exp, pooling)."""
+    batch, num_heads, _, dim = query.shape
+    groups = num_heads // (keys_t.shape[0] // batch)
+    q = query[:, :, -1].float().reshape(keys_t.shape[0], groups, dim)
+    # One fused op, beta=-1: scale * q . k - lse over the visual keys, per (sequence, KV head, query head of the group).
+    scores = torch.baddbmm(logsumexp.reshape(keys_t.shape[0], groups, 1), q, keys_t, beta=-1)
+    scores = scores.reshape(batch, num_heads, keys_t.shape[-1])
+    if visual_mask is not None:
+        scores = scores + visual_mask
     probs = scores.exp_()
     if visual_weights is not None:
         probs = probs.mul_(visual_weights)
@@ -444,7 +456,7 @@ class AttentionCapture:
         self._positions: dict[torch.device, torch.Tensor] = {}
         self._pooling: dict[torch.device, torch.Tensor] = {}
         self._pooling_cpu: torch.Tensor | None = None
-        self._visual_key_cache: dict[int, tuple[int, torch.Tensor]] = {}  # layer -> (cache length, float keys)
+        self._visual_key_cache: dict[int, tuple] = {}  # layer -> (cache length, scaled float keys, scale)
         self.num_regions = 0
         self._slots: list[torch.Tensor | None] = [None] * self.num_layers
         if membership is not None:
@@ -571,15 +583,16 @@ class AttentionCapture:
         layer = self._layer_of[module]
         weights = self._weights(layer, module, value, positions)
         # The visual keys sit in the prompt, so they never change while the cache grows by one token a step:
-        # keep their float32 copy instead of gathering it every step (recomputed if the cache was cropped).
+        # keep them (float32, scaled, laid out for the product) instead of gathering them every step;
+        # recomputed if the cache was cropped or reused.
         kept = self._visual_key_cache.get(layer)
-        if kept is None or key.shape[2] != kept[0] + 1 or kept[1].device != key.device:
-            kept = (key.shape[2], _visual_keys(key, positions).float())
+        if kept is None or key.shape[2] != kept[0] + 1 or kept[1].device != key.device or kept[2] != scaling:
+            kept = (key.shape[2], _scaled_keys_t(_visual_keys(key, positions), scaling), scaling)
         else:
-            kept = (key.shape[2], kept[1])
+            kept = (key.shape[2], kept[1], scaling)
         self._visual_key_cache[layer] = kept
-        self._slots[layer] = visual_row_features_from_lse(
-            query, key, lse, scaling, positions, pooling, attention_mask, visual_keys=kept[1], visual_weights=weights)
+        mask = _visual_mask(attention_mask, positions, key.shape[2])
+        self._slots[layer] = _features_from_lse(query, lse.float(), kept[1], pooling, mask, weights)
         self._set_path("lse")
 
     def _record(self, module, query, key, value, attention_mask, scaling, output) -> None:
