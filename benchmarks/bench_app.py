@@ -37,7 +37,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from hf_vattr import AttributionStreamer, LinearEstimator
 from hf_vattr.app import LiveApp
 from hf_vattr.demo import HELD_OUT_SEED, toy_estimator_path
-from hf_vattr.toy import load_toy_model, make_examples, prompt_messages
+from hf_vattr.toy import load_toy_model, make_examples
 
 MARKER = "<!-- bench_app -->"
 

@@ -16,7 +16,6 @@ The fixtures are deterministic (seeded) so tests can compare runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np

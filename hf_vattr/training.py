@@ -518,7 +518,7 @@ def fit_estimator(
                     loss.backward()
                     return loss
 
-                last_loss = float(opt.step(closure).detach())
+                opt.step(closure)
         if (step + 1) % config.eval_every == 0 or step + 1 == steps:
             with torch.no_grad():
                 full_loss, info = objective(theta, train_d)

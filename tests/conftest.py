@@ -2,6 +2,7 @@
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,22 @@ def family(request):
 @pytest.fixture
 def tiny(family):
     return get_tiny(family)
+
+
+def consume(streamer, deadline: float = 20.0):
+    """Iterate a streamer in a helper thread; return ``(events, error)``. A consumer still waiting after
+    ``deadline`` seconds fails the test instead of stalling CI."""
+    box = {"events": [], "error": None}
+
+    def run():
+        try:
+            for event in streamer:
+                box["events"].append(event)
+        except BaseException as err:  # noqa: BLE001 - the test inspects it
+            box["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(deadline)
+    assert not thread.is_alive(), "the consumer hung"
+    return box["events"], box["error"]

@@ -1,5 +1,4 @@
 import pytest
-import torch
 import transformers
 
 from hf_vattr.layouts import UnsupportedModelError, architecture_spec, text_dims, visual_layout

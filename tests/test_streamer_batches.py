@@ -1,7 +1,5 @@
 """Batches and num_return_sequences stream, each sequence equal to its own batch-1 run."""
 
-import threading
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ from hf_vattr.capture import patched_attention_lookup
 from hf_vattr.streamer import GenerationError
 from hf_vattr.testing import example_image
 
-from conftest import get_tiny
+from conftest import consume, get_tiny
 
 NEW = 6
 
@@ -29,21 +27,10 @@ def _prompt(proc, question):
 
 
 def _events(streamer, deadline=60):
-    box = {}
-
-    def consume():
-        try:
-            box["events"] = list(streamer)
-        except BaseException as err:  # noqa: BLE001
-            box["error"] = err
-
-    thread = threading.Thread(target=consume, daemon=True)
-    thread.start()
-    thread.join(deadline)
-    assert not thread.is_alive(), "the consumer hung"
-    if "error" in box:
-        raise box["error"]
-    return box["events"]
+    events, error = consume(streamer, deadline)
+    if error is not None:
+        raise error
+    return events
 
 
 def _by_sequence(events, n):

@@ -27,7 +27,7 @@ from hf_vattr.capture import patched_attention_lookup
 from hf_vattr.streamer import GenerationError
 from hf_vattr.testing import FAMILIES, example_image, example_inputs
 
-from conftest import get_tiny
+from conftest import consume, get_tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 
@@ -72,23 +72,6 @@ def _draw_case(rng, seed, iteration):
     elif error == "logits":
         case["fail_at_step"] = rng.randint(1, max_new + 2)
     return case
-
-
-def _consume(streamer):
-    box = {"events": [], "error": None}
-
-    def run():
-        try:
-            for event in streamer:
-                box["events"].append(event)
-        except BaseException as err:  # noqa: BLE001
-            box["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(DEADLINE)
-    assert not thread.is_alive(), "the consumer hung"
-    return box["events"], box["error"]
 
 
 def _wait_restored(model):
@@ -145,7 +128,7 @@ def _run_case(case):
 
             own_thread = threading.Thread(target=run_generate, daemon=True)
             own_thread.start()
-        events, error = _consume(streamer)
+        events, error = consume(streamer, DEADLINE)
         if case["safe_way"]:
             output = streamer.join(DEADLINE)
         else:

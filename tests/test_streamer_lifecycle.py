@@ -15,7 +15,7 @@ import hf_vattr.streamer as streamer_module
 from hf_vattr.streamer import GenerationError, StreamerStateError
 from hf_vattr.testing import example_image, example_inputs
 
-from conftest import get_tiny
+from conftest import consume, get_tiny
 
 DEADLINE = 20.0  # seconds; a hang fails here (failures arrive within a second in practice)
 
@@ -24,24 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExc
 
 class Boom(Exception):
     pass
-
-
-def consume(streamer, deadline=DEADLINE):
-    """Iterate in a helper thread; return (events, error). A consumer still waiting after the deadline fails."""
-    box = {"events": [], "error": None}
-
-    def run():
-        try:
-            for event in streamer:
-                box["events"].append(event)
-        except BaseException as err:  # noqa: BLE001
-            box["error"] = err
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(deadline)
-    assert not thread.is_alive(), "the consumer hung"
-    return box["events"], box["error"]
 
 
 def assert_restored(model):
