@@ -130,9 +130,7 @@ def _visual_mask(attention_mask: torch.Tensor | None, positions: torch.Tensor, n
     last = attention_mask[:, :, -1, :num_keys]  # (B|1, 1|H, Tk)
     index = positions[:, None, :].expand(max(last.shape[0], positions.shape[0]), last.shape[1], positions.shape[1])
     picked = last.expand(index.shape[0], -1, -1).gather(-1, index)
-    if picked.dtype == torch.bool:
-        return torch.zeros(picked.shape).masked_fill(~picked.cpu(), float("-inf")).to(picked.device)
-    return picked.float()
+    return _additive(picked, torch.float32).float()
 
 
 def visual_row_features_from_lse(
@@ -162,7 +160,6 @@ def visual_row_features_from_lse(
     Returns:
         (B, H, K) float32 features.
     """
-    batch, num_heads, _, dim = query.shape
     if visual_keys is None:
         visual_keys = _visual_keys(key, positions).float()
     keys_t = _scaled_keys_t(visual_keys, scaling)

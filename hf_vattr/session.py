@@ -115,9 +115,8 @@ class AttributionSession:
         self.images: list[Any] = [None if row_images is None else list(row_images) for _, row_images in rows]
         self.layouts: list[VisualLayout] = [
             visual_layout(model, row["input_ids"], row["image_grid_thw"], row_images) for row, row_images in rows]
-        self.from_prefill = isinstance(regions, str) and regions == "prefill"
         self._recorder: Any = None
-        if self.from_prefill:
+        if isinstance(regions, str) and regions == "prefill":
             if any(row["pixel_values"] is None for row, _ in rows):
                 raise ValueError('regions="prefill" needs inputs with pixel_values (images in the prompt); '
                                  'pass region maps or another method such as regions="grid".')
@@ -150,7 +149,6 @@ class AttributionSession:
         self.row_of_sequence: list[int] = []
         self._hook: Any = None
         self._lock = threading.Lock()
-        self.closed = False
         if self._recorder is not None:
             # Hooked now, not at the first put(): generate may encode the images before it calls put().
             self._recorder.__enter__()
@@ -216,10 +214,6 @@ class AttributionSession:
         tables = [self.regions[r].membership() for r in self.row_of_sequence]  # type: ignore[union-attr]
         return _padded(tables, (max(t.shape[0] for t in tables), max(t.shape[1] for t in tables)))
 
-    def num_regions(self, sequence: int) -> int:
-        regions = self.regions[self.row_of_sequence[sequence]]
-        return 0 if regions is None else regions.num_regions
-
     # ------------------------------------------------------------------ lifecycle
     def open(self, num_sequences: int, stale: Callable[[], bool] | None = None,
              on_evicted: Callable[[], None] | None = None) -> None:
@@ -251,7 +245,6 @@ class AttributionSession:
     def close(self) -> None:
         """Release every patch and hook; idempotent and safe from any thread."""
         with self._lock:
-            self.closed = True
             if self.capture is not None:
                 self.capture.stop()
             self._release_recorder()

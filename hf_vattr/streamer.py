@@ -298,15 +298,9 @@ class AttributionStreamer(BaseStreamer):
             else:
                 state_was_final = False
                 self._state = "closed"
-        self.session.close()
-        _disarm(self)
-        self._generate_frame = None
+        self._release()
         if not state_was_final:
-            if self._worker is not None:
-                self._work.append(_END)
-                self._wake.set()
-            else:
-                self._events.put(_END)
+            self._end_stream(_END)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()  # it stops at its next token (put raises once closed)
 
@@ -354,7 +348,7 @@ class AttributionStreamer(BaseStreamer):
         self.traces = [AttributionTrace(self.session.regions[r], sequence=s, images=self.session.images[r])
                        for s, r in enumerate(rows)]
         self._decoders = [TokenTextDecoder(self.tokenizer, self._tag_texts()) for _ in rows]
-        self._splitters = [self._splitter if s == 0 else _copy_splitter(self._splitter) for s in range(len(rows))]
+        self._splitters = [self._splitter if s == 0 else copy.deepcopy(self._splitter) for s in range(len(rows))]
         self._ended = [False] * len(rows)
         for s, splitter in enumerate(self._splitters):
             text = self.tokenizer.decode(prompt_ids[s].tolist(), skip_special_tokens=False)
@@ -415,11 +409,8 @@ class AttributionStreamer(BaseStreamer):
             if self._state != "running":
                 return
             self._state = "done"
-        self.session.close()
-        _disarm(self)
-        self._generate_frame = None
-        self._work.append(_END)
-        self._wake.set()
+        self._release()
+        self._end_stream(_END)
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join()  # generation is over: let text and spans catch up before generate returns
 
@@ -430,14 +421,23 @@ class AttributionStreamer(BaseStreamer):
                 return
             self._state = "failed"
             self._failure = _Failure(error, message)
+        self._release()
+        self._end_stream(self._failure)
+
+    def _release(self) -> None:
+        """Undo everything this stream patched or holds: session hooks, the thread excepthook, generate's frame."""
         self.session.close()
         _disarm(self)
         self._generate_frame = None
+
+    def _end_stream(self, item: Any) -> None:
+        """Queue the stream's last item (end or failure): through the worker once it runs, so that events
+        already decoded come first and it wakes at once; straight to the consumer before that."""
         if self._worker is not None:
-            self._work.append(self._failure)
+            self._work.append(item)
             self._wake.set()
         else:
-            self._events.put(self._failure)
+            self._events.put(item)
 
     # ------------------------------------------------------------------ worker thread
     def _work_loop(self) -> None:
@@ -576,7 +576,3 @@ class AttributionStreamer(BaseStreamer):
         self.generate(**generate_kwargs)
         assert self._thread is not None
         return self._thread
-
-
-def _copy_splitter(splitter: SpanSplitter) -> SpanSplitter:
-    return copy.deepcopy(splitter)
