@@ -15,6 +15,14 @@ plain Hub-style folder: ``Qwen3VLForConditionalGeneration.from_pretrained`` and
 ``AutoProcessor.from_pretrained`` load it like any model. It is reproduced from a source
 checkout by ``python scripts/toy/train_toy.py`` (the script is not part of the wheel).
 Nothing is loaded at import time.
+
+A harder family (more objects, salient distractors, multi-object steps) lives in
+:mod:`hf_vattr.toy.hard_task`, with its own model::
+
+    from hf_vattr.toy.hard_task import evidence_for_step, make_hard_examples
+
+    model, processor = load_toy_model(task="hard")  # toy/assets/toy-qwen3-vl-hard
+    ex = make_hard_examples(1, seed=123)[0]          # then as above
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from .task import (
 )
 
 __all__ = [
+    "TASKS",
     "toy_checkpoint_path",
     "load_toy_model",
     "COLOURS",
@@ -71,24 +80,32 @@ __all__ = [
 EVAL_SEED = 1_000_001
 
 
-def toy_checkpoint_path() -> Path:
-    """Folder of the shipped checkpoint (config, safetensors, processor, chat template)."""
-    return Path(__file__).resolve().parent / "assets" / "toy-qwen3-vl"
+#: Task family -> folder name of its shipped checkpoint under ``toy/assets``.
+TASKS = {"default": "toy-qwen3-vl", "hard": "toy-qwen3-vl-hard"}
 
 
-def load_toy_model(attn_implementation: str = "sdpa", *, path: str | Path | None = None):
+def toy_checkpoint_path(task: str = "default") -> Path:
+    """Folder of the shipped checkpoint of `task` ("default" or "hard"): config, safetensors, processor."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    return Path(__file__).resolve().parent / "assets" / TASKS[task]
+
+
+def load_toy_model(attn_implementation: str = "sdpa", *, path: str | Path | None = None, task: str = "default"):
     """(model, processor) of the shipped toy thinking VLM, via the public ``from_pretrained`` API.
 
-    The model is in eval mode, float32, on CPU; its generation config decodes greedily
-    and stops at ``<|im_end|>``.
+    `task` picks the checkpoint ("default", or "hard" for :mod:`hf_vattr.toy.hard_task`); `path`
+    overrides it. The model is in eval mode, float32, on CPU; its generation config decodes
+    greedily and stops at ``<|im_end|>``.
     """
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
-    folder = Path(path) if path is not None else toy_checkpoint_path()
+    folder = Path(path) if path is not None else toy_checkpoint_path(task)
     if not (folder / "config.json").exists():
+        flag = " --task hard" if task == "hard" and path is None else ""
         raise FileNotFoundError(
             f"No toy checkpoint at {folder}. Reinstall hf_vattr, or rebuild it from a source checkout "
-            f"with `python scripts/toy/train_toy.py --out {folder}`."
+            f"with `python scripts/toy/train_toy.py{flag} --out {folder}`."
         )
     model = Qwen3VLForConditionalGeneration.from_pretrained(folder, attn_implementation=attn_implementation)
     model.eval()

@@ -1,6 +1,7 @@
 """Build and train the embedded toy thinking VLM (tiny Qwen3-VL) on CPU.
 
     python scripts/toy/train_toy.py --out hf_vattr/toy/assets/toy-qwen3-vl
+    python scripts/toy/train_toy.py --task hard --out hf_vattr/toy/assets/toy-qwen3-vl-hard
 
 A development script (outside the wheel): it writes the checkpoint that ships in the package.
 
@@ -16,7 +17,7 @@ What it does, all offline and seeded:
    generation prompt ends with ``<|im_start|>assistant\\n<think>\\n``;
 3. transformers' own ``Qwen3VLForConditionalGeneration`` at tiny size, trained
    from scratch with teacher forcing (loss on the assistant tokens only) on
-   examples streamed from :mod:`hf_vattr.toy.task`, plus an auxiliary probe loss
+   examples streamed from :mod:`hf_vattr.toy.task` (``--task hard``: :mod:`hf_vattr.toy.hard_task`), plus an auxiliary probe loss
    on the vision tower's output tokens (:class:`VisualProbe`, dropped after
    training) so that the tiny tower reliably learns what and where each object is;
 4. ``save_pretrained`` of model (safetensors), processor, tokenizer, chat
@@ -38,6 +39,7 @@ import torch
 
 from hf_vattr.testing import FAMILIES, build_tokenizer
 from hf_vattr.toy import EVAL_SEED, toy_checkpoint_path
+from hf_vattr.toy.hard_task import HARD_COLOURS, hard_task_vocabulary, make_hard_example, make_hard_examples
 from hf_vattr.toy.task import (COLOURS, IMAGE_SIZE, SHAPES, TOKEN, ToyExample, check_answer, example_seed, make_example,
                    make_examples, prompt_messages, task_vocabulary)
 
@@ -70,19 +72,20 @@ MIN_PIXELS = 2 * 2 * 32 * 32
 # ----------------------------------------------------------------------------- building blocks
 
 
-def build_toy_tokenizer(vocab_size: int = 448):
+def build_toy_tokenizer(vocab_size: int = 448, vocabulary=task_vocabulary):
     """Byte-level BPE on the task sentences; every task word becomes a single token."""
     specials = {k: v for k, v in FAMILY.special_tokens.items() if v not in THINK_TOKENS}
-    corpus = task_vocabulary() * 4
+    corpus = vocabulary() * 4
     tokenizer = build_tokenizer(specials, corpus, vocab_size=vocab_size)
     tokenizer.add_tokens(list(THINK_TOKENS), special_tokens=False)
     return tokenizer
 
 
-def build_toy_processor(tokenizer=None):
+def build_toy_processor(tokenizer=None, task: str = "default"):
     import transformers
 
-    tokenizer = tokenizer if tokenizer is not None else build_toy_tokenizer()
+    if tokenizer is None:
+        tokenizer = build_toy_tokenizer(**({"vocabulary": hard_task_vocabulary} if task == "hard" else {}))
     image_processor = transformers.Qwen2VLImageProcessor(
         size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
         patch_size=FAMILY.patch_size, merge_size=2, temporal_patch_size=2,
@@ -243,9 +246,25 @@ CURRICULUM = (
 )
 
 
-def curriculum_examples(seed: int, step: int, steps: int, batch_size: int) -> list[ToyExample]:
+#: The hard task's curriculum: (progress fraction up to which the row applies, probabilities of
+#: 1..6 objects, probabilities of 0..2 distractors). Held-out evaluation uses 5-6 objects and 1-2 distractors.
+HARD_CURRICULUM = (
+    (0.12, (0.3, 0.4, 0.3, 0.0, 0.0, 0.0), (0.5, 0.5, 0.0)),
+    (0.30, (0.05, 0.15, 0.2, 0.2, 0.2, 0.2), (0.3, 0.4, 0.3)),
+    (1.00, (0.0, 0.05, 0.1, 0.15, 0.35, 0.35), (0.1, 0.45, 0.45)),
+)
+
+
+def curriculum_examples(seed: int, step: int, steps: int, batch_size: int, task: str = "default") -> list[ToyExample]:
     """The training batch of `step`: deterministic from (seed, step)."""
     progress = step / max(1, steps)
+    if task == "hard":
+        _, p_obj, p_dis = next(row for row in HARD_CURRICULUM if progress < row[0] or row[0] >= 1.0)
+        rng = np.random.default_rng([seed, step, 11])
+        ns = rng.choice(np.arange(1, 7), size=batch_size, p=p_obj)
+        ds = rng.choice(np.arange(3), size=batch_size, p=p_dis)
+        return [make_hard_example(example_seed(seed, step * batch_size + i), n_objects=int(n), n_distractors=int(d))
+                for i, (n, d) in enumerate(zip(ns, ds))]
     probs = next(p for until, p in CURRICULUM if progress < until or until >= 1.0)
     rng = np.random.default_rng([seed, step, 7])
     ns = rng.choice(np.arange(1, 5), size=batch_size, p=probs)
@@ -263,26 +282,35 @@ class VisualProbe(torch.nn.Module):
     stock ``Qwen3VLForConditionalGeneration``.
     """
 
-    def __init__(self, dim: int, grid: tuple[int, int]):
+    def __init__(self, dim: int, grid: tuple[int, int], n_colour_classes: int = len(COLOURS) + 1):
         super().__init__()
         self.shape = torch.nn.Linear(dim, len(SHAPES) + 1)
-        self.colour = torch.nn.Linear(dim, len(COLOURS) + 1)
+        self.colour = torch.nn.Linear(dim, n_colour_classes)
         self.row = torch.nn.Linear(dim, grid[0])
         self.col = torch.nn.Linear(dim, grid[1])
 
     @staticmethod
-    def labels(examples: list[ToyExample]) -> torch.Tensor:
-        """(N_images * tokens, 4) long: shape, colour (``len`` = none), row, column per visual token."""
+    def labels(examples: list[ToyExample], colours: tuple[str, ...] = tuple(COLOURS)) -> torch.Tensor:
+        """(N_images * tokens, 4) long: shape, colour, row, column per visual token.
+
+        Colour classes: ``colours``, then (hard task only) one class for distractors, then none.
+        A distractor labels every token its pixels touch, with its shape and the distractor class.
+        """
         rows, cols = IMAGE_SIZE[0] // TOKEN, IMAGE_SIZE[1] // TOKEN
+        has_distractors = any(hasattr(ex, "distractors") for ex in examples)
         out = []
         for ex in examples:
             lab = torch.zeros(rows, cols, 4, dtype=torch.long)
-            lab[..., 0], lab[..., 1] = len(SHAPES), len(COLOURS)
+            lab[..., 0], lab[..., 1] = len(SHAPES), len(colours) + int(has_distractors)
             lab[..., 2] = torch.arange(rows)[:, None]
             lab[..., 3] = torch.arange(cols)[None, :]
+            for obj in getattr(ex, "distractors", ()):  # spread over several tokens
+                touched = obj.mask.reshape(rows, TOKEN, cols, TOKEN).any(axis=(1, 3))
+                t = torch.from_numpy(touched)
+                lab[..., 0][t], lab[..., 1][t] = SHAPES.index(obj.shape), len(colours)
             for obj in ex.objects:  # each object lies inside one visual token
                 r, c = obj.bbox[1] // TOKEN, obj.bbox[0] // TOKEN
-                lab[r, c, 0], lab[r, c, 1] = SHAPES.index(obj.shape), list(COLOURS).index(obj.colour)
+                lab[r, c, 0], lab[r, c, 1] = SHAPES.index(obj.shape), list(colours).index(obj.colour)
             out.append(lab.view(-1, 4))
         return torch.cat(out)
 
@@ -294,7 +322,7 @@ class VisualProbe(torch.nn.Module):
 def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3, warmup: int = 50,
           weight_decay: float = 0.01, vision_lr_mult: float = 0.5, freeze_vision_frac: float = 0.0,
           probe_weight: float = 0.5, eval_examples: int = 400, seed: int = TRAIN_SEED, threads: int = 2,
-          log_every: int = 50) -> dict:
+          log_every: int = 50, task: str = "default") -> dict:
     """Train from scratch and save to `out`; returns the metrics written to ``metrics.json``.
 
     Schedule: AdamW, linear warmup then cosine decay. The vision tower trains at
@@ -302,7 +330,8 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
     steps frozen. Without help it tends to collapse to an image-independent output before
     the decoder learns to use it; ``probe_weight`` > 0 adds the :class:`VisualProbe` loss
     (what and where each visual token is), which prevents that. Images start with 1-2
-    objects (see ``CURRICULUM``).
+    objects (see ``CURRICULUM``). ``task="hard"`` trains on :mod:`hf_vattr.toy.hard_task`
+    (``HARD_CURRICULUM``; the probe also learns a distractor class).
     """
     from tqdm.auto import tqdm
 
@@ -314,7 +343,12 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    processor = build_toy_processor()
+    if task not in ("default", "hard"):
+        raise ValueError(f"task must be 'default' or 'hard', got {task!r}")
+    hard = task == "hard"
+    examples_of = make_hard_examples if hard else make_examples
+    probe_colours = tuple(HARD_COLOURS) if hard else tuple(COLOURS)
+    processor = build_toy_processor(task=task)
     tokenizer = processor.tokenizer
     model = build_toy_model(tokenizer, seed=seed)
     _init_for_grounding(model)
@@ -332,7 +366,8 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
                        "weight_decay": 0.0, "mult": mult, "vision": is_vision})
     visual_tokens: list[torch.Tensor] = []  # the tower's output of the current forward (for the probe)
     if probe_weight > 0:
-        probe = VisualProbe(model.config.vision_config.out_hidden_size, (IMAGE_SIZE[0] // TOKEN, IMAGE_SIZE[1] // TOKEN))
+        probe = VisualProbe(model.config.vision_config.out_hidden_size, (IMAGE_SIZE[0] // TOKEN, IMAGE_SIZE[1] // TOKEN),
+                            len(probe_colours) + 1 + int(hard))
         groups.append({"params": list(probe.parameters()), "weight_decay": 0.0, "mult": 1.0, "vision": False})
         model.model.visual.register_forward_hook(lambda module, args, output: visual_tokens.append(output.pooler_output))
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
@@ -341,11 +376,11 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
     for p in vision_params:
         p.requires_grad_(unfreeze_at == 0)
 
-    val_examples = make_examples(128, seed=EVAL_SEED + 1)
+    val_examples = examples_of(128, seed=EVAL_SEED + 1)
     val_batch = collate(processor, val_examples)
     val_kinds = np.array([ex.kind for ex in val_examples])
     log = []
-    bar = tqdm(range(steps), desc="train toy-qwen3-vl", dynamic_ncols=True)
+    bar = tqdm(range(steps), desc="train toy-qwen3-vl" + ("-hard" if hard else ""), dynamic_ncols=True)
     ema = None
     probe_ema = None
     t_train = time.time()
@@ -353,7 +388,7 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
         if step == unfreeze_at and step > 0:
             for p in vision_params:
                 p.requires_grad_(True)
-        examples = curriculum_examples(seed, step, steps, batch_size)
+        examples = curriculum_examples(seed, step, steps, batch_size, task)
         batch = collate(processor, examples)
         for group in opt.param_groups:
             if group["vision"]:  # its own warmup after unfreezing
@@ -364,7 +399,7 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
         visual_tokens.clear()
         loss = model(**batch).loss
         if probe_weight > 0:
-            probe_loss = probe.loss(visual_tokens[0], VisualProbe.labels(examples))
+            probe_loss = probe.loss(visual_tokens[0], VisualProbe.labels(examples, probe_colours))
             (loss + probe_weight * probe_loss).backward()
         else:
             loss.backward()
@@ -404,19 +439,21 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
     loaded = Qwen3VLForConditionalGeneration.from_pretrained(out).eval()
     loaded_proc = AutoProcessor.from_pretrained(out)
     t_eval = time.time()
-    held_out = make_examples(eval_examples, seed=EVAL_SEED)
+    held_out = examples_of(eval_examples, seed=EVAL_SEED)
     metrics = evaluate(loaded, loaded_proc, held_out)
     eval_s = time.time() - t_eval
 
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     result = {
         "held_out": {k: v for k, v in metrics.items() if k != "failures"},
+        "task": task,
         "held_out_seed": EVAL_SEED,
         "targets": {"answer_accuracy": 0.95, "step_accuracy": 0.95},
         "meets_targets": metrics["answer_accuracy"] >= 0.95 and metrics["step_accuracy"] >= 0.95,
         "training": {"steps": steps, "batch_size": batch_size, "examples_seen": steps * batch_size, "lr": lr,
                      "warmup": warmup, "weight_decay": weight_decay, "vision_lr_mult": vision_lr_mult,
-                     "freeze_vision_frac": freeze_vision_frac, "probe_weight": probe_weight, "curriculum": CURRICULUM, "seed": seed,
+                     "freeze_vision_frac": freeze_vision_frac, "probe_weight": probe_weight,
+                     "curriculum": HARD_CURRICULUM if hard else CURRICULUM, "seed": seed,
                      "threads": threads,
                      "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
                      "total_seconds": round(time.time() - t_start, 1), "torch": torch.__version__,
@@ -435,7 +472,9 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(toy_checkpoint_path()), help="checkpoint folder (default: the package's)")
+    p.add_argument("--task", choices=("default", "hard"), default="default",
+                   help="task family: the default toy task, or the hard one (hf_vattr.toy.hard_task)")
+    p.add_argument("--out", default=None, help="checkpoint folder (default: the package's, for --task)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -447,8 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=TRAIN_SEED)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    args.out = args.out or str(toy_checkpoint_path(args.task))
     r = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-              vision_lr_mult=args.vision_lr_mult, freeze_vision_frac=args.freeze_vision_frac, probe_weight=args.probe_weight, eval_examples=args.eval_examples, seed=args.seed, threads=args.threads)
+              vision_lr_mult=args.vision_lr_mult, freeze_vision_frac=args.freeze_vision_frac, probe_weight=args.probe_weight, eval_examples=args.eval_examples, seed=args.seed, threads=args.threads,
+              task=args.task)
     h = r["held_out"]
     print(f"held-out ({h['n']}): answer accuracy {h['answer_accuracy']:.3f}, step accuracy {h['step_accuracy']:.3f}; "
           f"train {r['training']['train_seconds']:.0f}s, total {r['training']['total_seconds']:.0f}s; "
