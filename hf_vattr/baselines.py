@@ -246,7 +246,8 @@ class EstimatorMethod(AttributionMethod):
     @torch.no_grad()
     def span_scores(self, record: ExampleRecord, model: Any = None, inputs: Mapping[str, Any] | None = None,
                     **options: Any) -> torch.Tensor:
-        return self.estimator(record.span_features).float().cpu()
+        # span_scores: answers inherit the thinking steps' scores when the estimator was fit to do so
+        return self.estimator.span_scores(record.span_features, [sp.get("section") for sp in record.spans]).float().cpu()
 
 
 class RawAttention(AttributionMethod):

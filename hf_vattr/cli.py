@@ -255,7 +255,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             src = None
             if estimator is not None:
-                src = [estimator(torch.as_tensor(r.span_features)).detach() for r in records]
+                src = [estimator.span_scores(torch.as_tensor(r.span_features), [sp.get("section") for sp in r.spans]).detach()
+                       for r in records]
             report.info["trajectories"] = trajectory_report([r for r in records], labels, scores=src)
     print(report.to_markdown())
     if "trajectories" in report.info:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Seque
 import torch
 from transformers.utils import logging
 
-from .ablation import AblationEngine, leave_one_out_masks, random_subset_masks
+from .ablation import AblationEngine, leave_one_out_masks, random_subset_masks, regenerated_span_effects
 from .capture import AttentionCapture
 from .text import decode_pieces
 from .layouts import text_dims, visual_layout
@@ -90,6 +90,11 @@ class CollectionConfig:
         "help": "what is pooled: attention weights, or attention times the norm of each visual token's "
                 "contribution through the head's output projection (value_norm)",
         "choices": ("attention", "value_norm")})
+    answer_effects: str = field(default="direct", metadata={
+        "help": "effects on spans after the reasoning (the answer): direct (teacher-forced, the thinking text "
+                "kept) or total (the thinking is regenerated under each ablation, so the path from the image "
+                "through the reasoning counts; costs up to one regeneration per mask)",
+        "choices": ("direct", "total")})
     batch_size: int = field(default=16, metadata={"help": "ablation masks per forward pass"})
     seed: int = field(default=0, metadata={
         "help": "seeds the random subsets (with the example id, so shards agree with one process)"})
@@ -370,6 +375,11 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
     costs nothing extra.
     """
     config = config or CollectionConfig()
+    if config.answer_effects not in ("direct", "total"):
+        raise ValueError(f"answer_effects must be 'direct' or 'total', got {config.answer_effects!r}.")
+    if config.answer_effects == "total" and config.method != "attention":
+        raise ValueError("answer_effects='total' regenerates the reasoning under attention ablation; it needs "
+                         f"method='attention', got method={config.method!r}.")
     if not isinstance(images, (list, tuple)):
         images = [images]
     images = [_load_image(im) for im in images]
@@ -421,6 +431,8 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
         masks = torch.cat([leave_one_out_masks(num_regions), subset_masks])
         effects = engine.span_effects(span_ranges, masks, batch_size=config.batch_size, method=config.method,
                                       pixel_fill=config.pixel_fill)  # (K + M, S)
+        if config.answer_effects == "total":
+            effects = _total_answer_effects(engine, sequence, spans, masks, effects, tokenizer, splitter, config)
         loo_effects = effects[:num_regions].T.contiguous()
         subset_effects = effects[num_regions:].T.contiguous()
         base = engine.base_logprobs(span_ranges)
@@ -450,6 +462,31 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
         extra={"num_generated": len(generated), "image_sizes": [list(im.original_size) if im.original_size else None
                                                                 for im in layout.images]},
     )
+
+
+def _total_answer_effects(engine: AblationEngine, sequence: torch.Tensor, spans: list[dict], masks: torch.Tensor,
+                          effects: torch.Tensor, tokenizer: Any, splitter: SpanSplitter,
+                          config: CollectionConfig) -> torch.Tensor:
+    """``effects (M, S)`` with the answer spans' columns replaced by total effects (reasoning regenerated)."""
+    answer = [i for i, sp in enumerate(spans) if sp["section"] == "answer"]
+    if not answer:
+        return effects
+    close = getattr(splitter, "think_close", "</think>")
+    close_id = tokenizer.convert_tokens_to_ids(close)
+    if not isinstance(close_id, int) or close_id == getattr(tokenizer, "unk_token_id", None):
+        raise ValueError(f"answer_effects='total' needs the end-of-reasoning tag {close!r} to be one token of the "
+                         "tokenizer; it is not. Use answer_effects='direct'.")
+    generated = sequence[0, engine.prompt_len:].tolist()
+    first_answer = min(spans[i]["start"] for i in answer)
+    ends = [i + 1 for i, t in enumerate(generated[:first_answer]) if t == close_id]
+    if not ends:
+        return effects  # the answer section was opened without the tag token: nothing to regenerate
+    out = effects.clone()
+    out[:, answer] = regenerated_span_effects(
+        engine, sequence, [(spans[i]["start"], spans[i]["end"]) for i in answer], masks,
+        reasoning_end=ends[-1], teacher_forced=effects[:, answer], stop_token_id=close_id,
+        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, generate_kwargs=config.generate_kwargs)
+    return out
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -17,10 +17,11 @@ initial weights), ``generate_model_card`` (per-estimator metadata). See ``docs/e
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin, constants, hf_hub_download
@@ -34,10 +35,12 @@ from .metrics import metric_meaning
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["LinearEstimator", "EstimatorError", "EstimatorConfigError", "EstimatorLoadError",
+__all__ = ["LinearEstimator", "INHERITING_SECTIONS", "EstimatorError", "EstimatorConfigError", "EstimatorLoadError",
            "EstimatorMismatchError", "POOLINGS", "MODEL_CARD_TEMPLATE"]
 
 POOLINGS = ("sum", "mean")
+#: Span sections that inherit the scores of the reasoning before them (see ``LinearEstimator.inherited``).
+INHERITING_SECTIONS = ("answer",)
 WEIGHTS_NAME = constants.SAFETENSORS_SINGLE_FILE  # "model.safetensors"
 
 # First line of every card body we render. A README.md carrying it is regenerated on re-save
@@ -124,6 +127,13 @@ class LinearEstimator(
         training_metrics: e.g. ``{"lds": 0.41, "r2": 0.65}``; names as in :data:`hf_vattr.metrics.METRICS`.
         training_data: summary of the data the weights were fit on.
         nonnegative: apply ``weight.clamp_min(0)`` (:attr:`effective_weight`).
+        inherit_weight, inherit_decay: indirect effects. A span of an inheriting section (the answer)
+            scores ``own + inherit_weight * sum_i c_i * (step_i - bias)`` over the thinking steps before it,
+            with recency weights ``c_i`` proportional to ``inherit_decay ** (steps after i)`` (1: their mean;
+            0: the last step only). Why: an answer depends on the image mostly through the reasoning, and
+            the steps' scores are the estimator's account of that path. Fit by
+            :func:`hf_vattr.training.fit_estimator` on total answer effects; 0 (the default) turns it off.
+            ``config.json`` omits both at their defaults.
 
     Every argument is a JSON value, so ``config.json`` rebuilds the same estimator.
     """
@@ -144,6 +154,8 @@ class LinearEstimator(
         training_metrics: dict | None = None,
         training_data: dict | None = None,
         nonnegative: bool = False,
+        inherit_weight: float = 0.0,
+        inherit_decay: float = 1.0,
     ):
         super().__init__()
         self.num_layers = _positive_int(num_layers, "num_layers")
@@ -156,6 +168,12 @@ class LinearEstimator(
         for name, value in (("use_bias", use_bias), ("nonnegative", nonnegative)):
             if not isinstance(value, bool):
                 raise EstimatorConfigError(f"{name} must be a bool, got {value!r}.")
+        for name, value, low, high in (("inherit_weight", inherit_weight, 0.0, math.inf),
+                                       ("inherit_decay", inherit_decay, 0.0, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high \
+                    or not math.isfinite(value):
+                raise EstimatorConfigError(f"{name} must be a finite number in [{low}, {high}], got {value!r}.")
+        self.inherit_weight, self.inherit_decay = float(inherit_weight), float(inherit_decay)
         self.use_bias, self.nonnegative, self.pooling, self.region_method = use_bias, nonnegative, pooling, region_method
         self.model_type, self.base_model_id, self.base_model_revision = model_type, base_model_id, base_model_revision
         self.k_policy = _json_dict(k_policy, "k_policy")
@@ -170,8 +188,15 @@ class LinearEstimator(
     def _sync_config(self) -> None:
         # The mixin writes `_hub_mixin_config` to config.json; it is built from the raw call
         # arguments, so make it the validated attributes instead (and keep it current).
+        defaults = {"feature_kind": "attention", "inherit_weight": 0.0, "inherit_decay": 1.0}
         self._hub_mixin_config = {name: getattr(self, name) for name in list(self._hub_mixin_init_parameters)[1:]
-                                  if not (name == "feature_kind" and self.feature_kind == "attention")}
+                                  if not (name in defaults and getattr(self, name) == defaults[name])}
+
+    def set_inheritance(self, weight: float, decay: float = 1.0) -> None:
+        """Set how answer spans inherit the reasoning's scores (see the class docstring); 0 turns it off."""
+        checked = LinearEstimator(1, 1, inherit_weight=weight, inherit_decay=decay)  # same validation as __init__
+        self.inherit_weight, self.inherit_decay = checked.inherit_weight, checked.inherit_decay
+        self._sync_config()
 
     def set_training_info(self, *, training_metrics: dict | None = None, training_data: dict | None = None) -> None:
         """Record metrics / a data summary after fitting (they go to config.json and the model card)."""
@@ -184,7 +209,9 @@ class LinearEstimator(
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, num_heads={self.num_heads}, pooling={self.pooling!r}, "
                 f"feature_kind={self.feature_kind!r}, "
-                f"use_bias={self.use_bias}, nonnegative={self.nonnegative}, model_type={self.model_type!r}")
+                f"use_bias={self.use_bias}, nonnegative={self.nonnegative}, model_type={self.model_type!r}"
+                + (f", inherit_weight={self.inherit_weight:.4g}, inherit_decay={self.inherit_decay:.4g}"
+                   if self.inherit_weight else ""))
 
     # ----------------------------------------------------------------- scoring
 
@@ -208,6 +235,40 @@ class LinearEstimator(
             features = features.to(torch.float32)
         scores = torch.einsum("...lhk,lh->...k", features, self.effective_weight.to(features))
         return scores if self.bias is None else scores + self.bias.to(scores)
+
+    def inherited(self, earlier: torch.Tensor) -> torch.Tensor:
+        """The inherited part ``(K,)`` of an answer's scores, from the earlier thinking steps' scores ``(n, K)``.
+
+        ``inherit_weight`` times the recency-weighted mean of ``earlier - bias``; zeros when there is
+        no earlier step or inheritance is off.
+        """
+        earlier = torch.as_tensor(earlier)
+        if earlier.dim() != 2:
+            raise ValueError(f"earlier must be (n, K) scores of the earlier steps, got {tuple(earlier.shape)}.")
+        if self.inherit_weight == 0.0 or earlier.shape[0] == 0:
+            return torch.zeros(earlier.shape[-1], dtype=earlier.dtype if earlier.is_floating_point() else torch.float32,
+                               device=earlier.device)
+        earlier = earlier.float() if not earlier.is_floating_point() else earlier
+        shifted = earlier if self.bias is None else earlier - self.bias.detach().to(earlier)
+        return self.inherit_weight * recency_mean(shifted, self.inherit_decay)
+
+    def span_scores(self, span_features: torch.Tensor, sections: Sequence[str]) -> torch.Tensor:
+        """Scores ``(S, K)`` of a trace's spans in order: own features, plus the inherited part for answers.
+
+        ``sections[s]`` is span ``s``'s section (``"thinking"`` / ``"answer"``, as the splitter names them).
+        What the streamer yields for the same spans.
+        """
+        scores = self(span_features)
+        if len(sections) != scores.shape[0]:
+            raise ValueError(f"{len(sections)} sections for {scores.shape[0]} spans.")
+        if self.inherit_weight == 0.0:
+            return scores
+        out = scores.clone()
+        for s, section in enumerate(sections):
+            if section in INHERITING_SECTIONS:
+                steps = [j for j in range(s) if sections[j] not in INHERITING_SECTIONS]
+                out[s] = scores[s] + self.inherited(scores[steps])
+        return out
 
     # ----------------------------------------------------------- compatibility
 
@@ -332,6 +393,13 @@ class LinearEstimator(
         if not all(t.is_floating_point() and bool(torch.isfinite(t).all()) for t in state.values()):
             raise EstimatorConfigError(f"{weights_file}: the weights must be finite floats.")
         return model.to(map_location).eval()
+
+
+def recency_mean(values: torch.Tensor, decay: float) -> torch.Tensor:
+    """Weighted mean over the first axis of ``(n, K)`` values, weights ``decay ** (n - 1 - i)`` (latest counts most)."""
+    age = torch.arange(values.shape[0] - 1, -1, -1, device=values.device, dtype=torch.float64)
+    c = torch.pow(torch.tensor(float(decay), dtype=torch.float64, device=values.device), age)
+    return ((c / c.sum()).to(values.dtype)[:, None] * values).sum(0)
 
 
 def _fmt(value: Any) -> str:

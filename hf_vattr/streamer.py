@@ -43,6 +43,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging
 
+from .estimator import INHERITING_SECTIONS
 from .events import AttributionTrace, SpanAttribution, TokenAttribution
 from .layouts import VisualLayout
 from .regions import PromptRegions, RegionMap
@@ -481,9 +482,11 @@ class AttributionStreamer(BaseStreamer):
             index = len(trace.tokens)
             piece = self._decoders[s].push(token_id)
             closed = self._splitters[s].push(index, piece)
+            section = self._splitters[s].section()
             event = TokenAttribution(
-                index=index, token_id=token_id, text=piece, region_scores=scores[s, :k].clone(),
-                section=self._splitters[s].section(),
+                index=index, token_id=token_id, text=piece, region_scores=self._with_inherited(trace, section,
+                                                                                             scores[s, :k].clone()),
+                section=section,
                 features=None if features is None else features[s, ..., :k].detach().cpu(), sequence=s,
             )
             trace.tokens.append(event)
@@ -493,6 +496,16 @@ class AttributionStreamer(BaseStreamer):
             self._emit_spans(s, closed)
             if token_id in self._eos_ids and len(token_ids) > 1:
                 self._ended[s] = True
+
+    def _with_inherited(self, trace: AttributionTrace, section: str, scores: torch.Tensor) -> torch.Tensor:
+        """An answer token's scores plus what it inherits from the thinking steps (``LinearEstimator.inherited``)."""
+        estimator = self.session.estimator
+        if estimator is None or not estimator.inherit_weight or section not in INHERITING_SECTIONS:
+            return scores
+        steps = [span.region_scores for span in trace.spans if span.section not in INHERITING_SECTIONS]
+        if not steps:
+            return scores
+        return scores + estimator.inherited(torch.stack(steps)).to(scores)
 
     def _emit_spans(self, sequence: int, closed: Sequence[Any]) -> None:
         trace = self.traces[sequence]

@@ -72,6 +72,9 @@ __all__ = [
 ]
 
 TARGETS = ("loo", "subsets", "both")
+INHERIT_MODES = ("auto", "on", "off")
+#: recency decays tried when fitting inheritance (1: mean of the steps; 0: the last step only)
+INHERIT_DECAYS = (1.0, 0.7, 0.5, 0.3, 0.0)
 OPTIMIZERS = ("adam", "lbfgs")
 
 
@@ -110,6 +113,11 @@ class TrainingConfig:
     min_effect_std: float = field(default=1e-8, metadata={
         "help": "spans whose actual effects vary less are left out of the loss (no correlation is defined)"})
     device: str | None = field(default=None, metadata={"help": "where to optimise (None: CPU)"})
+    inherit: str = field(default="auto", metadata={
+        "help": "indirect effects: answer spans inherit the thinking steps' scores with a fitted weight and "
+                "recency decay (their own features are then not fit to the answers); auto: on when the "
+                "collection measured total answer effects (answer_effects=total)",
+        "choices": INHERIT_MODES})
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -126,6 +134,8 @@ class TrainingConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}.")
+        if self.inherit not in INHERIT_MODES:
+            raise ValueError(f"inherit must be one of {INHERIT_MODES}, got {self.inherit!r}.")
         if int(self.eval_every) < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every!r}.")
 
@@ -191,8 +201,12 @@ class _SpanTensors:
         return [str(r.example_id) for r in self.records]
 
     @classmethod
-    def from_records(cls, records: Sequence[ExampleRecord], dtype: torch.dtype = torch.float32) -> _SpanTensors:
-        records = [r for r in records if r.num_spans > 0]
+    def from_records(cls, records: Sequence[ExampleRecord], dtype: torch.dtype = torch.float32,
+                     exclude_sections: Sequence[str] = ()) -> _SpanTensors:
+        """``exclude_sections``: spans of these sections are left out (examples keep their index)."""
+        kept = {id(r): [i for i, sp in enumerate(r.spans) if sp.get("section") not in exclude_sections]
+                for r in records}
+        records = [r for r in records if kept[id(r)]]
         if not records:
             raise ValueError("no spans to train on: every example is empty (S = 0) or no examples were given.")
         dims = {r.dims for r in records}
@@ -200,7 +214,7 @@ class _SpanTensors:
             raise ValueError(f"examples come from models of different sizes: (L, H) in {sorted(dims)}.")
         l_, h_ = dims.pop()
         kmax = max(r.num_regions for r in records)
-        n = sum(r.num_spans for r in records)
+        n = sum(len(kept[id(r)]) for r in records)
         has_sub = all(r.num_subsets > 0 for r in records)
         mmax = max(r.num_subsets for r in records) if has_sub else 0
 
@@ -213,16 +227,17 @@ class _SpanTensors:
         ex_index = torch.empty(n, dtype=torch.long)
         start = 0
         for e, r in enumerate(records):
-            s, k, m = r.num_spans, r.num_regions, r.num_subsets
+            keep, k, m = kept[id(r)], r.num_regions, r.num_subsets
+            s = len(keep)
             sl = slice(start, start + s)
-            feats[sl, :, :, :k] = r.span_features.to(dtype)
+            feats[sl, :, :, :k] = r.span_features[keep].to(dtype)
             rvalid[sl, :k] = True
             ex_index[sl] = e
-            loo[sl, :k] = r.loo_effects
+            loo[sl, :k] = r.loo_effects[keep]
             if masks is not None:
                 masks[e, :m, :k] = r.subset_masks
                 svalid[e, :m] = True
-                subs[sl, :m] = r.subset_effects
+                subs[sl, :m] = r.subset_effects[keep]
             start += s
         return cls(feats, rvalid, ex_index, loo, masks, svalid, subs, records)
 
@@ -421,9 +436,14 @@ def fit_estimator(
     """
     from .estimator import LinearEstimator
 
+    from .estimator import INHERITING_SECTIONS
+
     config = config or TrainingConfig()
     t0 = time.perf_counter()
-    full = _SpanTensors.from_records(data)
+    inherit = config.inherit == "on" or (config.inherit == "auto" and bool(data) and all(
+        r.config.get("answer_effects") == "total" for r in data))
+    # With inheritance, answers are scored through the steps before them: their own features are not fit.
+    full = _SpanTensors.from_records(data, exclude_sections=INHERITING_SECTIONS if inherit else ())
     l_, h_ = full.dims
     if num_layers is not None and num_layers != l_ or num_heads is not None and num_heads != h_:
         raise ValueError(f"features are (L={l_}, H={h_}) but num_layers={num_layers}, num_heads={num_heads} given.")
@@ -434,6 +454,7 @@ def fit_estimator(
     model_type = model_type or first.model_type or None
     pooling = pooling or first.pooling
 
+    data_records = full.records
     n_ex = len(full.example_ids)
     train_idx, val_idx = split_examples(n_ex, config.val_fraction, config.seed)
     train = full.subset(train_idx)
@@ -565,16 +586,20 @@ def fit_estimator(
         if estimator.bias is not None:
             estimator.bias.fill_(bias)
     estimator.eval()
+    inheritance = {"applied": False}
+    if inherit:
+        inheritance = _fit_inheritance(estimator, [data_records[i] for i in train_idx],
+                                       [data_records[i] for i in val_idx], config)
 
-    def metrics_on(d: _SpanTensors | None) -> dict | None:
-        if d is None:
+    def metrics_on(records: list[ExampleRecord]) -> dict | None:
+        if not records:
             return None
         with torch.no_grad():
-            scores = [estimator(r.span_features) for r in d.records]
-        return stored_metrics(scores, d.records)
+            scores = [estimator.span_scores(r.span_features, [sp.get("section") for sp in r.spans]) for r in records]
+        return stored_metrics(scores, records)
 
-    train_metrics = metrics_on(train)
-    val_metrics = metrics_on(val)
+    train_metrics = metrics_on([data_records[i] for i in train_idx])
+    val_metrics = metrics_on([data_records[i] for i in val_idx])
     held = val_metrics if val_metrics is not None else train_metrics
     summary = full.summary()
     summary.update(
@@ -599,10 +624,73 @@ def fit_estimator(
         "best_step": best[2],
         "history": history,
         "calibration": calibration,
+        "inheritance": inheritance,
         "metrics": {"train": train_metrics, "val": val_metrics},
         "seconds": time.perf_counter() - t0,
     }
     return estimator, report
+
+
+def _fit_inheritance(estimator: Any, train: Sequence[ExampleRecord], val: Sequence[ExampleRecord],
+                     config: TrainingConfig) -> dict:
+    """Fit how answers inherit the steps' scores: ``answer = own + gamma * recency_mean(steps)``; set it on ``estimator``.
+
+    For each decay of :data:`INHERIT_DECAYS`, ``gamma`` is the least-squares slope of the answers'
+    within-span centred residual effects (``loo - own``) on the centred inherited scores, over the
+    training examples (clamped at 0); the decay is then chosen by the held-out mean Pearson of the
+    answers' scores (LOO, subsets or both, as ``config.target``). Returns what was fit, for the report.
+    """
+    from .estimator import INHERITING_SECTIONS, recency_mean
+
+    def answer_terms(records: Sequence[ExampleRecord], decay: float) -> list[tuple]:
+        out = []
+        with torch.no_grad():
+            for r in records:
+                sections = [sp.get("section") for sp in r.spans]
+                own = estimator(r.span_features).double()
+                bias = 0.0 if estimator.bias is None else float(estimator.bias)
+                for s, section in enumerate(sections):
+                    steps = [j for j in range(s) if sections[j] not in INHERITING_SECTIONS]
+                    if section in INHERITING_SECTIONS and steps:
+                        out.append((own[s], recency_mean(own[steps] - bias, decay), r.loo_effects[s].double(),
+                                    r.subset_masks.double(), r.subset_effects[s].double()))
+        return out
+
+    def centred(x: torch.Tensor) -> torch.Tensor:
+        return x - x.mean()
+
+    def pearson(terms: list[tuple], gamma: float) -> float:
+        values = []
+        for own, inherited, loo, masks, subsets in terms:
+            pred = own + gamma * inherited
+            pairs = [] if config.target == "subsets" else [(pred, loo)]
+            if config.target != "loo" and masks.shape[0] > 1:
+                pairs.append((masks @ pred, subsets))
+            for p, y in pairs:
+                r, ok = masked_pearson(p[None].float(), y[None].float(), torch.ones(1, y.numel(), dtype=torch.bool),
+                                       config.min_effect_std)
+                if bool(ok[0]):
+                    values.append(float(r[0]))
+        return sum(values) / len(values) if values else float("nan")
+
+    tried = []
+    for decay in INHERIT_DECAYS:
+        terms = answer_terms(train, decay)
+        num = sum(float((centred(loo - own) * centred(g)).sum()) for own, g, loo, _, _ in terms)
+        den = sum(float((centred(g) ** 2).sum()) for _, g, _, _, _ in terms)
+        gamma = max(num / den, 0.0) if den > 0 else 0.0
+        held = pearson(answer_terms(val, decay), gamma) if val else pearson(terms, gamma)
+        tried.append({"decay": decay, "weight": gamma, "answer_pearson": held, "answers": len(terms),
+                      "answer_pearson_own": pearson(terms if not val else answer_terms(val, decay), 0.0)})
+    usable = [t for t in tried if t["weight"] > 0 and not math.isnan(t["answer_pearson"])]
+    if not usable:
+        logger.warning("Inheritance was requested but no answer span with a measured effect follows a thinking step "
+                       "(or the fit found no positive weight): answers keep their own scores.")
+        return {"applied": False, "tried": tried}
+    best = max(usable, key=lambda t: t["answer_pearson"])
+    estimator.set_inheritance(best["weight"], best["decay"])
+    return {"applied": True, "weight": best["weight"], "decay": best["decay"],
+            "chosen_by": "val" if val else "train", "tried": tried}
 
 
 def _isnan(v: Any) -> bool:
