@@ -127,13 +127,14 @@ class LinearEstimator(
         training_metrics: e.g. ``{"lds": 0.41, "r2": 0.65}``; names as in :data:`hf_vattr.metrics.METRICS`.
         training_data: summary of the data the weights were fit on.
         nonnegative: apply ``weight.clamp_min(0)`` (:attr:`effective_weight`).
-        inherit_weight, inherit_decay: indirect effects. A span of an inheriting section (the answer)
-            scores ``own + inherit_weight * sum_i c_i * (step_i - bias)`` over the thinking steps before it,
+        inherit_weight, inherit_decay, inherit_own: indirect effects. A span of an inheriting section (the
+            answer) scores ``bias + inherit_own * (own - bias) + inherit_weight * sum_i c_i * (step_i - bias)``
+            over the thinking steps before it,
             with recency weights ``c_i`` proportional to ``inherit_decay ** (steps after i)`` (1: their mean;
             0: the last step only). Why: an answer depends on the image mostly through the reasoning, and
             the steps' scores are the estimator's account of that path. Fit by
             :func:`hf_vattr.training.fit_estimator` on total answer effects; 0 (the default) turns it off.
-            ``config.json`` omits both at their defaults.
+            ``config.json`` omits them at their defaults (1 for ``inherit_own``).
 
     Every argument is a JSON value, so ``config.json`` rebuilds the same estimator.
     """
@@ -156,6 +157,7 @@ class LinearEstimator(
         nonnegative: bool = False,
         inherit_weight: float = 0.0,
         inherit_decay: float = 1.0,
+        inherit_own: float = 1.0,
     ):
         super().__init__()
         self.num_layers = _positive_int(num_layers, "num_layers")
@@ -169,11 +171,13 @@ class LinearEstimator(
             if not isinstance(value, bool):
                 raise EstimatorConfigError(f"{name} must be a bool, got {value!r}.")
         for name, value, low, high in (("inherit_weight", inherit_weight, 0.0, math.inf),
-                                       ("inherit_decay", inherit_decay, 0.0, 1.0)):
+                                       ("inherit_decay", inherit_decay, 0.0, 1.0),
+                                       ("inherit_own", inherit_own, 0.0, math.inf)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high \
                     or not math.isfinite(value):
                 raise EstimatorConfigError(f"{name} must be a finite number in [{low}, {high}], got {value!r}.")
         self.inherit_weight, self.inherit_decay = float(inherit_weight), float(inherit_decay)
+        self.inherit_own = float(inherit_own)
         self.use_bias, self.nonnegative, self.pooling, self.region_method = use_bias, nonnegative, pooling, region_method
         self.model_type, self.base_model_id, self.base_model_revision = model_type, base_model_id, base_model_revision
         self.k_policy = _json_dict(k_policy, "k_policy")
@@ -188,14 +192,15 @@ class LinearEstimator(
     def _sync_config(self) -> None:
         # The mixin writes `_hub_mixin_config` to config.json; it is built from the raw call
         # arguments, so make it the validated attributes instead (and keep it current).
-        defaults = {"feature_kind": "attention", "inherit_weight": 0.0, "inherit_decay": 1.0}
+        defaults = {"feature_kind": "attention", "inherit_weight": 0.0, "inherit_decay": 1.0, "inherit_own": 1.0}
         self._hub_mixin_config = {name: getattr(self, name) for name in list(self._hub_mixin_init_parameters)[1:]
                                   if not (name in defaults and getattr(self, name) == defaults[name])}
 
-    def set_inheritance(self, weight: float, decay: float = 1.0) -> None:
-        """Set how answer spans inherit the reasoning's scores (see the class docstring); 0 turns it off."""
-        checked = LinearEstimator(1, 1, inherit_weight=weight, inherit_decay=decay)  # same validation as __init__
+    def set_inheritance(self, weight: float, decay: float = 1.0, own: float = 1.0) -> None:
+        """Set how answer spans inherit the reasoning's scores (see the class docstring); weight 0 turns it off."""
+        checked = LinearEstimator(1, 1, inherit_weight=weight, inherit_decay=decay, inherit_own=own)  # validates
         self.inherit_weight, self.inherit_decay = checked.inherit_weight, checked.inherit_decay
+        self.inherit_own = checked.inherit_own
         self._sync_config()
 
     def set_training_info(self, *, training_metrics: dict | None = None, training_data: dict | None = None) -> None:
@@ -210,7 +215,8 @@ class LinearEstimator(
         return (f"num_layers={self.num_layers}, num_heads={self.num_heads}, pooling={self.pooling!r}, "
                 f"feature_kind={self.feature_kind!r}, "
                 f"use_bias={self.use_bias}, nonnegative={self.nonnegative}, model_type={self.model_type!r}"
-                + (f", inherit_weight={self.inherit_weight:.4g}, inherit_decay={self.inherit_decay:.4g}"
+                + (f", inherit_weight={self.inherit_weight:.4g}, inherit_decay={self.inherit_decay:.4g}, "
+                   f"inherit_own={self.inherit_own:.4g}"
                    if self.inherit_weight else ""))
 
     # ----------------------------------------------------------------- scoring
@@ -235,6 +241,13 @@ class LinearEstimator(
             features = features.to(torch.float32)
         scores = torch.einsum("...lhk,lh->...k", features, self.effective_weight.to(features))
         return scores if self.bias is None else scores + self.bias.to(scores)
+
+    def with_inherited(self, own: torch.Tensor, earlier: torch.Tensor) -> torch.Tensor:
+        """An answer's scores ``(K,)`` from its own scores ``(K,)`` and the earlier thinking steps' ``(n, K)``."""
+        if self.inherit_weight == 0.0 or earlier.shape[0] == 0:
+            return own
+        bias = 0.0 if self.bias is None else self.bias.detach().to(own)
+        return bias + self.inherit_own * (own - bias) + self.inherited(earlier).to(own)
 
     def inherited(self, earlier: torch.Tensor) -> torch.Tensor:
         """The inherited part ``(K,)`` of an answer's scores, from the earlier thinking steps' scores ``(n, K)``.
@@ -267,7 +280,7 @@ class LinearEstimator(
         for s, section in enumerate(sections):
             if section in INHERITING_SECTIONS:
                 steps = [j for j in range(s) if sections[j] not in INHERITING_SECTIONS]
-                out[s] = scores[s] + self.inherited(scores[steps])
+                out[s] = self.with_inherited(scores[s], scores[steps])
         return out
 
     # ----------------------------------------------------------- compatibility

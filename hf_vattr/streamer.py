@@ -505,7 +505,7 @@ class AttributionStreamer(BaseStreamer):
         steps = [span.region_scores for span in trace.spans if span.section not in INHERITING_SECTIONS]
         if not steps:
             return scores
-        return scores + estimator.inherited(torch.stack(steps)).to(scores)
+        return estimator.with_inherited(scores, torch.stack(steps).to(scores))
 
     def _emit_spans(self, sequence: int, closed: Sequence[Any]) -> None:
         trace = self.traces[sequence]

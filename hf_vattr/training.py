@@ -635,9 +635,10 @@ def _fit_inheritance(estimator: Any, train: Sequence[ExampleRecord], val: Sequen
                      config: TrainingConfig) -> dict:
     """Fit how answers inherit the steps' scores: ``answer = own + gamma * recency_mean(steps)``; set it on ``estimator``.
 
-    For each decay of :data:`INHERIT_DECAYS`, ``gamma`` is the least-squares slope of the answers'
-    within-span centred residual effects (``loo - own``) on the centred inherited scores, over the
-    training examples (clamped at 0); the decay is then chosen by the held-out mean Pearson of the
+    For each decay of :data:`INHERIT_DECAYS`, ``own_weight`` and ``gamma`` are the least-squares
+    slopes of the answers' within-span centred LOO effects on their centred own and inherited
+    scores, over the training examples (non-negative: a span's own attention can only add
+    evidence); the decay is then chosen by the held-out mean Pearson of the
     answers' scores (LOO, subsets or both, as ``config.target``). Returns what was fit, for the report.
     """
     from .estimator import INHERITING_SECTIONS, recency_mean
@@ -659,10 +660,10 @@ def _fit_inheritance(estimator: Any, train: Sequence[ExampleRecord], val: Sequen
     def centred(x: torch.Tensor) -> torch.Tensor:
         return x - x.mean()
 
-    def pearson(terms: list[tuple], gamma: float) -> float:
+    def pearson(terms: list[tuple], gamma: float, own_weight: float) -> float:
         values = []
         for own, inherited, loo, masks, subsets in terms:
-            pred = own + gamma * inherited
+            pred = own_weight * own + gamma * inherited
             pairs = [] if config.target == "subsets" else [(pred, loo)]
             if config.target != "loo" and masks.shape[0] > 1:
                 pairs.append((masks @ pred, subsets))
@@ -676,21 +677,39 @@ def _fit_inheritance(estimator: Any, train: Sequence[ExampleRecord], val: Sequen
     tried = []
     for decay in INHERIT_DECAYS:
         terms = answer_terms(train, decay)
-        num = sum(float((centred(loo - own) * centred(g)).sum()) for own, g, loo, _, _ in terms)
-        den = sum(float((centred(g) ** 2).sum()) for _, g, _, _, _ in terms)
-        gamma = max(num / den, 0.0) if den > 0 else 0.0
-        held = pearson(answer_terms(val, decay), gamma) if val else pearson(terms, gamma)
-        tried.append({"decay": decay, "weight": gamma, "answer_pearson": held, "answers": len(terms),
-                      "answer_pearson_own": pearson(terms if not val else answer_terms(val, decay), 0.0)})
+        own_weight, gamma = _two_slopes([(centred(own), centred(g), centred(loo)) for own, g, loo, _, _ in terms])
+        check = answer_terms(val, decay) if val else terms
+        tried.append({"decay": decay, "weight": gamma, "own": own_weight, "answers": len(terms),
+                      "answer_pearson": pearson(check, gamma, own_weight),
+                      "answer_pearson_own": pearson(check, 0.0, 1.0)})
     usable = [t for t in tried if t["weight"] > 0 and not math.isnan(t["answer_pearson"])]
     if not usable:
         logger.warning("Inheritance was requested but no answer span with a measured effect follows a thinking step "
                        "(or the fit found no positive weight): answers keep their own scores.")
         return {"applied": False, "tried": tried}
     best = max(usable, key=lambda t: t["answer_pearson"])
-    estimator.set_inheritance(best["weight"], best["decay"])
-    return {"applied": True, "weight": best["weight"], "decay": best["decay"],
+    estimator.set_inheritance(best["weight"], best["decay"], best["own"])
+    return {"applied": True, "weight": best["weight"], "decay": best["decay"], "own": best["own"],
             "chosen_by": "val" if val else "train", "tried": tried}
+
+
+def _two_slopes(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """Non-negative least squares ``y ~ a * x1 + b * x2`` over all rows' entries; returns ``(a, b)``."""
+    if not rows:
+        return 1.0, 0.0
+    x = torch.stack([torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])], 1).double()
+    y = torch.cat([r[2] for r in rows]).double()
+
+    def single(col: int) -> float:
+        den = float((x[:, col] ** 2).sum())
+        return max(float((x[:, col] * y).sum()) / den, 0.0) if den > 0 else 0.0
+
+    solution = torch.linalg.lstsq(x, y[:, None]).solution.flatten()
+    a, b = float(solution[0]), float(solution[1])
+    if a >= 0 and b >= 0:
+        return a, b
+    candidates = [(single(0), 0.0), (0.0, single(1))]
+    return min(candidates, key=lambda ab: float(((y - ab[0] * x[:, 0] - ab[1] * x[:, 1]) ** 2).sum()))
 
 
 def _isnan(v: Any) -> bool:
