@@ -290,13 +290,19 @@ class LeaveOneOut(AttributionMethod):
     @torch.no_grad()
     def span_scores(self, record: ExampleRecord, model: Any = None, inputs: Mapping[str, Any] | None = None, *,
                     batch_size: int = 16, ablation_method: str | None = None) -> torch.Tensor:
-        from .ablation import leave_one_out_masks, span_effects
+        from .ablation import AblationEngine, leave_one_out_masks
+        from .collection import total_answer_effects
 
         _require_model(record, model, inputs, "leave-one-out")
         masks = leave_one_out_masks(record.num_regions)
         method = self.method or ablation_method or record.config.get("method") or "attention"
-        eff = span_effects(model, inputs, record.sequence[None], record.span_ranges, masks, record.prompt_regions(),
-                           batch_size=self.batch_size or batch_size, method=method)
+        batch = self.batch_size or batch_size
+        if not record.spans:
+            return torch.zeros(0, record.num_regions)
+        engine = AblationEngine(model, inputs, record.sequence[None], record.prompt_regions(),
+                                max_generated=max(e for _, e in record.span_ranges))
+        eff = engine.span_effects(record.span_ranges, masks, batch_size=batch, method=method)
+        eff = total_answer_effects(engine, record, masks, eff, batch_size=batch)  # answers as they were collected
         return torch.as_tensor(eff).float().cpu().T.contiguous()  # (K, S) -> (S, K)
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "ExampleRecord",
     "PromptRow",
     "collect_example",
+    "total_answer_effects",
     "collect",
     "load_collection",
     "read_manifest",
@@ -424,6 +425,8 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
         raise RuntimeError(f"captured {token_features.shape[0]} feature rows for {scored} generated tokens.")
 
     num_spans = len(spans)
+    extra: dict = {"num_generated": len(generated),
+                   "image_sizes": [list(im.original_size) if im.original_size else None for im in layout.images]}
     subset_masks = random_subset_masks(num_regions, config.num_subsets, config.keep_prob,
                                        _example_generator(config.seed, example_id))
     if num_spans:
@@ -432,7 +435,15 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
         effects = engine.span_effects(span_ranges, masks, batch_size=config.batch_size, method=config.method,
                                       pixel_fill=config.pixel_fill)  # (K + M, S)
         if config.answer_effects == "total":
-            effects = _total_answer_effects(engine, sequence, spans, masks, effects, tokenizer, splitter, config)
+            end = reasoning_end(tokenizer, splitter, generated, spans)
+            if end is not None:
+                extra.update(reasoning_end=end[0], reasoning_stop_token=end[1])
+                pending = ExampleRecord(example_id=int(example_id), span_features=span_features,
+                                        loo_effects=effects[:num_regions].T, subset_masks=subset_masks,
+                                        subset_effects=effects[num_regions:].T, base_logprobs=torch.zeros(num_spans),
+                                        sequence=sequence[0], prompt_len=prompt_len, spans=spans, text="",
+                                        num_regions=num_regions, config=config.to_dict(), extra=extra)
+                effects = total_answer_effects(engine, pending, masks, effects, batch_size=config.batch_size)
         loo_effects = effects[:num_regions].T.contiguous()
         subset_effects = effects[num_regions:].T.contiguous()
         base = engine.base_logprobs(span_ranges)
@@ -459,33 +470,45 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
         config={k: v for k, v in config.to_dict().items() if k not in CollectionConfig.RUNTIME_FIELDS},
         regions=regions_dict,
         token_features=token_features if config.keep_token_features else None,
-        extra={"num_generated": len(generated), "image_sizes": [list(im.original_size) if im.original_size else None
-                                                                for im in layout.images]},
+        extra=extra,
     )
 
 
-def _total_answer_effects(engine: AblationEngine, sequence: torch.Tensor, spans: list[dict], masks: torch.Tensor,
-                          effects: torch.Tensor, tokenizer: Any, splitter: SpanSplitter,
-                          config: CollectionConfig) -> torch.Tensor:
-    """``effects (M, S)`` with the answer spans' columns replaced by total effects (reasoning regenerated)."""
-    answer = [i for i, sp in enumerate(spans) if sp["section"] == "answer"]
+def reasoning_end(tokenizer: Any, splitter: SpanSplitter, generated: Sequence[int], spans: Sequence[dict]
+                  ) -> tuple[int, int] | None:
+    """``(index after the end-of-reasoning tag, its token id)`` among the generated tokens, or None.
+
+    None when there is no answer span after a single-token tag (nothing to regenerate for).
+    """
+    answer = [sp["start"] for sp in spans if sp["section"] == "answer"]
     if not answer:
-        return effects
+        return None
     close = getattr(splitter, "think_close", "</think>")
     close_id = tokenizer.convert_tokens_to_ids(close)
     if not isinstance(close_id, int) or close_id == getattr(tokenizer, "unk_token_id", None):
         raise ValueError(f"answer_effects='total' needs the end-of-reasoning tag {close!r} to be one token of the "
                          "tokenizer; it is not. Use answer_effects='direct'.")
-    generated = sequence[0, engine.prompt_len:].tolist()
-    first_answer = min(spans[i]["start"] for i in answer)
-    ends = [i + 1 for i, t in enumerate(generated[:first_answer]) if t == close_id]
-    if not ends:
-        return effects  # the answer section was opened without the tag token: nothing to regenerate
-    out = effects.clone()
+    ends = [i + 1 for i, t in enumerate(list(generated)[:min(answer)]) if int(t) == close_id]
+    return (ends[-1], int(close_id)) if ends else None
+
+
+def total_answer_effects(engine: AblationEngine, record: ExampleRecord, masks: torch.Tensor, effects: torch.Tensor,
+                         batch_size: int = 16) -> torch.Tensor:
+    """``effects (M, S)`` (teacher-forced, for ``record``'s spans) with the answer spans' columns made total.
+
+    Uses the reasoning end that collection stored in ``record.extra``; unchanged when the record
+    was collected with ``answer_effects="direct"`` or has nothing to regenerate.
+    """
+    end = record.extra.get("reasoning_end")
+    if record.config.get("answer_effects") != "total" or end is None:
+        return effects
+    answer = [i for i, sp in enumerate(record.spans) if sp["section"] == "answer"]
+    out = torch.as_tensor(effects).clone()
     out[:, answer] = regenerated_span_effects(
-        engine, sequence, [(spans[i]["start"], spans[i]["end"]) for i in answer], masks,
-        reasoning_end=ends[-1], teacher_forced=effects[:, answer], stop_token_id=close_id,
-        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, generate_kwargs=config.generate_kwargs)
+        engine, record.sequence, [record.span_ranges[i] for i in answer], masks, reasoning_end=int(end),
+        teacher_forced=out[:, answer], stop_token_id=int(record.extra["reasoning_stop_token"]),
+        max_new_tokens=int(record.config.get("max_new_tokens", 256)), batch_size=batch_size,
+        generate_kwargs=record.config.get("generate_kwargs") or None)
     return out
 
 

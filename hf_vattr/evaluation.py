@@ -476,6 +476,7 @@ def _measured_topk(record: ExampleRecord, model: Any, inputs: Mapping[str, Any],
     Returns ``{method: {k: (S,) drops, "deletion_auc": (S,), "insertion_auc": (S,), "all_drop": (S,)}}``.
     """
     from .ablation import AblationEngine
+    from .collection import total_answer_effects
 
     k_regions = record.num_regions
     keys: dict[bytes, int] = {}
@@ -501,8 +502,10 @@ def _measured_topk(record: ExampleRecord, model: Any, inputs: Mapping[str, Any],
     spans = record.span_ranges
     engine = AblationEngine(model, inputs, record.sequence[None], record.prompt_regions(),
                             max_generated=max(b for _, b in spans))
-    eff = engine.span_effects(spans, torch.as_tensor(np.stack(rows)), batch_size=batch_size,
-                              method=method).numpy().astype(np.float64)  # (U, S)
+    masks = torch.as_tensor(np.stack(rows))
+    eff = engine.span_effects(spans, masks, batch_size=batch_size, method=method)  # (U, S)
+    # answers of a total-effects collection are measured as collected: reasoning regenerated per mask
+    eff = total_answer_effects(engine, record, masks, eff, batch_size=batch_size).numpy().astype(np.float64)
 
     def lookup(s: int) -> Callable[[np.ndarray], float]:
         def ablate(mask: np.ndarray) -> float:

@@ -194,3 +194,19 @@ def test_streamed_answers_inherit_exactly_what_span_scores_gives_on_collected_fe
     answer = next(s for s in spans if s.section == "answer")
     own = estimator(record.span_features).detach()[-1]
     assert not torch.allclose(answer.region_scores, own, atol=1e-3)  # the inherited part is really there
+
+
+def test_evaluation_measures_answer_topk_drops_with_the_reasoning_regenerated(toy, total_record):
+    from hf_vattr.baselines import make_method
+    from hf_vattr.evaluation import evaluate
+
+    model, processor = toy
+    record = total_record
+    ev = evaluate([make_method("leave_one_out")], [record], model, processor, keep_scores=True, auc_points=0,
+                  inputs_fn=lambda r: _build_inputs(processor, *SPEC.get(int(r.example_id))))
+    answer = next(i for i, sp in enumerate(record.spans) if sp["section"] == "answer")
+    top1 = ev.per_span["leave_one_out"]["top1_drop"][answer]
+    # leave-one-out's top region is the one with the largest stored total effect; ablating it for real,
+    # with the reasoning regenerated, must give that same effect (teacher forcing would give ~0)
+    assert top1 == pytest.approx(float(record.loo_effects[answer].max()), abs=2e-3)
+    assert float(record.loo_effects[answer].max()) > 1.0
