@@ -68,9 +68,18 @@ class DatasetSpec:
         return int(self.params["n"]) if self.kind == "toy" else len(self._jsonl_rows())
 
     def _toy(self, index: int) -> Any:
+        """Toy example ``index``; ``task="hard"`` in the params picks the hard task family."""
         from .toy import example_seed, make_example
 
-        return make_example(example_seed(int(self.params.get("seed", 0)), index))
+        seed = example_seed(int(self.params.get("seed", 0)), index)
+        task = self.params.get("task", "default")
+        if task == "hard":
+            from .toy.hard_task import make_hard_example
+
+            return make_hard_example(seed)
+        if task != "default":
+            raise ValueError(f"unknown toy task {task!r}: use 'default' or 'hard'.")
+        return make_example(seed)
 
     @staticmethod
     def _toy_prompt(ex: Any) -> Any:
