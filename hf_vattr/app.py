@@ -48,7 +48,8 @@ MAX_PIXELS = 4096 * 4096
 #: Outline colours of the top regions in :func:`hf_vattr.viz.step_overlay` (1st, 2nd, 3rd), for the legend.
 _RANK_COLOURS = ("#ffffff", "#00c8ff", "#ff00ff")
 _EVIDENCE_TEXT = {"grounded": "", "weak": " (weak evidence)",
-                  "indirect": " (indirect: follows from the thinking text)"}
+                  "indirect": " (indirect: follows from the thinking text)",
+                  "inherited": " (inherited from the thinking steps)"}
 
 
 class InputError(ValueError):
@@ -73,7 +74,7 @@ class StepItem:
     index: int
     section: str
     text: str
-    evidence: str  # "grounded" | "weak" | "indirect" (viz.span_evidence)
+    evidence: str  # "grounded" | "weak" | "indirect" | "inherited" (viz.span_evidence)
 
     @property
     def label(self) -> str:

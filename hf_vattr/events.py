@@ -52,6 +52,7 @@ class SpanAttribution:
     region_scores: torch.Tensor  # (K,) float32 on CPU: mean of the tokens' scores
     section: str
     sequence: int = 0
+    inherited: bool = False  # True: an answer whose scores include the thinking steps' (LinearEstimator.inherited)
 
     def top_regions(self, k: int = 3) -> list[int]:
         return torch.argsort(self.region_scores, descending=True, stable=True)[:k].tolist()
@@ -160,7 +161,7 @@ class AttributionTrace:
                         "sequence": t.sequence} for t in self.tokens],
             "features_of": with_features,
             "spans": [{"index": s.index, "text": s.text, "token_range": list(s.token_range), "section": s.section,
-                       "sequence": s.sequence} for s in self.spans],
+                       "sequence": s.sequence, **({"inherited": True} if s.inherited else {})} for s in self.spans],
             "regions": regions_meta,
             "images": images_meta,
         }
@@ -192,7 +193,8 @@ class AttributionTrace:
                                    sequence=t["sequence"]) for i, t in enumerate(meta["tokens"])]
         spans = [SpanAttribution(index=s["index"], text=s["text"], token_range=tuple(s["token_range"]),
                                  region_scores=tensors["span_scores"][i].clone(), section=s["section"],
-                                 sequence=s["sequence"]) for i, s in enumerate(meta["spans"])]
+                                 sequence=s["sequence"], inherited=bool(s.get("inherited", False)))
+                 for i, s in enumerate(meta["spans"])]
         images = None if meta["images"] is None else [_load_image(m, tensors) for m in meta["images"]]
         return cls(regions, tokens, spans, prompt_text=meta["prompt_text"], sequence=meta["sequence"], images=images)
 

@@ -497,22 +497,25 @@ class AttributionStreamer(BaseStreamer):
             if token_id in self._eos_ids and len(token_ids) > 1:
                 self._ended[s] = True
 
+    def _inherits(self, trace: AttributionTrace, section: str) -> bool:
+        """Do this section's scores include the thinking steps' (an answer after steps, an inheriting estimator)?"""
+        estimator = self.session.estimator
+        return (estimator is not None and bool(estimator.inherit_weight) and section in INHERITING_SECTIONS
+                and any(span.section not in INHERITING_SECTIONS for span in trace.spans))
+
     def _with_inherited(self, trace: AttributionTrace, section: str, scores: torch.Tensor) -> torch.Tensor:
         """An answer token's scores plus what it inherits from the thinking steps (``LinearEstimator.inherited``)."""
-        estimator = self.session.estimator
-        if estimator is None or not estimator.inherit_weight or section not in INHERITING_SECTIONS:
+        if not self._inherits(trace, section):
             return scores
         steps = [span.region_scores for span in trace.spans if span.section not in INHERITING_SECTIONS]
-        if not steps:
-            return scores
-        return estimator.with_inherited(scores, torch.stack(steps).to(scores))
+        return self.session.estimator.with_inherited(scores, torch.stack(steps).to(scores))
 
     def _emit_spans(self, sequence: int, closed: Sequence[Any]) -> None:
         trace = self.traces[sequence]
         for span in closed:
             scores = torch.stack([t.region_scores for t in trace.tokens[span.start:span.end]]).mean(0)
             event = SpanAttribution(len(trace.spans), span.text, (span.start, span.end), scores, span.section,
-                                    sequence=sequence)
+                                    sequence=sequence, inherited=self._inherits(trace, span.section))
             trace.spans.append(event)
             self._events.put(event)
 

@@ -80,7 +80,7 @@ __all__ = [
 ]
 
 SCORE_UNITS = "predicted log-prob drop (nats) if the region were removed"
-EVIDENCE_LEVELS = ("grounded", "weak", "indirect")
+EVIDENCE_LEVELS = ("grounded", "weak", "indirect", "inherited")
 #: A thinking step is "weak" when its largest predicted region effect is below this fraction of the
 #: median largest effect of the trace's thinking steps (or is not positive at all).
 WEAK_FRACTION = 0.25
@@ -510,7 +510,7 @@ class OverlayRenderer:
         """The picture of one score vector; arguments as :func:`step_overlay`."""
         if evidence not in EVIDENCE_LEVELS:
             raise ValueError(f"evidence must be one of {EVIDENCE_LEVELS}, got {evidence!r}.")
-        muted = evidence != "grounded"
+        muted = evidence in ("weak", "indirect")
         s = _scores_np(scores, self.num_regions)
         hi = float(vmax) if vmax is not None else float(max(s.max(), 0.0))
         if not hi > 0:
@@ -600,20 +600,23 @@ def step_overlay(regions: PromptRegions, images: Sequence[Any], scores: torch.Te
 
 
 def span_evidence(span: SpanLike, trace: TraceLike) -> str:
-    """How much a span's region scores can be trusted as visual evidence: grounded, weak or indirect.
+    """How much a span's region scores can be trusted as visual evidence: grounded, weak, inherited or indirect.
 
     Rule (simple on purpose, so a reader can check it):
 
-    * ``"indirect"``: answer spans (``span.section == "answer"``). The answer follows from the
-      thinking text, so removing a region barely moves it directly; on the toy task the estimator's
-      Pearson with measured effects is 0.96 on thinking steps but 0.005 on answer spans
-      (docs/faithfulness.md). Its heatmap is noise and must not be read as grounding.
+    * ``"inherited"``: answer spans whose scores include the thinking steps' (``span.inherited``:
+      an estimator fit with inheritance). The image reaches the answer through the reasoning; the
+      scores predict the answer's total effect, i.e. with the reasoning regenerated (docs/faithfulness.md).
+    * ``"indirect"``: other answer spans. The answer follows from the thinking text, so an
+      estimator without inheritance sees only the answer's own attention, which does not predict
+      its effects (on the toy task Pearson 0.005 teacher-forced, below 0 against total effects).
+      Its heatmap must not be read as grounding.
     * ``"weak"``: a thinking step whose largest predicted effect is not positive, or is below
       ``WEAK_FRACTION`` (0.25) of the median largest effect over the trace's thinking steps.
     * ``"grounded"``: every other thinking step.
     """
     if span.section == "answer":
-        return "indirect"
+        return "inherited" if getattr(span, "inherited", False) else "indirect"
     peak = float(torch.as_tensor(span.region_scores).max()) if torch.as_tensor(span.region_scores).numel() else 0.0
     if not peak > 0:
         return "weak"
@@ -852,8 +855,10 @@ _CSS = """
 _EVIDENCE_NOTE = {
     "grounded": "predicted effects are large for this trace; the outlined regions are what the step relies on",
     "weak": "largest predicted effect is small compared with this trace's other steps; little visual evidence",
-    "indirect": "answer span: it follows from the thinking text, so its region scores are not reliable "
-                "(estimator Pearson ~0.005 on answers, docs/faithfulness.md)",
+    "indirect": "answer span: it follows from the thinking text, and this estimator scores it by its own attention "
+                "only, which does not predict its effects (see docs/faithfulness.md)",
+    "inherited": "answer span: its scores inherit the thinking steps' (the image reaches the answer through the "
+                 "reasoning); they predict the answer's total effect (see docs/faithfulness.md)",
 }
 
 
@@ -918,9 +923,10 @@ def render_html(trace: TraceLike, images: Sequence[Any] | None = None, path: str
 <p>How to read: for each reasoning step, the left picture is the original image with the regions the
 estimator scores highest outlined and numbered (white 1, cyan 2, magenta 3); the right picture colours
 every region by its score, the {html.escape(SCORE_UNITS)}, on the scale drawn below it (dark = no effect).
-Steps marked <i>weak evidence</i> (small predicted effects) or <i>indirect</i> (answer spans, which follow
-from the thinking text; the estimator does not predict their effects, Pearson ~0.005 on the toy task) are
-greyed out: do not read their heatmaps as grounding.</p>
+Steps marked <i>weak evidence</i> (small predicted effects) or <i>indirect</i> (answer spans scored by their
+own attention, which does not predict their effects) are greyed out: do not read their heatmaps as grounding.
+Answers marked <i>inherited</i> take their scores from the thinking steps before them, the path by which
+the image reaches the answer.</p>
 {trace_table_html(trace, imgs if trace.regions is not None else None, top_k=top_k)}
 {trajectory}
 </body></html>

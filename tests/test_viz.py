@@ -277,9 +277,29 @@ def test_report_uses_the_trace_images_and_marks_weak_and_indirect_steps(tmp_path
     assert page.count("data:image/png;base64,") == 1 + len(spans) + 1  # input, one overlay per step, trajectory
     assert page.count("class='ev grounded'") == 2 and "weak evidence</span>" in page and "indirect</span>" in page
     assert "top-left, 11% of the image" in page and "bottom-right, 11% of the image" in page
-    assert "predicted log-prob drop" in page and "Pearson" in page
+    assert "predicted log-prob drop" in page and "does not predict their effects" in page
     assert "http://" not in page and "https://" not in page
     assert trace._repr_html_().count("<tr class=") == len(spans)
+
+
+def test_an_answer_that_inherits_the_steps_is_marked_inherited_and_drawn_like_grounded_evidence():
+    regions = regions_for(three_by_three())
+    steps = [span(0, [9.0] + [0] * 8), span(1, [0] * 8 + [7.0])]
+    answer = span(2, [4.0] + [0] * 7 + [3.5], "answer")
+    plain = AttributionTrace(regions, spans=steps + [answer])
+    assert span_evidence(answer, plain) == "indirect"
+    inherited = SpanAttribution(answer.index, answer.text, answer.token_range, answer.region_scores, "answer",
+                                inherited=True)
+    trace = AttributionTrace(regions, spans=steps + [inherited])
+    assert span_evidence(inherited, trace) == "inherited"
+    html = trace._repr_html_()
+    assert "class='ev inherited'" in html and "class='ev indirect'" not in html
+    image = toy_image()
+    muted = np.asarray(step_overlay(regions, [image], answer.region_scores, evidence="indirect"))
+    shown = np.asarray(step_overlay(regions, [image], answer.region_scores, evidence="inherited"))
+    grounded = np.asarray(step_overlay(regions, [image], answer.region_scores, evidence="grounded"))
+    assert np.array_equal(shown, grounded)  # full strength, no "evidence" caption
+    assert muted.shape != shown.shape or not np.array_equal(muted, shown)
 
 
 def test_report_without_images_draws_grey_canvases():
