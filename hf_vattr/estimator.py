@@ -339,6 +339,8 @@ class LinearEstimator(
         card_data.tags = sorted(set(card_data.tags or []) | ({self.model_type} if self.model_type else set()))
         values = {
             **self._hub_mixin_config,
+            # omitted from config.json at their defaults, but the card shows them whenever inheritance is on
+            "inherit_weight": self.inherit_weight, "inherit_decay": self.inherit_decay, "inherit_own": self.inherit_own,
             "k_policy_md": ", ".join(f"{k}={_fmt(v)}" for k, v in (self.k_policy or {}).items()),
             "metric_rows": [(k, _fmt(v), metric_meaning(k)) for k, v in (self.training_metrics or {}).items()],
             "data_rows": [(k, _fmt(v)) for k, v in (self.training_data or {}).items()],

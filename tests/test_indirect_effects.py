@@ -136,6 +136,8 @@ def test_span_scores_add_the_recency_weighted_steps_to_answers_only():
 def test_inheritance_is_saved_checked_and_omitted_at_its_defaults(tmp_path):
     est = LinearEstimator(2, 2, inherit_weight=0.75, inherit_decay=0.3)
     est.save_pretrained(tmp_path / "on")
+    LinearEstimator(2, 2, inherit_weight=0.5).save_pretrained(tmp_path / "default-decay")  # card renders
+    assert "weight 0.5, decay 1, own 1" in (tmp_path / "default-decay" / "README.md").read_text()
     loaded = LinearEstimator.from_pretrained(str(tmp_path / "on"))
     assert (loaded.inherit_weight, loaded.inherit_decay) == (0.75, 0.3)
     LinearEstimator(2, 2).save_pretrained(tmp_path / "off")
