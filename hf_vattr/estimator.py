@@ -41,6 +41,8 @@ __all__ = ["LinearEstimator", "INHERITING_SECTIONS", "EstimatorError", "Estimato
 POOLINGS = ("sum", "mean")
 #: Span sections that inherit the scores of the reasoning before them (see ``LinearEstimator.inherited``).
 INHERITING_SECTIONS = ("answer",)
+#: How the earlier steps' scores are pooled into an answer's inherited part.
+INHERIT_POOLS = ("mean", "max")
 WEIGHTS_NAME = constants.SAFETENSORS_SINGLE_FILE  # "model.safetensors"
 
 # First line of every card body we render. A README.md carrying it is regenerated on re-save
@@ -127,9 +129,9 @@ class LinearEstimator(
         training_metrics: e.g. ``{"lds": 0.41, "r2": 0.65}``; names as in :data:`hf_vattr.metrics.METRICS`.
         training_data: summary of the data the weights were fit on.
         nonnegative: apply ``weight.clamp_min(0)`` (:attr:`effective_weight`).
-        inherit_weight, inherit_decay, inherit_own: indirect effects. A span of an inheriting section (the
-            answer) scores ``bias + inherit_own * (own - bias) + inherit_weight * sum_i c_i * (step_i - bias)``
-            over the thinking steps before it,
+        inherit_weight, inherit_decay, inherit_own, inherit_pool: indirect effects. A span of an inheriting
+            section (the answer) scores ``bias + inherit_own * (own - bias) + inherit_weight * pool_i relu(step_i - bias)``
+            over the thinking steps before it, ``pool`` being ``"max"`` or (default) ``"mean"``, a weighted mean
             with recency weights ``c_i`` proportional to ``inherit_decay ** (steps after i)`` (1: their mean;
             0: the last step only). Why: an answer depends on the image mostly through the reasoning, and
             the steps' scores are the estimator's account of that path. Fit by
@@ -158,6 +160,7 @@ class LinearEstimator(
         inherit_weight: float = 0.0,
         inherit_decay: float = 1.0,
         inherit_own: float = 1.0,
+        inherit_pool: str = "mean",
     ):
         super().__init__()
         self.num_layers = _positive_int(num_layers, "num_layers")
@@ -178,6 +181,9 @@ class LinearEstimator(
                 raise EstimatorConfigError(f"{name} must be a finite number in [{low}, {high}], got {value!r}.")
         self.inherit_weight, self.inherit_decay = float(inherit_weight), float(inherit_decay)
         self.inherit_own = float(inherit_own)
+        if inherit_pool not in INHERIT_POOLS:
+            raise EstimatorConfigError(f"inherit_pool must be one of {INHERIT_POOLS}, got {inherit_pool!r}.")
+        self.inherit_pool = inherit_pool
         self.use_bias, self.nonnegative, self.pooling, self.region_method = use_bias, nonnegative, pooling, region_method
         self.model_type, self.base_model_id, self.base_model_revision = model_type, base_model_id, base_model_revision
         self.k_policy = _json_dict(k_policy, "k_policy")
@@ -192,15 +198,17 @@ class LinearEstimator(
     def _sync_config(self) -> None:
         # The mixin writes `_hub_mixin_config` to config.json; it is built from the raw call
         # arguments, so make it the validated attributes instead (and keep it current).
-        defaults = {"feature_kind": "attention", "inherit_weight": 0.0, "inherit_decay": 1.0, "inherit_own": 1.0}
+        defaults = {"feature_kind": "attention", "inherit_weight": 0.0, "inherit_decay": 1.0, "inherit_own": 1.0,
+                    "inherit_pool": "mean"}
         self._hub_mixin_config = {name: getattr(self, name) for name in list(self._hub_mixin_init_parameters)[1:]
                                   if not (name in defaults and getattr(self, name) == defaults[name])}
 
-    def set_inheritance(self, weight: float, decay: float = 1.0, own: float = 1.0) -> None:
+    def set_inheritance(self, weight: float, decay: float = 1.0, own: float = 1.0, pool: str = "mean") -> None:
         """Set how answer spans inherit the reasoning's scores (see the class docstring); weight 0 turns it off."""
-        checked = LinearEstimator(1, 1, inherit_weight=weight, inherit_decay=decay, inherit_own=own)  # validates
+        checked = LinearEstimator(1, 1, inherit_weight=weight, inherit_decay=decay, inherit_own=own,
+                                  inherit_pool=pool)  # the same validation as __init__
         self.inherit_weight, self.inherit_decay = checked.inherit_weight, checked.inherit_decay
-        self.inherit_own = checked.inherit_own
+        self.inherit_own, self.inherit_pool = checked.inherit_own, checked.inherit_pool
         self._sync_config()
 
     def set_training_info(self, *, training_metrics: dict | None = None, training_data: dict | None = None) -> None:
@@ -216,7 +224,7 @@ class LinearEstimator(
                 f"feature_kind={self.feature_kind!r}, "
                 f"use_bias={self.use_bias}, nonnegative={self.nonnegative}, model_type={self.model_type!r}"
                 + (f", inherit_weight={self.inherit_weight:.4g}, inherit_decay={self.inherit_decay:.4g}, "
-                   f"inherit_own={self.inherit_own:.4g}"
+                   f"inherit_own={self.inherit_own:.4g}, inherit_pool={self.inherit_pool!r}"
                    if self.inherit_weight else ""))
 
     # ----------------------------------------------------------------- scoring
@@ -252,8 +260,9 @@ class LinearEstimator(
     def inherited(self, earlier: torch.Tensor) -> torch.Tensor:
         """The inherited part ``(K,)`` of an answer's scores, from the earlier thinking steps' scores ``(n, K)``.
 
-        ``inherit_weight`` times the recency-weighted mean of ``earlier - bias``; zeros when there is
-        no earlier step or inheritance is off.
+        ``inherit_weight`` times the pool (recency-weighted mean, or max) of ``relu(earlier - bias)``: a step's
+        negative score says the region did not support it, which is no evidence for the answer either.
+        Zeros when there is no earlier step or inheritance is off.
         """
         earlier = torch.as_tensor(earlier)
         if earlier.dim() != 2:
@@ -263,7 +272,7 @@ class LinearEstimator(
                                device=earlier.device)
         earlier = earlier.float() if not earlier.is_floating_point() else earlier
         shifted = earlier if self.bias is None else earlier - self.bias.detach().to(earlier)
-        return self.inherit_weight * recency_mean(shifted, self.inherit_decay)
+        return self.inherit_weight * pool_steps(shifted, self.inherit_pool, self.inherit_decay)
 
     def span_scores(self, span_features: torch.Tensor, sections: Sequence[str]) -> torch.Tensor:
         """Scores ``(S, K)`` of a trace's spans in order: own features, plus the inherited part for answers.
@@ -341,6 +350,7 @@ class LinearEstimator(
             **self._hub_mixin_config,
             # omitted from config.json at their defaults, but the card shows them whenever inheritance is on
             "inherit_weight": self.inherit_weight, "inherit_decay": self.inherit_decay, "inherit_own": self.inherit_own,
+            "inherit_pool": self.inherit_pool,
             "k_policy_md": ", ".join(f"{k}={_fmt(v)}" for k, v in (self.k_policy or {}).items()),
             "metric_rows": [(k, _fmt(v), metric_meaning(k)) for k, v in (self.training_metrics or {}).items()],
             "data_rows": [(k, _fmt(v)) for k, v in (self.training_data or {}).items()],
@@ -408,6 +418,12 @@ class LinearEstimator(
         if not all(t.is_floating_point() and bool(torch.isfinite(t).all()) for t in state.values()):
             raise EstimatorConfigError(f"{weights_file}: the weights must be finite floats.")
         return model.to(map_location).eval()
+
+
+def pool_steps(values: torch.Tensor, pool: str, decay: float = 1.0) -> torch.Tensor:
+    """``(K,)`` pool over the steps ``(n, K)`` of ``relu(values)``: their max, or their recency-weighted mean."""
+    values = values.clamp_min(0)
+    return values.max(0).values if pool == "max" else recency_mean(values, decay)
 
 
 def recency_mean(values: torch.Tensor, decay: float) -> torch.Tensor:

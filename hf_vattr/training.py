@@ -73,8 +73,8 @@ __all__ = [
 
 TARGETS = ("loo", "subsets", "both")
 INHERIT_MODES = ("auto", "on", "off")
-#: recency decays tried when fitting inheritance (1: mean of the steps; 0: the last step only)
-INHERIT_DECAYS = (1.0, 0.7, 0.5, 0.3, 0.0)
+#: (pool, recency decay) tried when fitting inheritance (decay 1: plain mean of the steps; 0: the last step only)
+INHERIT_CANDIDATES = (("mean", 1.0), ("mean", 0.7), ("mean", 0.5), ("mean", 0.3), ("mean", 0.0), ("max", 1.0))
 OPTIMIZERS = ("adam", "lbfgs")
 
 
@@ -633,17 +633,17 @@ def fit_estimator(
 
 def _fit_inheritance(estimator: Any, train: Sequence[ExampleRecord], val: Sequence[ExampleRecord],
                      config: TrainingConfig) -> dict:
-    """Fit how answers inherit the steps' scores: ``answer = own + gamma * recency_mean(steps)``; set it on ``estimator``.
+    """Fit how answers inherit the steps' scores: ``answer = own_weight * own + gamma * pool(steps)``; set it.
 
-    For each decay of :data:`INHERIT_DECAYS`, ``own_weight`` and ``gamma`` are the least-squares
+    For each (pool, decay) of :data:`INHERIT_CANDIDATES`, ``own_weight`` and ``gamma`` are the least-squares
     slopes of the answers' within-span centred LOO effects on their centred own and inherited
     scores, over the training examples (non-negative: a span's own attention can only add
-    evidence); the decay is then chosen by the held-out mean Pearson of the
+    evidence); the candidate is then chosen by the held-out mean Pearson of the
     answers' scores (LOO, subsets or both, as ``config.target``). Returns what was fit, for the report.
     """
-    from .estimator import INHERITING_SECTIONS, recency_mean
+    from .estimator import INHERITING_SECTIONS, pool_steps
 
-    def answer_terms(records: Sequence[ExampleRecord], decay: float) -> list[tuple]:
+    def answer_terms(records: Sequence[ExampleRecord], pool: str, decay: float) -> list[tuple]:
         out = []
         with torch.no_grad():
             for r in records:
@@ -653,7 +653,7 @@ def _fit_inheritance(estimator: Any, train: Sequence[ExampleRecord], val: Sequen
                 for s, section in enumerate(sections):
                     steps = [j for j in range(s) if sections[j] not in INHERITING_SECTIONS]
                     if section in INHERITING_SECTIONS and steps:
-                        out.append((own[s], recency_mean(own[steps] - bias, decay), r.loo_effects[s].double(),
+                        out.append((own[s], pool_steps(own[steps] - bias, pool, decay), r.loo_effects[s].double(),
                                     r.subset_masks.double(), r.subset_effects[s].double()))
         return out
 
@@ -675,11 +675,11 @@ def _fit_inheritance(estimator: Any, train: Sequence[ExampleRecord], val: Sequen
         return sum(values) / len(values) if values else float("nan")
 
     tried = []
-    for decay in INHERIT_DECAYS:
-        terms = answer_terms(train, decay)
+    for pool, decay in INHERIT_CANDIDATES:
+        terms = answer_terms(train, pool, decay)
         own_weight, gamma = _two_slopes([(centred(own), centred(g), centred(loo)) for own, g, loo, _, _ in terms])
-        check = answer_terms(val, decay) if val else terms
-        tried.append({"decay": decay, "weight": gamma, "own": own_weight, "answers": len(terms),
+        check = answer_terms(val, pool, decay) if val else terms
+        tried.append({"pool": pool, "decay": decay, "weight": gamma, "own": own_weight, "answers": len(terms),
                       "answer_pearson": pearson(check, gamma, own_weight),
                       "answer_pearson_own": pearson(check, 0.0, 1.0)})
     usable = [t for t in tried if t["weight"] > 0 and not math.isnan(t["answer_pearson"])]
@@ -688,8 +688,8 @@ def _fit_inheritance(estimator: Any, train: Sequence[ExampleRecord], val: Sequen
                        "(or the fit found no positive weight): answers keep their own scores.")
         return {"applied": False, "tried": tried}
     best = max(usable, key=lambda t: t["answer_pearson"])
-    estimator.set_inheritance(best["weight"], best["decay"], best["own"])
-    return {"applied": True, "weight": best["weight"], "decay": best["decay"], "own": best["own"],
+    estimator.set_inheritance(best["weight"], best["decay"], best["own"], best["pool"])
+    return {"applied": True, "weight": best["weight"], "pool": best["pool"], "decay": best["decay"], "own": best["own"],
             "chosen_by": "val" if val else "train", "tried": tried}
 
 

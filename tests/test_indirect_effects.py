@@ -110,7 +110,7 @@ def _expected_inherited(steps: torch.Tensor, weight: float, decay: float, bias: 
     n = steps.shape[0]
     c = torch.tensor([decay ** (n - 1 - i) for i in range(n)], dtype=torch.float64)
     c = c / c.sum()
-    return weight * ((steps.double() - bias) * c[:, None]).sum(0)
+    return weight * ((steps.double() - bias).clamp_min(0) * c[:, None]).sum(0)
 
 
 def test_span_scores_add_the_recency_weighted_steps_to_answers_only():
@@ -130,34 +130,41 @@ def test_span_scores_add_the_recency_weighted_steps_to_answers_only():
     got = est.span_scores(feats[[2, 0, 1, 4]], ["answer", "thinking", "thinking", "answer"]).detach()
     own = est(feats[[2, 0, 1, 4]]).detach()
     torch.testing.assert_close(got[0], own[0])
-    torch.testing.assert_close(got[3], own[3] + 2.0 * (own[2] - 0.25))
+    torch.testing.assert_close(got[3], own[3] + 2.0 * (own[2] - 0.25).clamp_min(0))
+    # max pool, with the answer's own score weighted
+    est.set_inheritance(0.5, 1.0, own=0.25, pool="max")
+    got = est.span_scores(feats, sections).detach()
+    own = est(feats).detach()
+    want = 0.25 + 0.25 * (own[4] - 0.25) + 0.5 * (own[[0, 1, 3]] - 0.25).clamp_min(0).max(0).values
+    torch.testing.assert_close(got[4], want)
 
 
 def test_inheritance_is_saved_checked_and_omitted_at_its_defaults(tmp_path):
     est = LinearEstimator(2, 2, inherit_weight=0.75, inherit_decay=0.3)
     est.save_pretrained(tmp_path / "on")
     LinearEstimator(2, 2, inherit_weight=0.5).save_pretrained(tmp_path / "default-decay")  # card renders
-    assert "weight 0.5, decay 1, own 1" in (tmp_path / "default-decay" / "README.md").read_text()
+    assert "weight 0.5, mean, decay 1, own 1" in (tmp_path / "default-decay" / "README.md").read_text()
     loaded = LinearEstimator.from_pretrained(str(tmp_path / "on"))
     assert (loaded.inherit_weight, loaded.inherit_decay) == (0.75, 0.3)
     LinearEstimator(2, 2).save_pretrained(tmp_path / "off")
     config = json.loads((tmp_path / "off" / "config.json").read_text())
     assert "inherit_weight" not in config and "inherit_decay" not in config  # older files keep their bytes
     for bad in ({"inherit_weight": -1.0}, {"inherit_decay": 1.5}, {"inherit_weight": float("nan")},
-                {"inherit_decay": True}):
+                {"inherit_decay": True}, {"inherit_pool": "median"}):
         with pytest.raises(EstimatorConfigError, match="inherit_"):
             LinearEstimator(2, 2, **bad)
 
 
 def test_training_recovers_a_planted_inheritance():
-    records, _ = synthetic_examples(num_examples=60, spans=(3, 5), noise=0.02, seed=3)
+    records, _ = synthetic_examples(num_examples=60, spans=(3, 5), noise=0.02, seed=3,
+                                    weight=torch.rand(3, 4, generator=torch.Generator().manual_seed(3)) + 0.1)
     for r in records:  # the last span is the answer; its total effect is the mean of the steps' effects
         r.spans[-1]["section"] = "answer"
         r.loo_effects[-1] = r.loo_effects[:-1].mean(0)
         r.subset_effects[-1] = r.subset_effects[:-1].mean(0)
         r.config["answer_effects"] = "total"
     est, report = fit_estimator(records, config=TrainingConfig(target="both", epochs=150))
-    assert report["inheritance"]["applied"] and est.inherit_decay == 1.0
+    assert report["inheritance"]["applied"] and (est.inherit_pool, est.inherit_decay) == ("mean", 1.0)
     assert est.inherit_weight == pytest.approx(1.0, abs=0.15)
     off, _ = fit_estimator(records, config=TrainingConfig(target="both", epochs=150, inherit="off"))
     answers = [(r, len(r.spans) - 1) for r in records]

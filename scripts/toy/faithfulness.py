@@ -228,11 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     inheritance = report.get("inheritance", {})
     if inheritance.get("applied"):
-        chosen = next(t for t in inheritance["tried"] if t["decay"] == inheritance["decay"])
+        chosen = next(t for t in inheritance["tried"]
+                      if (t["pool"], t["decay"]) == (inheritance["pool"], inheritance["decay"]))
+        pooled = ("max of the steps' positive scores" if inheritance["pool"] == "max" else
+                  f"recency-weighted mean of the steps' positive scores (decay {inheritance['decay']:g})")
         inherit_md = (
             f"Answers inherit the thinking steps' scores: `answer = {inheritance['own']:.3g} x own + "
-            f"{inheritance['weight']:.3g} x recency-weighted mean of the steps` (decay {inheritance['decay']:g}; "
-            f"fit on the training split, decay chosen on the held-out split, where the answers' Pearson is "
+            f"{inheritance['weight']:.3g} x {pooled}` (fit on the training split, pool and decay chosen on the "
+            f"held-out split among {len(inheritance['tried'])} candidates, where the answers' Pearson is "
             f"{chosen['answer_pearson']:.3f} with inheritance and {chosen['answer_pearson_own']:.3f} with their own "
             "attention only).")
     else:
