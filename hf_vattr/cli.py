@@ -162,6 +162,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     shown = ", ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float))
     print(f"trained on {report['data']['num_train_examples']} examples ({report['data']['num_train_spans']} spans); "
           f"held-out ({m.get('split')}): {shown}")
+    inheritance = report.get("inheritance", {})
+    if inheritance.get("applied"):
+        print(f"answers inherit the thinking steps' scores: weight {inheritance['weight']:.3g} on their "
+              f"{inheritance['pool']} (decay {inheritance['decay']:g}), own scores x {inheritance['own']:.3g}")
     print(f"estimator saved to {out}")
     return 0
 
