@@ -359,10 +359,9 @@ def cmd_app(args: argparse.Namespace) -> int:
 #: CollectionConfig / TrainingConfig fields that are command-line options (the rest are Python-only:
 #: hooks, dicts, devices and tuning knobs the CLI has never exposed).
 COLLECT_OPTIONS = ("num_subsets", "keep_prob", "max_new_tokens", "region_method", "k", "pooling", "feature_kind",
-                   "batch_size",
-                   "seed", "method", "pixel_fill")
+                   "answer_effects", "batch_size", "seed", "method", "pixel_fill")
 TRAIN_OPTIONS = ("epochs", "lr", "weight_decay", "nonnegative", "use_bias", "val_fraction", "seed", "target",
-                 "optimizer", "calibrate", "batch_size")
+                 "optimizer", "calibrate", "batch_size", "inherit")
 
 JSONL_HELP = """\
 --prompts FILE.jsonl. {format}

@@ -235,3 +235,22 @@ def test_module_entry_point():
     res = subprocess.run([sys.executable, "-m", "hf_vattr.cli", "train", "--help"], capture_output=True, text=True,
                          env=env, timeout=120)
     assert res.returncode == 0 and "--nonnegative" in res.stdout and "--no-calibrate" in res.stdout
+
+
+def test_train_fits_inheritance_on_a_total_answer_collection_and_can_be_told_not_to(tmp_path, capsys):
+    collection = pytest.importorskip("hf_vattr.collection")
+    gt = tmp_path / "gt"
+    write_synthetic_collection(gt)
+    for path in sorted((gt / "examples").glob("*.safetensors")):  # the last span becomes a total-effect answer
+        r = collection.ExampleRecord.load(path)
+        r.spans[-1]["section"] = "answer"
+        r.loo_effects[-1] = r.loo_effects[:-1].clamp_min(0).max(0).values
+        r.subset_effects[-1] = r.subset_effects[:-1].mean(0)
+        r.config["answer_effects"] = "total"
+        r.save(path)
+    assert main(["train", str(gt), "--out", str(tmp_path / "on"), "--epochs", "60", "--quiet"]) == 0
+    assert "answers inherit the thinking steps' scores" in capsys.readouterr().out
+    assert LinearEstimator.from_pretrained(tmp_path / "on").inherit_weight > 0
+    assert main(["train", str(gt), "--out", str(tmp_path / "off"), "--epochs", "60", "--inherit", "off", "--quiet"]) == 0
+    assert "answers inherit" not in capsys.readouterr().out
+    assert LinearEstimator.from_pretrained(tmp_path / "off").inherit_weight == 0
