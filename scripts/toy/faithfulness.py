@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-subsets", type=int, default=32)
     p.add_argument("--k", type=int, default=16, help="regions per image")
     p.add_argument("--ig-steps", type=int, default=16, help="integrated-gradients steps (the costliest baseline)")
-    p.add_argument("--feature-kind", default="attention", choices=("attention", "value_norm"),
+    p.add_argument("--feature-kind", default="value_norm", choices=("attention", "value_norm"),
                    help="what the estimator's features pool (CollectionConfig.feature_kind)")
     p.add_argument("--methods", nargs="+", default=["estimator", "raw_attention", "leave_one_out", "grad_x_input",
                                                     "integrated_gradients", "random"], help="methods to report")
@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                               k=args.k, seed=0, feature_kind=args.feature_kind, answer_effects=args.answer_effects)
     task = {} if args.task == "default" else {"task": args.task}
     test_set = DatasetSpec("toy", n=args.test, seed=TEST_SEED, **task)  # the CLI's toy dataset: same examples
-    collect(model, processor, DatasetSpec("toy", n=args.train, seed=TRAIN_SEED, **task).items(), work / "train",
-            config)
-    collect(model, processor, test_set.items(), work / "test", config)
+    written = collect(model, processor, DatasetSpec("toy", n=args.train, seed=TRAIN_SEED, **task).items(),
+                      work / "train", config)["written"]
+    written += collect(model, processor, test_set.items(), work / "test", config)["written"]
     t_collect = time.perf_counter() - t0
 
     train_records = load_collection(work / "train")
@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.answer_effects == "total" else
         "Answer spans are measured teacher-forced (the thinking text kept), which hides the path from the image "
         "through the reasoning.")
+    reused = ("" if len(written) == args.train + args.test else
+              f"; {args.train + args.test - len(written)} examples were already collected in the work folder")
     md = [
         f"# Faithfulness on the toy thinking VLM{' (hard task)' if args.task == 'hard' else ''}",
         "",
@@ -259,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         f"trained on {args.train} toy examples (seed {TRAIN_SEED}; 20% of them held out for early metrics), "
         f"evaluated on {args.test} fresh examples (seed {TEST_SEED}), {args.num_subsets} random ablation subsets per "
         "example (keep probability 0.5), ablation = knocking the region's visual tokens out of attention. "
-        f"{answers_md} Total time {elapsed / 60:.1f} min on this CPU (collection {t_collect / 60:.1f} min).",
+        f"{answers_md} Total time {elapsed / 60:.1f} min on this CPU, {torch.get_num_threads()} torch thread(s) "
+        f"(collection {t_collect / 60:.1f} min{reused}).",
         "",
         inherit_md,
         "",
