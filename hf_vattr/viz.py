@@ -770,7 +770,7 @@ def _trajectory_frame(w: int, h: int, dims: int) -> Image.Image:
         draw.line([(cb[0] - 3, y), (cb[0], y)], fill=(120, 120, 120))
         draw.text((cb[0] - 26, y - 6), f"{v:.1f}", fill=(110, 110, 110), font=font)
     draw.text((cb[2] - 26, cb[3] + 14), "step", fill=(110, 110, 110), font=font)
-    legend = "colour dark -> light: first -> last step; hollow: answer (indirect); grey dots: weak/indirect evidence"
+    legend = "colour dark -> light: first -> last step; hollow: answer; grey dots: weak/indirect evidence"
     draw.text((6, h - 16), legend, fill=(110, 110, 110), font=font)
     return canvas
 
