@@ -73,4 +73,4 @@ def test_stream_is_throttled_and_ends_with_generate_text(toy) -> None:
     assert all(g >= 1 / rate - 0.02 for g in gaps), gaps  # never more than `rate` pictures a second
     assert len(frames) < frames[-1].tokens  # tokens were coalesced, not one frame each
     assert all(f.overlay is not None for f in shown)  # nothing pinned: every frame shows a picture
-    assert [s.evidence for s in frames[-1].steps][-1] == "indirect"  # the answer span
+    assert [s.evidence for s in frames[-1].steps][-1] == "inherited"  # the answer span, scored through the steps

@@ -237,8 +237,8 @@ def test_streams_steps_one_by_one_and_pins_a_step(server: str, browser: Any, pla
             step_pictures.setdefault(s["step"], s["src"])
     assert sorted(step_pictures, key=int) == [str(i) for i in range(n_steps)]
     assert len(set(step_pictures.values())) == n_steps, "two steps showed the same overlay"
-    # weak / indirect steps are marked in the list (the toy's answer follows from the thinking text)
-    assert labels[-1].startswith("Answer") and "indirect" in labels[-1]
+    # the answer is marked as scored through the thinking steps; no step is weak or indirect
+    assert labels[-1].startswith("Answer") and "inherited from the thinking steps" in labels[-1]
     assert not any("weak" in lab or "indirect" in lab for lab in labels[:-1]), labels
 
     # clicking a finished step pins its heatmap: the picture shown when that step finished

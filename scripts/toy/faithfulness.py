@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         inherit_md,
         "",
+        f"`raw_attention` is the estimator's own features (`{args.feature_kind}`) averaged over layers and heads, "
+        "untrained.",
+        "",
         "## Methods x metrics (test examples)",
         "",
         table,
