@@ -188,7 +188,8 @@ def test_streamed_answers_inherit_exactly_what_span_scores_gives_on_collected_fe
     estimator.set_inheritance(0.9, 0.5)
     images, prompt = SPEC.get(1)
     record = collect_example(model, processor, images, prompt,
-                             CollectionConfig(region_method="vlm", k=16, max_new_tokens=64, num_subsets=0))
+                             CollectionConfig(region_method="vlm", k=16, max_new_tokens=64, num_subsets=0,
+                                              feature_kind=estimator.feature_kind))
     inputs = _build_inputs(processor, images, prompt)
     streamer = AttributionStreamer(model, processor, inputs=inputs, estimator=estimator, images=images,
                                    regions=record.prompt_regions(), timeout=60)
