@@ -161,3 +161,29 @@ def test_hard_checkpoint_loads_and_answers_held_out_questions():
     texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     answers = [check_answer(e, t)[0] for e, t in zip(exs, texts)]
     assert sum(answers) >= len(exs) - 1, list(zip([e.completion for e in exs], texts))
+
+
+def test_shipped_hard_estimator_streams_multi_object_evidence_and_answers_inherit():
+    from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution
+    from hf_vattr.toy.hard_task import region_on_evidence
+
+    folder = toy.toy_checkpoint_path("hard").parent / "toy-estimator-hard"
+    estimator = LinearEstimator.from_pretrained(folder)
+    model, processor = toy.load_toy_model(task="hard")
+    estimator.check_compatible(model)
+    assert estimator.feature_kind == "value_norm" and estimator.inherit_weight > 0
+    hits, answers = [], []
+    for e in make_hard_examples(6, seed=toy.EVAL_SEED, start=6000):
+        prompt = processor.apply_chat_template(prompt_messages(e), add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[prompt], images=[e.image], return_tensors="pt")
+        streamer = AttributionStreamer(model, processor, inputs=inputs, estimator=estimator, images=[e.image],
+                                       regions="prefill", timeout=60)
+        spans = [ev for ev in streamer.generate(**inputs, max_new_tokens=64) if isinstance(ev, SpanAttribution)]
+        for span in spans:
+            if span.section == "thinking" and (evidence := evidence_for_step(e, span.text)) is not None:
+                hits.append(region_on_evidence(streamer.regions, span.top_regions(1)[0], evidence))
+            if span.section == "answer":
+                answers.append(span.inherited)
+    # docs/faithfulness-hard.md: 0.73 of all steps (0.98 of those with a measurable effect), random 0.12
+    assert np.mean(hits) >= 0.5, hits
+    assert answers and all(answers)

@@ -58,6 +58,7 @@ def pointing_accuracy(records: list, scores: dict[str, list[torch.Tensor]], seed
                           else (make_example, evidence_for_step))
 
     hits: dict[str, list[bool]] = {name: [] for name in scores}
+    measurable: list[bool] = []  # the step's largest single-region effect is >= MIN_EFFECT nats
     for index, record in enumerate(records):
         example = build(example_seed(seed, int(record.example_id)))
         regions = PromptRegions.from_dict(record.regions)
@@ -67,10 +68,18 @@ def pointing_accuracy(records: list, scores: dict[str, list[torch.Tensor]], seed
             evidence = evidence_of(example, span["text"])
             if evidence is None:
                 continue
+            measurable.append(float(record.loo_effects[s].abs().max()) >= MIN_EFFECT)
             for name, per_example in scores.items():
                 top = int(torch.argmax(torch.as_tensor(per_example[index][s])))
                 hits[name].append(region_on_evidence(regions, top, evidence))
-    return {name: {"pointing": float(np.mean(h)) if h else None, "steps": len(h)} for name, h in hits.items()}
+    keep = np.asarray(measurable, dtype=bool)
+    out = {}
+    for name, h in hits.items():
+        h = np.asarray(h, dtype=bool)
+        out[name] = {"pointing": float(h.mean()) if h.size else None, "steps": int(h.size),
+                     "pointing_measurable": float(h[keep].mean()) if keep.any() else None,
+                     "steps_measurable": int(keep.sum())}
+    return out
 
 
 def metrics_by_section(records: list, per_span: dict[str, dict[str, list]]) -> dict[str, dict[str, dict]]:
@@ -179,14 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     estimator.save_pretrained(est_out)
 
     table = ev.to_markdown()
-    ptable = ["| Method | Pointing accuracy (top-1 region on the step's object) | steps |", "|---|---:|---:|"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    on = "on any object the step covers" if args.task == "hard" else "on the step's object"
+    ptable = [f"| Method | Pointing (top-1 region {on}) | steps | Pointing, steps with an effect >= {MIN_EFFECT:g} nats "
+              "| steps |", "|---|---:|---:|---:|---:|"]
     for name in ev.rows:
         v = pointing.get(name, {})
-        ptable.append(f"| {name} | {v.get('pointing'):.3f} | {v.get('steps')} |" if v.get("pointing") is not None
-                      else f"| {name} | n/a | 0 |")
+        ptable.append(f"| {name} | {fmt(v.get('pointing'))} | {v.get('steps', 0)} | {fmt(v.get('pointing_measurable'))} "
+                      f"| {v.get('steps_measurable', 0)} |")
     stable = ["| Method | LDS, thinking steps | LDS, answer | Pearson, thinking steps | Pearson, answer |",
               "|---|---:|---:|---:|---:|"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for name, sections in by_section.items():
         th, an = sections.get("thinking", {}), sections.get("answer", {})
         stable.append(f"| {name} | {fmt(th.get('lds'))} | {fmt(an.get('lds'))} | {fmt(th.get('pearson'))} "
@@ -216,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
          + (f" ({100 * est['lds'] / loo['lds']:.0f}%)" if est.get("lds") and loo.get("lds") else "")),
         ("estimator answer-span Pearson >= 0.5", est_answer is not None and est_answer >= 0.5, fmt(est_answer)),
         ("estimator pointing >= 0.95", est.get("pointing") is not None and est["pointing"] >= 0.95,
-         fmt(est.get("pointing"))),
+         f"{fmt(est.get('pointing'))} ({fmt(pointing.get('estimator', {}).get('pointing_measurable'))} on steps "
+         "with an effect)"),
         ("estimator LDS above raw attention and integrated gradients",
          est.get("lds") is not None and all(row.get("lds") is not None and est["lds"] > row["lds"] for row in (raw, ig)),
          f"{fmt(est.get('lds'))} vs {fmt(raw.get('lds'))} / {fmt(ig.get('lds'))}"),
