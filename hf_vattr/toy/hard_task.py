@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .task import (CELL, GRID, IMAGE_SIZE, SHAPES, TOKEN, ToyObject, _bbox, _draw_mask, _jitter_rgb, check_answer,
-                   example_seed, parse_trace, position_name, prompt_messages, region_on_evidence)
+from .task import (_COL_NAMES, _ROW_NAMES, CELL, GRID, IMAGE_SIZE, SHAPES, ToyExample, ToyObject, _bbox, _draw_mask,
+                   _jitter_rgb, _paint_object, check_answer, example_seed, parse_trace, position_name,
+                   prompt_messages, region_on_evidence)
 
 __all__ = [
     "HARD_COLOURS",
@@ -68,46 +69,20 @@ HARD_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 DISTRACTOR_COLOUR = (245, 210, 30)  # bright yellow: never a question's colour
 DISTRACTOR_SIZE = (44, 56)
-OBJECT_SIZE = (22, 28)
 HARD_KINDS = ("shape", "count", "left", "above")
 LINE_COUNT_WORDS = ("zero", "one", "two", "three")
 
-_ROW_NAMES = ("top", "middle", "bottom")
-_COL_NAMES = ("left", "center", "right")
-
 
 @dataclass
-class HardExample:
+class HardExample(ToyExample):
     """One hard-task image + question + target trace, with per-step (multi-object) evidence.
 
-    Same attributes as :class:`~hf_vattr.toy.task.ToyExample` except that ``step_objects[i]``
+    A :class:`~hf_vattr.toy.task.ToyExample` (same fields and text properties) except that ``step_objects[i]``
     is a *tuple* of object indices, and ``distractors`` holds the large shapes that are never evidence.
     """
 
-    image: "PIL.Image.Image"  # noqa: F821
-    question: str
-    thinking_steps: list[str]
-    answer: str
-    step_evidence_masks: list[np.ndarray]
-    objects: list[ToyObject]
-    seed: int
-    kind: str = ""
     step_objects: list[tuple[int, ...]] = field(default_factory=list)
-    step_evidence_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
     distractors: list[ToyObject] = field(default_factory=list)
-
-    @property
-    def thinking(self) -> str:
-        return "\n".join(self.thinking_steps)
-
-    @property
-    def completion(self) -> str:
-        """What the model writes after the chat prompt (which already ends with ``<think>\\n``)."""
-        return f"{self.thinking}\n</think>\n{self.answer}"
-
-    @property
-    def trace(self) -> str:
-        return f"<think>\n{self.completion}"
 
 
 def _line_name(axis: int, index: int) -> str:
@@ -139,17 +114,8 @@ def _render(rng: np.random.Generator, specs: list[tuple[str, str, int, int]], di
         rgb = _jitter_rgb(rng, DISTRACTOR_COLOUR, 10)
         pixels[mask] = rgb
         distractors.append(ToyObject(shape, "yellow", row, col, rgb, mask, _bbox(mask)))
-    objects: list[ToyObject] = []
-    for shape, colour, row, col in specs:
-        size = int(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1))
-        ty, tx = int(rng.integers(2)), int(rng.integers(2))
-        slack = (TOKEN - size) / 2 - 2
-        cx = col * CELL + tx * TOKEN + TOKEN / 2 + rng.uniform(-slack, slack)
-        cy = row * CELL + ty * TOKEN + TOKEN / 2 + rng.uniform(-slack, slack)
-        mask = _draw_mask(shape, cx, cy, size)
-        rgb = _jitter_rgb(rng, HARD_COLOURS[colour])
-        pixels[mask] = rgb
-        objects.append(ToyObject(shape, colour, row, col, rgb, mask, _bbox(mask)))
+    objects = [_paint_object(rng, pixels, shape, colour, HARD_COLOURS[colour], row, col)
+               for shape, colour, row, col in specs]
     return Image.fromarray(pixels), objects, distractors
 
 

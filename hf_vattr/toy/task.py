@@ -185,20 +185,27 @@ def _render(rng: np.random.Generator, specs: list[tuple[str, str, int, int]]):
     background = _jitter_rgb(rng, (grey, grey, grey), 8)
     pixels = np.empty((h, w, 3), dtype=np.uint8)
     pixels[:] = background
-    objects: list[ToyObject] = []
-    for shape, colour, row, col in specs:
-        # Each object sits inside one visual token (32 px) of its cell's 2 x 2 tokens, so
-        # one LLM token sees the whole object; the cell still names its position.
-        size = int(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1))
-        ty, tx = int(rng.integers(2)), int(rng.integers(2))
-        slack = (TOKEN - size) / 2 - 2  # keep 2 px clear of the token border
-        cx = col * CELL + tx * TOKEN + TOKEN / 2 + rng.uniform(-slack, slack)
-        cy = row * CELL + ty * TOKEN + TOKEN / 2 + rng.uniform(-slack, slack)
-        mask = _draw_mask(shape, cx, cy, size)
-        rgb = _jitter_rgb(rng, COLOURS[colour])
-        pixels[mask] = rgb
-        objects.append(ToyObject(shape, colour, row, col, rgb, mask, _bbox(mask)))
+    objects = [_paint_object(rng, pixels, shape, colour, COLOURS[colour], row, col) for shape, colour, row, col in specs]
     return Image.fromarray(pixels), objects
+
+
+def _paint_object(rng: np.random.Generator, pixels: np.ndarray, shape: str, colour: str,
+                  base_rgb: tuple[int, int, int], row: int, col: int) -> ToyObject:
+    """Paint one small object into ``pixels`` (in place) and describe it.
+
+    The object sits inside one visual token (32 px) of its cell's 2 x 2 tokens, so one LLM token
+    sees the whole object; the cell still names its position. The hard task paints its objects
+    with this too (same random draws, in the same order).
+    """
+    size = int(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1))
+    ty, tx = int(rng.integers(2)), int(rng.integers(2))
+    slack = (TOKEN - size) / 2 - 2  # keep 2 px clear of the token border
+    cx = col * CELL + tx * TOKEN + TOKEN / 2 + rng.uniform(-slack, slack)
+    cy = row * CELL + ty * TOKEN + TOKEN / 2 + rng.uniform(-slack, slack)
+    mask = _draw_mask(shape, cx, cy, size)
+    rgb = _jitter_rgb(rng, base_rgb)
+    pixels[mask] = rgb
+    return ToyObject(shape, colour, row, col, rgb, mask, _bbox(mask))
 
 
 # ----------------------------------------------------------------------------- examples
