@@ -278,15 +278,7 @@ def topk_drop(scores: Any, ablate: Callable[[np.ndarray], float], k: int) -> flo
     return the measured drop ``log p(S|x) - log p(S|x ablated)``; it is called exactly
     once. Use :func:`ablation_from_table` to evaluate against precomputed ablations.
     """
-    mask = topk_mask(scores, k)
-    drop = ablate(mask.copy())
-    try:
-        value = float(np.asarray(as_array(drop)).item())
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"ablate must return one number (the log-prob drop); got {drop!r}.") from e
-    if not np.isfinite(value):
-        raise ValueError(f"ablate returned {value} for mask {mask.astype(int).tolist()}; expected a finite drop.")
-    return value
+    return _call_ablate(ablate, topk_mask(scores, k))
 
 
 def ablation_from_table(masks: Any, effects: Any) -> Callable[[np.ndarray], float]:
