@@ -256,7 +256,7 @@ class AblationEngine:
         if self.pixel_values is None or self.image_grid_thw is None:
             raise ValueError("inputs carry no image (pixel_values / image_grid_thw); nothing to ablate.")
         self.regions = regions
-        self.prompt_inputs = {name: value for name, value in inputs.items()}  # for regenerating the reasoning
+        self.prompt_inputs = dict(inputs)  # for regenerating the reasoning
         self.positions = regions.layout.positions.to(self.device)  # (Nv,) absolute positions, increasing
         self.token_masks = regions.token_masks().to(self.device)  # (K, Nv)
         self.num_regions = int(self.token_masks.shape[0])

@@ -438,12 +438,8 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
             end = reasoning_end(tokenizer, splitter, generated, spans)
             if end is not None:
                 extra.update(reasoning_end=end[0], reasoning_stop_token=end[1])
-                pending = ExampleRecord(example_id=int(example_id), span_features=span_features,
-                                        loo_effects=effects[:num_regions].T, subset_masks=subset_masks,
-                                        subset_effects=effects[num_regions:].T, base_logprobs=torch.zeros(num_spans),
-                                        sequence=sequence[0], prompt_len=prompt_len, spans=spans, text="",
-                                        num_regions=num_regions, config=config.to_dict(), extra=extra)
-                effects = total_answer_effects(engine, pending, masks, effects, batch_size=config.batch_size)
+                effects = _with_total_answer_effects(engine, sequence[0], spans, masks, effects, *end,
+                                                     config.to_dict(), config.batch_size)
         loo_effects = effects[:num_regions].T.contiguous()
         subset_effects = effects[num_regions:].T.contiguous()
         base = engine.base_logprobs(span_ranges)
@@ -502,13 +498,21 @@ def total_answer_effects(engine: AblationEngine, record: ExampleRecord, masks: t
     end = record.extra.get("reasoning_end")
     if record.config.get("answer_effects") != "total" or end is None:
         return effects
-    answer = [i for i, sp in enumerate(record.spans) if sp["section"] == "answer"]
+    return _with_total_answer_effects(engine, record.sequence, record.spans, masks, effects, int(end),
+                                      int(record.extra["reasoning_stop_token"]), record.config, batch_size)
+
+
+def _with_total_answer_effects(engine: AblationEngine, sequence: torch.Tensor, spans: Sequence[dict],
+                               masks: torch.Tensor, effects: torch.Tensor, end: int, stop_token: int,
+                               config: Mapping[str, Any], batch_size: int) -> torch.Tensor:
+    """The one place collection and evaluation turn answer columns of ``effects (M, S)`` into total effects."""
+    answer = [i for i, sp in enumerate(spans) if sp["section"] == "answer"]
     out = torch.as_tensor(effects).clone()
     out[:, answer] = regenerated_span_effects(
-        engine, record.sequence, [record.span_ranges[i] for i in answer], masks, reasoning_end=int(end),
-        teacher_forced=out[:, answer], stop_token_id=int(record.extra["reasoning_stop_token"]),
-        max_new_tokens=int(record.config.get("max_new_tokens", 256)), batch_size=batch_size,
-        generate_kwargs=record.config.get("generate_kwargs") or None)
+        engine, sequence, [(int(spans[i]["start"]), int(spans[i]["end"])) for i in answer], masks,
+        reasoning_end=end, teacher_forced=out[:, answer], stop_token_id=stop_token,
+        max_new_tokens=int(config.get("max_new_tokens", 256)), batch_size=batch_size,
+        generate_kwargs=config.get("generate_kwargs") or None)
     return out
 
 
