@@ -643,19 +643,24 @@ def _fit_inheritance(estimator: Any, train: Sequence[ExampleRecord], val: Sequen
     """
     from .estimator import INHERITING_SECTIONS, pool_steps
 
-    def answer_terms(records: Sequence[ExampleRecord], pool: str, decay: float) -> list[tuple]:
+    bias = 0.0 if estimator.bias is None else float(estimator.bias)
+
+    def answers_of(records: Sequence[ExampleRecord]) -> list[tuple]:
+        """Per answer span after at least one step: (own scores, the steps' scores - bias, targets), scored once."""
         out = []
         with torch.no_grad():
             for r in records:
                 sections = [sp.get("section") for sp in r.spans]
                 own = estimator(r.span_features).double()
-                bias = 0.0 if estimator.bias is None else float(estimator.bias)
                 for s, section in enumerate(sections):
                     steps = [j for j in range(s) if sections[j] not in INHERITING_SECTIONS]
                     if section in INHERITING_SECTIONS and steps:
-                        out.append((own[s], pool_steps(own[steps] - bias, pool, decay), r.loo_effects[s].double(),
-                                    r.subset_masks.double(), r.subset_effects[s].double()))
+                        out.append((own[s], own[steps] - bias, r.loo_effects[s].double(), r.subset_masks.double(),
+                                    r.subset_effects[s].double()))
         return out
+
+    def answer_terms(answers: list[tuple], pool: str, decay: float) -> list[tuple]:
+        return [(own, pool_steps(steps, pool, decay), loo, masks, subsets) for own, steps, loo, masks, subsets in answers]
 
     def centred(x: torch.Tensor) -> torch.Tensor:
         return x - x.mean()
@@ -674,14 +679,16 @@ def _fit_inheritance(estimator: Any, train: Sequence[ExampleRecord], val: Sequen
                     values.append(float(r[0]))
         return sum(values) / len(values) if values else float("nan")
 
+    train_answers = answers_of(train)
+    check_answers = answers_of(val) if val else train_answers
+    own_only = pearson(answer_terms(check_answers, "max", 1.0), 0.0, 1.0)  # the pool does not enter at weight 0
     tried = []
     for pool, decay in INHERIT_CANDIDATES:
-        terms = answer_terms(train, pool, decay)
+        terms = answer_terms(train_answers, pool, decay)
         own_weight, gamma = _two_slopes([(centred(own), centred(g), centred(loo)) for own, g, loo, _, _ in terms])
-        check = answer_terms(val, pool, decay) if val else terms
+        check = answer_terms(check_answers, pool, decay) if val else terms
         tried.append({"pool": pool, "decay": decay, "weight": gamma, "own": own_weight, "answers": len(terms),
-                      "answer_pearson": pearson(check, gamma, own_weight),
-                      "answer_pearson_own": pearson(check, 0.0, 1.0)})
+                      "answer_pearson": pearson(check, gamma, own_weight), "answer_pearson_own": own_only})
     usable = [t for t in tried if t["weight"] > 0 and not math.isnan(t["answer_pearson"])]
     if not usable:
         logger.warning("Inheritance was requested but no answer span with a measured effect follows a thinking step "
