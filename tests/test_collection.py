@@ -312,6 +312,7 @@ def test_bad_prompt_rows_name_the_line_and_field(tmp_path, row, message):
 
 
 SCRIPT = """
+import os
 import sys
 import torch
 torch.set_num_threads(1)
@@ -324,7 +325,9 @@ model, proc = tiny_vlm({family!r})
 result = collect(model, proc, dataset(4), sys.argv[1], config(), splitter_factory=EveryN, progress=False)
 from accelerate import PartialState
 state = PartialState()
-print("RESULT", state.process_index, state.num_processes, sorted(result["written"]), flush=True)
+# one os.write per line: with PYTHONUNBUFFERED each print argument is its own write, and the two
+# processes' pieces interleaved on the shared pipe ("RESULTRESULT 0 ..."); a small write is atomic
+os.write(1, f"RESULT {{state.process_index}} {{state.num_processes}} {{sorted(result['written'])}}\\n".encode())
 """
 
 
