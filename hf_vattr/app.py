@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from .errors import AttributionError
+
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
@@ -52,7 +54,7 @@ _EVIDENCE_TEXT = {"grounded": "", "weak": " (weak evidence)",
                   "inherited": " (inherited from the thinking steps)"}
 
 
-class InputError(ValueError):
+class InputError(AttributionError, ValueError):
     """Bad input refused before any work; its message is shown on the page as it is."""
 
 

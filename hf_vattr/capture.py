@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers.utils import logging
 
+from .errors import AttributionError
 from .layouts import attention_modules, output_projection, text_dims
 
 logger = logging.get_logger(__name__)
@@ -57,7 +58,7 @@ FEATURE_KINDS = ("attention", "value_norm")
 _KEY_BLOCK = 4096  # keys per block on the full-row route: bounds the float32 temporary
 
 
-class CaptureError(RuntimeError):
+class CaptureError(AttributionError, RuntimeError):
     """Attention capture was used in a way it cannot serve."""
 
 

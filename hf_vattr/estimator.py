@@ -29,6 +29,7 @@ from huggingface_hub.utils import is_jsonable
 from torch import nn
 from transformers.utils import logging
 
+from .errors import AttributionError
 from .capture import FEATURE_KINDS
 from .layouts import text_dims
 from .metrics import metric_meaning
@@ -57,7 +58,7 @@ _FIX_HINT = (
 )
 
 
-class EstimatorError(Exception):
+class EstimatorError(AttributionError):
     """Base class of this module's errors."""
 
 

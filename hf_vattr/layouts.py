@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import AttributionError
+
 __all__ = [
     "ArchitectureSpec",
     "ARCHITECTURES",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(AttributionError, ValueError):
     """The model's architecture is not in the declarative table."""
 
 

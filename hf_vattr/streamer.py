@@ -43,6 +43,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging
 
+from .errors import AttributionError
 from .estimator import INHERITING_SECTIONS
 from .events import AttributionTrace, SpanAttribution, TokenAttribution
 from .layouts import VisualLayout
@@ -68,19 +69,19 @@ _WATCH_INTERVAL = 0.1  # seconds between checks that generate() is still running
 _POLL_INTERVAL = 0.01  # seconds the worker sleeps when it has nothing to do (events lag tokens by at most this)
 
 
-class GenerationError(RuntimeError):
+class GenerationError(AttributionError, RuntimeError):
     """``generate`` failed while the streamer was attached; the original error is the ``__cause__``."""
 
 
-class AttributionTimeout(TimeoutError):
+class AttributionTimeout(AttributionError, TimeoutError):
     """No event arrived within the consumer timeout while generation was still running."""
 
 
-class StreamerStateError(RuntimeError):
+class StreamerStateError(AttributionError, RuntimeError):
     """The streamer was used out of order: reused for a second ``generate``, or started twice."""
 
 
-class GenerationCancelled(RuntimeError):
+class GenerationCancelled(AttributionError, RuntimeError):
     """Raised inside ``generate`` at the next token after :meth:`AttributionStreamer.close`, to stop it."""
 
 

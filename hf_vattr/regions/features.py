@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import AttributionError
 from ..layouts import ImageTokens, array_image_size
 
 __all__ = [
@@ -70,7 +71,7 @@ WEIGHTS_ENV = {"dinov3": "HF_VATTR_DINOV3_WEIGHTS", "dinov2": "HF_VATTR_DINOV2_W
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
-class WeightsUnavailableError(FileNotFoundError):
+class WeightsUnavailableError(AttributionError, FileNotFoundError):
     """Pretrained feature-extractor weights are neither local nor downloadable right now."""
 
 
