@@ -38,13 +38,15 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import numbers
 from typing import Any, Callable, Sequence
 
 import torch
 from scipy import ndimage
 from transformers.utils import logging
 
-from .capture import attention_intervention
+from .capture import attention_intervention, own_implementation
+from .errors import AttributionError
 from .layouts import architecture_spec, extend_inputs
 
 logger = logging.get_logger(__name__)
@@ -74,10 +76,27 @@ def random_subset_masks(num_regions: int, num_masks: int, keep_prob: float = 0.5
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """(M, K) bool random subsets in the ContextCite / AT2 style: each region is *kept* with ``keep_prob``.
 
-    True marks an ablated (not kept) region, the convention of every mask in this module.
+    True marks an ablated (not kept) region, the convention of every mask in this module. ``keep_prob`` must
+    be in (0, 1): at 0 or 1 every subset ablates everything or nothing, and the subsets measure nothing.
     """
+    if isinstance(keep_prob, bool) or not isinstance(keep_prob, numbers.Real) or not 0.0 < float(keep_prob) < 1.0:
+        raise AblationValueError(f"keep_prob must be in (0, 1), got {keep_prob!r}: at 0 or 1 every random subset "
+                                 "ablates all regions or none.")
+    if isinstance(num_masks, bool) or int(num_masks) != num_masks or int(num_masks) < 0:
+        raise AblationValueError(f"num_masks must be an integer >= 0, got {num_masks!r}.")
     keep = torch.rand(int(num_masks), int(num_regions), generator=generator) < keep_prob
     return ~keep
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    """A batch size below 1 would silently skip every ablation (effects all 0): refuse it."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise AblationValueError(f"batch_size (ablation masks per forward pass) must be an integer >= 1, got "
+                                 f"{batch_size!r}.")
+
+
+class AblationValueError(AttributionError, ValueError):
+    """An ablation argument is out of range."""
 
 
 # ----------------------------------------------------------------------------- attention masks
@@ -101,7 +120,7 @@ def ablation_attention_mask(key_ablated: torch.Tensor, num_queries: int, num_key
 
 def _mask_for_implementation(module: Any, keep: torch.Tensor, given: Any, dtype: torch.dtype) -> torch.Tensor:
     """Combine ``keep`` with the mask the model built, in the form its attention function takes."""
-    impl = getattr(getattr(module, "config", None), "_attn_implementation", None) or "sdpa"
+    impl = own_implementation(getattr(module, "config", None)) or "sdpa"
     if given is not None and isinstance(given, torch.Tensor) and given.dim() == 4:
         g = given[..., -keep.shape[-2]:, : keep.shape[-1]]
         g = g if g.dtype == torch.bool else g > torch.finfo(g.dtype).min / 2
@@ -128,7 +147,7 @@ class _Knockout:
         # Every layer of one forward sees the same shapes and the same model-built mask object:
         # build the combined mask once per forward (the given mask is kept alive, so its id is stable).
         tq, tk = query.shape[2], key.shape[2]
-        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        impl = own_implementation(getattr(module, "config", None))
         memo_key = (tq, tk, query.device, query.dtype, impl, id(attention_mask))
         hit = self._memo.get(memo_key)
         if hit is None:
@@ -406,6 +425,7 @@ class AblationEngine:
             raise ValueError(f"ablation_masks must be (M, K={self.num_regions}) bool, got {tuple(masks.shape)}.")
         if method not in ("attention", "pixel"):
             raise ValueError(f"method must be 'attention' or 'pixel', got {method!r}.")
+        _check_batch_size(batch_size)
         mode = {True: "ablated", False: "none"}.get(reuse_prefix, reuse_prefix)  # type: ignore[arg-type]
         if mode not in ("ablated", "prompt", "none"):
             raise ValueError(f"reuse_prefix must be 'ablated', 'prompt', 'none' or a bool, got {reuse_prefix!r}.")
@@ -576,6 +596,7 @@ def regenerated_span_effects(engine: AblationEngine, sequence: torch.Tensor, spa
     gets it appended (the answer is scored as if the reasoning had ended there).
     """
     masks = torch.as_tensor(ablation_masks, dtype=torch.bool)
+    _check_batch_size(batch_size)
     sequence = sequence.reshape(-1).cpu()
     prompt_len = engine.prompt_len
     generated = sequence[prompt_len:]

@@ -2,11 +2,14 @@
 
 Why this design: forcing ``attn_implementation="eager"`` or ``output_attentions=True`` costs
 O(T^2 L H) memory and changes numerics. Every attention call in transformers 5 goes through
-``ALL_ATTENTION_FUNCTIONS.get_interface(impl, default)`` and receives post-RoPE queries and the
-cached keys. While a capture is active we wrap whatever function that lookup returns; for the
-text decoder's attention modules of the captured model we also record the *one* attention row
-we need (the query that predicts the next token), restricted to the visual tokens and pooled
-to regions.
+the implementation named by its config (``config._attn_implementation``) and receives post-RoPE
+queries and the cached keys. For each implementation a model uses ("sdpa", "eager", a flash
+kernel, ...) a capturing twin is registered once through the documented extension points,
+``AttentionInterface.register`` (with the same mask function through
+``AttentionMaskInterface.register``); while a capture is active only *that model's text decoder*
+is switched to the twin, and switched back when it ends. The twin calls the original function and,
+for the forwards of the thread that started the capture, records the *one* attention row we need
+(the query that predicts the next token), restricted to the visual tokens and pooled to regions.
 
 Constant cost per decode step: the softmax normaliser of that row (its log-sum-exp) is
 computed by the attention kernel anyway, so the row on the visual keys is
@@ -24,14 +27,18 @@ trace length, and the KV cache is never copied. Which route serves a capture is 
 
 Prefill steps (many queries) always take the full-row route once.
 
-Isolation: captures are keyed by attention *module object*, so two models generating in two
-threads never see each other's rows. Restoration: the lookup is patched while at least one
-capture is active and restored exactly when the last one exits, also when generation raises.
+Isolation: captures are keyed by attention *module object* and by thread, so other models, and
+other threads running the same model, pass through the original attention untouched and are never
+recorded. One capture per model at a time; a second is a clear :class:`CaptureError`. Restoration:
+the model's text config gets its own implementation back when the capture stops, also when
+generation raises; the vision tower and every other model are never switched.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -39,7 +46,7 @@ import torch
 from transformers.utils import logging
 
 from .errors import AttributionError
-from .layouts import attention_modules, output_projection, text_dims
+from .layouts import _get_path, architecture_spec, attention_modules, output_projection, text_dims
 
 logger = logging.get_logger(__name__)
 
@@ -51,7 +58,8 @@ __all__ = [
     "FEATURE_KINDS",
     "attention_intervention",
     "CaptureError",
-    "patched_attention_lookup",
+    "capture_active",
+    "own_implementation",
 ]
 
 FEATURE_KINDS = ("attention", "value_norm")
@@ -309,35 +317,64 @@ def _sdpa_decode_with_lse(module, query, key, value, attention_mask, scaling, kw
     return None
 
 
-# ----------------------------------------------------------------------------- global dispatcher
+# ----------------------------------------------------------------------------- dispatch, scoped to one model
 
+# Registered once per wrapped implementation through transformers' documented extension points
+# (``AttentionInterface.register`` and ``AttentionMaskInterface.register``); a model's text decoder is
+# switched to it only while a capture or intervention is active on that model, and switched back after.
+_IMPLEMENTATION_PREFIX = "hf_vattr_"
 _LOCK = threading.RLock()
-_ACTIVE: dict[Any, "AttentionCapture"] = {}  # attention module -> capture
-_INTERVENTIONS: dict[Any, Callable] = {}  # attention module -> mask intervention (used by ablations)
-_WRAPPERS: dict[Callable, Callable] = {}  # original attention fn -> wrapped fn
-_PATCH: dict[str, Any] = {}  # saved original lookup while patched
-_USERS = 0
+_REGISTERED: set[str] = set()
+_SWITCHED: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()  # model -> [config, original, users]
+_ACTIVE: dict[Any, "AttentionCapture"] = {}  # attention module -> capture (any thread): one capture per model
+_INTERVENED: dict[Any, int] = {}  # attention module -> thread holding an intervention on it
+_THREAD = threading.local()  # .captures / .interventions: attention module -> capture / mask rewrite, this thread only
 _VERIFIED: set[tuple] = set()  # (call signature, kernel) whose LSE-route output equals the model's own, bitwise
 _REJECTED: set[tuple] = set()  # (call signature, kernel) that differ or refuse the call: never tried again
 
 
-def _wrap(original: Callable) -> Callable:
-    wrapped = _WRAPPERS.get(original)
-    if wrapped is not None:
-        return wrapped
-    is_sdpa = _is_transformers_sdpa(original)
+def _thread_scope(name: str) -> dict:
+    scope = getattr(_THREAD, name, None)
+    if scope is None:
+        scope = {}
+        setattr(_THREAD, name, scope)
+    return scope
+
+
+def _original_attention(implementation: str, module: Any) -> Callable:
+    """The function the model itself would call for ``implementation`` (eager: its modeling file's own)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if implementation != "eager" and implementation in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise CaptureError(f"{type(module).__name__} has no eager_attention_forward in its modeling file; load the "
+                           'model with attn_implementation="sdpa" to attribute it.')
+    return eager
+
+
+def _capturing_implementation(implementation: str) -> Callable:
+    """The attention function registered for one original implementation: records for this thread's captures,
+    rewrites masks for this thread's interventions, and otherwise is exactly the original call."""
+    from transformers.integrations import sdpa_attention
 
     def capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        intervention = _INTERVENTIONS.get(module)
-        if intervention is not None:
-            attention_mask = intervention(module, query, key, attention_mask)
-        capture = _ACTIVE.get(module)
-        if capture is None:
+        original = _original_attention(implementation, module)
+        interventions = getattr(_THREAD, "interventions", None)
+        if interventions:
+            intervention = interventions.get(module)
+            if intervention is not None:
+                attention_mask = intervention(module, query, key, attention_mask)
+        captures = getattr(_THREAD, "captures", None)
+        capture = captures.get(module) if captures else None
+        if capture is None:  # another thread's forward, or a module we do not record: untouched
             return original(module, query, key, value, attention_mask, *args, **kwargs)
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-        if is_sdpa and capture.rows == "last" and capture.path != "full-row" and query.shape[2] == 1 and not args:
+        if (original is sdpa_attention.sdpa_attention_forward and capture.rows == "last"
+                and capture.path != "full-row" and query.shape[2] == 1 and not args):
             routed = _sdpa_decode_with_lse(module, query, key, value, attention_mask, kwargs.get("scaling"), kwargs)
             if routed is not None:
                 output, lse, kernel, signature = routed
@@ -349,42 +386,66 @@ def _wrap(original: Callable) -> Callable:
         capture._record(module, query, key, value, attention_mask, scaling, output)
         return output
 
-    capturing_attention.__wrapped__ = original  # type: ignore[attr-defined]
-    _WRAPPERS[original] = capturing_attention
+    capturing_attention.__qualname__ = f"capturing_attention[{implementation}]"
     return capturing_attention
 
 
-def _install() -> None:
-    global _USERS
+def _registered_name(implementation: str) -> str:
+    """Register (once) the capturing twin of ``implementation`` and its mask function; return its name."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
+    name = _IMPLEMENTATION_PREFIX + implementation
     with _LOCK:
-        if _USERS == 0:
-            original = AttentionInterface.get_interface
-            _PATCH["get_interface"] = original
-
-            def get_interface(self, attn_implementation, default):
-                return _wrap(original(self, attn_implementation, default))
-
-            get_interface.__wrapped__ = original  # type: ignore[attr-defined]
-            AttentionInterface.get_interface = get_interface
-        _USERS += 1
+        if name not in _REGISTERED:
+            AttentionInterface.register(name, _capturing_implementation(implementation))
+            if implementation in ALL_MASK_ATTENTION_FUNCTIONS:  # the same masks as the model would build
+                AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+            _REGISTERED.add(name)
+    return name
 
 
-def _uninstall() -> None:
-    global _USERS
-    from transformers.modeling_utils import AttentionInterface
+def _text_config(model: Any) -> Any:
+    """The declared text-decoder config: the only one whose attention implementation a capture switches."""
+    return _get_path(model.config, architecture_spec(model).text_config)
 
+
+def _switch_on(model: Any) -> None:
+    """Point this model's text decoder at the capturing twin of its attention (counted; the vision tower keeps its own)."""
     with _LOCK:
-        _USERS -= 1
-        if _USERS == 0:
-            AttentionInterface.get_interface = _PATCH.pop("get_interface")
-            _WRAPPERS.clear()
+        entry = _SWITCHED.get(model)
+        if entry is None:
+            config = _text_config(model)
+            original = config._attn_implementation or "eager"
+            if original.startswith(_IMPLEMENTATION_PREFIX):
+                raise CaptureError("The model's attention is already switched to an hf_vattr capture by a call that "
+                                   "did not finish; reload the model.")
+            config._attn_implementation = _registered_name(original)
+            entry = _SWITCHED[model] = [config, original, 0]
+        entry[2] += 1
 
 
-def patched_attention_lookup() -> bool:
-    """Whether the attention lookup is currently wrapped (for tests and debugging)."""
-    return _USERS > 0
+def _switch_off(model: Any) -> None:
+    with _LOCK:
+        entry = _SWITCHED.get(model)
+        if entry is None:
+            return
+        entry[2] -= 1
+        if entry[2] <= 0:
+            entry[0]._attn_implementation = entry[1]
+            del _SWITCHED[model]
+
+
+def own_implementation(config: Any) -> str | None:
+    """The attention implementation a config names, seen through a capture's switch (``"sdpa"``, ``"eager"``, ...)."""
+    name = getattr(config, "_attn_implementation", None)
+    return name[len(_IMPLEMENTATION_PREFIX):] if name and name.startswith(_IMPLEMENTATION_PREFIX) else name
+
+
+def capture_active(model: Any | None = None) -> bool:
+    """Whether ``model`` (default: any model) has its attention switched to hf_vattr's capture right now."""
+    with _LOCK:
+        return len(_SWITCHED) > 0 if model is None else model in _SWITCHED
 
 
 # ----------------------------------------------------------------------------- capture session
@@ -448,8 +509,7 @@ class AttentionCapture:
         self.rows = rows
         self.first_row = int(first_row)
         self.path: str | None = None
-        self.stale: Callable[[], bool] | None = None  # set by owners that can tell when their generate died
-        self.on_evicted: Callable[[], None] | None = None
+        self._scope: dict = {}
         self._layer_of = {module: i for i, module in enumerate(self.modules)}
         self._positions: dict[torch.device, torch.Tensor] = {}
         self._pooling: dict[torch.device, torch.Tensor] = {}
@@ -496,35 +556,34 @@ class AttentionCapture:
         self.stop()
 
     def start(self) -> None:
+        """Switch the model's text attention to the capturing twin and record the forwards of *this thread*."""
         with _LOCK:
-            owners = {_ACTIVE[m] for m in self.modules if m in _ACTIVE}
-            for owner in owners:  # a capture whose generate died without cleaning up is reclaimed, not blocking
-                if owner.stale is not None and owner.stale():
-                    logger.warning("Reclaiming an attribution capture whose generate() ended without finishing.")
-                    owner.stop()
-                    if owner.on_evicted is not None:
-                        owner.on_evicted()
             if any(m in _ACTIVE for m in self.modules):
                 raise CaptureError(
                     "This model already has an active attribution capture (another streamer or capture is running "
                     "on it). Finish or close that generation first, or use a separate model instance per thread."
                 )
-            _install()
+            _switch_on(self.model)
             for module in self.modules:
                 _ACTIVE[module] = self
+            self._scope = _thread_scope("captures")  # the starting thread's table: stop() may run in another
+            self._scope.update(dict.fromkeys(self.modules, self))
             self.active = True
 
     def stop(self) -> None:
+        """Undo :meth:`start` (idempotent, from any thread)."""
         with _LOCK:
             if not self.active:
                 return
             for module in self.modules:
                 if _ACTIVE.get(module) is self:
                     del _ACTIVE[module]
+                if self._scope.get(module) is self:
+                    del self._scope[module]
             self.active = False
             self._visual_key_cache.clear()
             self._value_weights.clear()
-            _uninstall()
+            _switch_off(self.model)
 
     # -- recording
     def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -655,7 +714,8 @@ class AttentionCapture:
 @contextmanager
 def attention_intervention(model: Any, intervene: Callable[[Any, torch.Tensor, torch.Tensor, Any], Any]) -> Iterator[None]:
     """Let ``intervene(module, query, key, attention_mask) -> attention_mask`` rewrite the mask of every
-    text-decoder attention call of ``model`` (e.g. to knock regions out of attention for ablations).
+    text-decoder attention call of ``model`` made by this thread (e.g. to knock regions out of attention for
+    ablations).
 
     The returned mask is passed to the model's own attention function, so it must be in a form that
     function accepts: a boolean (True = attend) or additive float 4D mask works for ``sdpa`` and ``eager``.
@@ -663,15 +723,18 @@ def attention_intervention(model: Any, intervene: Callable[[Any, torch.Tensor, t
     """
     modules = attention_modules(model)
     with _LOCK:
-        if any(m in _INTERVENTIONS for m in modules):
+        if any(m in _INTERVENED for m in modules):
             raise CaptureError("This model already has an active attention intervention.")
-        _install()
+        _switch_on(model)
+        scope = _thread_scope("interventions")
         for m in modules:
-            _INTERVENTIONS[m] = intervene
+            _INTERVENED[m] = threading.get_ident()
+            scope[m] = intervene
     try:
         yield
     finally:
         with _LOCK:
             for m in modules:
-                _INTERVENTIONS.pop(m, None)
-            _uninstall()
+                _INTERVENED.pop(m, None)
+                scope.pop(m, None)
+            _switch_off(model)

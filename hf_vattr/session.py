@@ -11,10 +11,8 @@ Batches: every row of ``input_ids`` (left padding allowed) gets its own layout a
 from __future__ import annotations
 
 import copy
-import sys
 import threading
-import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from transformers.utils import logging
@@ -79,16 +77,6 @@ def _padded(tables: Sequence[torch.Tensor], shape: tuple[int, ...], fill: float 
     return out
 
 
-def _called_for(owner: Any) -> bool:
-    """Whether the current call stack belongs to a ``generate(streamer=owner)`` call."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_locals.get("streamer") is owner:
-            return True
-        frame = frame.f_back
-    return False
-
-
 class AttributionSession:
     """Layouts, regions, capture and scoring for one ``generate`` call (one or many sequences).
 
@@ -101,28 +89,25 @@ class AttributionSession:
         regions: as for :class:`~hf_vattr.streamer.AttributionStreamer`; for batches, a method name or one
             region spec per row.
         grid_k: regions per image of the default grid.
-        owner: the streamer whose ``generate`` call this session serves (to ignore other calls' vision passes).
-        on_error: called with any exception the session sees while the model runs (the stream's failure path).
+    Nothing is hooked or switched until :meth:`attach` (in the thread that runs ``generate``) and :meth:`open`
+    (at the prompt); :meth:`close` undoes both.
     """
 
     def __init__(self, model: Any, inputs: Any, *, estimator: Any = None, images: Any = None,
-                 regions: Any = None, grid_k: int = 16, owner: Any = None,
-                 on_error: Callable[[BaseException], None] | None = None) -> None:
+                 regions: Any = None, grid_k: int = 16) -> None:
         self.model = model
-        self._owner = None if owner is None else weakref.ref(owner)  # weak: a dropped streamer can be collected
-        self.on_error = on_error
+        self._thread_id: int | None = None  # the thread whose generate this session serves
         rows = _row_inputs(model, inputs, images)
         self.images: list[Any] = [None if row_images is None else list(row_images) for _, row_images in rows]
         self.layouts: list[VisualLayout] = [
             visual_layout(model, row["input_ids"], row["image_grid_thw"], row_images) for row, row_images in rows]
         self._recorder: Any = None
+        self._wants_prefill_regions = False
         if isinstance(regions, str) and regions == "prefill":
             if any(row["pixel_values"] is None for row, _ in rows):
                 raise ValueError('regions="prefill" needs inputs with pixel_values (images in the prompt); '
                                  'pass region maps or another method such as regions="grid".')
-            from .regions import VisionFeatureRecorder
-
-            self._recorder = VisionFeatureRecorder(model, on_record=self._regions_from_vision_output)
+            self._wants_prefill_regions = True
             self.regions: list[PromptRegions | None] = [None] * len(rows)
         else:
             specs = regions if (len(rows) > 1 and isinstance(regions, (list, tuple))
@@ -147,11 +132,7 @@ class AttributionSession:
         self.estimator = estimator
         self.capture: AttentionCapture | None = None
         self.row_of_sequence: list[int] = []
-        self._hook: Any = None
         self._lock = threading.Lock()
-        if self._recorder is not None:
-            # Hooked now, not at the first put(): generate may encode the images before it calls put().
-            self._recorder.__enter__()
 
     # ------------------------------------------------------------------ regions
     def _resolve_regions(self, regions: Any, layout: VisualLayout, grid_k: int, row: dict, images: Any
@@ -175,8 +156,8 @@ class AttributionSession:
 
     def _regions_from_vision_output(self, features: list[torch.Tensor]) -> None:
         """Runs inside the prefill's vision-tower hook: cluster, then hand the membership to the capture."""
-        if self._owner is not None and not _called_for(self._owner()):
-            return  # another generate's vision pass (e.g. a second streamer built early): not ours
+        if threading.get_ident() != self._thread_id:
+            return  # a vision pass of another thread running the same model: not ours
         self._release_recorder()  # one-shot
         from .regions import build_regions
 
@@ -187,7 +168,6 @@ class AttributionSession:
                 f'regions="prefill" saw a vision-tower call for images with {got} visual tokens, but the prompt has '
                 f"{want}. Create the streamer right before generate(...) with the same inputs."
             )
-            self._report(error)
             raise error
         start = 0
         for b, layout in enumerate(self.layouts):
@@ -215,9 +195,21 @@ class AttributionSession:
         return _padded(tables, (max(t.shape[0] for t in tables), max(t.shape[1] for t in tables)))
 
     # ------------------------------------------------------------------ lifecycle
-    def open(self, num_sequences: int, stale: Callable[[], bool] | None = None,
-             on_evicted: Callable[[], None] | None = None) -> None:
-        """Start capturing for ``num_sequences`` rows (generate's expanded batch); hook the model's forward."""
+    def attach(self) -> None:
+        """Called in the thread that runs ``generate``, before it starts: only that thread's passes are ours.
+
+        ``regions="prefill"`` hooks the vision tower here (not at the first ``put``: generate may encode the
+        images before it streams the prompt).
+        """
+        self._thread_id = threading.get_ident()
+        if self._wants_prefill_regions and self.regions[0] is None:
+            from .regions import VisionFeatureRecorder
+
+            self._recorder = VisionFeatureRecorder(self.model, on_record=self._regions_from_vision_output)
+            self._recorder.__enter__()
+
+    def open(self, num_sequences: int) -> None:
+        """Start capturing for ``num_sequences`` rows (generate's expanded batch), in generate's thread."""
         rows = len(self.layouts)
         if num_sequences % rows:
             raise ValueError(f"generate runs {num_sequences} sequences for {rows} prompt rows.")
@@ -226,31 +218,14 @@ class AttributionSession:
         ready = all(r is not None for r in self.regions)
         self.capture = AttentionCapture(self.model, self._positions(), self._membership() if ready else None,
                                         pooling=self.pooling, feature_kind=self.feature_kind)
-        self.capture.stale = stale
-        self.capture.on_evicted = on_evicted or self.close
         self.capture.start()
-        # Runs after every forward of the model, also when it raises: the failure reaches the consumer.
-        self._hook = self.model.register_forward_hook(self._after_forward, always_call=True)
-
-    def _after_forward(self, module, args, output) -> None:
-        if output is None:  # torch passes None when the forward raised
-            error = sys.exc_info()[1]
-            if error is not None:
-                self._report(error)
-
-    def _report(self, error: BaseException) -> None:
-        if self.on_error is not None:
-            self.on_error(error)
 
     def close(self) -> None:
-        """Release every patch and hook; idempotent and safe from any thread."""
+        """Release the capture and the vision hook; idempotent and safe from any thread."""
         with self._lock:
             if self.capture is not None:
                 self.capture.stop()
             self._release_recorder()
-            if self._hook is not None:
-                self._hook.remove()
-                self._hook = None
 
     # ------------------------------------------------------------------ per step
     def scores(self) -> tuple[torch.Tensor, torch.Tensor]:

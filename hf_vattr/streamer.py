@@ -1,25 +1,25 @@
 """`AttributionStreamer`: live visual attribution out of ``model.generate``.
 
-A transformers streamer (``BaseStreamer``): iterate over it, sync or async, to get as the model thinks
+A transformers ``TextStreamer``: pass it to ``generate`` (or call :meth:`AttributionStreamer.generate`)
+and iterate over it, sync or async, to get as the model thinks
 
 * one :class:`TokenAttribution` per generated token: its text and a score per image region (the
   estimator's prediction of how much the token's log-prob would drop if the region were ablated), and
 * one :class:`SpanAttribution` per finished reasoning step, scored by the mean of its tokens' scores
   (the estimator is linear, so this equals scoring the step's mean features).
 
-The safe way runs generation in a thread the streamer owns, so every failure reaches the loop::
+As a ``TextStreamer`` it also calls :meth:`on_finalized_text` with exactly the text a plain
+``TextStreamer(tokenizer, skip_prompt=True)`` would get (printing only with ``print_text=True``), so
+subclasses that override it, as users do with ``TextStreamer``, get the text.
 
-    for event in AttributionStreamer(model, processor, inputs=inputs, estimator=est).generate(**inputs):
-        ...
-
-``model.generate(**inputs, streamer=streamer)`` in a thread of your own is fully supported too.
-
-Why it cannot hang or leak: every failure becomes a :class:`GenerationError` in the consumer, with
-the original exception as its ``__cause__``. Failures inside a forward are seen by a forward hook;
-threads that die before the first token are seen through ``threading.excepthook`` (chained, and only
-while a streamer waits for its generate call); a ``generate`` that leaves without calling ``end()``
-(an error in a logits processor, Ctrl-C) is noticed by a watchdog within a fraction of a second.
-All patches live in an :class:`~hf_vattr.session.AttributionSession` and are released on every exit.
+How it is scoped: building a streamer *arms* it on its model, which wraps that model's own
+``generate`` (an instance attribute, removed with the last armed streamer). The wrapper recognises its
+streamer in the ``streamer=`` kwarg, takes the prompt from generate's own kwargs, switches the model's
+text attention to the capturing implementation registered through ``AttentionInterface.register``,
+and runs the original ``generate`` in ``try/finally``: every exit, whatever the reason or thread,
+is seen with the exception in hand, reported to the consumer as :class:`GenerationError` (the original
+exception is its ``__cause__``), and everything is undone before control returns to generate's caller.
+Other calls of the same model, in other threads or without this streamer, pass through untouched.
 
 Producer-consumer: inside the decode loop ``put`` only takes the captured features, scores them
 on the model's device and enqueues a reference; a worker thread decodes text, splits spans and
@@ -31,16 +31,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
-import gc
+import functools
 import queue
-import sys
 import threading
-import time
 import weakref
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from transformers.generation.streamers import BaseStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 from transformers.utils import logging
 
 from .errors import AttributionError
@@ -62,11 +60,12 @@ __all__ = [
     "GenerationError",
     "AttributionTimeout",
     "StreamerStateError",
+    "StreamerInputError",
 ]
 
 _END = object()
-_WATCH_INTERVAL = 0.1  # seconds between checks that generate() is still running
 _POLL_INTERVAL = 0.01  # seconds the worker sleeps when it has nothing to do (events lag tokens by at most this)
+_INPUT_KEYS = ("input_ids", "attention_mask", "image_grid_thw", "pixel_values")
 
 
 class GenerationError(AttributionError, RuntimeError):
@@ -78,11 +77,11 @@ class AttributionTimeout(AttributionError, TimeoutError):
 
 
 class StreamerStateError(AttributionError, RuntimeError):
-    """The streamer was used out of order: reused for a second ``generate``, or started twice."""
+    """The streamer was used out of order: reused for a second ``generate``, or passed to another model's."""
 
 
-class GenerationCancelled(AttributionError, RuntimeError):
-    """Raised inside ``generate`` at the next token after :meth:`AttributionStreamer.close`, to stop it."""
+class StreamerInputError(AttributionError, ValueError):
+    """The prompt ``generate`` received is not one the streamer can attribute (or not the one it was built for)."""
 
 
 class _Failure:
@@ -90,67 +89,121 @@ class _Failure:
         self.error, self.message = error, message
 
 
-# ----------------------------------------------------------------------------- failures before the first token
+# ----------------------------------------------------------------------------- the scoped generate wrapper
 
 
-def _references(traceback: Any, streamer: "AttributionStreamer") -> bool:
-    """Whether a traceback passes through a call that was given ``streamer=streamer`` (i.e. its generate)."""
-    while traceback is not None:
-        if traceback.tb_frame.f_locals.get("streamer") is streamer:
-            return True
-        traceback = traceback.tb_next
-    return False
+class _AttributedGenerate:
+    """``model.generate`` while streamers are armed on the model: the one route into a streamer's generate.
+
+    An instance attribute of that model only; calls without an armed streamer of this model go straight
+    to the original. Removed (the original restored exactly) when the last armed streamer is done.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.had_own_generate = "generate" in vars(model)  # the user may have set model.generate themselves
+        self.original = model.generate
+        self.streamers: "weakref.WeakSet[AttributionStreamer]" = weakref.WeakSet()
+        functools.update_wrapper(self, self.original)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        streamer = kwargs.get("streamer")
+        if streamer is None or streamer not in self.streamers:
+            return self.original(*args, **kwargs)
+        return streamer._run_generate(self.original, args, kwargs)
 
 
-_ARMED: "weakref.WeakSet[AttributionStreamer]" = weakref.WeakSet()  # built, waiting for their generate call
-_ARMED_LOCK = threading.Lock()
-_PREVIOUS_EXCEPTHOOK: list[Any] = []
+_ARM_LOCK = threading.Lock()
 
 
-def _thread_excepthook(args: Any) -> None:
-    """A thread died: if it was running generate for a waiting streamer, that streamer's consumer learns why."""
-    for streamer in list(_ARMED):
-        if _references(args.exc_traceback, streamer):
-            streamer._fail(args.exc_value, f"generate raised {args.exc_type.__name__}: {args.exc_value}")
-    previous = _PREVIOUS_EXCEPTHOOK[0] if _PREVIOUS_EXCEPTHOOK else threading.__excepthook__
-    previous(args)  # the usual traceback on stderr
+def _arm(model: Any, streamer: "AttributionStreamer") -> None:
+    with _ARM_LOCK:
+        wrapper = vars(model).get("generate")
+        if not isinstance(wrapper, _AttributedGenerate):
+            wrapper = _AttributedGenerate(model)
+            model.generate = wrapper
+        wrapper.streamers.add(streamer)
 
 
-def _arm(streamer: "AttributionStreamer") -> None:
-    with _ARMED_LOCK:
-        _ARMED.add(streamer)
-        if threading.excepthook is not _thread_excepthook:
-            _PREVIOUS_EXCEPTHOOK[:] = [threading.excepthook]
-            threading.excepthook = _thread_excepthook
-
-
-def _disarm(streamer: "AttributionStreamer | None" = None) -> None:
-    with _ARMED_LOCK:
+def _disarm(model_ref: "weakref.ref", streamer: "AttributionStreamer | None" = None) -> None:
+    """Forget ``streamer`` (None: one that was collected); restore ``model.generate`` once none is left."""
+    with _ARM_LOCK:
+        model = model_ref()
+        wrapper = None if model is None else vars(model).get("generate")
+        if not isinstance(wrapper, _AttributedGenerate):
+            return
         if streamer is not None:
-            _ARMED.discard(streamer)
-        if not _ARMED and threading.excepthook is _thread_excepthook:
-            threading.excepthook = _PREVIOUS_EXCEPTHOOK.pop() if _PREVIOUS_EXCEPTHOOK else threading.__excepthook__
+            wrapper.streamers.discard(streamer)
+        if next(iter(wrapper.streamers), None) is None:  # live ones only (a dying one may still be counted)
+            if wrapper.had_own_generate:
+                model.generate = wrapper.original
+            else:
+                del vars(model)["generate"]
 
 
-def _exception_of(thread_id: int | None) -> BaseException | None:
-    """The exception a thread is handling right now (e.g. unwinding out of generate), if any."""
-    if thread_id is None:
-        return None
-    info = sys._current_exceptions().get(thread_id)
-    return info[1] if isinstance(info, tuple) else info
+def armed_on(model: Any) -> bool:
+    """Whether ``model.generate`` is currently wrapped for an armed streamer (for tests and debugging)."""
+    return isinstance(vars(model).get("generate"), _AttributedGenerate)
+
+
+class _StopWhenClosed(StoppingCriteria):
+    """Ends generate at the next token once the streamer is closed (``break``, ``close()``, interpreter exit)."""
+
+    def __init__(self, closed: threading.Event) -> None:
+        self.closed = closed
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.closed.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _stop_generate_thread(closed: threading.Event, thread: threading.Thread) -> None:
+    """At interpreter exit (or collection): stop the streamer's own generate thread and wait for it."""
+    closed.set()
+    if thread is not threading.current_thread():
+        thread.join()
+
+
+def _prompt_inputs(args: tuple, kwargs: dict) -> dict:
+    """The processor outputs a generate call was given (``generate(input_ids, ...)`` or ``generate(**inputs)``)."""
+    inputs = {key: kwargs[key] for key in _INPUT_KEYS if kwargs.get(key) is not None}
+    first = args[0] if args else kwargs.get("inputs")
+    if "input_ids" not in inputs and isinstance(first, torch.Tensor):
+        inputs["input_ids"] = first
+    if "input_ids" not in inputs:
+        raise StreamerInputError("An AttributionStreamer needs the prompt's input_ids in generate(...) (processor "
+                                 "outputs, e.g. model.generate(**inputs, streamer=streamer)); inputs_embeds alone "
+                                 "do not say where the image tokens are.")
+    return inputs
+
+
+def _same_prompt(built: Any, given: dict) -> bool:
+    """Whether generate's inputs are the ones the streamer was built with (token ids and image grids)."""
+    for key in ("input_ids", "image_grid_thw"):
+        a = built if (key == "input_ids" and isinstance(built, torch.Tensor)) else (
+            None if isinstance(built, torch.Tensor) else built.get(key))
+        b = given.get(key)
+        if (a is None) != (b is None):
+            return False
+        if a is not None:
+            a, b = torch.as_tensor(a), torch.as_tensor(b)
+            a, b = (a if a.dim() > 1 else a[None]), (b if b.dim() > 1 else b[None])
+            if a.shape != b.shape or not torch.equal(a.cpu(), b.cpu()):
+                return False
+    return True
 
 
 # ----------------------------------------------------------------------------- the streamer
 
 
-class AttributionStreamer(BaseStreamer):
+class AttributionStreamer(TextStreamer):
     """Streams ``(token, region_scores)`` and per-step attributions out of ``model.generate``.
 
     Args:
         model: the VLM (``*ForConditionalGeneration``) that will generate.
         processor: its processor (or tokenizer): used to decode tokens.
-        inputs: the processor outputs passed to ``generate`` (``input_ids``, ``image_grid_thw``; batches
-            with left padding allowed).
+        inputs: optional; the processor outputs that ``generate`` will receive. Without them the streamer
+            takes the prompt from the kwargs of the ``generate`` call it is passed to (so it works inside
+            ``pipeline(...)``); with them, layouts and regions are built now (errors surface here) and a
+            ``generate`` on other inputs is refused.
         estimator: a :class:`~hf_vattr.estimator.LinearEstimator` for this model. ``None`` scores with raw
             attention (mean over layers and heads), which is *not* causal; a warning says so.
         images: the original images (or their ``(height, width)``), to map regions onto original pixels;
@@ -162,13 +215,15 @@ class AttributionStreamer(BaseStreamer):
             pass); ``streamer.regions`` is then set once generation has started. Batches: a method name,
             or one region spec per row.
         splitter: span splitter; default :class:`ReasoningStepSplitter` (one copy per sequence).
-        print_text: also print the text as it is generated, like ``TextStreamer`` (sequence 0). Off by
-            default: a streamer is meant to be iterated, and printing besides would double every line.
+        skip_prompt: as for ``TextStreamer``: leave the prompt out of :meth:`on_finalized_text` (default True).
+        print_text: print the text as it is generated, like ``TextStreamer`` (sequence 0). Off by default:
+            a streamer is meant to be iterated, and printing besides would double every line.
         timeout: seconds a consumer waits for the next event while generation runs, before
             :class:`AttributionTimeout`; ``None`` waits as long as generation runs.
         start_timeout: seconds a consumer waits for a ``generate`` call to start using this streamer,
             before :class:`GenerationError` (a loop over a streamer nobody generates with never hangs).
         keep_features: attach the (L, H, K) features to each token event (for analysis and training).
+        **decode_kwargs: passed to the tokenizer's ``decode``, as for ``TextStreamer``.
     """
 
     def __init__(
@@ -176,135 +231,201 @@ class AttributionStreamer(BaseStreamer):
         model: Any,
         processor: Any,
         *,
-        inputs: Any,
+        inputs: Any = None,
         estimator: Any | None = None,
         images: Sequence[Any] | None = None,
         regions: PromptRegions | Sequence[RegionMap] | RegionMap | str | None = None,
         grid_k: int = 16,
         splitter: SpanSplitter | None = None,
+        skip_prompt: bool = True,
         print_text: bool = False,
         timeout: float | None = None,
         start_timeout: float = 60.0,
         keep_features: bool = False,
+        **decode_kwargs: Any,
     ) -> None:
+        super().__init__(getattr(processor, "tokenizer", processor), skip_prompt=skip_prompt, **decode_kwargs)
         self.model = model
-        self.tokenizer = getattr(processor, "tokenizer", processor)
-        this = weakref.ref(self)  # the session's hooks must not keep the streamer alive
-
-        def on_error(error: BaseException) -> None:
-            streamer = this()
-            if streamer is not None:
-                streamer._fail(error, f"generate raised {type(error).__name__}: {error}")
-
-        self.session = AttributionSession(model, inputs, estimator=estimator, images=images, regions=regions,
-                                          grid_k=grid_k, owner=self, on_error=on_error)
-        weakref.finalize(self, self.session.close)  # a streamer dropped unused leaves no hook behind
-        self.estimator = self.session.estimator
+        if estimator is not None:
+            estimator.check_compatible(model)  # now, not at generate time
+        self._session_options = dict(estimator=estimator, images=images, regions=regions, grid_k=grid_k)
+        self._built_inputs = inputs
+        self.session: AttributionSession | None = None
+        if inputs is not None:
+            self.session = AttributionSession(model, inputs, **self._session_options)
         self._splitter = splitter or ReasoningStepSplitter()
         self.print_text = print_text
         self.timeout = timeout
         self.start_timeout = start_timeout
         self.keep_features = keep_features
-        self.traces = [AttributionTrace(r, sequence=i, images=self.session.images[i])
-                       for i, r in enumerate(self.session.regions)]
-        self.result: Any = None  # generate's return value, when run by :meth:`generate`
+        self.traces: list[AttributionTrace] = [] if self.session is None else self._row_traces()
         # A plain deque polled by the worker: appending wakes no thread, so the decode loop never hands the GIL
         # to the worker in the middle of a step (a Queue's notify did, costing ~2 ms a token on a busy CPU).
         self._work: collections.deque = collections.deque()
         self._wake = threading.Event()  # set only for the end of the stream, so the last events are not late
         self._events: queue.Queue = queue.Queue()
         self._state = "new"  # new -> running -> done | failed | closed
+        self._opened = False  # the prompt arrived and the capture runs
         self._lock = threading.Lock()
         self._failure: _Failure | None = None
         self._reuse_error: StreamerStateError | None = None
         self._worker: threading.Thread | None = None
-        self._thread: threading.Thread | None = None
-        self._producer_id: int | None = None
-        self._generate_frame: Any = None  # generate's frame while it streams (the watchdog looks for it)
+        self._thread: threading.Thread | None = None  # the generate thread started by :meth:`generate`
+        self._generate_thread_id: int | None = None
+        self._closed = threading.Event()  # read by the stopping criterion: generate ends at the next token
+        self._exited = threading.Event()  # the generate call that used this streamer has returned or raised
+        self._output: Any = None
         self._eos_ids = self._eos_token_ids(model)
-        _arm(self)
-        weakref.finalize(self, _disarm)
+        _arm(model, self)
+        weakref.finalize(self, _disarm, weakref.ref(model))  # a streamer dropped unused leaves no wrapper behind
 
     # ------------------------------------------------------------------ views
     @property
     def trace(self) -> AttributionTrace:
         """The trace of sequence 0 (``traces`` holds one per sequence)."""
-        return self.traces[0]
+        return self.traces[0] if self.traces else self._not_started("trace")
+
+    @property
+    def estimator(self) -> Any:
+        """The estimator scoring this stream (the session's copy on the model's device once prepared)."""
+        return self._session_options["estimator"] if self.session is None else self.session.estimator
 
     @property
     def layout(self) -> VisualLayout:
-        return self.session.layouts[0]
+        return self.layouts[0]
 
     @property
     def layouts(self) -> list[VisualLayout]:
-        return self.session.layouts
+        return self._not_started("layouts") if self.session is None else self.session.layouts
 
     @property
     def regions(self) -> PromptRegions | None:
-        return self.session.regions[0]
+        """Sequence 0's regions; ``None`` until known (``regions="prefill"``, or no ``inputs=`` before generate)."""
+        return None if self.session is None else self.session.regions[0]
 
     @property
     def capture(self) -> Any:
-        return self.session.capture
+        return None if self.session is None else self.session.capture
+
+    def _not_started(self, what: str) -> Any:
+        raise StreamerStateError(f"streamer.{what} is known once generate(...) has received the prompt (or pass "
+                                 "inputs= to the constructor).")
+
+    def _row_traces(self) -> list[AttributionTrace]:
+        assert self.session is not None
+        return [AttributionTrace(r, sequence=i, images=self.session.images[i])
+                for i, r in enumerate(self.session.regions)]
 
     @staticmethod
     def _eos_token_ids(model: Any) -> set[int]:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
-    # ------------------------------------------------------------------ the safe way
-    def generate(self, **generate_kwargs: Any) -> "AttributionStreamer":
-        """Run ``model.generate(**generate_kwargs, streamer=self)`` in a thread this streamer owns; returns self.
+    # ------------------------------------------------------------------ running generate
+    def generate(self, **generate_kwargs: Any) -> Iterator[TokenAttribution | SpanAttribution]:
+        """Run ``model.generate(**generate_kwargs, streamer=self)`` in a thread this streamer owns; returns the events.
 
-        Any exception of that call, from argument checks to the last token, reaches the loop as
-        :class:`GenerationError`. After the loop, ``streamer.result`` holds generate's return value.
+        Iterate over the result. Leaving the loop early (``break``) stops generation at the next token and
+        waits for it; any exception of the call, from argument checks to the last token, reaches the loop as
+        :class:`GenerationError`. After the loop, :meth:`join` returns generate's output.
         """
         if "streamer" in generate_kwargs:
             raise TypeError("streamer.generate(...) passes itself as the streamer; drop the streamer= argument.")
         if self._state != "new" or self._thread is not None:
             raise StreamerStateError("This AttributionStreamer already served a generate() call; create a new "
                                      "streamer for each call.")
-        for name in ("eos_token_id",):
-            if generate_kwargs.get(name) is not None:
-                value = generate_kwargs[name]
-                self._eos_ids = {int(e) for e in (value if isinstance(value, (list, tuple)) else [value])}
+        if generate_kwargs.get("eos_token_id") is not None:
+            value = generate_kwargs["eos_token_id"]
+            self._eos_ids = {int(e) for e in (value if isinstance(value, (list, tuple)) else [value])}
 
         def run() -> None:
             try:
-                self.result = self.model.generate(**generate_kwargs, streamer=self)
-            except BaseException as error:  # noqa: BLE001 - every failure goes to the consumer
-                if self._state != "closed":
-                    self._fail(error, f"generate raised {type(error).__name__}: {error}")
-            else:
-                if self._state == "new":
-                    self._fail(None, "generate() returned without streaming any token")
+                self.model.generate(**generate_kwargs, streamer=self)
+            except BaseException as error:  # noqa: BLE001 - reported to the consumer (a no-op if already)
+                self._fail(error, f"generate raised {type(error).__name__}: {error}")
 
         self._thread = threading.Thread(target=run, daemon=True, name="hf_vattr-generate")
+        # Interpreter exit with the loop left open: stop at the next token and join, instead of tearing down
+        # a thread that is still inside the model (which aborts the process).
+        weakref.finalize(self, _stop_generate_thread, self._closed, self._thread)
         self._thread.start()
-        return self
+        return self._events_then_close()
+
+    def _events_then_close(self) -> Iterator[TokenAttribution | SpanAttribution]:
+        try:
+            yield from self
+        finally:  # also on break (the generator is closed) and on an error in the loop
+            self.close()
 
     def join(self, timeout: float | None = None) -> Any:
-        """Wait for the thread started by :meth:`generate`; returns generate's output."""
+        """Wait for the generate call that used this streamer to finish; returns its output (None if it failed)."""
         if self._thread is not None:
             self._thread.join(timeout)
-        return self.result
+        elif self._state != "new":
+            self._exited.wait(timeout)
+        return self._output
+
+    def _run_generate(self, generate: Callable, args: tuple, kwargs: dict) -> Any:
+        """The armed ``model.generate``: scope everything to this call, and undo it before returning or raising."""
+        with self._lock:
+            if self._state == "running":
+                raise StreamerStateError("This AttributionStreamer is already streaming another generate() call; "
+                                         "create a new streamer for each call.")
+            if self._state != "new":
+                return generate(*args, **kwargs)  # put() refuses the prompt with the usual reuse error
+            self._state = "running"
+            self._generate_thread_id = threading.get_ident()
+        try:
+            inputs = _prompt_inputs(args, kwargs)
+            if self.session is None:
+                self.session = AttributionSession(self.model, inputs, **self._session_options)
+                self.traces = self._row_traces()
+            elif not _same_prompt(self._built_inputs, inputs):
+                raise StreamerInputError(
+                    "generate(...) received other inputs than the AttributionStreamer was built with (input_ids or "
+                    "image_grid_thw differ). Build the streamer without inputs= (it takes them from generate), or "
+                    "with the very inputs you pass to generate.")
+            self.session.attach()
+            stop = _StopWhenClosed(self._closed)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), stop])
+            output = generate(*args, **kwargs)
+        except BaseException as error:
+            self._fail(error, f"generate raised {type(error).__name__}: {error}")
+            raise
+        else:
+            if not self._opened:
+                self._fail(None, "generate() returned without streaming any token")
+            else:
+                self.end()  # a no-op when generate ended the stream itself, as transformers does
+            self._output = output
+            return output
+        finally:
+            self._release()
+            worker = self._worker
+            if worker is not None and worker is not threading.current_thread():
+                worker.join()  # the failure (or end) is with the consumer before generate's caller goes on
+            self._exited.set()
 
     def close(self) -> None:
-        """Stop attributing now: release every patch, end the stream, and stop a generation this streamer runs.
+        """Stop attributing now: end the stream, stop a generation using this streamer at its next token, wait for it.
 
-        Called on leaving a ``with`` block; use it after ``break`` so the model is free for the next streamer.
+        Called on leaving a ``with`` block and when the loop over :meth:`generate` ends (also by ``break``).
         """
         with self._lock:
-            if self._state in ("done", "failed", "closed"):
-                state_was_final = True
-            else:
-                state_was_final = False
+            state = self._state
+            if state in ("new", "running"):
                 self._state = "closed"
-        self._release()
-        if not state_was_final:
+        self._closed.set()
+        if state == "new":
+            self._release()
+        if state in ("new", "running"):
             self._end_stream(_END)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()  # it stops at its next token (put raises once closed)
+        if state == "new" or threading.get_ident() in (self._generate_thread_id, getattr(self._worker, "ident", None)):
+            return
+        if self._thread is not None:
+            self._thread.join()  # it stops at its next token (the stopping criterion)
+        else:
+            self._exited.wait()  # the caller's own generate: it stops at its next token too
 
     def __enter__(self) -> "AttributionStreamer":
         return self
@@ -314,40 +435,41 @@ class AttributionStreamer(BaseStreamer):
 
     # ------------------------------------------------------------------ producer side (generate's thread)
     def put(self, value: torch.Tensor) -> None:
-        state = self._state
-        if state == "running":
+        if self._opened and self._state == "running":
             try:
-                features, scores = self.session.scores()
+                features, scores = self.session.scores()  # type: ignore[union-attr]
             except BaseException as error:
                 self._fail(error, f"attention capture failed: {error}")
                 raise
             self._work.append((value.reshape(-1).tolist(), scores, features if self.keep_features else None))
-        elif state == "new":
-            self._begin(value)
-        elif state == "closed":
-            raise GenerationCancelled("The AttributionStreamer was closed; generation stopped.")
-        elif value.dim() == 2:  # a prompt after the stream ended: a second generate() with this streamer
+        elif self._state == "running" and threading.get_ident() == self._generate_thread_id:
+            self._open(value)
+        elif self._state in ("new", "running"):
+            error = StreamerStateError(
+                "This AttributionStreamer was passed to a generate() it was not armed for: use the model it was "
+                "built with (model.generate(..., streamer=streamer) or streamer.generate(...)), one call at a time.")
+            self._fail(error, str(error))
+            raise error
+        elif value.dim() == 2:  # a prompt once done, failed or closed: a second generate() with this streamer
             self._reuse_error = StreamerStateError(
-                "This AttributionStreamer already served a generate() call; create a new streamer for each call.")
+                f"This AttributionStreamer already served a generate() call or was closed ({self._state}); create "
+                "a new streamer for each call.")
             self._events.put(_Failure(self._reuse_error, str(self._reuse_error)))
             raise self._reuse_error
+        # closed: tokens after close() are dropped; the stopping criterion ends generate at this step
 
-    def _begin(self, prompt_ids: torch.Tensor) -> None:
-        """First put (the prompt): find our generate call, open the session, start the worker."""
-        with self._lock:
-            if self._state != "new":
-                return
-            self._state = "running"
-        self._producer_id = threading.get_ident()
-        self._generate_frame = self._find_generate_frame()
+    def _open(self, prompt_ids: torch.Tensor) -> None:
+        """First put (the prompt): start capturing, start the worker."""
         prompt_ids = prompt_ids if prompt_ids.dim() == 2 else prompt_ids[None]
+        session = self.session
+        assert session is not None
         try:
-            self.session.open(prompt_ids.shape[0], stale=self._generate_exited, on_evicted=self._on_evicted)
+            session.open(prompt_ids.shape[0])
         except BaseException as error:
             self._fail(error, f"attribution could not start: {error}")
             raise
-        rows = self.session.row_of_sequence
-        self.traces = [AttributionTrace(self.session.regions[r], sequence=s, images=self.session.images[r])
+        rows = session.row_of_sequence
+        self.traces = [AttributionTrace(session.regions[r], sequence=s, images=session.images[r])
                        for s, r in enumerate(rows)]
         self._decoders = [TokenTextDecoder(self.tokenizer, self._tag_texts()) for _ in rows]
         self._splitters = [self._splitter if s == 0 else copy.deepcopy(self._splitter) for s in range(len(rows))]
@@ -356,81 +478,39 @@ class AttributionStreamer(BaseStreamer):
             text = self.tokenizer.decode(prompt_ids[s].tolist(), skip_special_tokens=False)
             self.traces[s].prompt_text = text
             splitter.reset(text)
+        TextStreamer.put(self, prompt_ids[0])  # skip_prompt: only marks it; else the prompt text, as TextStreamer
+        self._opened = True
         worker = threading.Thread(target=self._work_loop, name="hf_vattr-attribution", daemon=True)
         worker.start()
-        self._worker = worker  # only once alive: the consumer's liveness check must not see it unstarted
+        self._worker = worker
 
     def _tag_texts(self) -> tuple[str, str]:
         return (getattr(self._splitter, "think_open", "<think>"), getattr(self._splitter, "think_close", "</think>"))
 
-    def _find_generate_frame(self) -> Any:
-        """The frame of the generate call that was given this streamer (held until the stream ends)."""
-        frame = sys._getframe(2)
-        while frame is not None:
-            if frame.f_locals.get("streamer") is self:
-                return frame
-            frame = frame.f_back
-        return None  # put() called by hand: no watchdog
-
-    def _generate_exited(self) -> bool:
-        """Whether the generate call that started this stream is no longer on its thread's stack."""
-        target = self._generate_frame
-        if target is None or self._state != "running":
-            return False
-        frame = sys._current_frames().get(self._producer_id)
-        while frame is not None:
-            if frame is target:
-                return False
-            frame = frame.f_back
-        return True
-
-    def _on_evicted(self) -> None:
-        """A new capture on the model found this stream's generate gone and took over: fail it now."""
-        error = self._exception_that_left_generate()
-        self._fail(error, "generate() ended without finishing the stream"
-                   + (f": {type(error).__name__}: {error}" if error is not None else ""))
-
-    def _exception_that_left_generate(self) -> BaseException | None:
-        """The exception that unwound our generate call, if it is still alive anywhere (a caller's except
-        block, a dying thread, pytest's ExceptionInfo): the one whose traceback holds generate's frame."""
-        error = _exception_of(self._producer_id)
-        if error is not None:
-            return error
-        target = self._generate_frame
-        for obj in gc.get_objects():
-            if issubclass(type(obj), BaseException):  # type(): some objects warn on __class__ access
-                traceback = obj.__traceback__
-                while traceback is not None:
-                    if traceback.tb_frame is target:
-                        return obj
-                    traceback = traceback.tb_next
-        return None
-
     def end(self) -> None:
         with self._lock:
-            if self._state != "running":
+            if self._state != "running" or not self._opened:
                 return
             self._state = "done"
-        self._release()
         self._end_stream(_END)
         if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join()  # generation is over: let text and spans catch up before generate returns
 
     def _fail(self, error: BaseException | None, message: str) -> None:
-        """Record the first failure, release everything, and wake the consumer."""
+        """Record the first failure, stop generation, and wake the consumer (release is generate's ``finally``)."""
         with self._lock:
             if self._state in ("failed", "done", "closed"):
                 return
             self._state = "failed"
             self._failure = _Failure(error, message)
-        self._release()
+        self._closed.set()
         self._end_stream(self._failure)
 
     def _release(self) -> None:
-        """Undo everything this stream patched or holds: session hooks, the thread excepthook, generate's frame."""
-        self.session.close()
-        _disarm(self)
-        self._generate_frame = None
+        """Undo everything this stream switched or hooked, and disarm the model's generate wrapper."""
+        if self.session is not None:
+            self.session.close()
+        _disarm(weakref.ref(self.model), self)
 
     def _end_stream(self, item: Any) -> None:
         """Queue the stream's last item (end or failure): through the worker once it runs, so that events
@@ -443,32 +523,27 @@ class AttributionStreamer(BaseStreamer):
 
     # ------------------------------------------------------------------ worker thread
     def _work_loop(self) -> None:
-        last_check = time.monotonic()
         try:
             while True:
                 if not self._work:
                     self._wake.wait(_POLL_INTERVAL)
-                    if time.monotonic() - last_check >= _WATCH_INTERVAL:
-                        last_check = time.monotonic()
-                        if self._generate_exited():
-                            error = self._exception_that_left_generate()
-                            self._fail(error, "generate() ended without finishing the stream"
-                                       + (f": {type(error).__name__}: {error}" if error is not None else
-                                          " (it raised outside a forward pass; see its traceback)"))
                     continue
                 item = self._work.popleft()
                 if item is _END:
                     for s in range(len(self._splitters)):
                         self._emit_spans(s, self._splitters[s].flush())
-                    if self.print_text:
-                        self.on_finalized_text("", stream_end=True)
+                    TextStreamer.end(self)
                     self._events.put(_END)
                     return
                 if isinstance(item, _Failure):
                     self._events.put(item)
                     return
                 self._handle_step(*item)
-        except BaseException as error:  # never leave the consumer waiting
+        except BaseException as error:  # never leave the consumer waiting; generate stops at its next token
+            with self._lock:
+                if self._state in ("new", "running"):
+                    self._state = "failed"
+            self._closed.set()
             self._events.put(_Failure(error, f"attribution worker failed: {error}"))
 
     def _handle_step(self, token_ids: list[int], scores: torch.Tensor, features: torch.Tensor | None) -> None:
@@ -478,7 +553,7 @@ class AttributionStreamer(BaseStreamer):
                 continue  # a finished sequence of a batch: generate pads it, a batch-1 run would have stopped
             trace = self.traces[s]
             if trace.regions is None:
-                trace.regions = self.session.regions[self.session.row_of_sequence[s]]
+                trace.regions = self.session.regions[self.session.row_of_sequence[s]]  # type: ignore[union-attr]
             k = trace.regions.num_regions
             index = len(trace.tokens)
             piece = self._decoders[s].push(token_id)
@@ -492,15 +567,15 @@ class AttributionStreamer(BaseStreamer):
             )
             trace.tokens.append(event)
             self._events.put(event)
-            if self.print_text and piece and s == 0:
-                self.on_finalized_text(piece)
+            if s == 0:
+                TextStreamer.put(self, torch.tensor([token_id]))  # calls on_finalized_text as TextStreamer does
             self._emit_spans(s, closed)
             if token_id in self._eos_ids and len(token_ids) > 1:
                 self._ended[s] = True
 
     def _inherits(self, trace: AttributionTrace, section: str) -> bool:
         """Do this section's scores include the thinking steps' (an answer after steps, an inheriting estimator)?"""
-        estimator = self.session.estimator
+        estimator = self.estimator
         return (estimator is not None and bool(estimator.inherit_weight) and section in INHERITING_SECTIONS
                 and any(span.section not in INHERITING_SECTIONS for span in trace.spans))
 
@@ -509,7 +584,7 @@ class AttributionStreamer(BaseStreamer):
         if not self._inherits(trace, section):
             return scores
         steps = [span.region_scores for span in trace.spans if span.section not in INHERITING_SECTIONS]
-        return self.session.estimator.with_inherited(scores, torch.stack(steps).to(scores))
+        return self.estimator.with_inherited(scores, torch.stack(steps).to(scores))
 
     def _emit_spans(self, sequence: int, closed: Sequence[Any]) -> None:
         trace = self.traces[sequence]
@@ -521,28 +596,30 @@ class AttributionStreamer(BaseStreamer):
             self._events.put(event)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        """Prints like ``TextStreamer`` when ``print_text`` is on; override to send text elsewhere."""
-        print(text, flush=True, end="" if not stream_end else None)
+        """Receives the text exactly as ``TextStreamer`` would (sequence 0); prints it when ``print_text`` is on.
+
+        Override it to send the text elsewhere, as with ``TextStreamer``; it runs in the streamer's worker thread.
+        """
+        if self.print_text:
+            super().on_finalized_text(text, stream_end=stream_end)
 
     # ------------------------------------------------------------------ consumer side
     def _next_event(self) -> TokenAttribution | SpanAttribution:
-        waited = 0.0
         while True:
             if self._reuse_error is not None:
                 raise GenerationError(str(self._reuse_error)) from self._reuse_error
+            waiting_for_start = self._state == "new"
             try:
-                item = self._events.get(timeout=_WATCH_INTERVAL)
+                item = self._events.get(timeout=self.start_timeout if waiting_for_start else self.timeout)
                 break
             except queue.Empty:
-                waited += _WATCH_INTERVAL
-                self._check_producer()
-                if self._state == "new" and waited >= self.start_timeout:
+                if waiting_for_start and self._state == "new":
                     raise GenerationError(
                         f"No generate() call used this streamer within {self.start_timeout:g} s. Start one with "
                         "streamer.generate(**inputs) or model.generate(**inputs, streamer=streamer) in another "
                         "thread before iterating (or raise start_timeout)."
-                    )
-                if self.timeout is not None and waited >= self.timeout and self._state == "running":
+                    ) from None
+                if not waiting_for_start and self._state == "running":
                     raise AttributionTimeout(
                         f"No attribution event within {self.timeout} s while generate() is still running; "
                         "raise the streamer's timeout."
@@ -554,17 +631,6 @@ class AttributionStreamer(BaseStreamer):
             self._events.put(item)
             raise GenerationError(item.message) from item.error
         return item
-
-    def _check_producer(self) -> None:
-        """From the consumer's poll: notice a generate that failed in a thread we cannot hook."""
-        if self._state == "new":  # failing before the first token in the caller's thread, while being handled
-            for info in sys._current_exceptions().values():
-                error = info[1] if isinstance(info, tuple) else info
-                if error is not None and _references(error.__traceback__, self):
-                    self._fail(error, f"generate raised {type(error).__name__}: {error}")
-                    return
-        elif self._state == "running" and self._worker is not None and not self._worker.is_alive():
-            self._fail(None, "the attribution worker stopped unexpectedly")
 
     def __iter__(self) -> Iterator[TokenAttribution | SpanAttribution]:
         return self
@@ -587,9 +653,3 @@ class AttributionStreamer(BaseStreamer):
             return self._next_event()
         except StopIteration:
             return _END
-
-    def generate_in_thread(self, **generate_kwargs: Any) -> threading.Thread:
-        """Start :meth:`generate` and return its thread (kept for compatibility; prefer ``generate``)."""
-        self.generate(**generate_kwargs)
-        assert self._thread is not None
-        return self._thread

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from hf_vattr.capture import AttentionCapture, CaptureError, patched_attention_lookup
+from hf_vattr.capture import AttentionCapture, CaptureError, capture_active
 from hf_vattr.layouts import extend_inputs, visual_layout
 from hf_vattr.regions import prompt_regions
 from hf_vattr.testing import build_model, example_image, example_inputs
@@ -86,9 +86,9 @@ def test_lookup_restored_after_exit_and_on_error():
     original = AttentionInterface.get_interface
     with pytest.raises(RuntimeError, match="inside"):
         with AttentionCapture(model, layout.positions, membership):
-            assert patched_attention_lookup()
+            assert capture_active()
             raise RuntimeError("inside")
-    assert not patched_attention_lookup()
+    assert not capture_active()
     assert AttentionInterface.get_interface is original
 
 
@@ -98,7 +98,7 @@ def test_same_model_cannot_be_captured_twice():
     with AttentionCapture(model, layout.positions, membership):
         with pytest.raises(CaptureError, match="already has an active"):
             AttentionCapture(model, layout.positions, membership).start()
-    assert not patched_attention_lookup()
+    assert not capture_active()
 
 
 def test_two_models_in_two_threads_do_not_mix():
@@ -128,7 +128,7 @@ def test_two_models_in_two_threads_do_not_mix():
         assert len(together[i]) == 5
         for feats in together[i]:
             torch.testing.assert_close(feats, alone[i][0], atol=1e-6, rtol=0)
-    assert not patched_attention_lookup()
+    assert not capture_active()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash_attention_2 needs a CUDA GPU")

@@ -6,15 +6,16 @@ import time
 
 import pytest
 import torch
+from transformers import TextStreamer
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution, TokenAttribution
-from hf_vattr.capture import patched_attention_lookup
+from hf_vattr.capture import capture_active
 from hf_vattr.layouts import extend_inputs
-from hf_vattr.streamer import AttributionTimeout, GenerationError
+from hf_vattr.streamer import AttributionTimeout, GenerationError, StreamerInputError, armed_on
 from hf_vattr.testing import example_image, example_inputs
 
-from conftest import get_tiny
+from conftest import consume, get_tiny
 
 NEW_TOKENS = 12
 
@@ -75,7 +76,7 @@ def test_streams_every_token_with_scores_matching_eager(tiny, family):
         torch.testing.assert_close(span.region_scores, expected)
         last_end = end
     assert streamer.trace.tokens == tokens
-    assert not patched_attention_lookup()
+    assert not capture_active()
     assert not model._forward_hooks
 
 
@@ -87,16 +88,51 @@ def test_works_without_consumer_and_restores(tiny):
     out = model.generate(**inputs, streamer=streamer, max_new_tokens=6, do_sample=False)
     assert len(streamer.trace.tokens) == out.shape[1] - inputs["input_ids"].shape[1]
     assert len(list(streamer)) >= len(streamer.trace.tokens)
-    assert not patched_attention_lookup()
+    assert not capture_active()
 
 
-def test_prints_text_like_text_streamer(capsys):
+def test_is_a_text_streamer_that_prints_what_text_streamer_prints(capsys):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc)
-    streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=True)
+    model.generate(**inputs, streamer=TextStreamer(proc.tokenizer, skip_prompt=True), max_new_tokens=8,
+                   do_sample=False)
+    expected = capsys.readouterr().out
+    streamer = AttributionStreamer(model, proc, print_text=True)
+    assert isinstance(streamer, TextStreamer)
     model.generate(**inputs, streamer=streamer, max_new_tokens=8, do_sample=False)
-    printed = capsys.readouterr().out
-    assert printed.rstrip("\n") == streamer.trace.text.rstrip("\n")
+    assert capsys.readouterr().out == expected
+    assert expected.strip()
+
+
+class _Recorder:
+    """Overrides on_finalized_text as TextStreamer users do."""
+
+    def on_finalized_text(self, text, stream_end=False):
+        self.received.append((text, stream_end))
+
+
+class RecordingTextStreamer(_Recorder, TextStreamer):
+    pass
+
+
+class RecordingAttributionStreamer(_Recorder, AttributionStreamer):
+    pass
+
+
+@pytest.mark.parametrize("decode_kwargs", [{}, {"skip_special_tokens": True}], ids=["default", "skip-special"])
+def test_subclass_overriding_on_finalized_text_gets_text_streamers_text(decode_kwargs):
+    """Same calls, same pieces, same stream_end as a plain TextStreamer(skip_prompt=True), printing off."""
+    model, proc = get_tiny("glm4v")
+    inputs = example_inputs(proc)
+    plain = RecordingTextStreamer(proc.tokenizer, skip_prompt=True, **decode_kwargs)
+    plain.received = []
+    model.generate(**inputs, streamer=plain, max_new_tokens=12, do_sample=False)
+    ours = RecordingAttributionStreamer(model, proc, **decode_kwargs)
+    ours.received = []
+    events = list(ours.generate(**inputs, max_new_tokens=12, do_sample=False))
+    assert ours.received == plain.received
+    assert ours.received[-1][1] is True and "".join(text for text, _ in ours.received).strip()
+    assert sum(isinstance(e, TokenAttribution) for e in events) == 12
 
 
 class _Boom(Exception):
@@ -125,15 +161,15 @@ def test_exception_in_generation_reaches_consumer_and_restores():
     streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False, timeout=30)
     undo = _break_layer(model, after_calls=3)
     try:
-        thread = streamer.generate_in_thread(**inputs, max_new_tokens=10)
+        streamer.generate(**inputs, max_new_tokens=10)
         with pytest.raises(GenerationError) as err:
             for _ in streamer:
                 pass
-        thread.join()
+        streamer.join()
     finally:
         undo()
     assert isinstance(err.value.__cause__, _Boom)
-    assert not patched_attention_lookup()
+    assert not capture_active()
     assert not model._forward_hooks
     # a fresh streamer on the same model works again
     again = AttributionStreamer(model, proc, inputs=inputs, print_text=False)
@@ -167,7 +203,7 @@ def test_exception_outside_forward_is_not_a_hang():
     assert isinstance(err.value.__cause__, _Boom)
     assert time.monotonic() - start < 10
     thread.join()
-    assert not patched_attention_lookup()
+    assert not capture_active()
 
 
 def test_consumer_timeout_is_distinguishable_from_end():
@@ -177,13 +213,13 @@ def test_consumer_timeout_is_distinguishable_from_end():
     gate = threading.Event()
     handle = model.register_forward_pre_hook(lambda *a: None if gate.wait(10) else None)
     try:
-        thread = streamer.generate_in_thread(**inputs, max_new_tokens=4, do_sample=False)
+        streamer.generate(**inputs, max_new_tokens=4, do_sample=False)
         with pytest.raises(AttributionTimeout):
             next(streamer)
     finally:
         gate.set()
         handle.remove()
-    thread.join()
+    streamer.join()
     events = list(streamer)  # generation resumed: everything arrives, then a normal end
     assert sum(isinstance(e, TokenAttribution) for e in events) == 4
 
@@ -194,7 +230,7 @@ def test_async_iteration():
     streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False, timeout=60)
 
     async def consume():
-        streamer.generate_in_thread(**inputs, max_new_tokens=5, do_sample=False)
+        streamer.generate(**inputs, max_new_tokens=5, do_sample=False)
         return [event async for event in streamer]
 
     events = asyncio.run(consume())
@@ -225,7 +261,7 @@ def test_beam_search_is_refused_and_nothing_stays_patched():
     streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False)
     with pytest.raises(ValueError, match="beam"):
         model.generate(**inputs, streamer=streamer, num_beams=2, max_new_tokens=3)
-    assert not patched_attention_lookup()
+    assert not capture_active()
     assert not model._forward_hooks
 
 
@@ -266,30 +302,35 @@ def test_prefill_regions_equal_vlm_regions_without_an_extra_vision_pass(family):
     assert [m.num_regions for m in streamer.regions.maps] == [m.num_regions for m in ref.regions.maps]
     torch.testing.assert_close(streamer.regions.membership(), ref.regions.membership())
     torch.testing.assert_close(streamer.trace.token_scores(), ref.trace.token_scores())
-    assert not visual._forward_hooks and not patched_attention_lookup()
+    assert not visual._forward_hooks and not capture_active()
 
 
-def test_prefill_regions_hook_is_removed_when_the_streamer_is_dropped_unused():
+def test_an_unused_streamer_hooks_nothing_and_its_wrapper_goes_with_it():
     import gc
 
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc)
     streamer = AttributionStreamer(model, proc, inputs=inputs, regions="prefill", print_text=False)
-    assert len(model.model.visual._forward_hooks) == 1
+    assert not model.model.visual._forward_hooks and not capture_active(model)  # hooked only inside generate
+    assert armed_on(model) and "generate" in vars(model)
     del streamer
     gc.collect()
-    assert not model.model.visual._forward_hooks
+    assert not armed_on(model) and "generate" not in vars(model)
 
 
-def test_prefill_regions_refuse_a_tower_call_for_other_images():
+def test_forwards_outside_the_streamers_generate_pass_through_and_other_inputs_are_refused():
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc, [example_image()])
     other = example_inputs(proc, [example_image(100, 140, seed=2)])
     streamer = AttributionStreamer(model, proc, inputs=inputs, regions="prefill", print_text=False)
-    with pytest.raises(ValueError, match="right before generate"):
-        with torch.no_grad():
-            model(**other)  # a different prompt's images reach the tower first: loud, not silently wrong
+    with torch.no_grad():
+        expected = model(**other).logits
+        assert torch.equal(model(**other).logits, expected)  # not ours: untouched, recorded nowhere
     assert not model.model.visual._forward_hooks and streamer.regions is None
+    events, error = consume(streamer.generate(**other, max_new_tokens=2))  # not the inputs it was built for
+    assert isinstance(error, GenerationError) and isinstance(error.__cause__, StreamerInputError)
+    assert "other inputs" in str(error.__cause__)
+    assert not events and not armed_on(model) and not capture_active(model)
 
 
 def test_prefill_regions_are_refused_without_pixel_values():
@@ -309,9 +350,9 @@ def test_two_models_stream_concurrently_without_mixing():
 
     def stream(model):
         streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False, timeout=60)
-        thread = streamer.generate_in_thread(**inputs, max_new_tokens=8, do_sample=False)
+        streamer.generate(**inputs, max_new_tokens=8, do_sample=False)
         events = list(streamer)
-        thread.join()
+        streamer.join()
         return torch.stack([e.region_scores for e in events if isinstance(e, TokenAttribution)])
 
     alone = [stream(m) for m in models]
@@ -328,4 +369,4 @@ def test_two_models_stream_concurrently_without_mixing():
     assert not torch.allclose(alone[0], alone[1])
     for i in range(2):
         torch.testing.assert_close(results[i], alone[i], atol=1e-6, rtol=0)
-    assert not patched_attention_lookup()
+    assert not capture_active()

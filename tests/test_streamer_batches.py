@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution, TokenAttribution
-from hf_vattr.capture import patched_attention_lookup
+from hf_vattr.capture import capture_active
 from hf_vattr.streamer import GenerationError
 from hf_vattr.testing import example_image
 
@@ -69,7 +69,7 @@ def test_left_padded_batch_equals_batch_one_runs(family):
                                    torch.stack([t.region_scores for t in alone_tokens[0]]), atol=1e-4, rtol=1e-4)
         assert [(sp.text, sp.token_range) for sp in spans[s]] == [(sp.text, sp.token_range) for sp in alone_spans[0]]
         assert streamer.traces[s].regions.num_regions == alone.regions.num_regions
-    assert not patched_attention_lookup()
+    assert not capture_active()
 
 
 def test_num_return_sequences_streams_every_sequence():
@@ -112,4 +112,4 @@ def test_prefill_regions_per_row_of_a_batch():
         _events(alone.generate(**single, max_new_tokens=3, do_sample=False))
         assert torch.equal(streamer.traces[s].regions.membership(), alone.regions.membership())
         assert all(t.region_scores.shape == (alone.regions.num_regions,) for t in tokens[s])
-    assert not patched_attention_lookup()
+    assert not capture_active()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hf_vattr import AttributionStreamer, TokenAttribution
-from hf_vattr.capture import patched_attention_lookup
+from hf_vattr.capture import capture_active
 from hf_vattr.layouts import extend_inputs
 from hf_vattr.streamer import GenerationError
 from hf_vattr.testing import FAMILIES, example_image, example_inputs
@@ -94,7 +94,7 @@ def run(family, dtype):
     plain = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     streamer = AttributionStreamer(model, proc, inputs=inputs, keep_features=True)
     tokens, output = _stream(streamer, **inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    assert not patched_attention_lookup() and not model._forward_hooks
+    assert not capture_active() and not model._forward_hooks
     reference = _eager_features(family, inputs32, output, streamer)
     return model, streamer, inputs["input_ids"].shape[1], tokens, plain, output, reference
 
@@ -151,7 +151,7 @@ def test_other_routes_keep_generation_and_features(family, dtype, route, monkeyp
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     else:
         assert relative_error(got, ref) <= BF16_RELATIVE_BOUND
-    assert not patched_attention_lookup() and not model._forward_hooks
+    assert not capture_active() and not model._forward_hooks
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

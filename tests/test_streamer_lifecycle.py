@@ -10,9 +10,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from hf_vattr import AttributionStreamer, TokenAttribution
-from hf_vattr.capture import CaptureError, patched_attention_lookup
-import hf_vattr.streamer as streamer_module
-from hf_vattr.streamer import GenerationError, StreamerStateError
+from hf_vattr.capture import CaptureError, capture_active
+from hf_vattr.streamer import GenerationError, StreamerInputError, StreamerStateError, armed_on
 from hf_vattr.testing import example_image, example_inputs
 
 from conftest import consume, get_tiny
@@ -34,10 +33,15 @@ def assert_restored(model):
     events, error = consume(fresh.generate(**inputs, max_new_tokens=2, do_sample=False))
     assert error is None and sum(isinstance(e, TokenAttribution) for e in events) == 2
     fresh.join()
-    assert not patched_attention_lookup()
+    assert_nothing_installed(model)
+
+
+def assert_nothing_installed(model):
+    """What a streamer installs is gone: the attention switch, the vision hook, the generate wrapper."""
+    assert not capture_active(model)
     assert not model._forward_hooks
     assert not model.model.visual._forward_hooks
-    assert threading.excepthook is not streamer_module._thread_excepthook
+    assert not armed_on(model) and "generate" not in vars(model)
 
 
 def generate_in_thread(model, **kwargs):

@@ -24,14 +24,14 @@ def _pointing(model, processor, estimator, examples) -> float:
         inputs = processor(text=[prompt], images=[ex.image], return_tensors="pt")
         streamer = AttributionStreamer(model, processor, inputs=inputs, estimator=estimator, images=[ex.image],
                                        regions="prefill", print_text=False, timeout=60)
-        thread = streamer.generate_in_thread(**inputs, max_new_tokens=64, do_sample=False)
+        streamer.generate(**inputs, max_new_tokens=64, do_sample=False)
         for event in streamer:
             if isinstance(event, SpanAttribution) and event.section == "thinking":
                 evidence = evidence_for_step(ex, event.text)
                 assert evidence is not None, event.text  # the model's steps name real objects
                 image, local = streamer.regions.region_owner(event.top_regions(1)[0])
                 hits.append(bool((evidence & (streamer.regions.maps[image].pixel_labels() == local)).any()))
-        thread.join()
+        streamer.join()
     return float(np.mean(hits))
 
 
