@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import torch
 from transformers.utils import logging
 
+from .errors import AttributionError
 from .layouts import architecture_spec, extend_inputs
 
 if TYPE_CHECKING:
@@ -85,13 +86,13 @@ def _require_model(record: ExampleRecord, model: Any, inputs: Mapping[str, Any] 
     missing = [n for n, v in (("model", model), ("inputs", inputs), ("the record's regions", record.regions))
                if v is None]
     if missing:
-        raise ValueError(f"{what} needs {', '.join(missing)} (run with the model loaded and the prompt's inputs).")
+        raise MethodError(f"{what} needs {', '.join(missing)} (run with the model loaded and the prompt's inputs).")
 
 
 def _check_spans(spans: Sequence[tuple[int, int]], num_generated: int) -> None:
     for a, b in spans:
         if not 0 <= a < b <= num_generated:
-            raise ValueError(
+            raise MethodError(
                 f"span [{a}, {b}) is not a non-empty range of the {num_generated} generated tokens "
                 "(spans are [start, end) indices among generated tokens)."
             )
@@ -361,13 +362,13 @@ class IntegratedGradients(AttributionMethod):
     def __init__(self, steps: int = 16, breakpoints: Sequence[float] | None = None) -> None:
         if breakpoints is None:
             if steps < 1:
-                raise ValueError(f"steps must be >= 1, got {steps}.")
+                raise MethodError(f"steps must be >= 1, got {steps}.")
             edges = torch.linspace(0.0, 1.0, int(steps) + 1, dtype=torch.float64)
         else:
             edges = torch.as_tensor(list(breakpoints), dtype=torch.float64)
             if edges.dim() != 1 or edges.numel() < 2 or edges[0] != 0 or edges[-1] != 1 or \
                     not bool((edges[1:] > edges[:-1]).all()):
-                raise ValueError("breakpoints must increase strictly from 0 to 1, e.g. [0, 0.001, 0.01, 0.1, 1].")
+                raise MethodError("breakpoints must increase strictly from 0 to 1, e.g. [0, 0.001, 0.01, 0.1, 1].")
         self.alphas = ((edges[1:] + edges[:-1]) / 2).tolist()
         self.weights = (edges[1:] - edges[:-1]).tolist()
         self.steps = len(self.alphas)
@@ -376,7 +377,7 @@ class IntegratedGradients(AttributionMethod):
     def geometric_breakpoints(steps: int = 32, smallest: float = 1e-4) -> list[float]:
         """``[0, smallest, ..., 1]`` with ``steps`` intervals, geometric after the first."""
         if steps < 2:
-            raise ValueError("a geometric grid needs steps >= 2")
+            raise MethodError("a geometric grid needs steps >= 2")
         pts = torch.logspace(torch.log10(torch.tensor(smallest)), 0.0, steps, dtype=torch.float64)
         return [0.0] + pts.tolist()
 
@@ -420,12 +421,16 @@ METHODS: dict[str, Callable[..., AttributionMethod]] = {
 }
 
 
+class MethodError(AttributionError, ValueError):
+    """An attribution method was asked for by an unknown name, or with inputs or settings it cannot use."""
+
+
 def make_method(name: str, *, estimator: Any = None, **kwargs: Any) -> AttributionMethod:
     """A method by name: ``estimator`` (needs ``estimator=``), or a key of :data:`METHODS`."""
     if name == "estimator":
         if estimator is None:
-            raise ValueError("method 'estimator' needs an estimator (pass --estimator).")
+            raise MethodError("method 'estimator' needs an estimator (pass --estimator).")
         return EstimatorMethod(estimator)
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {['estimator', *sorted(METHODS)]}.")
+        raise MethodError(f"unknown method {name!r}; choose from {['estimator', *sorted(METHODS)]}.")
     return METHODS[name](**kwargs)

@@ -29,8 +29,14 @@ from typing import Any, Sequence
 from transformers.utils import logging
 
 from .datasets import DATASET_FILE, DatasetSpec, correctness_labels, read_dataset_spec
+from .errors import AttributionError
+from .options import argparse_type, interval, range_help
 
 logger = logging.get_logger("hf_vattr.cli")
+
+
+class UsageError(AttributionError, ValueError):
+    """A mistake in the command line or in the files it names: printed as one line, exit status 2."""
 
 TRAINING_REPORT = "training_report.json"
 DEFAULT_EVAL_JSON = "eval_report.json"
@@ -46,13 +52,13 @@ def _load_model(model_id: str | None, *, toy: bool, dtype: str, device_map: str 
 
     if model_id is None:
         if not toy:
-            raise SystemExit("--model is required (or use --toy N with the built-in toy model).")
+            raise UsageError("--model is required (or use --toy N with the built-in toy model).")
         from .toy import load_toy_model
 
         try:
             model, processor = load_toy_model(attn)
         except FileNotFoundError as e:
-            raise SystemExit(f"{e}\nPass --model to use another model.") from None
+            raise UsageError(f"{e} Pass --model to use another model.") from None
         from .toy import toy_checkpoint_path
 
         model_id = str(toy_checkpoint_path())
@@ -67,12 +73,40 @@ def _load_model(model_id: str | None, *, toy: bool, dtype: str, device_map: str 
         if device_map:
             kwargs["device_map"] = device_map if device_map in ("auto", "balanced", "sequential") else \
                 {"": device_map}
-        model = transformers.AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
-        processor = transformers.AutoProcessor.from_pretrained(model_id, revision=revision)
+        try:
+            model = transformers.AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+            processor = transformers.AutoProcessor.from_pretrained(model_id, revision=revision)
+        except (OSError, ValueError) as e:  # no such folder or repo, offline, not an image-text-to-text model
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise UsageError(f"--model {model_id}: cannot load it ({first}). Pass a local model folder or a Hub id "
+                             "(with HF_HUB_OFFLINE unset if it is not downloaded yet).") from e
     if device and not device_map:
         model.to(device)
     model.eval()
     return model, processor, model_id
+
+
+def _check_out_folder(out: str) -> None:
+    """An output folder must be a folder (or not exist yet): refused before anything runs."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: a file of that name exists; pass a folder (new or existing).")
+
+
+def _check_device(device: str | None, option: str) -> None:
+    """``--device cuda:0`` and the like: a device torch knows, and one this machine has."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{option} {device!r} is not a device; use cpu, cuda, cuda:0, mps ...") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{option} {device}: this machine has no CUDA device; use cpu or leave {option} out.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA devices.")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -82,19 +116,27 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from .collection import CollectionConfig, collect
 
     if (args.toy is None) == (args.prompts is None):
-        raise SystemExit("collect needs exactly one dataset: --toy N or --prompts FILE.jsonl.")
+        raise UsageError("collect needs exactly one dataset: --toy N or --prompts FILE.jsonl.")
+    if args.images_dir is not None and not Path(args.images_dir).is_dir():
+        raise UsageError(f"--images-dir {args.images_dir}: no such folder.")
+    _check_out_folder(args.out)
+    _check_device(args.device, "--device")
+    if args.device_map not in (None, "auto", "balanced", "sequential"):
+        _check_device(args.device_map, "--device-map")
     if args.toy is not None:
         spec = DatasetSpec("toy", n=int(args.toy), seed=int(args.toy_seed))
     else:
         spec = DatasetSpec("jsonl", path=str(Path(args.prompts).resolve()),
                            images_dir=str(Path(args.images_dir).resolve()) if args.images_dir else None)
     items = spec.items(limit=args.limit)
-    from .collection import check_dataset
+    len(items)  # a JSONL file is parsed and checked here, row by row, before anything loads
+    from .collection import check_dataset, check_settings
 
-    try:  # before anything is loaded or written: a folder holding another dataset is refused
-        check_dataset(args.out, spec.to_dict())
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
+    # Before anything is loaded or written: every option (the config checks its fields' ranges and choices)
+    # and a folder holding another dataset (a folder with no example in it holds nothing to protect).
+    config = CollectionConfig(**{name: getattr(args, name) for name in COLLECT_OPTIONS})
+    check_dataset(args.out, spec.to_dict())
+    check_settings(args.out, config)
 
     from accelerate import PartialState
 
@@ -108,15 +150,18 @@ def cmd_collect(args: argparse.Namespace) -> int:
     model, processor, model_id = _load_model(args.model, toy=args.toy is not None, dtype=args.dtype,
                                              device_map=device_map, attn=args.attn_implementation,
                                              revision=args.revision, device=device)
-    config = CollectionConfig(**{name: getattr(args, name) for name in COLLECT_OPTIONS})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
         (out / DATASET_FILE).write_text(json.dumps({**spec.to_dict(), "model": model_id,
                                                     "revision": args.revision}, indent=2) + "\n")
-    result = collect(model, processor, items, out, config, progress=not args.quiet, dataset=spec.to_dict())
+    result = collect(model, processor, items, out, config, progress=not args.quiet, dataset=spec.to_dict(),
+                     dataset_ids=spec.ids())
     if state.is_main_process:
         print(f"collected {len(result['written'])} examples ({len(result['skipped'])} already on disk) into {out}")
+        if len(items) < len(spec):
+            print(f"--limit {args.limit}: the dataset has {len(spec)} examples, so the collection is not complete; "
+                  "rerun without --limit (or with a larger one) to collect the rest.")
     return 0
 
 
@@ -124,10 +169,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .collection import load_collection, read_manifest
     from .training import TrainingConfig, fit_estimator
 
+    from .collection import check_ground_truth
+
     collection = Path(args.collection)
+    _check_out_folder(args.out)
     records = load_collection(collection)
     if not records:
-        raise SystemExit(f"{collection} holds no examples; run `hf-vattr collect` first.")
+        raise UsageError(f"{collection} holds no examples; run `hf-vattr collect` first.")
+    check_ground_truth(records, collection)
     try:
         manifest = read_manifest(collection)
     except FileNotFoundError:
@@ -182,15 +231,28 @@ def _parse_methods(text: str | None, has_model: bool) -> list[str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .baselines import make_method
-    from .collection import _build_inputs, load_collection
+    from .baselines import METHODS, make_method
+    from .collection import _build_inputs, check_ground_truth, load_collection
     from .estimator import LinearEstimator
     from .evaluation import evaluate, trajectory_report
 
     collection = Path(args.collection)
+    _check_device(args.device, "--device")
+    if args.device_map not in (None, "auto", "balanced", "sequential"):
+        _check_device(args.device_map, "--device-map")
+    known = ["estimator", *sorted(METHODS)]
+    names = _parse_methods(args.methods, bool(args.model or args.with_model))
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise UsageError(f"--methods {args.methods!r}: unknown method{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))}; choose from {', '.join(known)}." if unknown else
+                         f"--methods {args.methods!r} names no method; choose from {', '.join(known)}.")
+    if "estimator" in names and not args.estimator:
+        raise UsageError("method 'estimator' needs --estimator DIR.")
     records = load_collection(collection)
     if not records:
-        raise SystemExit(f"{collection} holds no examples.")
+        raise UsageError(f"{collection} holds no examples.")
+    check_ground_truth(records, collection)
     estimator = None
     if args.estimator:
         estimator = LinearEstimator.from_pretrained(args.estimator)
@@ -205,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             records = [r for r in records if str(r.example_id) in val_ids]
             split = "val"
         elif split == "val":
-            raise SystemExit("--split val: the estimator folder has no training_report.json with held-out ids.")
+            raise UsageError("--split val: the estimator folder has no training_report.json with held-out ids.")
         else:
             split = "all"
     if args.max_examples is not None:
@@ -222,22 +284,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if estimator is not None:
             estimator.check_compatible(model)
         if dataset is None:
-            raise SystemExit(f"{collection / DATASET_FILE} is missing, so the prompts cannot be rebuilt for the model; "
+            raise UsageError(f"{collection / DATASET_FILE} is missing, so the prompts cannot be rebuilt for the model; "
                              "evaluate without --model (stored ground truth only).")
         def inputs_fn(record):
             try:
                 images, prompt = dataset.get(record.example_id)
             except KeyError:
-                raise SystemExit(f"example {record.example_id} is not in the dataset described by {DATASET_FILE}.") \
+                raise UsageError(f"example {record.example_id} is not in the dataset described by {DATASET_FILE}.") \
                     from None
             inputs = _build_inputs(processor, images, prompt)
             ids = record.sequence[: record.prompt_len]
             if inputs["input_ids"].shape[-1] != record.prompt_len or not torch.equal(inputs["input_ids"][0], ids):
-                raise SystemExit(f"example {record.example_id}: rebuilt prompt differs from the collected one "
+                raise UsageError(f"example {record.example_id}: rebuilt prompt differs from the collected one "
                                  "(different processor or dataset?).")
             return inputs
 
-    names = _parse_methods(args.methods, model is not None)
+    if not args.methods:  # the default list depends on whether a model was loaded
+        names = _parse_methods(None, model is not None)
     methods = []
     for n in names:
         kwargs: dict[str, Any] = {}
@@ -246,7 +309,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if n == "random":
             kwargs["seed"] = args.seed
         if n == "estimator" and estimator is None:
-            raise SystemExit("method 'estimator' needs --estimator DIR.")
+            raise UsageError("method 'estimator' needs --estimator DIR.")
         methods.append(make_method(n, estimator=estimator, **kwargs))
     report = evaluate(methods, records, model, processor, ks=tuple(args.ks), topk=args.topk,
                       batch_size=args.batch_size, inputs_fn=inputs_fn, progress=not args.quiet,
@@ -294,11 +357,36 @@ def _trajectory_markdown(traj: dict) -> str:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.utils import validate_repo_id
+
     from .estimator import LinearEstimator
 
+    try:  # before anything is read or sent
+        validate_repo_id(args.repo_id)
+    except HFValidationError as e:
+        raise UsageError(f"{args.repo_id!r} is not a valid Hub repo id ({e}); use 'your-name/estimator-name'.") \
+            from None
+    if not Path(args.estimator).is_dir():
+        raise UsageError(f"No estimator folder {args.estimator!r} exists (looked in {Path.cwd()}); pass the folder "
+                         "written by `hf-vattr train`.")
     estimator = LinearEstimator.from_pretrained(args.estimator)
-    url = estimator.push_to_hub(args.repo_id, private=args.private, token=args.token, branch=args.branch,
-                                commit_message=args.commit_message, model_card_kwargs={"repo_id": args.repo_id})
+    try:
+        url = estimator.push_to_hub(args.repo_id, private=args.private, token=args.token, branch=args.branch,
+                                    commit_message=args.commit_message, model_card_kwargs={"repo_id": args.repo_id})
+    except OfflineModeIsEnabled:
+        raise UsageError("push needs the network, but offline mode is on (HF_HUB_OFFLINE=1): unset HF_HUB_OFFLINE "
+                         "and run the command again.") from None
+    except HFValidationError as e:
+        raise UsageError(f"push to {args.repo_id!r} refused by huggingface_hub: {e}") from None
+    except HfHubHTTPError as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UsageError(f"push to {args.repo_id!r} failed: {first}. Check that you are logged in (`hf auth login`) "
+                         "or pass --token with write access, and that the repo id is yours.") from None
+    except OSError as e:  # no network (requests' ConnectionError is an OSError)
+        raise UsageError(f"push to {args.repo_id!r} failed: the Hub could not be reached ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}). Check the network, then run it again.") \
+            from None
     print(f"pushed {args.estimator} to {args.repo_id}: {url}")
     return 0
 
@@ -327,7 +415,10 @@ def cmd_app(args: argparse.Namespace) -> int:
     from .estimator import EstimatorMismatchError, LinearEstimator
 
     if args.regions is not None and args.regions not in app.REGION_METHODS:
-        raise SystemExit(f"--regions {args.regions!r} is not a region method; choose one of {app.REGION_METHODS}.")
+        raise UsageError(f"--regions {args.regions!r} is not a region method; choose one of {app.REGION_METHODS}.")
+    _check_device(args.device, "--device")
+    if args.device_map not in (None, "auto", "balanced", "sequential"):
+        _check_device(args.device_map, "--device-map")
     toy = args.model is None
     model, processor, _ = _load_model(args.model, toy=toy, dtype=args.dtype, device_map=args.device_map,
                                       attn=args.attn_implementation, device=args.device)
@@ -344,7 +435,7 @@ def cmd_app(args: argparse.Namespace) -> int:
         try:
             estimator = LinearEstimator.from_pretrained(estimator_ref).check_compatible(model)
         except EstimatorMismatchError as err:
-            raise SystemExit(f"--estimator {estimator_ref}: {err}") from None
+            raise UsageError(f"--estimator {estimator_ref}: {err}") from None
     regions = args.regions or ("vlm" if toy else "prefill")  # the toy estimator was trained on vlm regions, K=16
     print(f"hf-vattr app: serving on http://{args.host}:{args.port or 7860} (Ctrl-C stops)", flush=True)
     app.launch(model, processor, estimator, host=args.host, port=args.port, estimator_ref=estimator_ref or "",
@@ -375,6 +466,18 @@ collect writes <out>/dataset.json, which records how to rebuild these examples, 
 `hf-vattr eval --with-model` can re-run the model on the same prompts."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``hf-vattr collect: error: argument --batch-size: must be >= 1, got -1``), exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _ranged(parser: argparse.ArgumentParser, flag: str, kind: type, rng: str, help: str, **kwargs: Any) -> None:
+    """An option whose values must lie in ``rng`` (interval notation): checked at parse time, shown in --help."""
+    parser.add_argument(flag, type=argparse_type(kind, rng), help=f"{help}; {interval(rng).describe()}", **kwargs)
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the epilog's layout; shows defaults, except for flags and options whose default is None."""
 
@@ -388,8 +491,10 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type, names:
                        **overrides: dict) -> None:
     """Add ``--field-name`` options for fields ``names`` of a config dataclass.
 
-    Type, default, help and choices come from the field (``metadata={"help": ..., "choices": ...}``,
-    the keys transformers' ``HfArgumentParser`` reads), so the CLI never restates them. We do not
+    Type, default, help, range and choices come from the field (``metadata={"help": ..., "range": "[1, inf)",
+    "choices": ...}``; ``help`` and ``choices`` are the keys transformers' ``HfArgumentParser`` reads), so the
+    CLI never restates them: the range is shown in the help and checked as the option is parsed, by the same
+    metadata that :func:`hf_vattr.options.check_fields` checks in the config. We do not
     use ``HfArgumentParser`` itself because it adds every field (hooks and dicts too) and turns
     booleans into ``--flag [BOOL]``; here a ``False`` field becomes ``--flag``, a ``True`` one
     ``--no-flag``. ``overrides[name]`` replaces keyword arguments of one option.
@@ -398,7 +503,7 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type, names:
     hints = typing.get_type_hints(config_cls)
     for name in names:
         f = fields[name]
-        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata["help"]}
+        kwargs: dict[str, Any] = {"default": f.default, "help": range_help(f)}
         if "choices" in f.metadata:
             kwargs["choices"] = list(f.metadata["choices"])
         kwargs.update(overrides.get(name, {}))
@@ -410,7 +515,7 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type, names:
         elif kind is bool:
             parser.add_argument(flag, action="store_true", help=kwargs["help"])
         else:
-            parser.add_argument(flag, type=kind, **kwargs)
+            parser.add_argument(flag, type=argparse_type(kind, f.metadata.get("range")), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -418,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .collection import PROMPTS_FORMAT, CollectionConfig
     from .training import TARGETS, TrainingConfig
 
-    parser = argparse.ArgumentParser(prog="hf-vattr", description="Live, faithful visual attribution for VLMs: "
+    parser = _Parser(prog="hf-vattr", description="Live, faithful visual attribution for VLMs: "
                                      "collect ground truth, train, evaluate and push estimators.")
     parser.add_argument("-v", "--verbose", action="store_true", help="info-level logging")
     sub = parser.add_subparsers(dest="command", metavar="{collect,train,eval,push,demo,app}")
@@ -444,8 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                    epilog=JSONL_HELP.format(format=PROMPTS_FORMAT))
     model_args(c, "model id or local folder (with --toy, default: the bundled toy model)")
     c.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
-    c.add_argument("--toy", type=int, default=None, metavar="N",
-                   help="use N examples of the built-in toy task (instead of --prompts)")
+    _ranged(c, "--toy", int, "[1, inf)", "use N examples of the built-in toy task (instead of --prompts)",
+            default=None, metavar="N")
     c.add_argument("--toy-seed", type=int, default=0, help="seed of the toy examples")
     c.add_argument("--prompts", default=None, metavar="FILE.jsonl",
                    help="JSON-lines dataset, one example per line (format below)")
@@ -453,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder that relative image paths in --prompts are resolved against "
                         "(default: the JSONL file's folder)")
     c.add_argument("--out", required=True, help="collection folder (rerun to resume)")
-    c.add_argument("--limit", type=int, default=None, metavar="N", help="collect only the first N examples")
+    _ranged(c, "--limit", int, "[1, inf)", "collect only the first N examples (the collection stays incomplete "
+            "until the rest are collected)", default=None, metavar="N")
     add_config_options(c, CollectionConfig, COLLECT_OPTIONS)
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_collect)
@@ -487,18 +593,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "grad_x_input, integrated_gradients, random (default: all that can run)")
     e.add_argument("--split", default="auto", choices=["auto", "val", "all"],
                    help="auto: the estimator's held-out examples when known, else all")
-    e.add_argument("--max-examples", type=int, default=None, metavar="N",
-                   help="evaluate only the first N examples (after --split)")
-    e.add_argument("--ks", type=int, nargs="+", default=[1, 3, 5], metavar="K",
-                   help="top-K drop sizes: log-prob drop when a method's K top regions are ablated together")
+    _ranged(e, "--max-examples", int, "[1, inf)", "evaluate only the first N examples (after --split)",
+            default=None, metavar="N")
+    _ranged(e, "--ks", int, "[1, inf)", "top-K drop sizes: log-prob drop when a method's K top regions are "
+            "ablated together", nargs="+", default=[1, 3, 5], metavar="K")
     e.add_argument("--topk", default="auto", choices=["auto", "measure", "table"],
                    help="top-K drops: measure (ablate with the model), table (from the collected ground truth), "
                         "auto (measure when a model is loaded)")
-    e.add_argument("--auc-points", type=int, default=8, metavar="N",
-                   help="deletion / insertion AUC: steps along each curve (round(i*K/N) regions, i = 0..N; "
-                        "N >= K: every region), measured with real ablations with the top-K drops; 0: skip")
-    e.add_argument("--ig-steps", type=int, default=16, help="integrated-gradients interpolation steps")
-    e.add_argument("--batch-size", type=int, default=16, help="ablation masks per forward pass")
+    _ranged(e, "--auc-points", int, "[0, inf)", "deletion / insertion AUC: steps along each curve (round(i*K/N) "
+            "regions, i = 0..N; N >= K: every region), measured with real ablations with the top-K drops; 0: skip",
+            default=8, metavar="N")
+    _ranged(e, "--ig-steps", int, "[1, inf)", "integrated-gradients interpolation steps", default=16)
+    _ranged(e, "--batch-size", int, "[1, inf)", "ablation masks per forward pass", default=16)
     e.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     e.add_argument("--trajectories", action="store_true", help="add trajectory stats and failure AUC (needs labels)")
     e.add_argument("--json", default=None,
@@ -530,11 +636,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--regions", default=None,
                    help="region method: prefill, vlm, grid, color, slic, dinov3, dinov2, auto "
                         "(default: vlm for the toy, prefill otherwise)")
-    a.add_argument("--max-new-tokens", type=int, default=1024, help="default generation budget on the page")
-    a.add_argument("--updates-per-second", type=float, default=4.0,
-                   help="most overlay updates per second while tokens arrive (decoding never waits)")
+    _ranged(a, "--max-new-tokens", int, "[1, 32768]", "default generation budget on the page", default=1024)
+    _ranged(a, "--updates-per-second", float, "(0, 1000]",
+            "most overlay updates per second while tokens arrive (decoding never waits)", default=4.0)
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    a.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    _ranged(a, "--port", int, "[1, 65535]", "port (default: Gradio's, 7860 or the next free one)", default=None)
     a.set_defaults(func=cmd_app)
     return parser
 
@@ -548,7 +654,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.verbose:
         logging.set_verbosity_info()
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except AttributionError as err:  # a user mistake (or a refused input): one line, no traceback
+        _print_error(args.command, str(err))
+        return 2
+    except SystemExit as err:
+        if isinstance(err.code, str):  # SystemExit("message") from a library caller
+            _print_error(args.command, err.code)
+            return 2
+        raise
+
+
+def _print_error(command: str, message: str) -> None:
+    """``hf-vattr <command>: error: <message>`` on one line of stderr."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"hf-vattr {command}: error: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

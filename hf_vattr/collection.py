@@ -37,7 +37,9 @@ from transformers.utils import logging
 from .ablation import AblationEngine, leave_one_out_masks, random_subset_masks, regenerated_span_effects
 from .capture import AttentionCapture
 from .text import decode_pieces
+from .errors import AttributionError
 from .layouts import text_dims, visual_layout
+from .options import ConfigError, check_fields
 from .spans import ReasoningStepSplitter, SpanSplitter
 
 logger = logging.get_logger(__name__)
@@ -52,6 +54,12 @@ __all__ = [
     "load_collection",
     "read_manifest",
     "read_prompts",
+    "check_ground_truth",
+    "check_settings",
+    "CollectionError",
+    "CollectionNotFoundError",
+    "GroundTruthError",
+    "REGION_METHODS",
     "dataset_fingerprint",
     "decode_pieces",
     "FORMAT_NAME",
@@ -62,6 +70,18 @@ FORMAT_NAME = "hf_vattr.collection"
 FORMAT_VERSION = 1
 MANIFEST = "collection.json"
 EXAMPLES_DIR = "examples"
+
+class CollectionError(AttributionError, ValueError):
+    """A collection folder, example file, prompts file or its ground truth cannot be used as it is."""
+
+
+class CollectionNotFoundError(AttributionError, FileNotFoundError):
+    """A collection folder or prompts file does not exist."""
+
+
+#: region methods a collection can build from the images and the model alone (build_regions' "masks" and
+#: "features" need per-example inputs: pass CollectionConfig.regions_fn for those)
+REGION_METHODS = ("grid", "auto", "vlm", "dinov3", "dinov2", "slic", "color")
 
 RegionsFn = Callable[[Any, Any, Any, Sequence[Any]], Any]  # (model, processor, layout, images) -> PromptRegions
 
@@ -74,14 +94,18 @@ class CollectionConfig:
     """
 
     num_subsets: int = field(
-        default=32, metadata={"help": "random region subsets per example (LDS ground truth; AT2 uses 32)"})
+        default=32, metadata={"help": "random region subsets per example (LDS ground truth; AT2 uses 32)",
+                              "range": "[0, inf)"})
     keep_prob: float = field(
-        default=0.5, metadata={"help": "probability that a region is kept in a random subset (as in ContextCite/AT2)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "generation budget per example (greedy)"})
+        default=0.5, metadata={"help": "probability that a region is kept in a random subset (as in ContextCite/AT2)",
+                               "range": "(0, 1)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "generation budget per example (greedy)",
+                                                       "range": "[1, inf)"})
     region_method: str = field(default="grid", metadata={
-        "help": "how images are split into regions: grid (needs nothing) or any method of "
-                "hf_vattr.regions.build_regions (vlm, dinov3, slic, ...)"})
-    k: int = field(default=16, metadata={"help": "regions per image"})
+        "help": "how images are split into regions: grid (needs nothing) or a method of "
+                "hf_vattr.regions.build_regions",
+        "choices": REGION_METHODS})
+    k: int = field(default=16, metadata={"help": "regions per image", "range": "[1, inf)"})
     regions_fn: RegionsFn | None = field(default=None, metadata={
         "help": "hook (model, processor, layout, images) -> PromptRegions that overrides region_method; "
                 "recorded by name only"})
@@ -96,7 +120,7 @@ class CollectionConfig:
                 "kept) or total (the thinking is regenerated under each ablation, so the path from the image "
                 "through the reasoning counts; costs up to one regeneration per mask)",
         "choices": ("direct", "total")})
-    batch_size: int = field(default=16, metadata={"help": "ablation masks per forward pass"})
+    batch_size: int = field(default=16, metadata={"help": "ablation masks per forward pass", "range": "[1, inf)"})
     seed: int = field(default=0, metadata={
         "help": "seeds the random subsets (with the example id, so shards agree with one process)"})
     method: str = field(default="attention", metadata={
@@ -110,6 +134,13 @@ class CollectionConfig:
 
     #: fields that do not change the collected numbers (safe to change when resuming)
     RUNTIME_FIELDS = ("batch_size",)
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # ranges and choices declared on the fields (the CLI shows the same ones)
+        if self.regions_fn is not None and not callable(self.regions_fn):
+            raise ConfigError(f"CollectionConfig.regions_fn must be callable, got {self.regions_fn!r}.")
+        if not isinstance(self.generate_kwargs, dict):
+            raise ConfigError(f"CollectionConfig.generate_kwargs must be a dict, got {self.generate_kwargs!r}.")
 
     def to_dict(self) -> dict:
         out = {}
@@ -159,16 +190,16 @@ class ExampleRecord:
         s, k = int(self.span_features.shape[0]), int(self.span_features.shape[-1])
         where = f"example {self.example_id}"
         if self.span_features.dim() != 4:
-            raise ValueError(f"{where}: span_features must be (S, L, H, K), got {tuple(self.span_features.shape)}.")
+            raise CollectionError(f"{where}: span_features must be (S, L, H, K), got {tuple(self.span_features.shape)}.")
         checks = [("loo_effects", self.loo_effects, (s, k)), ("base_logprobs", self.base_logprobs, (s,))]
         if self.subset_masks.dim() != 2 or self.subset_masks.shape[1] != k:
-            raise ValueError(f"{where}: subset_masks must be (M, K={k}), got {tuple(self.subset_masks.shape)}.")
+            raise CollectionError(f"{where}: subset_masks must be (M, K={k}), got {tuple(self.subset_masks.shape)}.")
         checks.append(("subset_effects", self.subset_effects, (s, int(self.subset_masks.shape[0]))))
         for name, value, shape in checks:
             if tuple(value.shape) != shape:
-                raise ValueError(f"{where}: {name} must have shape {shape}, got {tuple(value.shape)}.")
+                raise CollectionError(f"{where}: {name} must have shape {shape}, got {tuple(value.shape)}.")
         if len(self.spans) != s:
-            raise ValueError(f"{where}: {len(self.spans)} spans but span_features holds {s}.")
+            raise CollectionError(f"{where}: {len(self.spans)} spans but span_features holds {s}.")
 
     @property
     def num_spans(self) -> int:
@@ -249,10 +280,23 @@ class ExampleRecord:
                 meta = json.loads((f.metadata() or {})["hf_vattr"])
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except Exception as e:  # SafetensorError (empty / truncated file), missing or bad metadata
-            raise ValueError(f"{path} is not a readable hf_vattr collection example ({type(e).__name__}: {e}). "
-                             f"{redo}") from e
-        if meta.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path} is not an hf_vattr collection example (format={meta.get('format')!r}).")
+            raise CollectionError(f"{path} is not a readable hf_vattr collection example ({type(e).__name__}: {e}). "
+                                  f"{redo}") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise CollectionError(f"{path} is not an hf_vattr collection example (format={found!r}).")
+        missing = [name for name in ("span_features", "loo_effects", "subset_masks", "subset_effects",
+                                     "base_logprobs", "sequence") if name not in tensors]
+        missing += [name for name in ("example_id", "prompt_len", "spans", "text", "num_regions") if name not in meta]
+        if missing:
+            raise CollectionError(f"{path} lacks {', '.join(missing)}. {redo}")
+        try:
+            return cls._from_parts(meta, tensors)
+        except (TypeError, ValueError) as e:
+            raise CollectionError(f"{path}: {e} {redo}") from e
+
+    @classmethod
+    def _from_parts(cls, meta: dict, tensors: dict) -> "ExampleRecord":
         return cls(
             example_id=int(meta["example_id"]),
             span_features=tensors["span_features"],
@@ -277,7 +321,7 @@ class ExampleRecord:
         from .regions import PromptRegions
 
         if self.regions is None:
-            raise ValueError(f"example {self.example_id} was saved without its region maps.")
+            raise CollectionError(f"example {self.example_id} was saved without its region maps.")
         cached = self.__dict__.get("_prompt_regions")
         if cached is None or cached[0] is not self.regions:
             cached = (self.regions, PromptRegions.from_dict(self.regions))
@@ -377,9 +421,9 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
     """
     config = config or CollectionConfig()
     if config.answer_effects not in ("direct", "total"):
-        raise ValueError(f"answer_effects must be 'direct' or 'total', got {config.answer_effects!r}.")
+        raise CollectionError(f"answer_effects must be 'direct' or 'total', got {config.answer_effects!r}.")
     if config.answer_effects == "total" and config.method != "attention":
-        raise ValueError("answer_effects='total' regenerates the reasoning under attention ablation; it needs "
+        raise CollectionError("answer_effects='total' regenerates the reasoning under attention ablation; it needs "
                          f"method='attention', got method={config.method!r}.")
     if not isinstance(images, (list, tuple)):
         images = [images]
@@ -482,7 +526,7 @@ def reasoning_end(tokenizer: Any, splitter: SpanSplitter, generated: Sequence[in
     close = getattr(splitter, "think_close", "</think>")
     close_id = tokenizer.convert_tokens_to_ids(close)
     if not isinstance(close_id, int) or close_id == getattr(tokenizer, "unk_token_id", None):
-        raise ValueError(f"answer_effects='total' needs the end-of-reasoning tag {close!r} to be one token of the "
+        raise CollectionError(f"answer_effects='total' needs the end-of-reasoning tag {close!r} to be one token of the "
                          "tokenizer; it is not. Use answer_effects='direct'.")
     ends = [i + 1 for i, t in enumerate(list(generated)[:min(answer)]) if int(t) == close_id]
     return (ends[-1], int(close_id)) if ends else None
@@ -536,7 +580,8 @@ else to the file's folder; "answer" (optional) labels traces for trajectory anal
 
 
 def _row_error(path: Path, line: int, message: str) -> ValueError:
-    return ValueError(f"{path}:{line}: {message}\n{PROMPTS_FORMAT}")
+    return CollectionError(f"{path}:{line}: {message} The format: `hf-vattr collect --help` "
+                           "(hf_vattr.collection.PROMPTS_FORMAT).")
 
 
 def read_prompts(path: str | os.PathLike, images_dir: str | os.PathLike | None = None) -> list[PromptRow]:
@@ -547,7 +592,7 @@ def read_prompts(path: str | os.PathLike, images_dir: str | os.PathLike | None =
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} not found; pass an existing JSON-lines file.")
+        raise CollectionNotFoundError(f"prompts file {path} not found; pass an existing JSON-lines file.")
     base = Path(images_dir) if images_dir else path.parent
     rows: list[PromptRow] = []
     seen: set[int] = set()
@@ -613,7 +658,7 @@ def dataset_fingerprint(dataset: Mapping[str, Any]) -> str:
     if dataset.get("kind") == "jsonl":
         path = Path(dataset["path"])
         if not path.is_file():
-            raise FileNotFoundError(f"prompts file {path} not found; pass an existing JSON-lines file.")
+            raise CollectionNotFoundError(f"prompts file {path} not found; pass an existing JSON-lines file.")
         desc["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -626,13 +671,13 @@ def check_dataset(out_dir: str | os.PathLike, dataset: Mapping[str, Any]) -> str
     """
     fingerprint = dataset_fingerprint(dataset)
     path = Path(out_dir) / MANIFEST
-    if path.exists():
-        old = json.loads(path.read_text()).get("dataset_fingerprint")
+    if path.exists() and _has_examples(out_dir):  # a folder with no example in it pins nothing
+        old = _read_json(path).get("dataset_fingerprint")
         if old is None:
             logger.warning(f"{path} records no dataset fingerprint (made by an older hf_vattr); cannot check that "
                            "the examples on disk come from the same dataset.")
         elif old != fingerprint:
-            raise ValueError(
+            raise CollectionError(
                 f"{out_dir} already holds a collection of a different dataset (collection.json has "
                 f"dataset_fingerprint {old[:12]}..., this dataset is {fingerprint[:12]}...: another prompts file, "
                 "or another toy seed or count). Collect into a new folder, or pass the same dataset to resume."
@@ -662,23 +707,53 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The ``collection.json`` of a collection folder."""
-    return json.loads((Path(path) / MANIFEST).read_text())
+    """The ``collection.json`` of a collection folder (a missing file raises a ``FileNotFoundError``)."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise CollectionNotFoundError(f"{file} not found; is {path} a collection folder made by `hf-vattr collect`?")
+    return _read_json(file)
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or a :class:`CollectionError` naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CollectionError(f"{path} is not readable JSON ({type(e).__name__}: {e}); it may be truncated. If the "
+                              "folder holds no examples yet, delete the file; else restore it or collect anew.") from e
+    if not isinstance(data, dict):
+        raise CollectionError(f"{path} holds a JSON {type(data).__name__}, not an object; it is not a collection "
+                              "manifest.")
+    return data
+
+
+def _has_examples(out_dir: str | os.PathLike) -> bool:
+    """Whether a collection folder holds at least one example file (only then do its settings bind a resume)."""
+    folder = Path(out_dir) / EXAMPLES_DIR
+    return folder.is_dir() and any(folder.glob("*.safetensors"))
+
+
+def check_settings(out_dir: str | os.PathLike, config: CollectionConfig) -> None:
+    """Refuse resuming ``out_dir`` with another :class:`CollectionConfig` (the model is checked by :func:`collect`).
+
+    Writes and loads nothing: the CLI calls it before the model loads. A folder without an example pins nothing.
+    """
+    _check_resume(Path(out_dir), {"config": config.to_dict()})
 
 
 def _check_resume(out_dir: Path, manifest: dict) -> None:
     path = out_dir / MANIFEST
-    if not path.exists():
+    if not path.exists() or not _has_examples(out_dir):  # e.g. left by a refused or failed start: pins nothing
         return
-    old = json.loads(path.read_text())
+    old = _read_json(path)
     ignore = set(CollectionConfig.RUNTIME_FIELDS)
     old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in ignore}
     new_cfg = {k: v for k, v in manifest["config"].items() if k not in ignore}
     differences = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
-    if old.get("model") != manifest["model"]:
+    if "model" in manifest and old.get("model") != manifest["model"]:
         differences.append("model")
     if differences:
-        raise ValueError(
+        raise CollectionError(
             f"{out_dir} already holds a collection made with different settings ({', '.join(differences)}). "
             "Resume with the same model and CollectionConfig, or collect into a new folder."
         )
@@ -693,7 +768,8 @@ def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]]
             config: CollectionConfig | None = None, accelerator: Any = None, *,
             dataset: Mapping[str, Any] | None = None,
             splitter_factory: Callable[[], SpanSplitter] | None = None,
-            callback: Callable[[int, Path], None] | None = None, progress: bool = True) -> dict:
+            callback: Callable[[int, Path], None] | None = None, progress: bool = True,
+            dataset_ids: Iterable[int] | None = None) -> dict:
     """Collect ground truth for ``(example_id, images, prompt)`` items into ``out_dir``; resumable and sharded.
 
     Run it under ``accelerate launch --num_processes N`` (or pass an ``Accelerator``): item ``i`` of
@@ -711,6 +787,8 @@ def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]]
             manifest, and resuming with another dataset is refused. Checked before anything is written.
         splitter_factory: makes a fresh span splitter per example (default ReasoningStepSplitter).
         callback: called as ``callback(example_id, path)`` after each example is written.
+        dataset_ids: every example id of the whole dataset, when ``examples`` is only part of it (``--limit``):
+            the manifest says ``complete`` once all of these are on disk, not just the ones iterated.
 
     Returns:
         ``{"written": [...], "skipped": [...]}`` example ids of this process.
@@ -745,7 +823,7 @@ def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]]
         manifest.update(dataset=dict(dataset), dataset_fingerprint=fingerprint)
     _check_resume(out_dir, manifest)
     (out_dir / EXAMPLES_DIR).mkdir(parents=True, exist_ok=True)
-    if state.is_main_process and not (out_dir / MANIFEST).exists():
+    if state.is_main_process and (not (out_dir / MANIFEST).exists() or not _has_examples(out_dir)):
         _write_json(out_dir / MANIFEST, dict(manifest, examples=[], complete=False))
 
     from tqdm.auto import tqdm
@@ -778,13 +856,49 @@ def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]]
     state.wait_for_everyone()
     if state.is_main_process:
         ids = sorted(int(p.stem) for p in (out_dir / EXAMPLES_DIR).glob("*.safetensors"))
-        _write_json(out_dir / MANIFEST, dict(manifest, examples=ids, complete=set(all_ids) <= set(ids)))
+        expected = set(all_ids) if dataset_ids is None else {int(i) for i in dataset_ids} | set(all_ids)
+        _write_json(out_dir / MANIFEST, dict(manifest, examples=ids, complete=expected <= set(ids)))
     return {"written": written, "skipped": skipped}
+
+
+class GroundTruthError(CollectionError):
+    """The ablation effects of a collection cannot be trained on or evaluated against (all zero, or non-finite)."""
+
+
+def check_ground_truth(records: Sequence[ExampleRecord], source: str | os.PathLike | None = None) -> None:
+    """Refuse ground truth that would train or score nothing: non-finite values, or effects that are all 0.
+
+    All-zero effects mean nothing was ablated (or nothing the model does depends on the image): a fit on them
+    is noise and every metric reads 0. ``source`` (the collection folder) is named in the message.
+    """
+    where = f"{source}: " if source else ""
+    fix = ("Delete that file and run `hf-vattr collect` again with the same settings" if source
+           else "Collect that example again")
+    values = 0
+    for r in records:
+        for name in ("loo_effects", "subset_effects", "base_logprobs", "span_features"):
+            t = getattr(r, name)
+            if t is None or t.numel() == 0:
+                continue
+            bad = ~torch.isfinite(t.float())
+            if bool(bad.any()):
+                span = int(bad.nonzero()[0, 0])
+                file = f" ({EXAMPLES_DIR}/{int(r.example_id):06d}.safetensors)" if source else ""
+                raise GroundTruthError(
+                    f"{where}example {r.example_id}{file} has non-finite {name} "
+                    f"({int(bad.sum())} values, first at span {span}): the ablation ground truth is broken there. "
+                    f"{fix}.")
+        values += r.loo_effects.numel() + r.subset_effects.numel()
+    if values and all(not bool(r.loo_effects.any()) and not bool(r.subset_effects.any()) for r in records):
+        raise GroundTruthError(
+            f"{where}every ablation effect of the {len(records)} examples is 0, so there is nothing to train on or "
+            "score against (no ablation ran: was it collected with --batch-size < 1 by an older hf_vattr?). "
+            "Collect again into a new folder.")
 
 
 def load_collection(path: str | os.PathLike) -> list[ExampleRecord]:
     """Every example of a collection folder, in example-id order."""
     folder = Path(path) / EXAMPLES_DIR
     if not folder.is_dir():
-        raise FileNotFoundError(f"{path} holds no '{EXAMPLES_DIR}/' folder; is it a collection made by collect()?")
+        raise CollectionNotFoundError(f"{path} holds no '{EXAMPLES_DIR}/' folder; is it a collection made by collect()?")
     return [ExampleRecord.load(p) for p in sorted(folder.glob("*.safetensors"))]

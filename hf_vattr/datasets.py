@@ -15,9 +15,15 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .errors import AttributionError
+
 __all__ = ["DATASET_FILE", "DatasetSpec", "correctness_labels", "read_dataset_spec"]
 
 DATASET_FILE = "dataset.json"
+
+
+class DatasetError(AttributionError, ValueError):
+    """A dataset description (``dataset.json``) cannot be used."""
 
 
 class DatasetSpec:
@@ -25,7 +31,7 @@ class DatasetSpec:
 
     def __init__(self, kind: str, **params: Any) -> None:
         if kind not in ("toy", "jsonl"):
-            raise ValueError(f"unknown dataset kind {kind!r}")
+            raise DatasetError(f"unknown dataset kind {kind!r}; dataset.json must say 'toy' or 'jsonl'.")
         self.kind = kind
         self.params = params
 
@@ -64,6 +70,12 @@ class DatasetSpec:
             return {i: self._toy(i) for i in range(int(self.params["n"]))}
         return {eid: ans for eid, _, _, ans in self._jsonl_rows() if ans is not None}
 
+    def ids(self) -> list[int]:
+        """Every example id of the dataset (toy: ``0 .. n-1``; JSONL: the rows' ids), in order."""
+        if self.kind == "toy":
+            return list(range(int(self.params["n"])))
+        return [eid for eid, _, _, _ in self._jsonl_rows()]
+
     def __len__(self) -> int:
         return int(self.params["n"]) if self.kind == "toy" else len(self._jsonl_rows())
 
@@ -100,11 +112,8 @@ class DatasetSpec:
         """Parsed JSONL rows ``(id, image paths, prompt, answer)``; images are not opened here."""
         from .collection import read_prompts
 
-        if "_rows" not in self.__dict__:
-            try:
-                rows = read_prompts(self.params["path"], self.params.get("images_dir"))
-            except (ValueError, FileNotFoundError) as e:  # names the file, line and field
-                raise SystemExit(str(e)) from None
+        if "_rows" not in self.__dict__:  # read_prompts' errors name the file, line and field
+            rows = read_prompts(self.params["path"], self.params.get("images_dir"))
             self.__dict__["_rows"] = [tuple(row) for row in rows]
         return self.__dict__["_rows"]
 
@@ -129,7 +138,16 @@ class _Items:
 def read_dataset_spec(collection: str | os.PathLike) -> DatasetSpec | None:
     """The spec ``collect`` wrote into a collection folder, or ``None`` when it has none."""
     p = Path(collection) / DATASET_FILE
-    return DatasetSpec.from_dict(json.loads(p.read_text())) if p.exists() else None
+    if not p.exists():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{p} is not valid JSON ({e}); it is truncated or damaged. Delete it to use the "
+                           "collection without the dataset (stored ground truth only).") from e
+    if not isinstance(data, dict) or "kind" not in data:
+        raise DatasetError(f"{p} lacks the field 'kind'; it was not written by `hf-vattr collect`.")
+    return DatasetSpec.from_dict(data)
 
 
 def correctness_labels(dataset: DatasetSpec | None, records: Sequence[Any]) -> list[bool] | None:

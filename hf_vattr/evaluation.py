@@ -47,11 +47,17 @@ import torch
 from transformers.utils import logging
 
 from . import metrics as M
+from .collection import check_ground_truth
+from .errors import AttributionError
 
 if TYPE_CHECKING:
     from .collection import ExampleRecord
 
 logger = logging.get_logger(__name__)
+
+
+class EvaluationError(AttributionError, ValueError):
+    """Evaluation cannot run on these methods, records or settings."""
 
 __all__ = [
     "stored_metrics",
@@ -116,7 +122,7 @@ def span_level_metrics(scores: Sequence[Any], examples: Sequence[ExampleRecord],
     ``"insertion_auc"``, ``"all_drop"`` (which need real ablations: ``nan`` without them).
     """
     if len(scores) != len(examples):
-        raise ValueError(f"got scores for {len(scores)} examples but {len(examples)} examples.")
+        raise EvaluationError(f"got scores for {len(scores)} examples but {len(examples)} examples.")
     curve_keys = ("deletion_auc", "insertion_auc", "all_drop")
     out: dict[str, list] = {"lds": [], "pearson": [], "loo_pred": [], "loo_actual": [], "loo_span": []}
     for k in ks:
@@ -127,7 +133,7 @@ def span_level_metrics(scores: Sequence[Any], examples: Sequence[ExampleRecord],
     for e, (sc, r) in enumerate(zip(scores, examples)):
         sc = _np(sc)
         if sc.shape != (r.num_spans, r.num_regions):
-            raise ValueError(f"example {r.example_id}: scores have shape {sc.shape}, expected "
+            raise EvaluationError(f"example {r.example_id}: scores have shape {sc.shape}, expected "
                              f"({r.num_spans}, {r.num_regions}).")
         loo = _np(r.loo_effects)
         masks = r.subset_masks.numpy().astype(bool)
@@ -454,7 +460,7 @@ def check_estimator(estimator: Any, records: Sequence[ExampleRecord]) -> None:
     lines = [f"  - {name}: estimator has {a!r}, collection has {b!r}" for name, a, b in pairs
              if a is not None and b is not None and a != b]
     if lines:
-        raise ValueError(
+        raise EvaluationError(
             f"The estimator does not match the collection (example {first.example_id} and its collection config):\n"
             + "\n".join(lines)
             + "\nEvaluate it on a collection made with the same model and CollectionConfig, or train an estimator "
@@ -581,9 +587,9 @@ def evaluate(
 
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
-        raise ValueError(f"method names must be unique, got {names}.")
+        raise EvaluationError(f"method names must be unique, got {names}.")
     if topk not in ("auto", "measure", "table"):
-        raise ValueError(f"topk must be 'auto', 'measure' or 'table', got {topk!r}.")
+        raise EvaluationError(f"topk must be 'auto', 'measure' or 'table', got {topk!r}.")
     runnable = []
     for m in methods:
         if not isinstance(m, AttributionMethod):
@@ -593,7 +599,8 @@ def evaluate(
             continue
         runnable.append(m)
     if not records:
-        raise ValueError("no examples to evaluate.")
+        raise EvaluationError("no examples to evaluate.")
+    check_ground_truth(records)  # all-zero or non-finite effects would score every method 0 (or NaN)
     for m in runnable:
         if isinstance(m, EstimatorMethod):
             check_estimator(m.estimator, records)
@@ -617,7 +624,7 @@ def evaluate(
             continue
         inputs = inputs_fn(rec) if inputs_fn is not None else None
         if model is not None and inputs is None and any(m.requires_model for m in runnable):
-            raise ValueError(
+            raise EvaluationError(
                 f"example {rec.example_id}: records store no pixels; pass inputs_fn=... to rebuild the prompt "
                 "inputs for the model-running methods."
             )
@@ -629,7 +636,7 @@ def evaluate(
             seconds[m.name] += time.perf_counter() - t0
             sc = torch.as_tensor(sc).detach().float().cpu()
             if tuple(sc.shape) != (rec.num_spans, rec.num_regions):
-                raise ValueError(f"method {m.name!r} returned shape {tuple(sc.shape)} for example {rec.example_id}; "
+                raise EvaluationError(f"method {m.name!r} returned shape {tuple(sc.shape)} for example {rec.example_id}; "
                                  f"expected ({rec.num_spans}, {rec.num_regions}).")
             scores[m.name].append(sc)
             per_example[m.name] = sc
@@ -637,7 +644,7 @@ def evaluate(
                                            and rec.regions is not None)
         if do_measure:
             if model is None or inputs is None or rec.regions is None:
-                raise ValueError("topk='measure' needs the model, inputs_fn and records with their regions.")
+                raise EvaluationError("topk='measure' needs the model, inputs_fn and records with their regions.")
             got = _measured_topk(rec, model, inputs, per_example, ks, batch_size, method, auc_points,
                                  auc_min_effect)
             measured_any = True
@@ -726,7 +733,7 @@ def trajectory_report(
     else:
         correct = [bool(x) for x in labels]
     if len(correct) != len(records):
-        raise ValueError(f"got {len(correct)} labels for {len(records)} records.")
+        raise EvaluationError(f"got {len(correct)} labels for {len(records)} records.")
     trajs = []
     for i, r in enumerate(records):
         if scores is None:

@@ -54,12 +54,19 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from transformers.utils import logging
 
+from .collection import check_ground_truth
+from .errors import AttributionError
 from .evaluation import stored_metrics
+from .options import check_fields
 
 if TYPE_CHECKING:
     from .collection import ExampleRecord
 
 logger = logging.get_logger(__name__)
+
+
+class TrainingError(AttributionError, ValueError):
+    """The records or settings cannot be trained on."""
 
 __all__ = [
     "TrainingConfig",
@@ -89,16 +96,18 @@ class TrainingConfig:
     """
 
     epochs: int = field(default=300, metadata={
-        "help": "optimisation steps: full-batch steps, or passes of mini-batches when batch_size is set"})
-    lr: float = field(default=0.02, metadata={"help": "learning rate (Adam) or step size (L-BFGS)"})
+        "help": "optimisation steps: full-batch steps, or passes of mini-batches when batch_size is set",
+        "range": "[0, inf)"})
+    lr: float = field(default=0.02, metadata={"help": "learning rate (Adam) or step size (L-BFGS)",
+                                              "range": "(0, inf)"})
     weight_decay: float = field(default=0.0, metadata={
-        "help": "shrinks the weight direction towards uniform weights (raw attention)"})
+        "help": "shrinks the weight direction towards uniform weights (raw attention)", "range": "[0, inf)"})
     nonnegative: bool = field(default=False, metadata={
         "help": "constrain weights to be >= 0 (the estimator records it)"})
     use_bias: bool = field(default=False, metadata={
         "help": "give the estimator a scalar bias (fit by calibration; never changes rankings or the Pearson loss)"})
     val_fraction: float = field(default=0.2, metadata={
-        "help": "fraction of examples held out for validation and metrics (0 disables)"})
+        "help": "fraction of examples held out for validation and metrics (0 disables)", "range": "[0, 1)"})
     seed: int = field(default=0, metadata={"help": "seed of the example split and of the mini-batch order"})
     target: str = field(default="loo", metadata={
         "help": "what the Pearson loss correlates: single-region (loo) effects, random-subset effects, or both",
@@ -108,10 +117,12 @@ class TrainingConfig:
         "help": "after the correlation fit, fit the scale (and bias) by least squares on the training spans, "
                 "so scores are in nats"})
     eval_every: int = field(default=10, metadata={
-        "help": "validate every this many steps and keep the best weights by validation loss"})
-    batch_size: int | None = field(default=None, metadata={"help": "spans per step (None: full batch)"})
+        "help": "validate every this many steps and keep the best weights by validation loss", "range": "[1, inf)"})
+    batch_size: int | None = field(default=None, metadata={"help": "spans per step (None: full batch)",
+                                                           "range": "[1, inf)"})
     min_effect_std: float = field(default=1e-8, metadata={
-        "help": "spans whose actual effects vary less are left out of the loss (no correlation is defined)"})
+        "help": "spans whose actual effects vary less are left out of the loss (no correlation is defined)",
+        "range": "[0, inf)"})
     device: str | None = field(default=None, metadata={"help": "where to optimise (None: CPU)"})
     inherit: str = field(default="auto", metadata={
         "help": "indirect effects: answer spans inherit the thinking steps' scores with a fitted weight and "
@@ -120,24 +131,7 @@ class TrainingConfig:
         "choices": INHERIT_MODES})
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}.")
-        if int(self.epochs) < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs!r}.")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}.")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
-        if self.batch_size is not None and int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}.")
-        if self.inherit not in INHERIT_MODES:
-            raise ValueError(f"inherit must be one of {INHERIT_MODES}, got {self.inherit!r}.")
-        if int(self.eval_every) < 1:
-            raise ValueError(f"eval_every must be >= 1, got {self.eval_every!r}.")
+        check_fields(self)  # ranges and choices declared on the fields (the CLI shows the same ones)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,10 +202,10 @@ class _SpanTensors:
                 for r in records}
         records = [r for r in records if kept[id(r)]]
         if not records:
-            raise ValueError("no spans to train on: every example is empty (S = 0) or no examples were given.")
+            raise TrainingError("no spans to train on: every example is empty (S = 0) or no examples were given.")
         dims = {r.dims for r in records}
         if len(dims) != 1:
-            raise ValueError(f"examples come from models of different sizes: (L, H) in {sorted(dims)}.")
+            raise TrainingError(f"examples come from models of different sizes: (L, H) in {sorted(dims)}.")
         l_, h_ = dims.pop()
         kmax = max(r.num_regions for r in records)
         n = sum(len(kept[id(r)]) for r in records)
@@ -245,7 +239,7 @@ class _SpanTensors:
         """The spans of the given examples (indices into ``self.records``)."""
         keep = list(example_indices)
         if not keep:
-            raise ValueError("empty example subset")
+            raise TrainingError("empty example subset")
         remap = torch.full((len(self.records),), -1, dtype=torch.long)
         remap[torch.tensor(keep)] = torch.arange(len(keep))
         idx = (remap[self.example_index] >= 0).nonzero().flatten()
@@ -342,7 +336,7 @@ def _pearson_loss(weight: torch.Tensor, data: _SpanTensors, target: str = "loo",
             losses.append(-r.sum() / used)
     if target in ("subsets", "both"):
         if data.masks is None:
-            raise ValueError("target 'subsets' needs random-subset effects in every example (collect with "
+            raise TrainingError("target 'subsets' needs random-subset effects in every example (collect with "
                              "num_subsets > 0); use target='loo'.")
         ex = data.example_index if span_index is None else data.example_index[span_index]
         masks = data.masks[ex].to(pred.dtype)  # (N, M, K)
@@ -439,6 +433,9 @@ def fit_estimator(
     from .estimator import INHERITING_SECTIONS
 
     config = config or TrainingConfig()
+    if not isinstance(config, TrainingConfig):
+        raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}.")
+    check_ground_truth(data)  # all-zero or non-finite effects would fit noise (and calibrate to a sign error)
     t0 = time.perf_counter()
     inherit = config.inherit == "on" or (config.inherit == "auto" and bool(data) and all(
         r.config.get("answer_effects") == "total" for r in data))
@@ -446,9 +443,9 @@ def fit_estimator(
     full = _SpanTensors.from_records(data, exclude_sections=INHERITING_SECTIONS if inherit else ())
     l_, h_ = full.dims
     if num_layers is not None and num_layers != l_ or num_heads is not None and num_heads != h_:
-        raise ValueError(f"features are (L={l_}, H={h_}) but num_layers={num_layers}, num_heads={num_heads} given.")
+        raise TrainingError(f"features are (L={l_}, H={h_}) but num_layers={num_layers}, num_heads={num_heads} given.")
     if config.target in ("subsets", "both") and full.masks is None:
-        raise ValueError(f"target={config.target!r} needs random-subset effects but some examples have none "
+        raise TrainingError(f"target={config.target!r} needs random-subset effects but some examples have none "
                          "(collected with num_subsets=0); use target='loo'.")
     first = full.records[0]
     model_type = model_type or first.model_type or None

@@ -1,0 +1,268 @@
+"""A careless user's inputs: each gives the correct result or one clear error, never a plausible wrong result.
+
+One test (or parametrised group) per case of the "every bad input a clear error" report; the case number is
+in each test's docstring. CLI mistakes are one line on stderr and exit status 2, refused before any model
+loads or anything is written. Every error derives from ``hf_vattr.AttributionError`` and keeps its builtin
+type. The seeded fuzz over the same inputs is tests/test_bad_input_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_vattr.cli as cli
+from hf_vattr.errors import AttributionError
+from hf_vattr.cli import build_parser, main
+from hf_vattr.collection import (
+    MANIFEST,
+    CollectionConfig,
+    ExampleRecord,
+    GroundTruthError,
+    check_ground_truth,
+    example_path,
+    load_collection,
+)
+from hf_vattr.estimator import EstimatorConfigError, EstimatorLoadError, LinearEstimator
+from hf_vattr.options import ConfigError
+from hf_vattr.training import TrainingConfig, fit_estimator, synthetic_examples
+
+from test_cli import write_synthetic_collection
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from hf_vattr.testing import tiny_vlm
+
+    path = tmp_path_factory.mktemp("tiny-qwen3-vl")
+    model, processor = tiny_vlm("qwen3_vl")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a command gets as far as loading a model."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(cli, "_load_model", refuse)
+
+
+def one_line_error(capsys, *words: str) -> str:
+    """The stderr of a refused command: exactly one line, naming every word given."""
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("hf-vattr"), err
+    for word in words:
+        assert word in err, (word, err)
+    return err
+
+
+# ----------------------------------------------------------------------------- options (cases 1, 2, 11)
+
+
+@pytest.mark.parametrize("option,value,words", [
+    ("--batch-size", "-1", [">= 1"]),  # case 1
+    ("--batch-size", "0", [">= 1"]),  # case 11
+    ("--keep-prob", "1.5", ["(0, 1)"]),  # case 2
+    ("--keep-prob", "-0.5", ["(0, 1)"]),
+    ("--keep-prob", "1", ["(0, 1)"]),
+    ("--keep-prob", "nan", ["(0, 1)"]),
+    ("--max-new-tokens", "0", [">= 1"]),  # case 11
+    ("--num-subsets", "-1", [">= 0"]),
+    ("--k", "0", [">= 1"]),
+    ("--toy", "0", [">= 1"]),
+    ("--limit", "0", [">= 1"]),
+    ("--region-method", "gird", ["gird"]),  # case 13
+    ("--pooling", "max", ["max"]),
+])
+def test_collect_refuses_bad_options_before_anything_loads_or_is_written(tmp_path, capsys, no_model, option, value,
+                                                                         words):
+    """Cases 1, 2, 11: out-of-range collect options are refused at once; no folder, no manifest."""
+    out = tmp_path / "gt"
+    args = ["collect", "--out", str(out), option, value]
+    if option != "--toy":
+        args += ["--toy", "2"]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    one_line_error(capsys, option, value, *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command,option,value", [
+    ("train", "--lr", "0"), ("train", "--lr", "-1"), ("train", "--val-fraction", "1"), ("train", "--epochs", "-1"),
+    ("train", "--batch-size", "0"), ("train", "--weight-decay", "-0.1"),
+    ("eval", "--ks", "0"), ("eval", "--batch-size", "0"), ("eval", "--ig-steps", "0"), ("eval", "--auc-points", "-1"),
+    ("eval", "--max-examples", "0"),
+    ("app", "--port", "0"), ("app", "--max-new-tokens", "0"), ("app", "--updates-per-second", "0"),
+])
+def test_train_eval_app_refuse_bad_numbers_at_parse_time(tmp_path, capsys, no_model, command, option, value):
+    """Case 11: every numeric option of every command is checked before anything runs."""
+    args = {"train": ["train", str(tmp_path), "--out", str(tmp_path / "est")],
+            "eval": ["eval", str(tmp_path)], "app": ["app"]}[command]
+    with pytest.raises(SystemExit) as info:
+        main(args + [option, value])
+    assert info.value.code == 2
+    one_line_error(capsys, option, value)
+    assert not (tmp_path / "est").exists()
+
+
+def test_ranges_in_help_and_checks_come_from_the_same_field_metadata():
+    """The CLI's help text, its parse-time check and the config's own check read one ``range`` per field."""
+    from hf_vattr.cli import COLLECT_OPTIONS, TRAIN_OPTIONS
+    from hf_vattr.options import interval
+
+    subs = {name: p for name, p in build_parser()._subparsers._group_actions[0].choices.items()}
+    checked = 0
+    for command, config_cls, names in (("collect", CollectionConfig, COLLECT_OPTIONS),
+                                       ("train", TrainingConfig, TRAIN_OPTIONS)):
+        actions = {a.dest: a for a in subs[command]._actions}
+        for f in dataclasses.fields(config_cls):
+            if f.name not in names or "range" not in f.metadata:
+                continue
+            rng, action = interval(f.metadata["range"]), actions[f.name]
+            assert rng.describe() in action.help, (f.name, action.help)
+            outside = rng.low - 1 if rng.low != float("-inf") else rng.high + 1
+            if rng.low_open:
+                outside = rng.low
+            with pytest.raises(Exception):
+                action.type(str(int(outside) if isinstance(f.default, int) else outside))
+            with pytest.raises(ConfigError, match=f.name):
+                config_cls(**{f.name: type(f.default)(outside) if f.default is not None else int(outside)})
+            checked += 1
+    assert checked >= 10
+
+
+def test_config_errors_are_attribution_errors_and_value_errors():
+    """Cases 1, 2: the Python API refuses the same values as the CLI."""
+    for kwargs in ({"batch_size": -1}, {"keep_prob": 1.5}, {"keep_prob": -0.5}, {"max_new_tokens": 0},
+                   {"num_subsets": -1}, {"region_method": "gird"}, {"batch_size": 2.5}):
+        with pytest.raises(ConfigError) as info:
+            CollectionConfig(**kwargs)
+        assert isinstance(info.value, AttributionError) and isinstance(info.value, ValueError)
+        assert repr(next(iter(kwargs.values()))) in str(info.value)
+    from hf_vattr.ablation import random_subset_masks
+
+    for p in (0.0, 1.0, 1.5, -0.5):
+        with pytest.raises(ValueError, match="keep_prob"):
+            random_subset_masks(8, 4, p)
+
+
+# ----------------------------------------------------------------------------- ground truth (case 1, Must)
+
+
+def _zero_effects(folder: Path, value: float = 0.0, only_first: bool = False) -> None:
+    for i, path in enumerate(sorted((folder / "examples").glob("*.safetensors"))):
+        if only_first and i:
+            break
+        r = ExampleRecord.load(path)
+        r.loo_effects = torch.full_like(r.loo_effects, value)
+        r.subset_effects = torch.full_like(r.subset_effects, value)
+        r.save(path)
+
+
+@pytest.mark.parametrize("value,words", [(0.0, ["every ablation effect", "is 0"]),
+                                         (float("nan"), ["non-finite", "example 0", "000000.safetensors"]),
+                                         (float("inf"), ["non-finite"])])
+def test_train_and_eval_refuse_zero_or_non_finite_ground_truth(tmp_path, capsys, value, words):
+    """Case 1 (and Must): effects that are all 0, or NaN / inf, are refused by train and eval with the reason."""
+    gt = tmp_path / "gt"
+    write_synthetic_collection(gt, n=4)
+    _zero_effects(gt, value, only_first=value != 0.0)
+    assert main(["train", str(gt), "--out", str(tmp_path / "est"), "--quiet"]) == 2
+    one_line_error(capsys, str(gt), *words)
+    assert not (tmp_path / "est").exists()  # no estimator saved
+    assert main(["eval", str(gt), "--methods", "raw_attention,random", "--quiet"]) == 2
+    one_line_error(capsys, *words)
+    assert not (gt / "eval_report.json").exists()
+    records = load_collection(gt)
+    with pytest.raises(GroundTruthError):
+        fit_estimator(records, config=TrainingConfig(epochs=1))
+    from hf_vattr.baselines import make_method
+    from hf_vattr.evaluation import evaluate
+
+    with pytest.raises(GroundTruthError):
+        evaluate([make_method("random")], records, progress=False)
+
+
+def test_ground_truth_check_passes_real_effects():
+    records, _ = synthetic_examples(3, 2, 2)
+    check_ground_truth(records)  # no error
+    empty = [dataclasses.replace(r, span_features=r.span_features[:0], loo_effects=r.loo_effects[:0],
+                                 subset_effects=r.subset_effects[:0], base_logprobs=r.base_logprobs[:0], spans=[])
+             for r in records]
+    check_ground_truth(empty)  # no spans: nothing to judge here
+
+
+# ----------------------------------------------------------------------------- collection folders (cases 8, 13)
+
+
+COLLECT = ["--max-new-tokens", "6", "--k", "4", "--num-subsets", "2", "--quiet"]
+
+
+def test_limit_leaves_the_collection_incomplete_until_the_rest_is_collected(tmp_path, tiny_model_dir, capsys):
+    """Case 8: ``--toy 3 --limit 2`` is not a complete collection of the 3-example dataset."""
+    gt = tmp_path / "gt"
+    assert main(["collect", "--model", str(tiny_model_dir), "--toy", "3", "--limit", "2", "--out", str(gt),
+                 *COLLECT]) == 0
+    assert "not complete" in capsys.readouterr().out
+    manifest = json.loads((gt / MANIFEST).read_text())
+    assert manifest["examples"] == [0, 1] and manifest["complete"] is False
+    assert json.loads((gt / "dataset.json").read_text())["n"] == 3
+    assert main(["collect", "--model", str(tiny_model_dir), "--toy", "3", "--out", str(gt), *COLLECT]) == 0
+    manifest = json.loads((gt / MANIFEST).read_text())
+    assert manifest["examples"] == [0, 1, 2] and manifest["complete"] is True
+
+
+def test_a_folder_with_no_example_does_not_pin_settings(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Case 13: a folder left by a refused or failed run (manifest, no example) takes the corrected command."""
+    gt = tmp_path / "gt"
+    (gt / "examples").mkdir(parents=True)
+    stale = {"format": "hf_vattr.collection", "version": 1, "config": {"region_method": "gird", "k": 99},
+             "model": {"model_type": "other"}, "dataset_fingerprint": "0" * 64, "examples": [], "complete": False}
+    (gt / MANIFEST).write_text(json.dumps(stale))
+    assert main(["collect", "--model", str(tiny_model_dir), "--toy", "1", "--out", str(gt), *COLLECT]) == 0
+    manifest = json.loads((gt / MANIFEST).read_text())
+    assert manifest["config"]["k"] == 4 and manifest["examples"] == [0] and manifest["complete"] is True
+    # once an example is on disk the settings are pinned: another k is refused, in one line, before loading
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "_load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["collect", "--model", str(tiny_model_dir), "--toy", "1", "--out", str(gt),
+                 *COLLECT[:2], "--k", "5", *COLLECT[4:]]) == 2
+    one_line_error(capsys, "different settings", "k")
+
+
+def test_collect_refuses_a_file_as_out_and_a_missing_images_dir(tmp_path, capsys, no_model):
+    (tmp_path / "file").write_text("x")
+    assert main(["collect", "--toy", "1", "--out", str(tmp_path / "file")]) == 2
+    one_line_error(capsys, "--out")
+    assert main(["collect", "--prompts", str(tmp_path / "p.jsonl"), "--images-dir", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "--images-dir")
+    assert main(["collect", "--prompts", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "missing.jsonl")
+    assert main(["collect", "--toy", "1", "--out", str(tmp_path / "o"), "--device", "gpu:x"]) == 2
+    one_line_error(capsys, "--device")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_jsonl_row_is_one_line_naming_file_and_line(tmp_path, capsys, no_model):
+    (tmp_path / "p.jsonl").write_text('{"image": "nope.png", "prompt": "hi"}\n')
+    assert main(["collect", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys, "p.jsonl:1", "nope.png")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_refuses_unknown_methods_before_loading(tmp_path, capsys, no_model):
+    gt = tmp_path / "gt"
+    write_synthetic_collection(gt, n=3)
+    assert main(["eval", str(gt), "--methods", "raw_atention", "--model", "x/y"]) == 2
+    one_line_error(capsys, "raw_atention", "raw_attention")
