@@ -25,6 +25,15 @@ from typing import Any, Sequence
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin, constants, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import is_jsonable
 from torch import nn
 from transformers.utils import logging
@@ -37,7 +46,7 @@ from .metrics import metric_meaning
 logger = logging.get_logger(__name__)
 
 __all__ = ["LinearEstimator", "INHERITING_SECTIONS", "EstimatorError", "EstimatorConfigError", "EstimatorLoadError",
-           "EstimatorMismatchError", "POOLINGS", "MODEL_CARD_TEMPLATE"]
+           "EstimatorNotFoundError", "EstimatorMismatchError", "POOLINGS", "MODEL_CARD_TEMPLATE"]
 
 POOLINGS = ("sum", "mean")
 #: Span sections that inherit the scores of the reasoning before them (see ``LinearEstimator.inherited``).
@@ -68,6 +77,10 @@ class EstimatorConfigError(EstimatorError, ValueError):
 
 class EstimatorLoadError(EstimatorError, OSError):
     """The path or repo holds no estimator, or its weights file cannot be read."""
+
+
+class EstimatorNotFoundError(EstimatorLoadError, FileNotFoundError):
+    """No estimator folder of that name, and no Hub repo that could be looked up (offline, invalid id, missing)."""
 
 
 class EstimatorMismatchError(EstimatorError, ValueError):
@@ -243,6 +256,7 @@ class LinearEstimator(
         """
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}.")
+        self.check_finite()
         if features.dim() < 3 or tuple(features.shape[-3:-1]) != (self.num_layers, self.num_heads):
             raise ValueError(f"features must have shape (..., L={self.num_layers}, H={self.num_heads}, K), "
                              f"got {tuple(features.shape)}.")
@@ -293,6 +307,35 @@ class LinearEstimator(
                 out[s] = self.with_inherited(scores[s], scores[steps])
         return out
 
+    def check_finite(self) -> LinearEstimator:
+        """Raise :class:`EstimatorConfigError` if a weight (or the bias) is NaN or infinite.
+
+        Every score would be NaN and every ranking arbitrary, so scoring refuses such weights. On CPU the
+        ``L * H`` weights are checked on every call (microseconds); on an accelerator only after they changed
+        (their version counter or storage), so streaming never waits on the device. Returns ``self``.
+        """
+        key = None
+        if self.weight.device.type != "cpu":
+            key = tuple((t.data_ptr(), t._version, t.device) for t in (self.weight, self.bias) if t is not None)
+            if self.__dict__.get("_finite_key") == key:
+                return self
+        for name, t in (("weight", self.weight), ("bias", self.bias)):
+            if t is None:
+                continue
+            bad = ~torch.isfinite(t.detach())
+            if bool(bad.any()):
+                where = ""
+                if name == "weight":
+                    layer, head = (int(i) for i in bad.nonzero()[0])
+                    where = f", first at layer {layer}, head {head} ({float(t.detach()[layer, head])})"
+                raise EstimatorConfigError(
+                    f"This LinearEstimator's {name} holds {int(bad.sum())} non-finite values{where}: every score "
+                    "would be NaN. Load the estimator again (LinearEstimator.from_pretrained) or train it again; "
+                    "if you set the weights yourself, give finite numbers.")
+        if key is not None:
+            self.__dict__["_finite_key"] = key
+        return self
+
     # ----------------------------------------------------------- compatibility
 
     def check_compatible(self, model_or_config: Any) -> LinearEstimator:
@@ -302,6 +345,7 @@ class LinearEstimator(
         declared layout (:func:`hf_vattr.layouts.text_dims`), must equal (L, H), and its
         ``model_type`` the estimator's. Returns ``self`` so calls chain.
         """
+        self.check_finite()
         config = getattr(model_or_config, "config", model_or_config)
         model_type = getattr(config, "model_type", None)
         layers, heads = text_dims(config)
@@ -331,6 +375,7 @@ class LinearEstimator(
         """
         from safetensors.torch import save_file
 
+        self.check_finite()  # from_pretrained refuses such a file: do not write one
         card = save_directory / constants.REPOCARD_NAME
         if card.is_file() and _CARD_MARKER in card.read_text(encoding="utf-8", errors="replace"):
             card.unlink()
@@ -377,6 +422,12 @@ class LinearEstimator(
         except (UnicodeDecodeError, json.JSONDecodeError) as e:  # the mixin parses config.json before our hook
             raise EstimatorConfigError(f"The estimator's config.json at {source!r} is not valid JSON ({e}). Re-save "
                                        "the estimator with LinearEstimator.save_pretrained.") from e
+        except EstimatorError:
+            raise
+        except (EntryNotFoundError, HFValidationError, HfHubHTTPError, OfflineModeIsEnabled) as e:
+            if os.path.isdir(source):
+                raise
+            raise EstimatorNotFoundError(_not_found_message(source, e)) from e
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
@@ -419,6 +470,28 @@ class LinearEstimator(
         if not all(t.is_floating_point() and bool(torch.isfinite(t).all()) for t in state.values()):
             raise EstimatorConfigError(f"{weights_file}: the weights must be finite floats.")
         return model.to(map_location).eval()
+
+
+def _not_found_message(source: str, error: BaseException) -> str:
+    """Why ``source``, which is no folder, could not be loaded as a Hub repo either, and what to do."""
+    head = (f"No estimator folder {source!r} exists (looked in {os.getcwd()}). Pass a folder written by "
+            "LinearEstimator.save_pretrained or `hf-vattr train`")
+    if isinstance(error, HFValidationError):
+        return f"{head}; {source!r} is not a valid Hub repo id either ('namespace/name')."
+    if isinstance(error, OfflineModeIsEnabled) or (isinstance(error, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE):
+        return (f"{head}. As a Hub repo id it cannot be looked up: offline mode is on (HF_HUB_OFFLINE=1) and it is "
+                "not in the local cache; unset HF_HUB_OFFLINE to download it.")
+    if isinstance(error, RevisionNotFoundError):
+        return f"{head}. The Hub repo {source!r} has no such revision; check the revision name."
+    if isinstance(error, RepositoryNotFoundError):
+        return (f"{head}. There is no Hub repo {source!r} either (or it is private or gated: log in with "
+                "`hf auth login` or pass token=...).")
+    if isinstance(error, LocalEntryNotFoundError):
+        return f"{head}. As a Hub repo id it could not be looked up: the Hub was not reachable (no network?)."
+    if isinstance(error, EntryNotFoundError):
+        return f"{head}. The Hub repo {source!r} has no estimator files (config.json, {WEIGHTS_NAME})."
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{head}. Looking {source!r} up on the Hub failed: {first}"
 
 
 def pool_steps(values: torch.Tensor, pool: str, decay: float = 1.0) -> torch.Tensor:

@@ -266,3 +266,78 @@ def test_eval_refuses_unknown_methods_before_loading(tmp_path, capsys, no_model)
     write_synthetic_collection(gt, n=3)
     assert main(["eval", str(gt), "--methods", "raw_atention", "--model", "x/y"]) == 2
     one_line_error(capsys, "raw_atention", "raw_attention")
+
+
+# ----------------------------------------------------------------------------- estimators (cases 4, 9, 12)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_estimator_weights_are_refused_not_scored(tmp_path, bad):
+    """Case 4: NaN / inf weights in memory: scoring, checking and saving refuse them; no fake top regions."""
+    from hf_vattr.events import NonFiniteScoresError, SpanAttribution
+    from hf_vattr.testing import tiny_vlm
+
+    est = LinearEstimator(2, 4)
+    with torch.no_grad():
+        est.weight[1, 2] = bad
+    with pytest.raises(EstimatorConfigError, match="layer 1, head 2"):
+        est(torch.rand(3, 2, 4, 5))
+    model, _ = tiny_vlm("qwen3_vl")
+    with pytest.raises(EstimatorConfigError, match="non-finite"):
+        est.check_compatible(model)
+    with pytest.raises(EstimatorConfigError):
+        est.save_pretrained(tmp_path / "est")
+    assert not (tmp_path / "est" / "model.safetensors").exists()
+    est.weight.data[1, 2] = 0.5  # fixed in place (no version bump): scoring works again
+    assert torch.isfinite(est(torch.rand(3, 2, 4, 5))).all()
+    span = SpanAttribution(index=0, text="x", token_range=(0, 1), region_scores=torch.tensor([0.1, bad, 0.3]),
+                           section="thinking")
+    with pytest.raises(NonFiniteScoresError, match="region 1"):
+        span.top_regions(3)
+    assert SpanAttribution(0, "x", (0, 1), torch.tensor([0.1, 0.5, 0.3]), "thinking").top_regions(2) == [1, 2]
+
+
+def test_a_streamer_refuses_an_estimator_with_nan_weights_at_once():
+    """Case 4 through the streamer: the session's compatibility check refuses it before generation starts."""
+    from hf_vattr import AttributionStreamer
+    from hf_vattr.testing import example_image, example_inputs, tiny_vlm
+
+    model, processor = tiny_vlm("qwen3_vl")
+    layers, heads = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
+    est = LinearEstimator(layers, heads, model_type="qwen3_vl")
+    with torch.no_grad():
+        est.weight.fill_(float("nan"))
+    image = example_image()
+    inputs = example_inputs(processor, [image])
+    with pytest.raises(AttributionError, match="non-finite"):
+        AttributionStreamer(model, processor, inputs=inputs, estimator=est, images=[image])
+
+
+def test_a_missing_estimator_folder_says_so(tmp_path, capsys, monkeypatch):
+    """Case 9: a local name that does not exist is not reported as a connection problem."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EstimatorLoadError) as info:
+        LinearEstimator.from_pretrained("my_estimator")
+    message = str(info.value)
+    assert "No estimator folder 'my_estimator'" in message and "offline" in message
+    assert "connection" not in message and isinstance(info.value, FileNotFoundError)
+    with pytest.raises(EstimatorLoadError, match="not a valid Hub repo id"):
+        LinearEstimator.from_pretrained("bad name!!")
+    gt = tmp_path / "gt"
+    write_synthetic_collection(gt, n=3)
+    assert main(["eval", str(gt), "--estimator", "est_nope", "--quiet"]) == 2
+    one_line_error(capsys, "No estimator folder 'est_nope'", "offline")
+    assert main(["push", "est_nope", "me/est"]) == 2
+    one_line_error(capsys, "No estimator folder 'est_nope'")
+
+
+def test_push_offline_or_to_an_invalid_repo_id_is_one_line(tmp_path, capsys):
+    """Case 12: HF_HUB_OFFLINE=1 (the tests run offline) and an invalid repo id: one line saying what to do."""
+    from huggingface_hub import constants
+
+    LinearEstimator(2, 2).save_pretrained(tmp_path / "est")
+    assert constants.HF_HUB_OFFLINE
+    assert main(["push", str(tmp_path / "est"), "me/est"]) == 2
+    one_line_error(capsys, "offline", "unset HF_HUB_OFFLINE")
+    assert main(["push", str(tmp_path / "est"), "bad id!!"]) == 2
+    one_line_error(capsys, "'bad id!!' is not a valid Hub repo id")

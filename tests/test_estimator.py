@@ -238,13 +238,14 @@ def test_load_by_repo_id_from_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))  # the default cache, as users have it
     assert torch.equal(LinearEstimator.from_pretrained("org/vattr-est", revision=second).weight, est.weight)
 
-    with pytest.raises(LocalEntryNotFoundError):  # the Hub's own error: not cached, and offline
+    with pytest.raises(EstimatorLoadError, match="offline mode is on") as info:  # not cached, and offline
         LinearEstimator.from_pretrained("org/never-downloaded")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value.__cause__, LocalEntryNotFoundError)
     cache_repo(cache, "org/base-model", {"config.json": qwen3_vl_config().to_json_string().encode()})
     with pytest.raises(EstimatorLoadError, match="'org/base-model' has no config.json with num_layers"):
         LinearEstimator.from_pretrained("org/base-model")
     cache_repo(cache, "org/no-weights", {"config.json": (tmp_path / "saved" / "config.json").read_bytes()})
-    with pytest.raises(LocalEntryNotFoundError):
+    with pytest.raises(EstimatorLoadError, match="offline mode is on"):
         LinearEstimator.from_pretrained("org/no-weights")
 
 
