@@ -8,6 +8,7 @@ described in docs/visualisation.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import AttributionError
 from .regions import PromptRegions
 
-__all__ = ["TokenAttribution", "SpanAttribution", "AttributionTrace"]
+__all__ = ["TokenAttribution", "SpanAttribution", "AttributionTrace", "NonFiniteScoresError", "TraceFileError",
+           "TraceNotFoundError"]
+
+
+class NonFiniteScoresError(AttributionError, ValueError):
+    """Region scores hold NaN or infinity, so no region can be ranked."""
+
+
+class TraceFileError(AttributionError, ValueError):
+    """A saved trace's files are unreadable, incomplete, or do not belong together."""
+
+
+class TraceNotFoundError(AttributionError, FileNotFoundError):
+    """A saved trace's folder or one of its two files does not exist."""
 
 
 @dataclass
@@ -55,7 +70,15 @@ class SpanAttribution:
     inherited: bool = False  # True: an answer whose scores include the thinking steps' (LinearEstimator.inherited)
 
     def top_regions(self, k: int = 3) -> list[int]:
-        return torch.argsort(self.region_scores, descending=True, stable=True)[:k].tolist()
+        """The ``k`` regions with the highest scores, best first (refused when a score is NaN or infinite)."""
+        scores = torch.as_tensor(self.region_scores)
+        bad = ~torch.isfinite(scores)
+        if bool(bad.any()):
+            raise NonFiniteScoresError(
+                f"Span {self.index} (sequence {self.sequence}) has {int(bad.sum())} non-finite region scores "
+                f"(region {int(bad.nonzero()[0, 0])} is {float(scores[bad][0])}), so its top regions would be "
+                "arbitrary. Check the estimator's weights (LinearEstimator.check_finite) and the features.")
+        return torch.argsort(scores, descending=True, stable=True)[:k].tolist()
 
     def __iter__(self):
         yield self.text
@@ -165,38 +188,144 @@ class AttributionTrace:
             "regions": regions_meta,
             "images": images_meta,
         }
+        trace_id = _tensors_digest(tensors)
+        meta["trace_id"] = trace_id
         (folder / "trace.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "trace.safetensors"),
-                  metadata={"format": TRACE_FORMAT, "version": str(TRACE_FORMAT_VERSION)})
+                  metadata={"format": TRACE_FORMAT, "version": str(TRACE_FORMAT_VERSION), "trace_id": trace_id,
+                            "num_tokens": str(len(self.tokens)), "num_spans": str(len(self.spans))})
         return folder
 
     @classmethod
     def load(cls, path: str | Path) -> "AttributionTrace":
-        """Read a trace written by :meth:`save`."""
-        from safetensors.torch import load_file
+        """Read a trace written by :meth:`save`.
 
+        Both files are checked against each other before anything is built: the shared ``trace_id`` (a digest
+        of the numbers, written into both), and the token, span, region and image counts. A missing, truncated
+        or foreign file, or a missing field, raises :class:`TraceFileError` / :class:`TraceNotFoundError`
+        naming the file and the field.
+        """
         folder = Path(path)
-        meta = json.loads((folder / "trace.json").read_text(encoding="utf-8"))
-        if meta.get("format") != TRACE_FORMAT:
-            raise ValueError(f"{folder} does not hold an hf_vattr trace (format {meta.get('format')!r}).")
-        if int(meta.get("version", 0)) > TRACE_FORMAT_VERSION:
-            raise ValueError(f"{folder} was written by a newer hf_vattr (trace format {meta['version']}); upgrade.")
-        tensors = load_file(str(folder / "trace.safetensors"))
-        regions = None
-        if meta["regions"] is not None:
-            regions = PromptRegions.from_dict(meta["regions"])
-            regions.layout.extras = dict(meta["regions"]["layout"].get("extras") or {})
-        features = dict(zip(meta.get("features_of", []), tensors.get("token_features", [])))
-        tokens = [TokenAttribution(index=t["index"], token_id=t["token_id"], text=t["text"],
-                                   region_scores=tensors["token_scores"][i].clone(), section=t["section"],
-                                   features=None if i not in features else features[i].clone(),
-                                   sequence=t["sequence"]) for i, t in enumerate(meta["tokens"])]
-        spans = [SpanAttribution(index=s["index"], text=s["text"], token_range=tuple(s["token_range"]),
-                                 region_scores=tensors["span_scores"][i].clone(), section=s["section"],
-                                 sequence=s["sequence"], inherited=bool(s.get("inherited", False)))
-                 for i, s in enumerate(meta["spans"])]
-        images = None if meta["images"] is None else [_load_image(m, tensors) for m in meta["images"]]
+        json_path, st_path = folder / "trace.json", folder / "trace.safetensors"
+        if not folder.is_dir():
+            raise TraceNotFoundError(f"No trace folder at {folder}; pass the folder given to trace.save(...).")
+        for file in (json_path, st_path):
+            if not file.is_file():
+                raise TraceNotFoundError(f"{file} is missing; a saved trace is trace.json and trace.safetensors "
+                                         "side by side. Save the trace again.")
+        meta = _read_trace_json(json_path)
+        tensors, st_meta = _read_trace_tensors(st_path)
+        _check_trace_files(meta, tensors, st_meta, json_path, st_path)
+        try:
+            regions = None
+            if meta["regions"] is not None:
+                regions = PromptRegions.from_dict(meta["regions"])
+                regions.layout.extras = dict(meta["regions"]["layout"].get("extras") or {})
+            features = dict(zip(meta.get("features_of", []), tensors.get("token_features", [])))
+            tokens = [TokenAttribution(index=t["index"], token_id=t["token_id"], text=t["text"],
+                                       region_scores=tensors["token_scores"][i].clone(), section=t["section"],
+                                       features=None if i not in features else features[i].clone(),
+                                       sequence=t["sequence"]) for i, t in enumerate(meta["tokens"])]
+            spans = [SpanAttribution(index=s["index"], text=s["text"], token_range=tuple(s["token_range"]),
+                                     region_scores=tensors["span_scores"][i].clone(), section=s["section"],
+                                     sequence=s["sequence"], inherited=bool(s.get("inherited", False)))
+                     for i, s in enumerate(meta["spans"])]
+            images = None if meta["images"] is None else [_load_image(m, tensors) for m in meta["images"]]
+        except TraceFileError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            what = f"lacks the field {e.args[0]!r}" if isinstance(e, KeyError) else f"is malformed ({e})"
+            raise TraceFileError(f"{json_path} {what}; it was edited or not written by AttributionTrace.save. "
+                                 "Save the trace again.") from e
         return cls(regions, tokens, spans, prompt_text=meta["prompt_text"], sequence=meta["sequence"], images=images)
+
+
+_REQUIRED_TRACE_FIELDS = ("format", "tokens", "spans", "regions", "images", "prompt_text", "sequence")
+
+
+def _read_trace_json(json_path: Path) -> dict:
+    try:
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TraceFileError(f"{json_path} is not valid JSON ({e}); it is truncated or damaged. Save the trace "
+                             "again.") from e
+    if not isinstance(meta, dict):
+        raise TraceFileError(f"{json_path} holds a JSON {type(meta).__name__}, not a trace.")
+    if meta.get("format") != TRACE_FORMAT:
+        raise TraceFileError(f"{json_path.parent} does not hold an hf_vattr trace (format {meta.get('format')!r}).")
+    try:
+        version = int(meta.get("version", 0))
+    except (TypeError, ValueError):
+        raise TraceFileError(f"{json_path}: version {meta.get('version')!r} is not a number.") from None
+    if version > TRACE_FORMAT_VERSION:
+        raise TraceFileError(f"{json_path.parent} was written by a newer hf_vattr (trace format {version}); upgrade.")
+    missing = [name for name in _REQUIRED_TRACE_FIELDS if name not in meta]
+    if missing:
+        raise TraceFileError(f"{json_path} lacks the field{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
+                             "it was edited or not written by AttributionTrace.save. Save the trace again.")
+    for name in ("tokens", "spans"):
+        if not isinstance(meta[name], list):
+            raise TraceFileError(f"{json_path}: {name!r} must be a list, got {type(meta[name]).__name__}.")
+    return meta
+
+
+def _read_trace_tensors(st_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(st_path), framework="pt") as f:
+            st_meta = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # SafetensorError (empty / truncated file), OSError
+        raise TraceFileError(f"{st_path} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
+                             "truncated or damaged. Save the trace again.") from e
+    if st_meta.get("format", TRACE_FORMAT) != TRACE_FORMAT:
+        raise TraceFileError(f"{st_path} is not an hf_vattr trace's tensors (format {st_meta.get('format')!r}).")
+    return tensors, st_meta
+
+
+def _check_trace_files(meta: dict, tensors: dict[str, torch.Tensor], st_meta: dict[str, str], json_path: Path,
+                       st_path: Path) -> None:
+    """The two files of a trace describe the same trace: shared id, and every count agrees."""
+    redo = "The two files do not belong together (one was edited, truncated or copied from another trace); " \
+           "save the trace again."
+    ids = (meta.get("trace_id"), st_meta.get("trace_id"))
+    if ids != (None, None) and ids[0] != ids[1]:
+        raise TraceFileError(f"{json_path} has trace_id {ids[0]!r} but {st_path} has {ids[1]!r}. {redo}")
+    for name, entries, key in (("tokens", meta["tokens"], "token_scores"), ("spans", meta["spans"], "span_scores")):
+        rows = int(tensors[key].shape[0]) if key in tensors else 0
+        if entries and key not in tensors:
+            raise TraceFileError(f"{st_path} lacks {key!r} for the {len(entries)} {name} of {json_path.name}. {redo}")
+        if rows != len(entries):
+            raise TraceFileError(f"{json_path} lists {len(entries)} {name} but {st_path} holds {rows} rows of {key}. "
+                                 f"{redo}")
+        recorded = st_meta.get(f"num_{name}")
+        if recorded is not None and recorded != str(len(entries)):
+            raise TraceFileError(f"{json_path} lists {len(entries)} {name} but {st_path} was saved with {recorded}. "
+                                 f"{redo}")
+        if key in tensors and meta.get("num_regions") is not None and tensors[key].dim() == 2 \
+                and int(tensors[key].shape[1]) != int(meta["num_regions"]):
+            raise TraceFileError(f"{json_path} says {meta['num_regions']} regions but {key} in {st_path} has "
+                                 f"{int(tensors[key].shape[1])} columns. {redo}")
+    features_of = meta.get("features_of", [])
+    rows = int(tensors["token_features"].shape[0]) if "token_features" in tensors else 0
+    if len(features_of) != rows:
+        raise TraceFileError(f"{json_path} lists features for {len(features_of)} tokens but {st_path} holds {rows}. "
+                             f"{redo}")
+    for i, m in enumerate(meta["images"] or []):
+        key = m.get("tensor") if isinstance(m, dict) else None
+        if key is not None and key not in tensors:
+            raise TraceFileError(f"{json_path}: image {i} is stored as {key!r}, which {st_path} lacks. {redo}")
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A short digest of every stored number (names, dtypes, shapes, bytes): the id both trace files carry."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
 
 
 TRACE_FORMAT = "hf_vattr.trace"

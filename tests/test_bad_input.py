@@ -341,3 +341,106 @@ def test_push_offline_or_to_an_invalid_repo_id_is_one_line(tmp_path, capsys):
     one_line_error(capsys, "offline", "unset HF_HUB_OFFLINE")
     assert main(["push", str(tmp_path / "est"), "bad id!!"]) == 2
     one_line_error(capsys, "'bad id!!' is not a valid Hub repo id")
+
+
+# ----------------------------------------------------------------------------- saved traces (cases 7, 10, 15)
+
+
+def _saved_trace(folder: Path, seed_text: str = "") -> Path:
+    from test_trace_io import build_trace
+
+    trace = build_trace()
+    if seed_text:
+        trace.prompt_text += seed_text
+        for span in trace.spans:
+            span.region_scores = span.region_scores + 1.0
+    return trace.save(folder)
+
+
+def test_trace_files_that_disagree_are_refused(tmp_path):
+    """Case 7: a trace.json with tokens removed, or a trace.safetensors from another trace, does not load."""
+    from hf_vattr.events import AttributionTrace, TraceFileError
+
+    a, b = _saved_trace(tmp_path / "a"), _saved_trace(tmp_path / "b", "other")
+    assert len(AttributionTrace.load(a).tokens) == 7  # intact: loads
+    meta = json.loads((a / "trace.json").read_text())
+    meta["tokens"] = meta["tokens"][:-3]
+    meta["features_of"] = [i for i in meta["features_of"] if i < len(meta["tokens"])]
+    (a / "trace.json").write_text(json.dumps(meta))
+    with pytest.raises(TraceFileError, match="4 tokens but .* holds 7 rows"):
+        AttributionTrace.load(a)
+    c = _saved_trace(tmp_path / "c")
+    (c / "trace.safetensors").write_bytes((b / "trace.safetensors").read_bytes())  # same shapes, other numbers
+    with pytest.raises(TraceFileError, match="trace_id") as info:
+        AttributionTrace.load(c)
+    assert isinstance(info.value, AttributionError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("damage", ["empty safetensors", "truncated safetensors", "truncated json", "empty json"])
+def test_damaged_trace_files_name_the_file(tmp_path, damage):
+    """Case 10: truncated or empty files give an error naming the file, not a raw SafetensorError / JSONDecodeError."""
+    from hf_vattr.events import AttributionTrace, TraceFileError
+
+    folder = _saved_trace(tmp_path / "t")
+    name = "trace.safetensors" if "safetensors" in damage else "trace.json"
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(b"" if damage.startswith("empty") else data[: len(data) // 2])
+    with pytest.raises(TraceFileError, match=rf"{name}.*(truncated|damaged)"):
+        AttributionTrace.load(folder)
+
+
+@pytest.mark.parametrize("field", ["spans", "tokens", "regions", "images", "span_scores", "token_scores"])
+def test_trace_files_missing_a_field_name_it(tmp_path, field):
+    """Case 15: a missing field of trace.json or tensor of trace.safetensors is named, with its file."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_vattr.events import AttributionTrace, TraceFileError
+
+    folder = _saved_trace(tmp_path / "t")
+    if field.endswith("_scores"):
+        from safetensors import safe_open
+
+        path = folder / "trace.safetensors"
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(path))
+        del tensors[field]
+        save_file(tensors, str(path), metadata=metadata)
+        match = rf"trace\.safetensors lacks '{field}'"
+    else:
+        meta = json.loads((folder / "trace.json").read_text())
+        del meta[field]
+        (folder / "trace.json").write_text(json.dumps(meta))
+        match = rf"trace\.json lacks the field {field}"
+    with pytest.raises(TraceFileError, match=match):
+        AttributionTrace.load(folder)
+
+
+def test_a_missing_trace_folder_or_file_is_named(tmp_path):
+    from hf_vattr.events import AttributionTrace, TraceNotFoundError
+
+    with pytest.raises(TraceNotFoundError, match="No trace folder"):
+        AttributionTrace.load(tmp_path / "nope")
+    folder = _saved_trace(tmp_path / "t")
+    (folder / "trace.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="trace.safetensors is missing"):
+        AttributionTrace.load(folder)
+
+
+def test_collection_files_missing_a_tensor_name_it(tmp_path):
+    """Case 15's counterpart for collection example files: the missing tensor and the file are named."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from hf_vattr.collection import CollectionError
+
+    gt = tmp_path / "gt"
+    write_synthetic_collection(gt, n=2)
+    path = example_path(gt, 0)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    del tensors["loo_effects"]
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CollectionError, match="000000.safetensors lacks loo_effects"):
+        load_collection(gt)
