@@ -671,6 +671,10 @@ class AttentionCapture:
             self._slots[layer] = torch.matmul(visual if weights is None else visual * weights, pooling)
             route = "weights"
         else:
+            if attention_mask is None and query.shape[2] > 1:
+                # No mask with several queries: the kernel runs causal, top-left aligned, so the last row sees
+                # keys [0, Tq). A static cache's keys run past them (empty slots), and must not enter the softmax.
+                key = key[:, :, : query.shape[2]]
             self._slots[layer] = _last_row_features(query, key, scaling, positions, pooling, attention_mask, weights)
             route = "full-row"
         if query.shape[2] == 1:
