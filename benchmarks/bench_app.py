@@ -36,7 +36,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from hf_vattr import AttributionStreamer, LinearEstimator
 from hf_vattr.app import LiveApp
-from hf_vattr.demo import HELD_OUT_SEED, toy_estimator_path
+from hf_vattr.demo import HELD_OUT_SEED
+from hf_vattr.toy import toy_estimator_path
 from hf_vattr.toy import load_toy_model, make_examples
 
 MARKER = "<!-- bench_app -->"

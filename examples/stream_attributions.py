@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     if args.model is None:  # the bundled toy: a tiny Qwen3-VL trained by this repo
-        from hf_vattr.demo import toy_estimator_path
+        from hf_vattr.toy import toy_estimator_path
         from hf_vattr.toy import make_examples, toy_checkpoint_path
 
         args.model = str(toy_checkpoint_path())

@@ -12,25 +12,26 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AttributionError": "errors",
+    # streaming: what users call
     "AttributionStreamer": "streamer",
-    "TokenAttribution": "streamer",
-    "SpanAttribution": "streamer",
-    "AttributionTrace": "streamer",
+    "TokenAttribution": "events",
+    "SpanAttribution": "events",
+    "AttributionTrace": "events",
+    "LinearEstimator": "estimator",
+    "ReasoningStepSplitter": "spans",
+    # regions: build or pass your own
+    "build_regions": "regions",
+    "RegionMap": "regions",
+    "PromptRegions": "regions",
+    # other architectures: declared, never sniffed
+    "register_architecture": "layouts",
+    "ArchitectureSpec": "layouts",
+    # errors: one base class, and the ones a consumer catches
+    "AttributionError": "errors",
     "GenerationError": "streamer",
     "AttributionTimeout": "streamer",
     "StreamerStateError": "streamer",
-    "AttributionSession": "session",
-    "LinearEstimator": "estimator",
-    "AttentionCapture": "capture",
-    "visual_layout": "layouts",
-    "register_architecture": "layouts",
-    "ArchitectureSpec": "layouts",
-    "RegionMap": "regions",
-    "PromptRegions": "regions",
-    "grid_regions": "regions",
-    "prompt_regions": "regions",
-    "ReasoningStepSplitter": "spans",
+    "StreamerInputError": "streamer",
 }
 
 __all__ = sorted(_EXPORTS)

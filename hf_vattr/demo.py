@@ -16,31 +16,11 @@ from pathlib import Path
 from typing import Sequence
 
 
-__all__ = ["main", "run_demo", "toy_estimator_path", "toy_regions"]
+from .toy import toy_estimator_path, toy_regions
+
+__all__ = ["main", "run_demo"]
 
 HELD_OUT_SEED = 20261125  # examples drawn from a seed the toy model never trained on
-
-
-def toy_estimator_path() -> Path:
-    """Folder of the estimator trained for the toy model by hf_vattr's own pipeline."""
-    from .toy import toy_checkpoint_path
-
-    return Path(toy_checkpoint_path()).parent / "toy-estimator"
-
-
-def toy_regions(model, inputs, images, estimator=None):
-    """Region maps for a toy prompt, built the way the shipped estimator was trained."""
-    from .layouts import visual_layout
-    from .regions import build_regions
-
-    layout = visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], images)
-    method = "grid"
-    k = 16
-    if estimator is not None:
-        method = estimator.region_method or "grid"
-        policy = estimator.k_policy or {}
-        k = policy.get("k", k)
-    return build_regions(layout, method=method, k=k, images=images, model=model, inputs=inputs)
 
 
 def _parser() -> argparse.ArgumentParser:

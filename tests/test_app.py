@@ -20,7 +20,8 @@ def test_import_loads_neither_gradio_nor_a_model() -> None:
 
 @pytest.fixture(scope="module")
 def toy():
-    from hf_vattr.demo import HELD_OUT_SEED, toy_estimator_path
+    from hf_vattr.demo import HELD_OUT_SEED
+    from hf_vattr.toy import toy_estimator_path
     from hf_vattr.estimator import LinearEstimator
     from hf_vattr.toy import load_toy_model, make_examples
 

@@ -5,7 +5,8 @@ import torch
 from hf_vattr import LinearEstimator
 from hf_vattr.events import AttributionTrace
 from hf_vattr.cli import main
-from hf_vattr.demo import run_demo, toy_estimator_path
+from hf_vattr.demo import run_demo
+from hf_vattr.toy import toy_estimator_path
 from hf_vattr.toy import load_toy_model
 from hf_vattr.viz import render_html
 

@@ -18,7 +18,7 @@ from hf_vattr.ablation import _Knockout, span_logprobs_naive
 from hf_vattr.capture import attention_intervention
 from hf_vattr.collection import CollectionConfig, _build_inputs, collect_example
 from hf_vattr.datasets import DatasetSpec
-from hf_vattr.demo import toy_estimator_path
+from hf_vattr.toy import toy_estimator_path
 from hf_vattr.estimator import EstimatorConfigError
 from hf_vattr.training import TrainingConfig, fit_estimator, synthetic_examples
 

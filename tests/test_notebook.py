@@ -146,7 +146,7 @@ def test_show_displays_html_in_a_kernel_and_prints_elsewhere(shell, capsys):
 
 def test_live_on_the_toy_model_returns_the_streamed_trace(shell):
     from hf_vattr import AttributionStreamer, LinearEstimator
-    from hf_vattr.demo import toy_estimator_path, toy_regions
+    from hf_vattr.toy import toy_estimator_path, toy_regions
     from hf_vattr.toy import load_toy_model, make_examples, prompt_messages
 
     model, processor = load_toy_model()

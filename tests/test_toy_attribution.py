@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution
-from hf_vattr.demo import toy_estimator_path
+from hf_vattr.toy import toy_estimator_path
 from hf_vattr.toy import EVAL_SEED, evidence_for_step, load_toy_model, make_examples, prompt_messages
 
 

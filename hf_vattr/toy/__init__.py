@@ -54,6 +54,8 @@ from .task import (
 __all__ = [
     "TASKS",
     "toy_checkpoint_path",
+    "toy_estimator_path",
+    "toy_regions",
     "load_toy_model",
     "COLOURS",
     "COUNT_WORDS",
@@ -111,3 +113,23 @@ def load_toy_model(attn_implementation: str = "sdpa", *, path: str | Path | None
     model.eval()
     processor = AutoProcessor.from_pretrained(folder)
     return model, processor
+
+
+def toy_estimator_path() -> Path:
+    """Folder of the estimator trained for the toy model by hf_vattr's own pipeline."""
+    return Path(toy_checkpoint_path()).parent / "toy-estimator"
+
+
+def toy_regions(model, inputs, images, estimator=None):
+    """Region maps for a toy prompt, built the way the shipped estimator was trained."""
+    from ..layouts import visual_layout
+    from ..regions import build_regions
+
+    layout = visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], images)
+    method = "grid"
+    k = 16
+    if estimator is not None:
+        method = estimator.region_method or "grid"
+        policy = estimator.k_policy or {}
+        k = policy.get("k", k)
+    return build_regions(layout, method=method, k=k, images=images, model=model, inputs=inputs)
