@@ -104,6 +104,7 @@ class Bench:
             streamer = AttributionStreamer(self.model, self.proc, inputs=self.inputs, estimator=self.estimator)
             consumer = threading.Thread(target=lambda: sum(1 for _ in streamer), daemon=True)
             consumer.start()
+            streamer._start_by_hand()  # what the generate wrapper does, around this hand-written decode loop
             streamer.put(self.inputs["input_ids"])  # what generate does first: opens the capture
             if route == "full-row":
                 streamer.capture.path = "full-row"
@@ -129,7 +130,7 @@ class Bench:
                     times.append(time.perf_counter() - start)
         finally:
             if streamer is not None:
-                streamer.end()
+                streamer._finish_by_hand()
                 consumer.join()
                 if self.device == "cpu" and self.attn == "sdpa":
                     assert streamer.capture.path == ("full-row" if route == "full-row" else "lse"), streamer.capture.path
@@ -146,6 +147,7 @@ class Bench:
             streamer = AttributionStreamer(models[route], self.proc, inputs=self.inputs, estimator=self.estimator)
             consumer = threading.Thread(target=lambda s=streamer: sum(1 for _ in s), daemon=True)
             consumer.start()
+            streamer._start_by_hand()  # what the generate wrapper does, around this hand-written decode loop
             streamer.put(self.inputs["input_ids"])  # what generate does first: opens the capture
             if route == "full-row":
                 streamer.capture.path = "full-row"
@@ -170,7 +172,7 @@ class Bench:
                             cpu[route].append(time.thread_time() - cpu_start)
         finally:
             for streamer in streamers.values():
-                streamer.end()
+                streamer._finish_by_hand()
             for consumer in consumers:
                 consumer.join()
         if self.device == "cpu" and self.attn == "sdpa":

@@ -406,6 +406,20 @@ class AttributionStreamer(TextStreamer):
                 worker.join()  # the failure (or end) is with the consumer before generate's caller goes on
             self._exited.set()
 
+    def _start_by_hand(self) -> None:
+        """For benchmarks that run their own decode loop (``put`` per step): what the generate wrapper does first.
+
+        Needs ``inputs=`` at construction; pair with :meth:`_finish_by_hand`.
+        """
+        with self._lock:
+            self._state = "running"
+            self._generate_thread_id = threading.get_ident()
+        self.session.attach()  # type: ignore[union-attr]
+
+    def _finish_by_hand(self) -> None:
+        self.end()
+        self._release()
+
     def close(self) -> None:
         """Stop attributing now: end the stream, stop a generation using this streamer at its next token, wait for it.
 
