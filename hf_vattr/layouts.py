@@ -34,11 +34,23 @@ __all__ = [
     "ImageTokens",
     "VisualLayout",
     "visual_layout",
+    "LayoutError",
+    "channels_first",
+    "array_image_size",
+    "check_image_size",
 ]
 
 
 class UnsupportedModelError(AttributionError, ValueError):
     """The model's architecture is not in the declarative table."""
+
+
+class LayoutError(AttributionError, ValueError):
+    """The inputs or images do not describe one prompt's visual tokens consistently."""
+
+
+class ImageTypeError(AttributionError, TypeError):
+    """An image is of a kind whose size cannot be read (not PIL, an array, a tensor or ``(h, w)``)."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 def register_architecture(model_type: str, spec: ArchitectureSpec, *, overwrite: bool = False) -> None:
     """Declare support for another ``config.model_type`` (explicit, never inferred)."""
     if model_type in ARCHITECTURES and not overwrite:
-        raise ValueError(f"{model_type!r} is already declared; pass overwrite=True to replace it.")
+        raise LayoutError(f"{model_type!r} is already declared; pass overwrite=True to replace it.")
     ARCHITECTURES[model_type] = spec
 
 
@@ -210,7 +222,7 @@ class ImageTokens:
         gathers (``grid[rows][:, cols]``) instead of a resize that could shift pixels.
         """
         if self.original_size is None:
-            raise ValueError("original_size is unknown; pass the images (or their sizes) when building the layout.")
+            raise LayoutError("original_size is unknown; pass the images (or their sizes) when building the layout.")
         oh, ow = self.original_size
         sy, sx = self.scale_yx
         u = self.token_size
@@ -251,28 +263,38 @@ class VisualLayout:
         return out
 
 
+def channels_first(image: Any) -> bool:
+    """Whether a 3-D image array or tensor is ``(C, H, W)`` (else ``(H, W, C)``): the one rule of the package.
+
+    The channel axis is found the way transformers' image processors find it
+    (:func:`transformers.image_utils.infer_channel_dimension_format` with 1, 3 or 4 channels): the first axis
+    when it could be channels, else the last. So an ambiguous shape such as ``(1, 1, 3)`` is one channel of
+    1 x 3 pixels, as the processor saw it, for the layout, the region features and every picture alike.
+    A shape with no recognisable channel axis is refused.
+    """
+    from transformers.image_utils import ChannelDimension, infer_channel_dimension_format
+
+    shape = tuple(int(d) for d in image.shape)
+    if len(shape) != 3:
+        raise LayoutError(f"An image array must be (H, W), (H, W, C) or (C, H, W); got shape {shape}.")
+    try:
+        return infer_channel_dimension_format(image, num_channels=(1, 3, 4)) == ChannelDimension.FIRST
+    except ValueError:
+        raise LayoutError(f"Cannot tell the channel axis of an image array of shape {shape}: neither the first nor "
+                          "the last axis has 1, 3 or 4 channels. Pass (H, W, C) or (C, H, W) arrays, or PIL images."
+                          ) from None
+
+
 def array_image_size(image: Any) -> tuple[int, int]:
     """``(height, width)`` of an image array or tensor, ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``.
 
-    The channel axis is found the way transformers' image processors find it
-    (:func:`transformers.image_utils.infer_channel_dimension_format`), so the boxes land where
-    the processor put the pixels; a shape with no recognisable channel axis is refused.
+    The channel axis is :func:`channels_first`'s (transformers' rule), so the boxes land where the processor
+    put the pixels.
     """
-    from transformers.image_utils import get_image_size, infer_channel_dimension_format
-
     shape = tuple(int(d) for d in image.shape)
     if len(shape) == 2:
         return shape[0], shape[1]
-    if len(shape) != 3:
-        raise ValueError(f"An image array must be (H, W), (H, W, C) or (C, H, W); got shape {shape}.")
-    try:
-        channel_dim = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
-    except ValueError:
-        raise ValueError(f"Cannot tell the channel axis of an image array of shape {shape}: neither the first nor "
-                         "the last axis has 1, 3 or 4 channels. Pass (H, W, C) or (C, H, W) arrays, or PIL images."
-                         ) from None
-    h, w = get_image_size(image, channel_dim=channel_dim)
-    return int(h), int(w)
+    return (shape[1], shape[2]) if channels_first(image) else (shape[0], shape[1])
 
 
 def _image_sizes(images: Sequence[Any] | None) -> list[tuple[int, int]] | None:
@@ -287,8 +309,36 @@ def _image_sizes(images: Sequence[Any] | None) -> list[tuple[int, int]] | None:
         elif hasattr(img, "shape"):  # array or tensor, channels first or last: read as the processor reads it
             sizes.append(array_image_size(img))
         else:
-            raise TypeError(f"Cannot read the size of image {type(img).__name__}; pass PIL images, arrays or (h, w).")
+            raise ImageTypeError(f"Cannot read the size of image {type(img).__name__}; pass PIL images, arrays or "
+                                 "(h, w).")
     return sizes
+
+
+def check_image_size(index: int, size: tuple[int, int], grid_hw: tuple[int, int], token_size: int) -> None:
+    """Refuse an image size ``(height, width)`` that the processor cannot have turned into this token grid.
+
+    Processors resize both sides by one factor and round each to whole tokens (``smart_resize``: round,
+    or floor / ceil when the pixel budget binds), so each side's token count is within one token of
+    ``side * s / token_size`` for a common scale ``s``. No such ``s``: the size belongs to another image, or
+    was given as ``(width, height)``, and every overlay would land on the wrong pixels.
+    """
+    oh, ow = (int(v) for v in size)
+    gh, gw = (int(v) for v in grid_hw)
+    u = int(token_size)
+    if oh < 1 or ow < 1:
+        raise LayoutError(f"Image {index} has size {(oh, ow)} (height, width); both sides must be at least 1 pixel.")
+    low = max((gh - 1) * u / oh, (gw - 1) * u / ow)
+    high = min((gh + 1) * u / oh, (gw + 1) * u / ow)
+    if low < high:
+        return
+    swapped = max((gh - 1) * u / ow, (gw - 1) * u / oh) < min((gh + 1) * u / ow, (gw + 1) * u / oh)
+    hint = (f" It fits as ({ow}, {oh}): the size looks swapped. Give sizes as (height, width) (PIL's image.size is "
+            "(width, height)) and a batch's images in row order." if swapped else
+            " Pass the image the prompt was built from (if you resized or cropped it before the processor, that "
+            "resized image), its size as (height, width), and a batch's images in row order.")
+    raise LayoutError(f"Image {index} is {oh}x{ow} pixels (height x width), but the processor made a {gh}x{gw} token "
+                      f"grid ({gh * u}x{gw * u} pixels) from the image at that place in the prompt: the aspect ratios "
+                      f"disagree, so regions would land on the wrong pixels.{hint}")
 
 
 def visual_layout(
@@ -306,7 +356,7 @@ def visual_layout(
     spec = architecture_spec(config)
     if input_ids.dim() == 2:
         if input_ids.shape[0] != 1:
-            raise ValueError(
+            raise LayoutError(
                 f"hf_vattr attributes one sequence at a time, got a batch of {input_ids.shape[0]}. "
                 "Call it once per example (batching is not supported yet)."
             )
@@ -316,7 +366,7 @@ def visual_layout(
     merge = int(_get_path(config, spec.merge_size))
     positions = (input_ids == image_token_id).nonzero().flatten().cpu()
     if positions.numel() == 0 or image_grid_thw is None or len(image_grid_thw) == 0:
-        raise ValueError(
+        raise LayoutError(
             "The prompt has no image: no token equals the image token id "
             f"{image_token_id} (config.{spec.image_token_id}) or image_grid_thw is missing. Build the inputs with the "
             "model's processor from a chat message that contains an image."
@@ -324,13 +374,16 @@ def visual_layout(
     grids = [tuple(int(v) for v in row) for row in torch.as_tensor(image_grid_thw).tolist()]
     counts = [t * (h // merge) * (w // merge) for t, h, w in grids]
     if sum(counts) != positions.numel():
-        raise ValueError(
+        raise LayoutError(
             f"image_grid_thw {grids} implies {sum(counts)} visual tokens (merge size {merge}) but input_ids holds "
             f"{positions.numel()} image tokens. Were input_ids and image_grid_thw produced by the same processor call?"
         )
     sizes = _image_sizes(images)
     if sizes is not None and len(sizes) != len(grids):
-        raise ValueError(f"Got {len(sizes)} images but the prompt has {len(grids)}; pass them all, in prompt order.")
+        raise LayoutError(f"Got {len(sizes)} images but the prompt has {len(grids)}; pass them all, in prompt order.")
+    if sizes is not None:
+        for i, (size, (_, h, w)) in enumerate(zip(sizes, grids)):
+            check_image_size(i, size, (h // merge, w // merge), patch * merge)
     out, start = [], 0
     for i, ((t, h, w), n) in enumerate(zip(grids, counts)):
         out.append(
@@ -358,7 +411,7 @@ def extend_inputs(inputs: Any, sequence: torch.Tensor) -> dict:
     prompt_len = inputs["input_ids"].shape[-1]
     extra = sequence.shape[-1] - prompt_len
     if extra < 0 or not torch.equal(sequence[:, :prompt_len].cpu(), inputs["input_ids"].cpu()):
-        raise ValueError("sequence must start with the prompt's input_ids (pass the output of generate).")
+        raise LayoutError("sequence must start with the prompt's input_ids (pass the output of generate).")
     out = {}
     for name, value in inputs.items():
         if name == "input_ids":

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .layouts import channels_first
 from .regions import PromptRegions, RegionMap
 
 
@@ -116,7 +117,7 @@ def _as_pil(image: Any) -> Image.Image:
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     arr = np.asarray(image)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+    if arr.ndim == 3 and channels_first(arr):  # transformers' rule, as the layout reads the size (layouts)
         arr = np.moveaxis(arr, 0, -1)  # (C, H, W) -> (H, W, C)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]

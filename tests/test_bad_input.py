@@ -444,3 +444,120 @@ def test_collection_files_missing_a_tensor_name_it(tmp_path):
     save_file(tensors, str(path), metadata=metadata)
     with pytest.raises(CollectionError, match="000000.safetensors lacks loo_effects"):
         load_collection(gt)
+
+
+# ----------------------------------------------------------------------------- images and regions (cases 5, 6, 17)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen():
+    from conftest import get_tiny
+
+    return get_tiny("qwen3_vl")
+
+
+def test_a_size_that_contradicts_the_token_grid_is_refused(tiny_qwen):
+    """Case 5: ``(w, h)`` instead of ``(h, w)`` (grid 4x6, size 192x128) is refused, naming the swap."""
+    from PIL import Image
+
+    from hf_vattr import AttributionStreamer
+    from hf_vattr.layouts import LayoutError, visual_layout
+    from hf_vattr.testing import example_inputs
+
+    model, processor = tiny_qwen
+    image = Image.new("RGB", (192, 128))  # PIL size is (width, height)
+    inputs = example_inputs(processor, [image])
+    layout = visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], [image])
+    assert layout.images[0].grid_hw == (4, 6) and layout.images[0].original_size == (128, 192)
+    assert visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], [(128, 192)]).images[0].grid_hw == (4, 6)
+    with pytest.raises(LayoutError, match=r"192x128 pixels .* 4x6 token grid.*looks swapped") as info:
+        visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], [(192, 128)])
+    assert isinstance(info.value, AttributionError) and isinstance(info.value, ValueError)
+    with pytest.raises(LayoutError, match="looks swapped"):  # the streamer builds its layouts the same way
+        AttributionStreamer(model, processor, inputs=inputs, images=[(192, 128)])
+    with pytest.raises(LayoutError, match="aspect ratios"):  # another image altogether
+        visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], [Image.new("RGB", (40, 300))])
+
+
+def test_a_batch_with_its_images_in_swapped_row_order_is_refused(tiny_qwen):
+    """Case 5: rows' images swapped: each row's image must fit its own token grid."""
+    from hf_vattr import AttributionStreamer
+    from hf_vattr.layouts import LayoutError
+    from hf_vattr.testing import example_image
+
+    model, processor = tiny_qwen
+    processor.tokenizer.padding_side = "left"
+    images = [example_image(96, 224, seed=1), example_image(224, 96, seed=2)]  # wide, then tall
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}],
+        add_generation_prompt=True, tokenize=False)
+    batch = processor(text=[prompt, prompt], images=images, return_tensors="pt", padding=True)
+    AttributionStreamer(model, processor, inputs=batch, images=[[images[0]], [images[1]]])  # right order: fine
+    with pytest.raises(LayoutError, match="Image 0"):
+        AttributionStreamer(model, processor, inputs=batch, images=[[images[1]], [images[0]]])
+
+
+def test_sizes_the_processor_makes_always_pass(tiny_qwen):
+    """The check never refuses what a processor really did (rounding, and the pixel budget's floor / ceil)."""
+    import random
+
+    from PIL import Image
+
+    from hf_vattr.layouts import visual_layout
+    from hf_vattr.testing import example_inputs
+
+    model, processor = tiny_qwen
+    rng = random.Random(0)
+    for w, h in [(1, 1), (3, 1), (1, 50), (40, 300), (33, 31), *[(rng.randint(1, 400), rng.randint(1, 400))
+                                                                 for _ in range(12)]]:
+        image = Image.new("RGB", (w, h))
+        inputs = example_inputs(processor, [image])
+        visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], [image])
+
+
+def test_a_capped_default_grid_records_the_requested_k(tiny_qwen):
+    """Case 6: ``grid_k=1000`` with the default regions records ``requested_k`` as ``regions="grid"`` does."""
+    from hf_vattr import AttributionStreamer
+    from hf_vattr.layouts import visual_layout
+    from hf_vattr.regions import build_regions, prompt_regions
+    from hf_vattr.testing import example_image, example_inputs
+
+    model, processor = tiny_qwen
+    image = example_image(128, 192, seed=0)
+    inputs = example_inputs(processor, [image])
+    layout = visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], [image])
+    n = layout.images[0].num_tokens
+    default, grid = prompt_regions(layout, k=1000).maps[0], build_regions(layout, method="grid", k=1000).maps[0]
+    for rmap in (default, grid):
+        assert rmap.num_regions == n and rmap.info["requested_k"] == 1000 and rmap.info["k_capped_by_tokens"]
+    assert "requested_k" not in prompt_regions(layout, k=4).maps[0].info
+    streamer = AttributionStreamer(model, processor, inputs=inputs, images=[image], grid_k=1000)
+    for event in streamer.generate(**inputs, max_new_tokens=1, do_sample=False):
+        pass
+    assert streamer.trace.regions.maps[0].info["requested_k"] == 1000
+
+
+def test_an_ambiguous_array_image_is_read_one_way_everywhere(tiny_qwen):
+    """Case 17: a (1, 1, 3) array is channels-first (transformers' rule) for the layout, features and pictures."""
+    import numpy as np
+
+    from hf_vattr import AttributionStreamer, TokenAttribution
+    from hf_vattr.layouts import array_image_size, channels_first, visual_layout
+    from hf_vattr.regions.features import image_to_tensor
+    from hf_vattr.testing import example_inputs
+    from hf_vattr.viz import _as_pil, step_overlay
+
+    model, processor = tiny_qwen
+    arr = np.full((1, 1, 3), 200, dtype=np.uint8)
+    assert channels_first(arr) and array_image_size(arr) == (1, 3)
+    assert tuple(image_to_tensor(arr).shape[-2:]) == (1, 3) and _as_pil(arr).size == (3, 1)
+    inputs = example_inputs(processor, [arr])
+    streamer = AttributionStreamer(model, processor, inputs=inputs, images=[arr], grid_k=2)
+    events = list(streamer.generate(**inputs, max_new_tokens=2, do_sample=False))
+    token = next(e for e in events if isinstance(e, TokenAttribution))
+    picture = step_overlay(streamer.trace.regions, streamer.trace.images, token.region_scores)
+    assert picture.width > 0
+    layout = visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], [arr])
+    assert layout.images[0].original_size == (1, 3)
+    hwc = np.zeros((20, 30, 3), dtype=np.uint8)  # unambiguous arrays are unchanged
+    assert not channels_first(hwc) and _as_pil(hwc).size == (30, 20) and array_image_size(hwc) == (20, 30)

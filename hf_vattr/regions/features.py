@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttributionError
-from ..layouts import ImageTokens, array_image_size
+from ..layouts import ImageTokens, channels_first
 
 __all__ = [
     "TokenFeatureExtractor",
@@ -95,11 +95,11 @@ def image_to_tensor(image: Any) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim == 2:
-            arr = arr[..., None]
+            arr = arr[None]  # one channel, first
         if arr.ndim != 3:
             raise ValueError(f"Expected an (H, W[, C]) or (C, H, W) image array, got shape {arr.shape}.")
         x = torch.from_numpy(np.array(arr, copy=True))
-        if array_image_size(arr) == tuple(arr.shape[:2]):  # channels last (the usual numpy layout)
+        if not channels_first(arr):  # channels last (the usual numpy layout), by the layout's rule
             x = x.permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         x = image.detach().cpu()
@@ -107,7 +107,7 @@ def image_to_tensor(image: Any) -> torch.Tensor:
             x = x[None]
         if x.dim() != 3:
             raise ValueError(f"Expected a (C, H, W) or (H, W, C) image tensor, got shape {tuple(x.shape)}.")
-        if x.shape[0] not in (1, 3, 4) and x.shape[-1] in (1, 3, 4):
+        if not channels_first(x):  # the same rule as the layout's (transformers')
             x = x.permute(2, 0, 1)
     else:
         raise TypeError(f"Cannot read pixels from {type(image).__name__}; pass a PIL image, an array or a tensor.")

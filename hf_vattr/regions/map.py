@@ -150,6 +150,9 @@ class RegionMap:
 def grid_regions(image: ImageTokens, k: int = 16) -> RegionMap:
     """A regular grid of exactly ``min(k, tokens)`` rectangular regions over the token grid.
 
+    A ``k`` above the token count is capped; ``info["requested_k"]`` and ``info["k_capped_by_tokens"]``
+    then record it, as for every region method.
+
     The fallback that needs nothing but the layout. Rows are chosen to match
     the image aspect ratio; when ``k`` is not rows x cols, rows differ by one
     column ("brick" layout) so the count is still exactly ``k``. Every cell
@@ -158,7 +161,8 @@ def grid_regions(image: ImageTokens, k: int = 16) -> RegionMap:
     h, w = image.grid_hw
     if int(k) < 1:
         raise ValueError(f"grid regions need k >= 1 regions per image, got k={k}; pass a positive k (e.g. 16).")
-    k = min(int(k), h * w)
+    requested = int(k)
+    k = min(requested, h * w)
     rows = int(round(np.sqrt(k * h / w)))
     rows = max(1, -(-k // w), min(h, rows, k))  # at least ceil(k / w) rows so no row needs more than w columns
     rows = min(rows, h)
@@ -181,6 +185,8 @@ def grid_regions(image: ImageTokens, k: int = 16) -> RegionMap:
     uniform = len(set(cols_per_row)) == 1
     info = {"rows": rows, "cols": cols_per_row[0] if uniform else max(cols_per_row), "cols_per_row": cols_per_row,
             "k": k, "clustering": "grid"}
+    if k < requested:  # recorded as every method records it (regions.policy.resolve_k)
+        info.update(requested_k=requested, k_capped_by_tokens=True)
     return RegionMap.from_assignment(image, labels, method="grid", info=info)
 
 
