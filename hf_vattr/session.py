@@ -17,13 +17,23 @@ from typing import Any, Sequence
 import torch
 from transformers.utils import logging
 
+from .errors import AttributionError
+
 from .capture import AttentionCapture, CaptureError
 from .layouts import VisualLayout, _get_path, architecture_spec, visual_layout
 from .regions import PromptRegions, RegionMap, prompt_regions
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["AttributionSession"]
+__all__ = ["AttributionSession", "StreamerInputError"]
+
+_REGION_FORMS = ("None (a grid of grid_k regions per image), an int K (a grid of K regions per image), a method name "
+                 "such as \"grid\", \"vlm\", \"dinov3\", \"auto\" or \"prefill\", a PromptRegions, a RegionMap, or a list "
+                 "of RegionMaps (one per image of the prompt); for a batch, one of these per row")
+
+
+class StreamerInputError(AttributionError, ValueError):
+    """The prompt, images or regions given for a stream do not fit together (or not the inputs it was built for)."""
 
 
 def _as_input_ids(inputs: Any) -> torch.Tensor:
@@ -50,7 +60,7 @@ def _row_inputs(model: Any, inputs: Any, images: Any) -> list[tuple[dict, Any]]:
         per_row_images = list(images)
     else:
         per_row_images = None
-    rows, image, patch = [], 0, 0
+    rows, image, patch, counts = [], 0, 0, []
     for b in range(batch):
         want, first, first_patch = int((input_ids[b] == image_token).sum()), image, patch
         while want > 0 and image < len(tokens_per_image):
@@ -62,11 +72,17 @@ def _row_inputs(model: Any, inputs: Any, images: Any) -> list[tuple[dict, Any]]:
                              "Were input_ids and image_grid_thw produced by the same processor call?")
         row = {"input_ids": input_ids[b:b + 1], "image_grid_thw": grid[first:image],
                "pixel_values": None if pixels is None else pixels[first_patch:patch]}
+        counts.append(image - first)
         if per_row_images is not None:
             row_images = per_row_images[b]
         else:
             row_images = None if images is None else list(images)[first:image]
         rows.append((row, row_images))
+    if per_row_images is None and images is not None and len(images) != image:
+        raise StreamerInputError(
+            f"Got {len(images)} image(s) for a batch of {batch} rows holding "
+            + ", ".join(f"row {b}: {n} image(s)" for b, n in enumerate(counts))
+            + f" ({image} in all). Pass every image in batch order, or one list of images per row.")
     return rows
 
 
@@ -139,13 +155,23 @@ class AttributionSession:
                          ) -> PromptRegions:
         if regions is None:
             return prompt_regions(layout, k=grid_k)
+        if isinstance(regions, int) and not isinstance(regions, bool):
+            if regions < 1:
+                raise StreamerInputError(f"regions={regions}: K must be at least 1 region per image.")
+            return prompt_regions(layout, k=regions)
         if isinstance(regions, str):  # a method name: build them now, e.g. "vlm", "dinov3", "auto"
             from .regions import build_regions
 
             k = grid_k if regions == "grid" else None  # grid_k is the grid's size; other methods choose their own K
             return build_regions(layout, method=regions, k=k, images=images, model=self.model, inputs=row)
-        maps = regions.maps if isinstance(regions, PromptRegions) else [regions] if isinstance(regions, RegionMap) \
-            else list(regions)
+        if isinstance(regions, PromptRegions):
+            maps = regions.maps
+        elif isinstance(regions, RegionMap):
+            maps = [regions]
+        elif isinstance(regions, (list, tuple)) and regions and all(isinstance(m, RegionMap) for m in regions):
+            maps = list(regions)
+        else:
+            raise StreamerInputError(f"regions= got {type(regions).__name__}; it takes {_REGION_FORMS}.")
         for i, (m, im) in enumerate(zip(maps, layout.images)):
             if m.image.num_tokens != im.num_tokens:
                 raise ValueError(

@@ -46,7 +46,7 @@ from .estimator import INHERITING_SECTIONS
 from .events import AttributionTrace, SpanAttribution, TokenAttribution
 from .layouts import VisualLayout
 from .regions import PromptRegions, RegionMap
-from .session import AttributionSession
+from .session import AttributionSession, StreamerInputError
 from .spans import ReasoningStepSplitter, SpanSplitter
 from .text import TokenTextDecoder
 
@@ -78,10 +78,6 @@ class AttributionTimeout(AttributionError, TimeoutError):
 
 class StreamerStateError(AttributionError, RuntimeError):
     """The streamer was used out of order: reused for a second ``generate``, or passed to another model's."""
-
-
-class StreamerInputError(AttributionError, ValueError):
-    """The prompt ``generate`` received is not one the streamer can attribute (or not the one it was built for)."""
 
 
 class _Failure:

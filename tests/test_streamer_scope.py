@@ -224,3 +224,32 @@ def test_script_that_leaves_the_loop_and_ends_exits_cleanly(leave, tmp_path):
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "END OF SCRIPT" in done.stdout
+
+
+def test_regions_accept_an_int_as_k_and_list_the_accepted_forms_otherwise():
+    import numpy as np
+
+    from hf_vattr import StreamerInputError, build_regions
+
+    model, proc = get_tiny("qwen3_vl")
+    inputs = example_inputs(proc)
+    as_int = AttributionStreamer(model, proc, inputs=inputs, regions=4)
+    as_grid = AttributionStreamer(model, proc, inputs=inputs, regions="grid", grid_k=4)
+    assert torch.equal(as_int.regions.membership(), as_grid.regions.membership())
+    several = build_regions(as_int.layout, method="grid", k=[4, 8])
+    for wrong in (several, np.zeros((4, 4), dtype=int), 0):
+        with pytest.raises(StreamerInputError, match="regions="):
+            AttributionStreamer(model, proc, inputs=inputs, regions=wrong)
+
+
+def test_a_batch_given_too_few_images_names_each_rows_count():
+    from hf_vattr import StreamerInputError
+
+    model, proc = get_tiny("qwen3_vl")
+    images = [example_image(), example_image(seed=4)]
+    prompts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
+                                        add_generation_prompt=True, tokenize=False) for t in ("a?", "b?")]
+    proc.tokenizer.padding_side = "left"
+    inputs = proc(text=prompts, images=images, return_tensors="pt", padding=True)
+    with pytest.raises(StreamerInputError, match=r"Got 1 image\(s\) for a batch of 2 rows holding row 0: 1 image\(s\), row 1: 1 image\(s\)"):
+        AttributionStreamer(model, proc, inputs=inputs, images=images[:1])
