@@ -201,7 +201,8 @@ class AttributionTrace:
         """Read a trace written by :meth:`save`.
 
         Both files are checked against each other before anything is built: the shared ``trace_id`` (a digest
-        of the numbers, written into both), and the token, span, region and image counts. A missing, truncated
+        of the numbers, written into both, and recomputed from the numbers read), and the token, span, region
+        and image counts. A missing, truncated
         or foreign file, or a missing field, raises :class:`TraceFileError` / :class:`TraceNotFoundError`
         naming the file and the field.
         """
@@ -316,6 +317,9 @@ def _check_trace_files(meta: dict, tensors: dict[str, torch.Tensor], st_meta: di
         key = m.get("tensor") if isinstance(m, dict) else None
         if key is not None and key not in tensors:
             raise TraceFileError(f"{json_path}: image {i} is stored as {key!r}, which {st_path} lacks. {redo}")
+    if ids[0] is not None and _tensors_digest(tensors) != ids[0]:
+        raise TraceFileError(f"The numbers in {st_path} are not the ones saved with {json_path} (trace_id "
+                             f"{ids[0]!r}): the file was changed or damaged after saving. Save the trace again.")
 
 
 def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
