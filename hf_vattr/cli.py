@@ -112,24 +112,111 @@ def _check_device(device: str | None, option: str) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
+#: estimator settings that ``collect --like`` takes: CollectionConfig field -> where the estimator records it
+#: (everything `eval` checks for compatibility, plus what the estimator's training data records).
+LIKE_FIELDS = ("region_method", "k", "pooling", "feature_kind", "answer_effects", "method", "keep_prob")
+
+
+def _like_settings(ref: str) -> tuple[dict, Any]:
+    """The CollectionConfig settings an estimator (folder or Hub id) was trained on, and the estimator."""
+    from .estimator import LinearEstimator
+
+    try:
+        est = LinearEstimator.from_pretrained(ref)
+    except AttributionError as e:
+        raise UsageError(f"--like {ref}: {e}") from None
+    data = est.training_data or {}
+    k = (est.k_policy or {}).get("k") if isinstance(est.k_policy, dict) else None
+    found = {"region_method": est.region_method, "k": k, "pooling": est.pooling,
+             "feature_kind": getattr(est, "feature_kind", "attention"),
+             "answer_effects": data.get("answer_effects"), "method": data.get("ablation_method"),
+             "keep_prob": data.get("keep_prob")}
+    return {name: value for name, value in found.items() if value is not None}, est
+
+
+def _apply_like(args: argparse.Namespace) -> Any:
+    """Fill the collect options from ``--like``; refuse explicit ones that contradict it. Returns the estimator."""
+    if not args.like:
+        return None
+    settings, est = _like_settings(args.like)
+    explicit = getattr(args, "_explicit", set())
+    clashes = [f"--{name.replace('_', '-')} {getattr(args, name)} (the estimator has {value})"
+               for name, value in settings.items() if name in explicit and getattr(args, name) != value]
+    if clashes:
+        raise UsageError(f"--like {args.like} contradicts {', '.join(clashes)}: an estimator is only evaluated on "
+                         "a collection made like its training data. Leave those options out (--like sets them) or "
+                         "drop --like.")
+    from .collection import REGION_METHODS
+
+    if settings.get("region_method") not in (None, *REGION_METHODS):
+        raise UsageError(f"--like {args.like}: the estimator's regions were made with {settings['region_method']!r}, "
+                         f"which collect cannot build (it builds {', '.join(REGION_METHODS)}).")
+    for name, value in settings.items():
+        setattr(args, name, value)
+    return est
+
+
+def _check_like_model(est: Any, model_or_config: Any, ref: str) -> None:
+    from .estimator import EstimatorMismatchError
+
+    if est is None:
+        return
+    try:
+        est.check_compatible(model_or_config)
+    except EstimatorMismatchError as e:
+        raise UsageError(f"--like {ref}: {e}") from None
+
+
+def _dataset_spec(args: argparse.Namespace) -> DatasetSpec:
+    """The one dataset the options name (toy, JSON lines or `datasets`), opened and checked."""
+    chosen = [flag for flag, value in (("--toy", args.toy), ("--prompts", args.prompts), ("--dataset", args.dataset))
+              if value is not None]
+    if len(chosen) != 1:
+        raise UsageError("collect needs exactly one dataset: --toy N, --prompts FILE.jsonl or --dataset NAME_OR_PATH"
+                         + (f" (got {' and '.join(chosen)})." if chosen else "."))
+    hf_only = [flag for flag, value in (("--dataset-config", args.dataset_config), ("--split", args.split),
+                                        ("--image-column", args.image_column),
+                                        ("--question-column", args.question_column), ("--id-column", args.id_column),
+                                        ("--system-prompt", args.system_prompt)) if value is not None]
+    if args.dataset is None and hf_only:
+        raise UsageError(f"{', '.join(hf_only)} only go with --dataset.")
+    if args.images_dir is not None and args.prompts is None:
+        raise UsageError("--images-dir only goes with --prompts.")
+    if args.images_dir is not None and not Path(args.images_dir).is_dir():
+        raise UsageError(f"--images-dir {args.images_dir}: no such folder.")
+    if args.toy is not None:
+        return DatasetSpec("toy", n=int(args.toy), seed=int(args.toy_seed))
+    if args.prompts is not None:
+        return DatasetSpec("jsonl", path=str(Path(args.prompts).resolve()),
+                           images_dir=str(Path(args.images_dir).resolve()) if args.images_dir else None)
+    missing = [flag for flag, value in (("--split", args.split), ("--image-column", args.image_column),
+                                        ("--question-column", args.question_column)) if value is None]
+    if missing:
+        raise UsageError(f"--dataset needs {', '.join(missing)} (e.g. --split train --image-column image "
+                         "--question-column question).")
+    from .datasets import hf_dataset_spec
+
+    return hf_dataset_spec(args.dataset, args.split, args.image_column, args.question_column,
+                           config=args.dataset_config, id_column=args.id_column, system_prompt=args.system_prompt)
+
+
 def cmd_collect(args: argparse.Namespace) -> int:
     from .collection import CollectionConfig, collect
 
-    if (args.toy is None) == (args.prompts is None):
-        raise UsageError("collect needs exactly one dataset: --toy N or --prompts FILE.jsonl.")
-    if args.images_dir is not None and not Path(args.images_dir).is_dir():
-        raise UsageError(f"--images-dir {args.images_dir}: no such folder.")
     _check_out_folder(args.out)
     _check_device(args.device, "--device")
     if args.device_map not in (None, "auto", "balanced", "sequential"):
         _check_device(args.device_map, "--device-map")
-    if args.toy is not None:
-        spec = DatasetSpec("toy", n=int(args.toy), seed=int(args.toy_seed))
-    else:
-        spec = DatasetSpec("jsonl", path=str(Path(args.prompts).resolve()),
-                           images_dir=str(Path(args.images_dir).resolve()) if args.images_dir else None)
-    items = spec.items(limit=args.limit)
-    len(items)  # a JSONL file is parsed and checked here, row by row, before anything loads
+    if args.dataset is not None and args.model is None:
+        raise UsageError("--dataset needs --model (a model id or local folder); the bundled toy model goes with --toy.")
+    like = _apply_like(args)
+    spec = _dataset_spec(args)  # a JSONL file is parsed and checked here; a `datasets` split is opened and checked
+    from accelerate import PartialState
+
+    state = PartialState()
+    items = spec.items(limit=args.limit, shard=(state.process_index, state.num_processes))
+    if spec.kind != "datasets":
+        len(items)
     from .collection import check_dataset, check_settings
 
     # Before anything is loaded or written: every option (the config checks its fields' ranges and choices)
@@ -137,10 +224,16 @@ def cmd_collect(args: argparse.Namespace) -> int:
     config = CollectionConfig(**{name: getattr(args, name) for name in COLLECT_OPTIONS})
     check_dataset(args.out, spec.to_dict())
     check_settings(args.out, config)
+    if like is not None and args.model:  # the estimator's (L, H, model_type) against the model's config, unloaded
+        import transformers
 
-    from accelerate import PartialState
+        try:
+            model_config = transformers.AutoConfig.from_pretrained(args.model, revision=args.revision)
+        except (OSError, ValueError):
+            model_config = None  # _load_model says why it cannot be loaded
+        if model_config is not None:
+            _check_like_model(like, model_config, args.like)
 
-    state = PartialState()
     device_map = args.device_map
     device = None
     if device_map is None and state.num_processes > 1:
@@ -150,17 +243,21 @@ def cmd_collect(args: argparse.Namespace) -> int:
     model, processor, model_id = _load_model(args.model, toy=args.toy is not None, dtype=args.dtype,
                                              device_map=device_map, attn=args.attn_implementation,
                                              revision=args.revision, device=device)
+    _check_like_model(like, model, args.like)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
         (out / DATASET_FILE).write_text(json.dumps({**spec.to_dict(), "model": model_id,
                                                     "revision": args.revision}, indent=2) + "\n")
+    # Every id of the whole dataset matters only when --limit stops early (the manifest's `complete`).
+    dataset_ids = spec.ids() if args.limit is not None or spec.kind != "datasets" else None
     result = collect(model, processor, items, out, config, progress=not args.quiet, dataset=spec.to_dict(),
-                     dataset_ids=spec.ids())
+                     dataset_ids=dataset_ids)
     if state.is_main_process:
         print(f"collected {len(result['written'])} examples ({len(result['skipped'])} already on disk) into {out}")
-        if len(items) < len(spec):
-            print(f"--limit {args.limit}: the dataset has {len(spec)} examples, so the collection is not complete; "
+        total = len(dataset_ids) if dataset_ids is not None else None
+        if args.limit is not None and total is not None and args.limit < total:
+            print(f"--limit {args.limit}: the dataset has {total} examples, so the collection is not complete; "
                   "rerun without --limit (or with a larger one) to collect the rest.")
     return 0
 
@@ -478,6 +575,17 @@ def _ranged(parser: argparse.ArgumentParser, flag: str, kind: type, rng: str, he
     parser.add_argument(flag, type=argparse_type(kind, rng), help=f"{help}; {interval(rng).describe()}", **kwargs)
 
 
+class _Explicit(argparse.Action):
+    """Stores the value and records that the option was given (``collect --like`` refuses contradicting ones)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        explicit = set(getattr(namespace, "_explicit", set()))
+        explicit.add(self.dest)
+        setattr(namespace, "_explicit", explicit)
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the epilog's layout; shows defaults, except for flags and options whose default is None."""
 
@@ -515,7 +623,7 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type, names:
         elif kind is bool:
             parser.add_argument(flag, action="store_true", help=kwargs["help"])
         else:
-            parser.add_argument(flag, type=argparse_type(kind, f.metadata.get("range")), **kwargs)
+            parser.add_argument(flag, type=argparse_type(kind, f.metadata.get("range")), action=_Explicit, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -557,6 +665,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--images-dir", default=None,
                    help="folder that relative image paths in --prompts are resolved against "
                         "(default: the JSONL file's folder)")
+    c.add_argument("--dataset", default=None, metavar="NAME_OR_PATH",
+                   help="a `datasets` dataset: Hub id, local folder of parquet / json / imagefolder files (streamed), "
+                        "or a folder written by save_to_disk")
+    c.add_argument("--dataset-config", default=None, metavar="NAME", help="configuration (subset) of --dataset")
+    c.add_argument("--split", default=None, help="split of --dataset to collect (required with --dataset)")
+    c.add_argument("--image-column", default=None, metavar="COL",
+                   help="column of --dataset with the image(s): datasets.Image values, paths, bytes, or lists of them")
+    c.add_argument("--question-column", default=None, metavar="COL", help="column of --dataset with the question")
+    c.add_argument("--id-column", default=None, metavar="COL",
+                   help="column of --dataset with non-negative integer example ids (default: row numbers)")
+    c.add_argument("--system-prompt", default=None, metavar="TEXT", help="system message before each question "
+                   "of --dataset")
+    c.add_argument("--like", default=None, metavar="ESTIMATOR",
+                   help="estimator folder or Hub id: take its region method, K, pooling, feature kind, answer effects "
+                        "(and ablation method / keep_prob when recorded), so the collection can evaluate it; "
+                        "options that contradict it are refused")
     c.add_argument("--out", required=True, help="collection folder (rerun to resume)")
     _ranged(c, "--limit", int, "[1, inf)", "collect only the first N examples (the collection stays incomplete "
             "until the rest are collected)", default=None, metavar="N")

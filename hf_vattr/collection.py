@@ -652,9 +652,13 @@ def dataset_fingerprint(dataset: Mapping[str, Any]) -> str:
     ``dataset`` is a JSON-ready description, ``{"kind": ..., **params}``. For ``kind="jsonl"`` it is
     the bytes of the prompts file at ``dataset["path"]`` (moving the file does not change it; editing
     it does); for other kinds every parameter except ``path``, ``images_dir``, ``model`` and ``revision``
-    (a toy dataset: its seed and count).
+    (a toy dataset: its seed and count; a ``datasets`` dataset: its split, columns, system prompt and
+    ``content``, the content hash :func:`hf_vattr.datasets.hf_dataset_spec` records, and its name only
+    when that is a Hub id, so moving a local folder changes nothing).
     """
     desc = {k: v for k, v in dataset.items() if k not in ("path", "images_dir", "model", "revision")}
+    if dataset.get("kind") == "datasets" and str(dataset.get("content", "")).startswith(("sha256:", "datasets:")):
+        desc.pop("dataset", None)  # a local folder: its content hash says what it holds, wherever it lies
     if dataset.get("kind") == "jsonl":
         path = Path(dataset["path"])
         if not path.is_file():
