@@ -3,6 +3,9 @@
     hf-vattr collect --toy 64 --out runs/toy-gt                      # built-in toy task and model
     hf-vattr collect --model Qwen/Qwen3-VL-8B-Thinking --prompts data.jsonl --out runs/gt --device-map auto
     accelerate launch -m hf_vattr.cli collect --model ... --prompts data.jsonl --out runs/gt   # sharded
+    hf-vattr collect --model ... --dataset org/vqa --split test --image-column image --question-column question \
+        --out runs/gt                                                # any datasets.load_dataset source
+    hf-vattr collect --toy 100 --like runs/estimator --out runs/gt2   # an estimator's settings
     hf-vattr train runs/gt --out runs/estimator
     hf-vattr eval runs/gt --estimator runs/estimator --model Qwen/...   # markdown table + JSON
     hf-vattr push runs/estimator your-name/qwen3-vl-8b-vattr
