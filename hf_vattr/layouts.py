@@ -127,10 +127,15 @@ def architecture_spec(model_or_config: Any) -> ArchitectureSpec:
 
 
 def output_projection(model: Any, attention_module: Any) -> Any:
-    """The declared heads -> hidden projection of one decoder attention module (``W_O``)."""
+    """The declared heads -> hidden projection of one decoder attention module (``W_O``): the module itself.
+
+    Any module works, whatever holds its weights (a plain ``nn.Linear``, a bitsandbytes or other quantized
+    layer, a layer accelerate offloads to CPU or disk): value-norm features call its forward where its weight
+    is not a plain matrix (``hf_vattr.capture.output_norms``).
+    """
     spec = architecture_spec(model)
     proj = getattr(attention_module, spec.output_projection, None)
-    if proj is None or not hasattr(proj, "weight"):
+    if proj is None or not callable(proj):
         raise UnsupportedModelError(f"The attention module has no '{spec.output_projection}' projection; declare the "
                                     "right name in ArchitectureSpec(output_projection=...).")
     return proj
