@@ -40,6 +40,7 @@ from .text import decode_pieces
 from .errors import AttributionError
 from .layouts import text_dims, visual_layout
 from .options import ConfigError, check_fields
+from .formats import FORMATS, ThinkingFormat, detect_format, resolve_format
 from .spans import ReasoningStepSplitter, SpanSplitter
 
 logger = logging.get_logger(__name__)
@@ -131,6 +132,9 @@ class CollectionConfig:
     keep_token_features: bool = field(default=False, metadata={"help": "also store per-token (G, L, H, K) features"})
     generate_kwargs: dict = field(
         default_factory=dict, metadata={"help": "extra keyword arguments for generate (sampling stays off)"})
+    format: ThinkingFormat | str | None = field(default=None, metadata={  # noqa: A003 - the public name
+        "help": "the model family's thinking format (hf_vattr.formats: a ThinkingFormat or its name); "
+                "None detects it from the processor and prompt, as the streamer does"})
 
     #: fields that do not change the collected numbers (safe to change when resuming)
     RUNTIME_FIELDS = ("batch_size",)
@@ -141,11 +145,17 @@ class CollectionConfig:
             raise ConfigError(f"CollectionConfig.regions_fn must be callable, got {self.regions_fn!r}.")
         if not isinstance(self.generate_kwargs, dict):
             raise ConfigError(f"CollectionConfig.generate_kwargs must be a dict, got {self.generate_kwargs!r}.")
+        try:
+            self.format = resolve_format(self.format)
+        except AttributionError as error:
+            raise ConfigError(f"CollectionConfig.format: {error}") from error
 
     def to_dict(self) -> dict:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "format" and value is not None:
+                value = value.name if FORMATS.get(value.name) == value else value.to_dict()
             if f.name == "regions_fn":
                 if value is not None:
                     value = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', repr(value))}"
@@ -446,8 +456,13 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
     generated = sequence[0, prompt_len:].tolist()
 
     splitter = splitter or ReasoningStepSplitter()
-    splitter.reset(tokenizer.decode(inputs["input_ids"][0].tolist(), skip_special_tokens=False))
-    tags = (getattr(splitter, "think_open", "<think>"), getattr(splitter, "think_close", "</think>"))
+    prompt_text = tokenizer.decode(inputs["input_ids"][0].tolist(), skip_special_tokens=False)
+    fmt = config.format or detect_format(processor, prompt_text)  # as the streamer does
+    if getattr(splitter, "auto_format", False):
+        splitter.set_format(fmt)  # type: ignore[attr-defined]
+    splitter.reset(prompt_text)
+    own = (getattr(splitter, "think_open", "<think>"), getattr(splitter, "think_close", "</think>"))
+    tags = tuple(dict.fromkeys((*(getattr(splitter, "format", None) or fmt).tags(), *own)))
     pieces = decode_pieces(tokenizer, generated, tags)
     closed = []
     for i, piece in enumerate(pieces):
@@ -469,7 +484,7 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
         raise RuntimeError(f"captured {token_features.shape[0]} feature rows for {scored} generated tokens.")
 
     num_spans = len(spans)
-    extra: dict = {"num_generated": len(generated),
+    extra: dict = {"num_generated": len(generated), "format": (getattr(splitter, "format", None) or fmt).name,
                    "image_sizes": [list(im.original_size) if im.original_size else None for im in layout.images]}
     subset_masks = random_subset_masks(num_regions, config.num_subsets, config.keep_prob,
                                        _example_generator(config.seed, example_id))

@@ -47,6 +47,7 @@ from .events import AttributionTrace, SpanAttribution, TokenAttribution
 from .layouts import VisualLayout
 from .regions import PromptRegions, RegionMap
 from .session import AttributionSession, StreamerInputError
+from .formats import ThinkingFormat, detect_format, resolve_format
 from .spans import ReasoningStepSplitter, SpanSplitter
 from .text import TokenTextDecoder
 
@@ -211,6 +212,9 @@ class AttributionStreamer(TextStreamer):
             pass); ``streamer.regions`` is then set once generation has started. Batches: a method name,
             or one region spec per row.
         splitter: span splitter; default :class:`ReasoningStepSplitter` (one copy per sequence).
+        format: the model family's :class:`~hf_vattr.formats.ThinkingFormat` (or its name); default: detected
+            from the processor and the prompt (:func:`~hf_vattr.formats.detect_format`). ``streamer.format``
+            is the one used.
         skip_prompt: as for ``TextStreamer``: leave the prompt out of :meth:`on_finalized_text` (default True).
         print_text: print the text as it is generated, like ``TextStreamer`` (sequence 0). Off by default:
             a streamer is meant to be iterated, and printing besides would double every line.
@@ -233,6 +237,7 @@ class AttributionStreamer(TextStreamer):
         regions: PromptRegions | Sequence[RegionMap] | RegionMap | str | None = None,
         grid_k: int = 16,
         splitter: SpanSplitter | None = None,
+        format: ThinkingFormat | str | None = None,  # noqa: A002 - the public name
         skip_prompt: bool = True,
         print_text: bool = False,
         timeout: float | None = None,
@@ -250,6 +255,7 @@ class AttributionStreamer(TextStreamer):
         if inputs is not None:
             self.session = AttributionSession(model, inputs, **self._session_options)
         self._splitter = splitter or ReasoningStepSplitter()
+        self.format: ThinkingFormat | None = resolve_format(format)
         self.print_text = print_text
         self.timeout = timeout
         self.start_timeout = start_timeout
@@ -481,21 +487,29 @@ class AttributionStreamer(TextStreamer):
         rows = session.row_of_sequence
         self.traces = [AttributionTrace(session.regions[r], sequence=s, images=session.images[r])
                        for s, r in enumerate(rows)]
+        texts = [self.tokenizer.decode(prompt_ids[s].tolist(), skip_special_tokens=False) for s in range(len(rows))]
+        if self.format is None:
+            self.format = detect_format(self.tokenizer, texts[0])
+        if getattr(self._splitter, "auto_format", False):
+            self._splitter.set_format(self.format)  # type: ignore[attr-defined]
         self._decoders = [TokenTextDecoder(self.tokenizer, self._tag_texts()) for _ in rows]
         self._splitters = [self._splitter if s == 0 else copy.deepcopy(self._splitter) for s in range(len(rows))]
+        self._held: list[collections.deque] = [collections.deque() for _ in rows]  # tokens whose section waits
         self._ended = [False] * len(rows)
         for s, splitter in enumerate(self._splitters):
-            text = self.tokenizer.decode(prompt_ids[s].tolist(), skip_special_tokens=False)
-            self.traces[s].prompt_text = text
-            splitter.reset(text)
+            self.traces[s].prompt_text = texts[s]
+            splitter.reset(texts[s])
         TextStreamer.put(self, prompt_ids[0])  # skip_prompt: only marks it; else the prompt text, as TextStreamer
         self._opened = True
         worker = threading.Thread(target=self._work_loop, name="hf_vattr-attribution", daemon=True)
         worker.start()
         self._worker = worker
 
-    def _tag_texts(self) -> tuple[str, str]:
-        return (getattr(self._splitter, "think_open", "<think>"), getattr(self._splitter, "think_close", "</think>"))
+    def _tag_texts(self) -> tuple[str, ...]:
+        """Tag texts the decoder keeps even when they are special tokens: the format's and the splitter's."""
+        fmt = getattr(self._splitter, "format", None) or self.format
+        own = (getattr(self._splitter, "think_open", "<think>"), getattr(self._splitter, "think_close", "</think>"))
+        return tuple(dict.fromkeys((*(fmt.tags() if fmt is not None else ()), *own)))
 
     def end(self) -> None:
         with self._lock:
@@ -541,7 +555,10 @@ class AttributionStreamer(TextStreamer):
                 item = self._work.popleft()
                 if item is _END:
                     for s in range(len(self._splitters)):
-                        self._emit_spans(s, self._splitters[s].flush())
+                        closed = self._splitters[s].flush()
+                        if self._held[s]:
+                            self._emit_tokens(s, self._splitters[s].pop_sections())
+                        self._emit_spans(s, closed)
                     TextStreamer.end(self)
                     self._events.put(_END)
                     return
@@ -565,23 +582,31 @@ class AttributionStreamer(TextStreamer):
             if trace.regions is None:
                 trace.regions = self.session.regions[self.session.row_of_sequence[s]]  # type: ignore[union-attr]
             k = trace.regions.num_regions
-            index = len(trace.tokens)
+            index = len(trace.tokens) + len(self._held[s])
             piece = self._decoders[s].push(token_id)
             closed = self._splitters[s].push(index, piece)
-            section = self._splitters[s].section()
-            event = TokenAttribution(
-                index=index, token_id=token_id, text=piece, region_scores=self._with_inherited(trace, section,
-                                                                                             scores[s, :k].clone()),
-                section=section,
-                features=None if features is None else features[s, ..., :k].detach().cpu(), sequence=s,
-            )
-            trace.tokens.append(event)
-            self._events.put(event)
+            # a token's section can wait for the next pieces (a tag split over tokens): its event waits with it
+            self._held[s].append((index, token_id, piece, scores[s, :k].clone(),
+                                  None if features is None else features[s, ..., :k].detach().cpu()))
+            self._emit_tokens(s, self._splitters[s].pop_sections())
             if s == 0:
                 TextStreamer.put(self, torch.tensor([token_id]))  # calls on_finalized_text as TextStreamer does
             self._emit_spans(s, closed)
             if token_id in self._eos_ids and len(token_ids) > 1:
                 self._ended[s] = True
+
+    def _emit_tokens(self, s: int, sections: Sequence[str]) -> None:
+        """Token events of sequence ``s``'s held tokens whose sections the splitter has settled, in order."""
+        trace = self.traces[s]
+        for section in sections:
+            if not self._held[s]:
+                break
+            index, token_id, piece, scores, features = self._held[s].popleft()
+            event = TokenAttribution(index=index, token_id=token_id, text=piece,
+                                     region_scores=self._with_inherited(trace, section, scores), section=section,
+                                     features=features, sequence=s)
+            trace.tokens.append(event)
+            self._events.put(event)
 
     def _inherits(self, trace: AttributionTrace, section: str) -> bool:
         """Do this section's scores include the thinking steps' (an answer after steps, an inheriting estimator)?"""

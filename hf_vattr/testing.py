@@ -30,6 +30,12 @@ __all__ = [
     "tiny_vlm",
     "example_inputs",
     "example_image",
+    "THINKING_FAMILIES",
+    "ThinkingFamily",
+    "tiny_thinking_vlm",
+    "thinking_inputs",
+    "ForcedTokens",
+    "forced_ids",
 ]
 
 # Shared text decoder size: small enough for CPU tests, big enough to have
@@ -183,17 +189,25 @@ def _recipe(family: str) -> FamilyRecipe:
     return FAMILIES[family]
 
 
-def build_tokenizer(special_tokens: dict[str, str], corpus: list[str] | None = None, vocab_size: int = 400):
+def build_tokenizer(special_tokens: dict[str, str], corpus: list[str] | None = None, vocab_size: int = 400,
+                    added_tokens: tuple[str, ...] = (), split_regex: str | None = None):
     """A byte-level BPE tokenizer trained in milliseconds on `corpus`.
 
     Byte-level so that any text round-trips through encode/decode (streamers
-    decode incrementally and must never lose characters).
+    decode incrementally and must never lose characters). ``added_tokens`` are single,
+    non-special tokens (like Qwen3's ``<think>``: they survive ``skip_special_tokens``);
+    ``split_regex`` replaces GPT-2's pre-tokenizer split (e.g. Qwen2's, as real Qwen2.5 tokenizers).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_regex is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     specials = list(dict.fromkeys(special_tokens.values()))
     trainer = trainers.BpeTrainer(
@@ -209,11 +223,13 @@ def build_tokenizer(special_tokens: dict[str, str], corpus: list[str] | None = N
         pad_token=special_tokens["eos"],
         additional_special_tokens=[t for t in specials if t != special_tokens["eos"]],
     )
+    if added_tokens:
+        fast.add_tokens(list(added_tokens))  # special=False: decoded with skip_special_tokens too
     return fast
 
 
 def build_processor(family: str, *, min_pixels: int | None = None, max_pixels: int | None = None,
-                    corpus: list[str] | None = None):
+                    corpus: list[str] | None = None, tokenizer: Any = None, chat_template: str | None = None):
     """The family's real processor class around a tiny tokenizer.
 
     Pixel limits default to a few dozen visual tokens per image so tests stay fast.
@@ -221,7 +237,7 @@ def build_processor(family: str, *, min_pixels: int | None = None, max_pixels: i
     import transformers
 
     recipe = _recipe(family)
-    tokenizer = build_tokenizer(recipe.special_tokens, corpus)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(recipe.special_tokens, corpus)
     unit = recipe.patch_size * 2  # pixels per LLM token side (patch * merge)
     size = {
         "shortest_edge": min_pixels if min_pixels is not None else 4 * unit * unit,
@@ -240,7 +256,7 @@ def build_processor(family: str, *, min_pixels: int | None = None, max_pixels: i
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
-        chat_template=recipe.chat_template,
+        chat_template=chat_template or recipe.chat_template,
     )
 
 
@@ -309,3 +325,111 @@ def example_inputs(processor, images=None, text: str = "What colour is the circl
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                            tokenize=False)
     return processor(text=[prompt], images=images or None, return_tensors="pt")
+
+
+# ----------------------------------------------------------------------------- thinking families, real formats
+
+#: Qwen2's pre-tokenizer split (Qwen2.5-VL's tokenizer): ``<think>`` in plain text becomes ``<think`` + ``>``
+#: before BPE, ``.</think>`` starts with the punctuation run ``.</``.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+_THINK_CORPUS = [
+    "<think>\nThe red circle is left of the blue square.\n</think>\n\n<answer>\nred\n</answer>",
+    "<think>\nLook at the image. The answer is red.</think>\n\n<answer>\nyes\n</answer>",
+    "Answer the question in the following format: <think>\nyour reasoning\n</think>\n\n<answer>\nyour answer"
+    "\n</answer>.",
+]
+
+
+@dataclass(frozen=True)
+class ThinkingFamily:
+    """A thinking VLM family as it really writes: its tags (single tokens or plain text) and generation prompt."""
+
+    name: str
+    arch: str  # a key of FAMILIES
+    special_tokens: dict[str, str]
+    added_tokens: tuple[str, ...]  # single non-special tokens
+    chat_template: str
+    split_regex: str | None = None
+    system_prompt: str | None = None
+
+
+_QWEN_NO_THINK = {k: v for k, v in _QWEN_TOKENS.items() if k not in ("think", "end_think")}
+_GLM_REAL = dict({k: v for k, v in _GLM_TOKENS.items() if k not in ("think", "end_think")},
+                 begin_box="<|begin_of_box|>", end_box="<|end_of_box|>")
+_QWEN_CHAT = _QWEN_TEMPLATE.replace("<|im_start|>assistant\n<think>\n{% endif %}", "<|im_start|>assistant\n{% endif %}")
+_GLM_CHAT = _GLM_TEMPLATE.replace("<|assistant|>\n<think>{% endif %}", "<|assistant|>{% endif %}")
+
+#: Qwen3-VL-Thinking: ``<think>`` tokens, the template opens the block. GLM-4.1V-Thinking: the prompt ends
+#: ``<|assistant|>``, the model writes ``<think>``; think and answer tags are non-special tokens, box markers
+#: special. MiMo-VL (Qwen2.5-VL arch): ``<think>`` tokens, the model opens the block. Cosmos-Reason1
+#: (Qwen2.5-VL arch and tokenizer): no think token; the format is asked for in the system prompt.
+THINKING_FAMILIES: dict[str, ThinkingFamily] = {
+    "qwen3_vl_thinking": ThinkingFamily("qwen3_vl_thinking", "qwen3_vl", _QWEN_NO_THINK, ("<think>", "</think>"),
+                                        _QWEN_TEMPLATE),
+    "glm4v_thinking": ThinkingFamily("glm4v_thinking", "glm4v", _GLM_REAL,
+                                     ("<think>", "</think>", "<answer>", "</answer>"), _GLM_CHAT),
+    "mimo_vl": ThinkingFamily("mimo_vl", "qwen2_5_vl", _QWEN_NO_THINK, ("<think>", "</think>"), _QWEN_CHAT),
+    "cosmos_reason1": ThinkingFamily(
+        "cosmos_reason1", "qwen2_5_vl", _QWEN_NO_THINK, (), _QWEN_CHAT, split_regex=QWEN2_SPLIT,
+        system_prompt=("You are a helpful assistant. Answer the question in the following format: "
+                       "<think>\nyour reasoning\n</think>\n\n<answer>\nyour answer\n</answer>.")),
+}
+
+
+def tiny_thinking_vlm(name: str, *, seed: int = 0, attn_implementation: str = "sdpa"):
+    """(model, processor) of a thinking family of :data:`THINKING_FAMILIES`, with its real tags and template."""
+    if name not in THINKING_FAMILIES:
+        raise ValueError(f"Unknown thinking family {name!r}; choose one of {sorted(THINKING_FAMILIES)}.")
+    fam = THINKING_FAMILIES[name]
+    tokenizer = build_tokenizer(fam.special_tokens, CORPUS + _THINK_CORPUS, added_tokens=fam.added_tokens,
+                                split_regex=fam.split_regex)
+    processor = build_processor(fam.arch, tokenizer=tokenizer, chat_template=fam.chat_template)
+    model = build_model(fam.arch, tokenizer, attn_implementation=attn_implementation, seed=seed)
+    return model, processor
+
+
+def thinking_inputs(name: str, processor, images=None, text: str = "What colour is the circle?"):
+    """Chat-formatted inputs for a thinking family (with its system prompt where it needs one) and the prompt."""
+    images = [example_image()] if images is None else list(images)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    messages = [{"role": "user", "content": content}]
+    system = THINKING_FAMILIES[name].system_prompt
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=[prompt], images=images or None, return_tensors="pt"), prompt
+
+
+def forced_ids(tokenizer, pieces: list[str]) -> list[int]:
+    """Token ids that decode to ``"".join(pieces)``, cut at least at every piece boundary.
+
+    A piece that is one token of the vocabulary (special or added ones included) is that token;
+    other pieces are encoded as the tokenizer would.
+    """
+    ids: list[int] = []
+    vocab = tokenizer.get_vocab()
+    for piece in pieces:
+        if piece in vocab and tokenizer.decode([vocab[piece]], skip_special_tokens=False) == piece:
+            ids.append(vocab[piece])
+        else:
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+    return ids
+
+
+class ForcedTokens:
+    """A logits processor that makes a model write ``ids`` (then ``eos_id``), whatever its weights.
+
+    ``generate(..., logits_processor=LogitsProcessorList([ForcedTokens(ids, eos, prompt_len)]))``.
+    """
+
+    def __init__(self, ids: list[int], eos_id: int, prompt_len: int) -> None:
+        self.ids, self.eos_id, self.prompt_len = list(ids), int(eos_id), int(prompt_len)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[-1] - self.prompt_len
+        target = self.ids[step] if step < len(self.ids) else self.eos_id
+        out = torch.full_like(scores, float("-inf"))
+        out[:, target] = 0.0
+        return out
