@@ -102,6 +102,7 @@ class Frame:
     steps_changed: bool = False
     done: bool = False
     elapsed: float = 0.0
+    calibrated: bool = True  # False: no estimator; scores are uncalibrated raw value-norm attention
 
 
 class _Live:
@@ -129,7 +130,8 @@ def step_picture(trace: "AttributionTrace", images: Sequence[Any], scores: Any, 
     """
     from . import viz
 
-    return viz.step_overlay(trace.regions, images, scores, top=top, caption=caption, evidence=evidence)
+    return viz.step_overlay(trace.regions, images, scores, top=top, caption=caption, evidence=evidence,
+                            units=viz.score_units(trace))
 
 
 def top_regions(regions: "PromptRegions", scores: Any, k: int = 3) -> list[tuple[int, str, float]]:
@@ -396,7 +398,7 @@ class LiveApp:
             return None
         span = spans[0]
         item = StepItem(span.index, span.section, span.text, viz.span_evidence(span, trace))
-        frame = Frame(text=trace.text, steps=[], tokens=len(trace.tokens))
+        frame = Frame(text=trace.text, steps=[], tokens=len(trace.tokens), calibrated=trace.calibrated)
         self._finished_picture(frame, trace, live.images, item, span, kind="pinned")
         return frame
 
@@ -435,7 +437,8 @@ class LiveApp:
             gr.Markdown(f"## {html.escape(self.title)}\nPick an example or upload an image, ask a question and "
                         "press **Run**. The reasoning streams in; each finished step becomes an item you can click to "
                         "pin its heatmap. Colours are the estimator's prediction of how much each region's removal "
-                        "would lower the step's log-probability.")
+                        "would lower the step's log-probability (with no estimator: uncalibrated raw value-norm "
+                        "attention, a ranking rather than a prediction, labelled so on the page).")
             with gr.Row():
                 with gr.Column(scale=2):
                     image = _unchecked_image(gr, type="filepath", label="Image", sources=["upload"],
@@ -444,7 +447,7 @@ class LiveApp:
                     question = gr.Textbox(label="Question", value=examples[0][1] if examples else "",
                                           elem_id="vattr-question")
                     with gr.Accordion("Options", open=False, elem_id="vattr-options"):
-                        estimator = gr.Textbox(label="Estimator (folder or Hub id; empty: raw attention)",
+                        estimator = gr.Textbox(label="Estimator (folder or Hub id; empty: uncalibrated raw attention)",
                                                value=self.estimator_ref, elem_id="vattr-estimator")
                         regions = gr.Textbox(label=f"Regions ({', '.join(REGION_METHODS)})", value=self.regions,
                                              elem_id="vattr-regions")
@@ -509,8 +512,13 @@ class LiveApp:
     def _frame_outputs(self, gr: Any, frame: Frame, live: _Live) -> tuple:
         """One frame as the page's outputs; unchanged parts are skipped so a click is not overwritten."""
         skip = gr.skip()
+        frame.calibrated = getattr(live.trace, "calibrated", True)
         status = (f"Done: {frame.tokens} tokens, {len(frame.steps)} steps in {frame.elapsed:.1f} s."
                   if frame.done else f"Thinking... {frame.tokens} tokens, {len(frame.steps)} finished step(s).")
+        if not frame.calibrated:
+            from .viz import UNCALIBRATED_NOTE
+
+            status += f" Scores are {UNCALIBRATED_NOTE}."
         steps = skip
         if frame.steps_changed:
             pinned = live.pinned
@@ -589,15 +597,16 @@ def _overlay_html(frame: Frame | None) -> str:
     else:
         caption = f"Just finished: {frame.overlay_title}"
     return (f"<div class='vattr-ov' data-kind='{frame.overlay_kind}' data-step='{step}'>"
-            f"<div class='vattr-cap'>{html.escape(caption)}</div>"
+            f"<div class='vattr-cap'>{html.escape(caption + ('' if frame.calibrated else ' (uncalibrated)'))}</div>"
             f"<img src='{_png_uri(frame.overlay)}' alt='attribution overlay'></div>")
 
 
 def _top_html(frame: Frame) -> str:
     if not frame.top:
         return "<div class='vattr-status'>No region has a positive predicted effect.</div>"
+    unit = "nats" if frame.calibrated else "uncalibrated"
     items = "".join(f"<li><span class='sw' style='background:{_RANK_COLOURS[min(i, 2)]}'></span>"
-                    f"{html.escape(words)} <small>(region #{rid}, {score:.3g} nats)</small></li>"
+                    f"{html.escape(words)} <small>(region #{rid}, {score:.3g} {unit})</small></li>"
                     for i, (rid, words, score) in enumerate(frame.top))
     return f"<div><b>Top regions</b> (outlined on the image)<ol>{items}</ol></div>"
 

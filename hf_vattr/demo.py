@@ -31,18 +31,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="vattr_report.html", help="HTML report path; PNGs go next to it")
     p.add_argument("--top", type=int, default=3, help="regions listed per step")
     p.add_argument("--quiet", action="store_true", help="do not print the trace while it is generated")
+    p.add_argument("--no-estimator", action="store_true",
+                   help="score with raw value-norm attention (uncalibrated), as before any estimator exists")
     return p
 
 
 def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr_report.html", top: int = 3,
-             quiet: bool = False) -> dict:
+             quiet: bool = False, no_estimator: bool = False) -> dict:
     """Run the demo and return a summary dict (paths, spans, pointing hits, the trace itself)."""
     import torch
 
     from .estimator import LinearEstimator
     from .streamer import AttributionStreamer, SpanAttribution, TokenAttribution
     from .toy import evidence_for_step, load_toy_model, make_examples, prompt_messages, region_on_evidence
-    from .viz import describe_regions, render_html, save_overlays, span_evidence
+    from .viz import UNCALIBRATED_NOTE, describe_regions, render_html, save_overlays, span_evidence
 
     start = time.perf_counter()
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
@@ -59,9 +61,11 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
     prompt = processor.apply_chat_template(prompt_messages(example), add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[prompt], images=images, return_tensors="pt")
     regions = toy_regions(model, inputs, images, estimator)
-    streamer = AttributionStreamer(model, processor, inputs=inputs, estimator=estimator, images=images,
-                                   regions=regions, print_text=False, timeout=120)
+    streamer = AttributionStreamer(model, processor, inputs=inputs, estimator=None if no_estimator else estimator,
+                                   images=images, regions=regions, print_text=False, timeout=120)
     print(f"Question: {example.question}\n")
+    if no_estimator:
+        print(f"Scores are {UNCALIBRATED_NOTE}.\n")
     hits = []
     at_line_start = True
     # Print from the event stream itself (not the streamer's own printer, which runs in another
@@ -86,6 +90,7 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
             label = f"step {event.index}" if event.section == "thinking" else "answer"
             evidence = span_evidence(event, streamer.trace)
             note = "" if evidence == "grounded" else f" ({evidence} evidence)"
+            note += "" if event.calibrated else " (uncalibrated)"
             print(f"    -> {label}{note}: top regions {describe_regions(streamer.regions, top_ids)}{verdict}",
                   flush=True)
     streamer.join()
@@ -97,7 +102,8 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
     trace_dir = streamer.trace.save(png_dir / "trace")
     elapsed = time.perf_counter() - start
     print(f"\nWrote {out}, {len(pngs)} overlay PNGs and the trace in {png_dir}/ ({elapsed:.1f} s). "
-          f"Top region on the step's object for {sum(hits)}/{len(hits)} steps.")
+          f"Top region on the step's object for {sum(hits)}/{len(hits)} steps"
+          + ("." if streamer.trace.calibrated else " (uncalibrated scores: raw value-norm attention, no estimator)."))
     return {"html": out, "pngs": pngs, "trace_dir": trace_dir, "spans": len(streamer.trace.spans), "hits": hits, "seconds": elapsed,
             "text": streamer.trace.text, "example": example, "trace": streamer.trace}
 
@@ -109,7 +115,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     else:
         argv = list(sys.argv[1:] if args is None else args)  # `python -m hf_vattr.demo --out x.html` too
     opts = _parser().parse_args(argv)
-    run_demo(opts.seed, opts.index, opts.out, opts.top, opts.quiet)
+    run_demo(opts.seed, opts.index, opts.out, opts.top, opts.quiet, opts.no_estimator)
     return 0
 
 

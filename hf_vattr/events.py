@@ -47,6 +47,11 @@ class TokenAttribution:
     section: str  # "thinking" or "answer"
     features: torch.Tensor | None = None  # (L, H, K) when keep_features=True
     sequence: int = 0  # which sequence of the batch (row of generate's output)
+    calibrated: bool = True  # False: streamed without an estimator (raw value-norm attention, hf_vattr.viz.UNCALIBRATED_NOTE)
+
+    @property
+    def uncalibrated(self) -> bool:
+        return not self.calibrated
 
     @property
     def token(self) -> str:
@@ -68,6 +73,11 @@ class SpanAttribution:
     section: str
     sequence: int = 0
     inherited: bool = False  # True: an answer whose scores include the thinking steps' (LinearEstimator.inherited)
+    calibrated: bool = True  # False: streamed without an estimator (raw value-norm attention, hf_vattr.viz.UNCALIBRATED_NOTE)
+
+    @property
+    def uncalibrated(self) -> bool:
+        return not self.calibrated
 
     def top_regions(self, k: int = 3) -> list[int]:
         """The ``k`` regions with the highest scores, best first (refused when a score is NaN or infinite)."""
@@ -95,6 +105,12 @@ class AttributionTrace:
     prompt_text: str = ""
     sequence: int = 0
     images: list | None = None  # the images the user passed for this sequence (PIL, arrays or (h, w)), if any
+    calibrated: bool = True  # False: scored without an estimator (raw value-norm attention, hf_vattr.viz.UNCALIBRATED_NOTE)
+
+    @property
+    def uncalibrated(self) -> bool:
+        """True when the scores are raw value-norm attention (no estimator): rankings, not predicted nats."""
+        return not self.calibrated
 
     @property
     def text(self) -> str:
@@ -141,15 +157,15 @@ class AttributionTrace:
 
     def summary(self, *, top_k: int = 3) -> str:
         """A plain-text table: one line per step with its evidence label and top regions in words."""
-        from .viz import _fmt, describe_location, span_evidence
+        from .viz import UNCALIBRATED_NOTE, _fmt, describe_location, span_evidence
 
-        lines = []
+        lines = [f"({UNCALIBRATED_NOTE})"] if self.uncalibrated else []
         for span in self.spans:
             where = ", ".join(f"{describe_location(self.regions, r)} ({_fmt(float(span.region_scores[r]))})"
                               for r in span.top_regions(top_k) if float(span.region_scores[r]) > 0)
             lines.append(f"[{span.index}] {span.section:8s} {span_evidence(span, self):8s} "
                          f"{span.text.strip()!r}: {where or 'no region with positive effect'}")
-        return "\n".join(lines) or "(no finished steps)"
+        return "\n".join(lines) if self.spans else "\n".join([*lines, "(no finished steps)"])
 
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | Path) -> Path:
@@ -187,6 +203,7 @@ class AttributionTrace:
                        "sequence": s.sequence, **({"inherited": True} if s.inherited else {})} for s in self.spans],
             "regions": regions_meta,
             "images": images_meta,
+            **({} if self.calibrated else {"calibrated": False}),  # omitted when calibrated: older files keep their bytes
         }
         trace_id = _tensors_digest(tensors)
         meta["trace_id"] = trace_id
@@ -223,13 +240,15 @@ class AttributionTrace:
                 regions = PromptRegions.from_dict(meta["regions"])
                 regions.layout.extras = dict(meta["regions"]["layout"].get("extras") or {})
             features = dict(zip(meta.get("features_of", []), tensors.get("token_features", [])))
+            calibrated = meta.get("calibrated", True) is not False
             tokens = [TokenAttribution(index=t["index"], token_id=t["token_id"], text=t["text"],
                                        region_scores=tensors["token_scores"][i].clone(), section=t["section"],
                                        features=None if i not in features else features[i].clone(),
-                                       sequence=t["sequence"]) for i, t in enumerate(meta["tokens"])]
+                                       sequence=t["sequence"], calibrated=calibrated) for i, t in enumerate(meta["tokens"])]
             spans = [SpanAttribution(index=s["index"], text=s["text"], token_range=tuple(s["token_range"]),
                                      region_scores=tensors["span_scores"][i].clone(), section=s["section"],
-                                     sequence=s["sequence"], inherited=bool(s.get("inherited", False)))
+                                     sequence=s["sequence"], inherited=bool(s.get("inherited", False)),
+                                     calibrated=calibrated)
                      for i, s in enumerate(meta["spans"])]
             images = None if meta["images"] is None else [_load_image(m, tensors) for m in meta["images"]]
         except TraceFileError:
@@ -238,7 +257,8 @@ class AttributionTrace:
             what = f"lacks the field {e.args[0]!r}" if isinstance(e, KeyError) else f"is malformed ({e})"
             raise TraceFileError(f"{json_path} {what}; it was edited or not written by AttributionTrace.save. "
                                  "Save the trace again.") from e
-        return cls(regions, tokens, spans, prompt_text=meta["prompt_text"], sequence=meta["sequence"], images=images)
+        return cls(regions, tokens, spans, prompt_text=meta["prompt_text"], sequence=meta["sequence"], images=images,
+                   calibrated=calibrated)
 
 
 _REQUIRED_TRACE_FIELDS = ("format", "tokens", "spans", "regions", "images", "prompt_text", "sequence")

@@ -60,12 +60,14 @@ class LiveView:
         return trace.spans[-1].region_scores if trace.spans else None
 
     def _current_html(self, done: bool) -> str:
-        from .viz import _png_data_uri, step_overlay, trajectory_plot
+        from .viz import UNCALIBRATED_NOTE, _png_data_uri, score_units, step_overlay, trajectory_plot
 
         trace = self.trace
         n, elapsed = len(trace.tokens), max((self.clock() if not done else self._seen) - self._started, 1e-9)
         status = (f"{'done' if done else 'generating'}: {n} tokens, {len(trace.spans)} finished steps, "
                   f"{n / elapsed:.1f} tokens/s")
+        if not getattr(trace, "calibrated", True):
+            status += f" &mdash; <b style='color:#8a4b00'>{html.escape(UNCALIBRATED_NOTE)}</b>"
         picture = ""
         if trace.regions is not None:
             if done and trace.spans:
@@ -75,18 +77,21 @@ class LiveView:
                 scores = self._current_scores()
                 if scores is not None:
                     images = trace.images if trace.images is not None else [None] * len(trace.regions.maps)
-                    ov = step_overlay(trace.regions, images, scores, top=self.top, caption="current step")
+                    ov = step_overlay(trace.regions, images, scores, top=self.top, caption="current step",
+                                      units=score_units(trace))
                     picture = f"<img style='max-height:260px' src='{_png_data_uri(ov)}' alt='current step overlay'>"
         text = html.escape(trace.text[-2000:])
         return (f"<div class='vattr-live'><div style='color:#666;font-size:0.85em'>{status}</div>{picture}"
                 f"<pre style='white-space:pre-wrap;max-height:12em;overflow:auto'>{text}</pre></div>")
 
     def _table_html(self) -> str:
-        from .viz import table_html
+        from .viz import table_html, uncalibrated_banner_html
 
+        calibrated = getattr(self.trace, "calibrated", True)
         if not self._rows:
-            return "<div class='vattr'><i>finished steps appear here</i></div>"
-        return table_html(self._rows)
+            banner = "" if calibrated else uncalibrated_banner_html()
+            return f"<div class='vattr'>{banner}<i>finished steps appear here</i></div>"
+        return table_html(self._rows, calibrated=calibrated)
 
     # ------------------------------------------------------------------ updates
     def follow(self, trace: AttributionTrace) -> None:

@@ -99,7 +99,8 @@ class AttributionSession:
     Args:
         model: the VLM that will generate.
         inputs: the processor outputs passed to ``generate`` (batched rows may be left-padded).
-        estimator: a :class:`~hf_vattr.estimator.LinearEstimator`, or ``None`` for raw attention.
+        estimator: a :class:`~hf_vattr.estimator.LinearEstimator`, or ``None`` for raw value-norm attention
+            (uncalibrated: :attr:`calibrated` is False).
         images: original images (or ``(height, width)``) in prompt order; for batches, one list per row
             or one flat list in batch order.
         regions: as for :class:`~hf_vattr.streamer.AttributionStreamer`; for batches, a method name or one
@@ -139,13 +140,17 @@ class AttributionSession:
             # A private copy on the model's device: scoring then never copies weights per token.
             estimator = copy.deepcopy(estimator).to(next(model.parameters()).device).eval()
         else:
+            # The best untrained score measured on the toy: value-norm attention (attention times ||W_O^h v_j||),
+            # mean over layers and heads (docs/streaming.md, "Without an estimator"). Labelled uncalibrated.
             logger.warning(
-                "Attribution without an estimator scores regions by raw attention (mean over layers and heads), "
-                "which is not causal. Load one with LinearEstimator.from_pretrained(...)."
+                "Attribution without an estimator scores regions by raw value-norm attention (mean over layers and "
+                "heads): uncalibrated, a ranking of regions rather than a predicted effect. Load an estimator with "
+                "LinearEstimator.from_pretrained(...)."
             )
             self.pooling = "sum"
-            self.feature_kind = "attention"
+            self.feature_kind = "value_norm"
         self.estimator = estimator
+        self.calibrated = estimator is not None  # False: scores are labelled "uncalibrated" wherever they are shown
         self.capture: AttentionCapture | None = None
         self.row_of_sequence: list[int] = []
         self._lock = threading.Lock()

@@ -78,9 +78,22 @@ __all__ = [
     "TraceLike",
     "WEAK_FRACTION",
     "SCORE_UNITS",
+    "UNCALIBRATED_UNITS",
+    "UNCALIBRATED_NOTE",
+    "score_units",
 ]
 
 SCORE_UNITS = "predicted log-prob drop (nats) if the region were removed"
+#: Units of a trace scored without an estimator (``trace.calibrated`` is False): rankings, not nats.
+UNCALIBRATED_UNITS = "uncalibrated score (raw value-norm attention, no estimator)"
+#: The sentence shown with every table, report, summary and page of such a trace (docs/streaming.md).
+UNCALIBRATED_NOTE = ("uncalibrated: raw value-norm attention (no estimator), a ranking of regions, not a predicted "
+                     "drop in nats")
+
+
+def score_units(trace: Any) -> str:
+    """What a trace's scores are: :data:`SCORE_UNITS`, or :data:`UNCALIBRATED_UNITS` for a trace without estimator."""
+    return SCORE_UNITS if getattr(trace, "calibrated", True) else UNCALIBRATED_UNITS
 EVIDENCE_LEVELS = ("grounded", "weak", "indirect", "inherited")
 #: A thinking step is "weak" when its largest predicted region effect is below this fraction of the
 #: median largest effect of the trace's thinking steps (or is not positive at all).
@@ -507,7 +520,7 @@ class OverlayRenderer:
         return self._header
 
     def render(self, scores: torch.Tensor | np.ndarray, *, top: int = 3, vmax: float | None = None,
-               caption: str | None = None, evidence: str = "grounded") -> Image.Image:
+               caption: str | None = None, evidence: str = "grounded", units: str = SCORE_UNITS) -> Image.Image:
         """The picture of one score vector; arguments as :func:`step_overlay`."""
         if evidence not in EVIDENCE_LEVELS:
             raise ValueError(f"evidence must be one of {EVIDENCE_LEVELS}, got {evidence!r}.")
@@ -518,7 +531,7 @@ class OverlayRenderer:
             hi = 1e-6
         order_global = [int(r) for r in np.argsort(-s, kind="stable")[:max(int(top), 0)] if s[r] > 0] if top else []
         header = 18 if (caption or muted or len(self.panels) > 1) else 0
-        bar = colour_bar(0.0, hi, self.bar_width, clipped_low=bool((s < 0).any()))
+        bar = colour_bar(0.0, hi, self.bar_width, clipped_low=bool((s < 0).any()), label=units)
         canvas = np.full((header + self.height + bar.height, self.canvas_width, 3), 255, dtype=np.uint8)
         if header:
             canvas[:header] = self._header_strip()
@@ -574,7 +587,8 @@ def clear_cache() -> None:
 
 
 def step_overlay(regions: PromptRegions, images: Sequence[Any], scores: torch.Tensor, *, top: int = 3,
-                 vmax: float | None = None, caption: str | None = None, evidence: str = "grounded") -> Image.Image:
+                 vmax: float | None = None, caption: str | None = None, evidence: str = "grounded",
+                 units: str = SCORE_UNITS) -> Image.Image:
     """The picture of one step's (or one token's) region scores.
 
     Per image, side by side: the original, colours untouched, with the ``top`` regions outlined and
@@ -582,7 +596,9 @@ def step_overlay(regions: PromptRegions, images: Sequence[Any], scores: torch.Te
     grey copy. Below: a colour bar with values in the estimator's units. The scale runs from 0 to
     ``vmax`` (default: this step's largest score; pass one value to compare steps); scores at or
     below 0 (no support) get the darkest colour. ``evidence="weak"`` or ``"indirect"`` (see
-    :func:`span_evidence`) hatches the heatmap and labels the picture "weak evidence" / "indirect evidence". ``images`` entries may be PIL images, arrays, or
+    :func:`span_evidence`) hatches the heatmap and labels the picture "weak evidence" / "indirect evidence".
+    ``units`` labels the colour bar (:func:`score_units` of the trace: "uncalibrated ..." without an
+    estimator). ``images`` entries may be PIL images, arrays, or
     ``None`` / ``(h, w)`` when only the size is known (a grey canvas is drawn).
 
     The parts that do not depend on the scores are prepared once per ``(regions, images)`` objects and
@@ -594,7 +610,8 @@ def step_overlay(regions: PromptRegions, images: Sequence[Any], scores: torch.Te
     if evidence not in EVIDENCE_LEVELS:
         raise ValueError(f"evidence must be one of {EVIDENCE_LEVELS}, got {evidence!r}.")
     _scores_np(scores, regions.num_regions)  # refuse a wrong length before any preparation
-    return overlay_renderer(regions, images).render(scores, top=top, vmax=vmax, caption=caption, evidence=evidence)
+    return overlay_renderer(regions, images).render(scores, top=top, vmax=vmax, caption=caption, evidence=evidence,
+                                                    units=units)
 
 
 # --------------------------------------------------------------------------- evidence strength
@@ -832,7 +849,7 @@ def save_overlays(trace: TraceLike, images: Sequence[Any] | None = None, out_dir
         path = out_dir / f"{prefix}_{span.index:03d}.png"
         evidence = span_evidence(span, trace)
         step_overlay(trace.regions, images, span.region_scores, top=top, evidence=evidence,
-                     caption=f"{span.section} {span.index}").save(path)
+                     caption=f"{span.section} {span.index}", units=score_units(trace)).save(path)
         paths.append(path)
     return paths
 
@@ -851,6 +868,7 @@ _CSS = """
 .vattr .ev.weak, .vattr .ev.indirect {{ background: #eee; color: #777; }}
 .vattr tr.weak img.ov, .vattr tr.indirect img.ov {{ outline: 2px dashed #bbb; }}
 .vattr tr.weak td.txt, .vattr tr.indirect td.txt {{ color: #777; }}
+.vattr .uncal {{ background: #fff4e0; color: #8a4b00; padding: 4px 8px; border-left: 3px solid #e08a00; }}
 """
 
 _EVIDENCE_NOTE = {
@@ -870,10 +888,11 @@ def span_row_html(span: SpanLike, trace: TraceLike, images: Sequence[Any] | None
     images = _trace_images(trace, images)
     evidence = span_evidence(span, trace)
     top = [r for r in span.top_regions(top_k) if float(span.region_scores[r]) > 0]
-    picture = step_overlay(trace.regions, images, span.region_scores, top=top_k, evidence=evidence)
+    units = score_units(trace)
+    picture = step_overlay(trace.regions, images, span.region_scores, top=top_k, evidence=evidence, units=units)
     where = "<br>".join(
         f"{i + 1}. {html.escape(describe_location(trace.regions, r))} "
-        f"(<span title='{html.escape(SCORE_UNITS)}'>{_fmt(float(span.region_scores[r]))}</span>)"
+        f"(<span title='{html.escape(units)}'>{_fmt(float(span.region_scores[r]))}</span>)"
         for i, r in enumerate(top)) or "no region with positive predicted effect"
     label = "weak evidence" if evidence == "weak" else evidence
     return (f"<tr class='{evidence}'><td class='idx'>{span.index}</td>"
@@ -884,12 +903,20 @@ def span_row_html(span: SpanLike, trace: TraceLike, images: Sequence[Any] | None
             f"<td class='top'>{where}</td></tr>")
 
 
-def table_html(rows: Sequence[str], *, max_height: int = 300) -> str:
-    """Wrap step rows (:func:`span_row_html`) in the table with its header and CSS."""
+def uncalibrated_banner_html() -> str:
+    """The line shown above every table or report of a trace scored without an estimator."""
+    return (f"<p class='uncal' data-calibrated='false'><b>{html.escape(UNCALIBRATED_NOTE.split(':')[0])}</b>:"
+            f"{html.escape(UNCALIBRATED_NOTE.split(':', 1)[1])}. Load an estimator for predicted effects.</p>")
+
+
+def table_html(rows: Sequence[str], *, max_height: int = 300, calibrated: bool = True) -> str:
+    """Wrap step rows (:func:`span_row_html`) in the table with its header and CSS; ``calibrated=False`` adds
+    the "uncalibrated" banner and column label (a trace without an estimator)."""
     body = "".join(rows) or "<tr><td colspan='6'>no finished steps yet</td></tr>"
-    return (f"<div class='vattr'><style>{_CSS.format(h=max_height)}</style>"
+    banner, score = ("", "score") if calibrated else (uncalibrated_banner_html(), "uncalibrated score")
+    return (f"<div class='vattr'><style>{_CSS.format(h=max_height)}</style>{banner}"
             "<table><tr><th>#</th><th>section</th><th>step</th><th>evidence</th><th>attribution</th>"
-            f"<th>top regions (score)</th></tr>{body}</table></div>")
+            f"<th>top regions ({score})</th></tr>{body}</table></div>")
 
 
 def trace_table_html(trace: TraceLike, images: Sequence[Any] | None = None, *, top_k: int = 3,
@@ -899,7 +926,7 @@ def trace_table_html(trace: TraceLike, images: Sequence[Any] | None = None, *, t
     rows = []
     if trace.regions is not None:
         rows = [span_row_html(span, trace, images, top_k=top_k) for span in trace.spans]
-    return table_html(rows, max_height=max_height)
+    return table_html(rows, max_height=max_height, calibrated=getattr(trace, "calibrated", True))
 
 
 def render_html(trace: TraceLike, images: Sequence[Any] | None = None, path: str | Path | None = None, *,
@@ -921,9 +948,10 @@ def render_html(trace: TraceLike, images: Sequence[Any] | None = None, path: str
 <h1>{html.escape(title)}</h1>
 {f"<p><b>Question:</b> {html.escape(question)}</p>" if question else ""}
 <p>{originals}</p>
+{"" if getattr(trace, "calibrated", True) else uncalibrated_banner_html()}
 <p>How to read: for each reasoning step, the left picture is the original image with the regions the
 estimator scores highest outlined and numbered (white 1, cyan 2, magenta 3); the right picture colours
-every region by its score, the {html.escape(SCORE_UNITS)}, on the scale drawn below it (dark = no effect).
+every region by its score, the {html.escape(score_units(trace))}, on the scale drawn below it (dark = no effect).
 Steps marked <i>weak evidence</i> (small predicted effects) or <i>indirect</i> (answer spans scored by their
 own attention, which does not predict their effects) are greyed out: do not read their heatmaps as grounding.
 Answers marked <i>inherited</i> take their scores from the thinking steps before them, the path by which
