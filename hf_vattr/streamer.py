@@ -315,7 +315,7 @@ class AttributionStreamer(TextStreamer):
 
     def _row_traces(self) -> list[AttributionTrace]:
         assert self.session is not None
-        return [AttributionTrace(r, sequence=i, images=self.session.images[i])
+        return [AttributionTrace(r, sequence=i, images=self.session.images[i], calibrated=self.session.calibrated)
                 for i, r in enumerate(self.session.regions)]
 
     @staticmethod
@@ -485,8 +485,8 @@ class AttributionStreamer(TextStreamer):
             self._fail(error, f"attribution could not start: {error}")
             raise
         rows = session.row_of_sequence
-        self.traces = [AttributionTrace(session.regions[r], sequence=s, images=session.images[r])
-                       for s, r in enumerate(rows)]
+        self.traces = [AttributionTrace(session.regions[r], sequence=s, images=session.images[r],
+                                        calibrated=session.calibrated) for s, r in enumerate(rows)]
         texts = [self.tokenizer.decode(prompt_ids[s].tolist(), skip_special_tokens=False) for s in range(len(rows))]
         if self.format is None:
             self.format = detect_format(self.tokenizer, texts[0])
@@ -604,7 +604,7 @@ class AttributionStreamer(TextStreamer):
             index, token_id, piece, scores, features = self._held[s].popleft()
             event = TokenAttribution(index=index, token_id=token_id, text=piece,
                                      region_scores=self._with_inherited(trace, section, scores), section=section,
-                                     features=features, sequence=s)
+                                     features=features, sequence=s, calibrated=trace.calibrated)
             trace.tokens.append(event)
             self._events.put(event)
 
@@ -626,7 +626,8 @@ class AttributionStreamer(TextStreamer):
         for span in closed:
             scores = torch.stack([t.region_scores for t in trace.tokens[span.start:span.end]]).mean(0)
             event = SpanAttribution(len(trace.spans), span.text, (span.start, span.end), scores, span.section,
-                                    sequence=sequence, inherited=self._inherits(trace, span.section))
+                                    sequence=sequence, inherited=self._inherits(trace, span.section),
+                                    calibrated=trace.calibrated)
             trace.spans.append(event)
             self._events.put(event)
 
