@@ -14,7 +14,7 @@ import threading
 import pytest
 import torch
 
-from hf_vattr import AttributionStreamer, TokenAttribution
+from hf_vattr import LinearEstimator, AttributionStreamer, TokenAttribution
 from hf_vattr.capture import capture_active
 from hf_vattr.layouts import extend_inputs
 from hf_vattr.streamer import GenerationError
@@ -87,12 +87,23 @@ def _stream(streamer, **generate_kwargs):
     return [e for e in box["events"] if isinstance(e, TokenAttribution)], streamer.join(DEADLINE)
 
 
+def _attention_estimator(model):
+    """Uniform weights over plain attention features: the features are the eager reference's, and a score is
+    their mean over layers and heads (as raw-attention scoring was)."""
+    layers, heads = model.config.get_text_config().num_hidden_layers, model.config.get_text_config().num_attention_heads
+    estimator = LinearEstimator(layers, heads, model_type=model.config.model_type, feature_kind="attention")
+    with torch.no_grad():
+        estimator.weight.fill_(1.0 / (layers * heads))
+    return estimator
+
+
 def run(family, dtype):
     """Generate without and with the streamer; returns what the checks need, and the eager reference."""
     model, proc = _model_in(family, dtype)
     inputs32, inputs = _inputs(proc, dtype)
     plain = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    streamer = AttributionStreamer(model, proc, inputs=inputs, keep_features=True)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, estimator=_attention_estimator(model),
+                                   keep_features=True)
     tokens, output = _stream(streamer, **inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert not capture_active() and not model._forward_hooks
     reference = _eager_features(family, inputs32, output, streamer)
@@ -115,7 +126,7 @@ def test_generation_unchanged_and_features_match_eager(family, dtype):
     assert streamer.capture.path == "lse"
     got = torch.stack([t.features for t in tokens]).float()  # (T, L, H, K)
     assert got.shape == ref.shape
-    # without an estimator a region's score is its attention averaged over layers and heads
+    # uniform weights: a region's score is its attention averaged over layers and heads
     torch.testing.assert_close(torch.stack([t.region_scores for t in tokens]).float(), got.mean(dim=(1, 2)),
                                atol=1e-6, rtol=0)
     if dtype == torch.float32:
@@ -141,7 +152,8 @@ def test_other_routes_keep_generation_and_features(family, dtype, route, monkeyp
         monkeypatch.setattr(capture_module, "_sdpa_decode_with_lse", lambda *args: None)  # no LSE kernel
     inputs32, inputs = _inputs(proc, dtype)
     plain = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    streamer = AttributionStreamer(model, proc, inputs=inputs, keep_features=True)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, estimator=_attention_estimator(model),
+                                   keep_features=True)
     tokens, output = _stream(streamer, **inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(output, plain)
     assert streamer.capture.path == route
@@ -163,7 +175,8 @@ def test_cuda_generation_unchanged_and_route_reported(dtype):
     _, inputs = _inputs(proc, dtype)
     inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     plain = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    streamer = AttributionStreamer(model, proc, inputs=inputs, keep_features=True)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, estimator=_attention_estimator(model),
+                                   keep_features=True)
     tokens, output = _stream(streamer, **inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(output, plain)
     assert streamer.capture.path in ("lse", "full-row")
