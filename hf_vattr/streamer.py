@@ -109,16 +109,21 @@ class _AttributedGenerate:
         return streamer._run_generate(self.original, args, kwargs)
 
 
-_ARM_LOCK = threading.Lock()
+# Reentrant: a collected streamer's finalizer (``_disarm``) can run inside ``_arm`` on this very thread, since
+# garbage collection may start at any allocation; a plain lock deadlocked there.
+_ARM_LOCK = threading.RLock()
 
 
 def _arm(model: Any, streamer: "AttributionStreamer") -> None:
     with _ARM_LOCK:
-        wrapper = vars(model).get("generate")
-        if not isinstance(wrapper, _AttributedGenerate):
-            wrapper = _AttributedGenerate(model)
-            model.generate = wrapper
-        wrapper.streamers.add(streamer)
+        while True:
+            wrapper = vars(model).get("generate")
+            if not isinstance(wrapper, _AttributedGenerate):
+                wrapper = _AttributedGenerate(model)
+                vars(model)["generate"] = wrapper  # the instance dict itself: no nn.Module.__setattr__ machinery
+            wrapper.streamers.add(streamer)
+            if vars(model).get("generate") is wrapper:  # a finalizer run in between may have removed it: again
+                return
 
 
 def _disarm(model_ref: "weakref.ref", streamer: "AttributionStreamer | None" = None) -> None:
@@ -130,9 +135,10 @@ def _disarm(model_ref: "weakref.ref", streamer: "AttributionStreamer | None" = N
             return
         if streamer is not None:
             wrapper.streamers.discard(streamer)
-        if next(iter(wrapper.streamers), None) is None:  # live ones only (a dying one may still be counted)
+        if next(iter(wrapper.streamers), None) is None and vars(model).get("generate") is wrapper:
+            # (live streamers only: a dying one may still be counted; and a nested run may have removed it)
             if wrapper.had_own_generate:
-                model.generate = wrapper.original
+                vars(model)["generate"] = wrapper.original
             else:
                 del vars(model)["generate"]
 

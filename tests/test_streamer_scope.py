@@ -253,3 +253,34 @@ def test_a_batch_given_too_few_images_names_each_rows_count():
     inputs = proc(text=prompts, images=images, return_tensors="pt", padding=True)
     with pytest.raises(StreamerInputError, match=r"Got 1 image\(s\) for a batch of 2 rows holding row 0: 1 image\(s\), row 1: 1 image\(s\)"):
         AttributionStreamer(model, proc, inputs=inputs, images=images[:1])
+
+
+def test_a_finalizer_running_inside_arm_neither_deadlocks_nor_leaves_the_streamer_unarmed(monkeypatch):
+    """Garbage collection can run a dropped streamer's finalizer (which disarms) at any allocation, also while
+    a new streamer is being armed on the same thread: that must neither deadlock nor lose the new wrapper."""
+    import weakref
+
+    import hf_vattr.streamer as streamer_module
+
+    model, proc = get_tiny("qwen3_vl")
+    inputs = example_inputs(proc)
+    add = weakref.WeakSet.add
+    fired = []
+
+    def add_after_a_finalizer(self, item):
+        if isinstance(item, AttributionStreamer) and not fired:  # the wrapper's own set, inside _arm
+            fired.append(True)
+            streamer_module._disarm(weakref.ref(model))  # as a collected streamer's finalizer would, right here
+        return add(self, item)
+
+    monkeypatch.setattr(weakref.WeakSet, "add", add_after_a_finalizer)
+    box = {}
+    builder = threading.Thread(target=lambda: box.update(streamer=AttributionStreamer(model, proc)), daemon=True)
+    builder.start()
+    builder.join(20)
+    assert not builder.is_alive(), "arming deadlocked"
+    monkeypatch.undo()
+    assert fired and armed_on(model)
+    events = list(box["streamer"].generate(**inputs, max_new_tokens=2, do_sample=False))
+    assert sum(isinstance(e, TokenAttribution) for e in events) == 2
+    assert_nothing_installed(model)
