@@ -79,17 +79,26 @@ def test_decode_steps_match_eager_rows():
     torch.testing.assert_close(rows[-1], ref[:, :, seq.shape[1] - 2], atol=TOLERANCE, rtol=0)
 
 
-def test_lookup_restored_after_exit_and_on_error():
+def test_only_this_models_text_attention_is_switched_and_restored_also_on_error():
     model, proc = get_tiny("qwen3_vl")
+    other, _ = get_tiny("glm4v")
     inputs, layout, membership = _layout_and_membership(model, proc)
-    from transformers.modeling_utils import AttentionInterface
-    original = AttentionInterface.get_interface
+    from transformers import AttentionInterface
+
+    class_attributes = dict(vars(AttentionInterface))
+    text, vision = model.config.text_config, model.config.vision_config
+    before = (text._attn_implementation, vision._attn_implementation, other.config.text_config._attn_implementation)
     with pytest.raises(RuntimeError, match="inside"):
         with AttentionCapture(model, layout.positions, membership):
-            assert capture_active()
+            assert capture_active(model) and not capture_active(other)
+            assert text._attn_implementation == "hf_vattr_" + before[0]  # a name registered through the interface
+            assert vision._attn_implementation == before[1]  # the vision tower keeps its own
+            assert other.config.text_config._attn_implementation == before[2]
             raise RuntimeError("inside")
     assert not capture_active()
-    assert AttentionInterface.get_interface is original
+    assert (text._attn_implementation, vision._attn_implementation,
+            other.config.text_config._attn_implementation) == before
+    assert dict(vars(AttentionInterface)) == class_attributes  # no class-level patch, ever
 
 
 def test_same_model_cannot_be_captured_twice():
