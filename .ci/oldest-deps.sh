@@ -26,6 +26,7 @@ CORE_TESTS=(
     tests/test_streamer_lifecycle.py
     tests/test_layouts.py
     tests/test_streamer_batches.py  # padded batches: the pack_gqa path the other files do not reach
+    tests/test_streamer_scope.py    # scoping, static cache, pipeline, thread isolation, exit
 )
 
 start=$SECONDS

@@ -49,10 +49,15 @@ DEFAULT_EVAL_JSON = "eval_report.json"
 
 
 def _load_model(model_id: str | None, *, toy: bool, dtype: str, device_map: str | None, attn: str,
-                revision: str | None = None, device: str | None = None):
+                revision: str | None = None, device: str | None = None, quantization: str | None = None):
     import torch
     import transformers
 
+    quantization_config = _quantization_config(quantization)
+    if model_id is None and toy and quantization_config is not None:
+        from .toy import toy_checkpoint_path
+
+        model_id = str(toy_checkpoint_path())  # the toy is a plain model folder: load it quantized like any other
     if model_id is None:
         if not toy:
             raise UsageError("--model is required (or use --toy N with the built-in toy model).")
@@ -73,6 +78,8 @@ def _load_model(model_id: str | None, *, toy: bool, dtype: str, device_map: str 
             kwargs["dtype"] = "auto"
         if revision:
             kwargs["revision"] = revision
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
         if device_map:
             kwargs["device_map"] = device_map if device_map in ("auto", "balanced", "sequential") else \
                 {"": device_map}
@@ -83,7 +90,7 @@ def _load_model(model_id: str | None, *, toy: bool, dtype: str, device_map: str 
             first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise UsageError(f"--model {model_id}: cannot load it ({first}). Pass a local model folder or a Hub id "
                              "(with HF_HUB_OFFLINE unset if it is not downloaded yet).") from e
-    if device and not device_map:
+    if device and not device_map and quantization_config is None:  # bitsandbytes places the model itself
         model.to(device)
     model.eval()
     return model, processor, model_id
@@ -94,6 +101,27 @@ def _check_out_folder(out: str) -> None:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {out}: a file of that name exists; pass a folder (new or existing).")
+
+
+def _check_quantization(quantization: str | None) -> None:
+    """``--quantization 8bit|4bit`` loads through bitsandbytes: it must be importable, checked before any load."""
+    if quantization in (None, "none"):
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--quantization {quantization}: bitsandbytes is not installed; `pip install bitsandbytes` "
+                         "or leave --quantization out.") from None
+
+
+def _quantization_config(quantization: str | None) -> Any:
+    if quantization in (None, "none"):
+        return None
+    import transformers
+
+    if quantization == "8bit":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype="float32")
 
 
 def _check_device(device: str | None, option: str) -> None:
@@ -208,6 +236,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     _check_out_folder(args.out)
     _check_device(args.device, "--device")
+    _check_quantization(args.quantization)
     if args.device_map not in (None, "auto", "balanced", "sequential"):
         _check_device(args.device_map, "--device-map")
     if args.dataset is not None and args.model is None:
@@ -245,7 +274,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         device = args.device
     model, processor, model_id = _load_model(args.model, toy=args.toy is not None, dtype=args.dtype,
                                              device_map=device_map, attn=args.attn_implementation,
-                                             revision=args.revision, device=device)
+                                             revision=args.revision, device=device, quantization=args.quantization)
     _check_like_model(like, model, args.like)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -338,6 +367,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     collection = Path(args.collection)
     _check_device(args.device, "--device")
+    _check_quantization(args.quantization)
     if args.device_map not in (None, "auto", "balanced", "sequential"):
         _check_device(args.device_map, "--device-map")
     known = ["estimator", *sorted(METHODS)]
@@ -380,7 +410,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model_id = args.model or (dataset.params.get("model") if dataset else None)
         toy = dataset is not None and dataset.kind == "toy" and model_id is None
         model, processor, _ = _load_model(model_id, toy=toy, dtype=args.dtype, device_map=args.device_map,
-                                          attn=args.attn_implementation, device=args.device)
+                                          attn=args.attn_implementation, device=args.device,
+                                          quantization=args.quantization)
         if estimator is not None:
             estimator.check_compatible(model)
         if dataset is None:
@@ -517,11 +548,13 @@ def cmd_app(args: argparse.Namespace) -> int:
     if args.regions is not None and args.regions not in app.REGION_METHODS:
         raise UsageError(f"--regions {args.regions!r} is not a region method; choose one of {app.REGION_METHODS}.")
     _check_device(args.device, "--device")
+    _check_quantization(args.quantization)
     if args.device_map not in (None, "auto", "balanced", "sequential"):
         _check_device(args.device_map, "--device-map")
     toy = args.model is None
     model, processor, _ = _load_model(args.model, toy=toy, dtype=args.dtype, device_map=args.device_map,
-                                      attn=args.attn_implementation, device=args.device)
+                                      attn=args.attn_implementation, device=args.device,
+                                      quantization=args.quantization)
     estimator_ref = args.estimator
     examples: list = []
     if toy:
@@ -651,6 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="from_pretrained device_map: auto / balanced / sequential (big models), "
                             "or one device such as cuda:0")
         p.add_argument("--device", default=None, help="move the model to this device (when no --device-map)")
+        p.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"],
+                       help="load --model (or the toy) quantized with bitsandbytes (needs `pip install bitsandbytes`)")
         p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
                        help="attention kernel to load the model with (attribution does not need eager)")
 

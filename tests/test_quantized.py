@@ -193,3 +193,44 @@ def test_bitsandbytes_model_features_and_top_regions_match_the_plain_model(bits,
         assert _top1(spans) == _top1(plain_spans)
         if bits == 8:
             assert spans == plain_spans  # the top three, in order
+
+
+@needs_bnb
+def test_cli_collects_from_a_model_loaded_in_8bit(tmp_path):
+    """`--quantization 8bit` loads the model through bitsandbytes and the collection's features stay those of the
+    plain model within quantization error (the value-norm weights go through the quantized layer's forward)."""
+    from safetensors.torch import load_file
+
+    from hf_vattr.cli import main
+
+    def collect(out, *extra):
+        assert main(["collect", "--toy", "1", "--out", str(out), "--max-new-tokens", "24", "--k", "4",
+                     "--num-subsets", "2", "--quiet", *extra]) == 0
+        (example,) = sorted((out / "examples").glob("*.safetensors"))
+        return load_file(example)
+
+    plain, quantized = collect(tmp_path / "plain"), collect(tmp_path / "q8", "--quantization", "8bit")
+    shared = sorted(name for name in plain if plain[name].is_floating_point() and name in quantized
+                    and plain[name].shape == quantized[name].shape and "feature" in name)
+    assert shared, sorted(plain)
+    for name in shared:
+        relative = ((quantized[name] - plain[name]).abs().max() / plain[name].abs().max()).item()
+        assert relative < 0.05, (name, relative)
+
+
+def test_cli_quantization_without_bitsandbytes_is_one_line_before_loading(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    from hf_vattr.cli import main
+
+    real_import = builtins.__import__
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    assert main(["collect", "--toy", "1", "--out", str(tmp_path / "gt"), "--quantization", "4bit", "--quiet"]) == 2
+    assert "bitsandbytes is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "gt").exists()
