@@ -409,12 +409,8 @@ def _thread_scope(name: str) -> dict:
     return scope
 
 
-def _original_attention(implementation: str, module: Any) -> Callable:
-    """The function the model itself would call for ``implementation`` (eager: its modeling file's own)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if implementation != "eager" and implementation in ALL_ATTENTION_FUNCTIONS:
-        return ALL_ATTENTION_FUNCTIONS[implementation]
+def _eager_attention(module: Any) -> Callable:
+    """The eager function of a module's own modeling file (what transformers calls for "eager")."""
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
         raise CaptureError(f"{type(module).__name__} has no eager_attention_forward in its modeling file; load the "
@@ -426,9 +422,14 @@ def _capturing_implementation(implementation: str) -> Callable:
     """The attention function registered for one original implementation: records for this thread's captures,
     rewrites masks for this thread's interventions, and otherwise is exactly the original call."""
     from transformers.integrations import sdpa_attention
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    # Resolved once: what the model itself would call for this implementation (eager: per modeling file).
+    registered = (ALL_ATTENTION_FUNCTIONS[implementation]
+                  if implementation != "eager" and implementation in ALL_ATTENTION_FUNCTIONS else None)
 
     def capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        original = _original_attention(implementation, module)
+        original = registered if registered is not None else _eager_attention(module)
         interventions = getattr(_THREAD, "interventions", None)
         if interventions:
             intervention = interventions.get(module)

@@ -438,7 +438,7 @@ class AttributionStreamer(TextStreamer):
             if state in ("new", "running"):
                 self._state = "closed"
         self._closed.set()
-        if state == "new":
+        if self._generate_thread_id is None:  # no generate ran through the wrapper: nothing else will disarm it
             self._release()
         if state in ("new", "running"):
             self._end_stream(_END)
@@ -446,7 +446,7 @@ class AttributionStreamer(TextStreamer):
             return
         if self._thread is not None:
             self._thread.join()  # it stops at its next token (the stopping criterion)
-        else:
+        elif self._generate_thread_id is not None:
             self._exited.wait()  # the caller's own generate: it stops at its next token too
 
     def __enter__(self) -> "AttributionStreamer":
@@ -457,20 +457,24 @@ class AttributionStreamer(TextStreamer):
 
     # ------------------------------------------------------------------ producer side (generate's thread)
     def put(self, value: torch.Tensor) -> None:
-        if self._opened and self._state == "running":
+        if self._state == "running" and threading.get_ident() == self._generate_thread_id:
+            if not self._opened:
+                self._open(value)
+                return
             try:
                 features, scores = self.session.scores()  # type: ignore[union-attr]
             except BaseException as error:
                 self._fail(error, f"attention capture failed: {error}")
                 raise
             self._work.append((value.reshape(-1).tolist(), scores, features if self.keep_features else None))
-        elif self._state == "running" and threading.get_ident() == self._generate_thread_id:
-            self._open(value)
         elif self._state in ("new", "running"):
+            # Another generate than the armed one: refused there. Before the stream starts this is the only call
+            # the consumer could be waiting for, so it learns too; a running stream goes on untouched.
             error = StreamerStateError(
                 "This AttributionStreamer was passed to a generate() it was not armed for: use the model it was "
                 "built with (model.generate(..., streamer=streamer) or streamer.generate(...)), one call at a time.")
-            self._fail(error, str(error))
+            if self._state == "new":
+                self._fail(error, str(error))
             raise error
         elif value.dim() == 2:  # a prompt once done, failed or closed: a second generate() with this streamer
             self._reuse_error = StreamerStateError(
@@ -505,7 +509,11 @@ class AttributionStreamer(TextStreamer):
         for s, splitter in enumerate(self._splitters):
             self.traces[s].prompt_text = texts[s]
             splitter.reset(texts[s])
-        TextStreamer.put(self, prompt_ids[0])  # skip_prompt: only marks it; else the prompt text, as TextStreamer
+        # Only when someone receives it (print_text, or a subclass overriding on_finalized_text): TextStreamer
+        # re-decodes the line so far at every token, work the worker need not share the GIL with otherwise.
+        self._delivers_text = self.print_text or type(self).on_finalized_text is not AttributionStreamer.on_finalized_text
+        if self._delivers_text:
+            TextStreamer.put(self, prompt_ids[0])  # skip_prompt: only marks it; else the prompt text, as TextStreamer
         self._opened = True
         worker = threading.Thread(target=self._work_loop, name="hf_vattr-attribution", daemon=True)
         worker.start()
@@ -565,7 +573,8 @@ class AttributionStreamer(TextStreamer):
                         if self._held[s]:
                             self._emit_tokens(s, self._splitters[s].pop_sections())
                         self._emit_spans(s, closed)
-                    TextStreamer.end(self)
+                    if self._delivers_text:
+                        TextStreamer.end(self)
                     self._events.put(_END)
                     return
                 if isinstance(item, _Failure):
@@ -595,7 +604,7 @@ class AttributionStreamer(TextStreamer):
             self._held[s].append((index, token_id, piece, scores[s, :k].clone(),
                                   None if features is None else features[s, ..., :k].detach().cpu()))
             self._emit_tokens(s, self._splitters[s].pop_sections())
-            if s == 0:
+            if s == 0 and self._delivers_text:
                 TextStreamer.put(self, torch.tensor([token_id]))  # calls on_finalized_text as TextStreamer does
             self._emit_spans(s, closed)
             if token_id in self._eos_ids and len(token_ids) > 1:

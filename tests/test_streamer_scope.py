@@ -284,3 +284,46 @@ def test_a_finalizer_running_inside_arm_neither_deadlocks_nor_leaves_the_streame
     events = list(box["streamer"].generate(**inputs, max_new_tokens=2, do_sample=False))
     assert sum(isinstance(e, TokenAttribution) for e in events) == 2
     assert_nothing_installed(model)
+
+
+def test_a_streamer_passed_to_another_generate_is_refused_there_and_its_own_stream_goes_on():
+    from hf_vattr import StreamerStateError
+
+    model, proc = get_tiny("qwen2_5_vl")
+    other, other_proc = get_tiny("glm4v")
+    inputs, other_inputs = example_inputs(proc), example_inputs(other_proc)
+    estimator = _random_estimator(model)
+    solo = [e.region_scores for e in AttributionStreamer(model, proc, estimator=estimator).generate(
+        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False) if isinstance(e, TokenAttribution)]
+
+    streamer = AttributionStreamer(model, proc, estimator=estimator)
+    gate, reached, calls = threading.Event(), threading.Event(), []
+
+    def hold(*args):
+        if threading.current_thread().name == "hf_vattr-generate":
+            calls.append(1)
+            if len(calls) == 3:
+                reached.set()
+                gate.wait(20)
+
+    hook = model.register_forward_hook(hold)
+    try:
+        events = streamer.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert reached.wait(30)
+        with pytest.raises(StreamerStateError, match="not armed for"):
+            other.generate(**other_inputs, streamer=streamer, max_new_tokens=2)  # mid-stream, another model
+        gate.set()
+        scores = [e.region_scores for e in events if isinstance(e, TokenAttribution)]
+    finally:
+        gate.set()
+        hook.remove()
+    assert torch.equal(torch.stack(scores), torch.stack(solo))
+    assert_nothing_installed(model)
+
+    unused = AttributionStreamer(model, proc, start_timeout=30)  # before its stream: the consumer learns too
+    with pytest.raises(StreamerStateError, match="not armed for"):
+        other.generate(**other_inputs, streamer=unused, max_new_tokens=2)
+    _, failure = consume(unused)
+    assert isinstance(failure, GenerationError) and isinstance(failure.__cause__, StreamerStateError)
+    unused.close()
+    assert_nothing_installed(model)
