@@ -25,11 +25,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from hf_vattr import AttributionStreamer, LinearEstimator
 from hf_vattr.testing import build_model, build_processor, example_inputs
 
-QWEN3_VL_2B_TEXT = dict(
-    num_attention_heads=16, num_key_value_heads=8, hidden_size=2048, intermediate_size=6144, head_dim=128,
-    rope_parameters={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True,
-                     "rope_theta": 5000000.0},
-)
+from bench_streamer import QWEN3_VL_2B_TEXT  # the same model dims (this folder is on sys.path when run as a script)
+
 MARKER = "<!-- bench_compiled -->"
 
 

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from hf_vattr import AttributionStreamer, GenerationError, TokenAttribution
 from hf_vattr.capture import capture_active
@@ -20,13 +20,10 @@ from hf_vattr.testing import example_image, example_inputs
 
 from conftest import consume, get_tiny
 from test_streamer import _eager_token_features, _random_estimator
+from test_streamer_lifecycle import Boom, RaiseAt
 
 NEW_TOKENS = 8
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-
-
-class Boom(Exception):
-    pass
 
 
 def assert_nothing_installed(model):
@@ -39,17 +36,6 @@ def failure_already_queued(streamer) -> bool:
     """The consumer's next read returns the failure at once: it is queued, not on its way."""
     queued = list(streamer._events.queue)
     return bool(queued) and type(queued[-1]).__name__ == "_Failure"
-
-
-class RaiseAt(LogitsProcessor):
-    def __init__(self, step, error=Boom):
-        self.step, self.calls, self.error = step, 0, error
-
-    def __call__(self, input_ids, scores):
-        self.calls += 1
-        if self.calls >= self.step:
-            raise self.error("in a logits processor")
-        return scores
 
 
 @pytest.mark.parametrize("error", [Boom, KeyboardInterrupt])
