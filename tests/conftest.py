@@ -26,6 +26,16 @@ def get_tiny(family: str, attn_implementation: str = "sdpa"):
     return _CACHE[key]
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Qwen3-VL saved as a model folder, for commands that load ``--model`` from disk (read only)."""
+    path = tmp_path_factory.mktemp("tiny-qwen3-vl")
+    model, processor = tiny_vlm("qwen3_vl")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param

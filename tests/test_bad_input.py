@@ -34,17 +34,6 @@ from hf_vattr.training import TrainingConfig, fit_estimator, synthetic_examples
 from test_cli import write_synthetic_collection
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from hf_vattr.testing import tiny_vlm
-
-    path = tmp_path_factory.mktemp("tiny-qwen3-vl")
-    model, processor = tiny_vlm("qwen3_vl")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if a command gets as far as loading a model."""

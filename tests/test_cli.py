@@ -20,17 +20,6 @@ from hf_vattr.training import synthetic_examples
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from hf_vattr.testing import tiny_vlm
-
-    path = tmp_path_factory.mktemp("tiny-qwen3-vl")
-    model, processor = tiny_vlm("qwen3_vl")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 def write_synthetic_collection(folder: Path, n: int = 15, seed: int = 0):
     """A collection in the documented on-disk format (collection.json + examples/*.safetensors)."""
     collection = pytest.importorskip("hf_vattr.collection")

@@ -190,17 +190,6 @@ def test_an_empty_split_and_stray_options_are_refused(saved, tmp_path, capsys, n
 # ----------------------------------------------------------------------------- collect with a tiny model
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from hf_vattr.testing import tiny_vlm
-
-    path = tmp_path_factory.mktemp("tiny-qwen3-vl")
-    model, processor = tiny_vlm("qwen3_vl")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
 def test_collect_from_a_dataset_resumes_and_refuses_another(saved, parquet, tiny_model_dir, tmp_path, capsys):
     from hf_vattr.collection import load_collection, read_manifest

@@ -28,14 +28,12 @@ def no_model(monkeypatch):
 
 
 @pytest.mark.slow
-def test_recipe_from_a_dataset_to_a_pushed_estimator(tmp_path, monkeypatch, capsys, local_hub):  # noqa: F811
+def test_recipe_from_a_dataset_to_a_pushed_estimator(tmp_path, monkeypatch, capsys, local_hub,  # noqa: F811
+                                                     tiny_model_dir):
     datasets = pytest.importorskip("datasets")
-    from hf_vattr.testing import example_image, tiny_vlm
+    from hf_vattr.testing import example_image
 
-    model_dir = tmp_path / "tiny-model"
-    model, processor = tiny_vlm("qwen3_vl")
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
+    model_dir = tiny_model_dir
     data = tmp_path / "data"
     ds = datasets.Dataset.from_dict(
         {"picture": [example_image(64, 96, seed=i) for i in range(6)],
