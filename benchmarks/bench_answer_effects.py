@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_vattr.collection import CollectionConfig, collect_example
-from hf_vattr.datasets import DatasetSpec
+from hf_vattr.pipeline.collection import CollectionConfig, collect_example
+from hf_vattr.pipeline.datasets import DatasetSpec
 from hf_vattr.toy import load_toy_model
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "collection.md"

@@ -5,7 +5,7 @@ of a shared machine hit all of them alike:
 
   generate   plain ``model.generate`` (no streamer)
   streamer   ``AttributionStreamer.generate`` with a bare loop reading every event
-  app        :meth:`hf_vattr.app.LiveApp.stream`: the app's loop, rendering overlays, step pictures and the
+  app        :meth:`hf_vattr.commands.app.LiveApp.stream`: the app's loop, rendering overlays, step pictures and the
              trajectory plot (throttled to ``--updates-per-second``), everything but the browser
 
 Decode tokens/s = decoding steps per second between generate's first and last step, read from a stopping
@@ -35,8 +35,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from hf_vattr import AttributionStreamer, LinearEstimator
-from hf_vattr.app import LiveApp
-from hf_vattr.demo import HELD_OUT_SEED
+from hf_vattr.commands.app import LiveApp
+from hf_vattr.commands.demo import HELD_OUT_SEED
 from hf_vattr.toy import toy_estimator_path
 from hf_vattr.toy import load_toy_model, make_examples
 
@@ -95,8 +95,8 @@ def run_once(mode: str, apps: dict[str, LiveApp], model: Any, processor: Any, ex
 def picture_costs(app: LiveApp, model: Any, processor: Any, example: Any, estimator: Any,
                   max_new_tokens: int) -> dict[str, float]:
     """Median ms of one live picture (step_overlay), one trajectory plot and one PNG data URI, on a real trace."""
-    from hf_vattr import viz
-    from hf_vattr.app import _png_uri
+    from hf_vattr.viz import render as viz
+    from hf_vattr.commands.app import _png_uri
 
     request = app.check_inputs(example.image, example.question)
     inputs = app._inputs(request)

@@ -28,13 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_vattr.ablation import (  # noqa: E402
+from hf_vattr.pipeline.ablation import (  # noqa: E402
     AblationEngine,
     leave_one_out_masks,
     random_subset_masks,
     span_logprobs_naive,
 )
-from hf_vattr.capture import AttentionCapture  # noqa: E402
+from hf_vattr.capture.attention import AttentionCapture  # noqa: E402
 from hf_vattr.layouts import extend_inputs, visual_layout  # noqa: E402
 from hf_vattr.regions import prompt_regions  # noqa: E402
 from hf_vattr.testing import FAMILIES, build_model, build_processor, example_image  # noqa: E402

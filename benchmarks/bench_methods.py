@@ -7,7 +7,7 @@ Setup: a randomly initialised Qwen3-VL built offline by ``hf_vattr.testing.build
 (text decoder widened to ``--layers`` x ``--heads``), one image of a few hundred visual
 tokens split into K grid regions (K = 32 by default), a teacher-forced trace of
 ``--generated`` tokens whose last ``--span`` tokens form the span being attributed.
-Every method produces that span's ``(1, K)`` scores through :mod:`hf_vattr.baselines`.
+Every method produces that span's ``(1, K)`` scores through :mod:`hf_vattr.pipeline.baselines`.
 The estimator is timed twice: scoring features the capture already recorded during
 generation (what streaming pays per span) and, for post-hoc use, including the
 teacher-forced forward that recomputes the features. Target: estimator >= 100x faster
@@ -29,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hf_vattr.baselines import (  # noqa: E402
+from hf_vattr.pipeline.baselines import (  # noqa: E402
     EstimatorMethod,
     GradientXInput,
     IntegratedGradients,
@@ -38,7 +38,7 @@ from hf_vattr.baselines import (  # noqa: E402
     RawAttention,
     compute_span_features,
 )
-from hf_vattr.collection import ExampleRecord  # noqa: E402
+from hf_vattr.pipeline.collection import ExampleRecord  # noqa: E402
 from hf_vattr.estimator import LinearEstimator  # noqa: E402
 from hf_vattr.layouts import text_dims, visual_layout  # noqa: E402
 from hf_vattr.regions import prompt_regions  # noqa: E402

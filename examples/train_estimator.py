@@ -85,7 +85,7 @@ def commands(a: argparse.Namespace) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_vattr.cli import main as hf_vattr
+    from hf_vattr.commands.cli import main as hf_vattr
 
     args = parse_args(argv)
     for cmd in commands(args):

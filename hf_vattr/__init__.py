@@ -13,12 +13,12 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # streaming: what users call
-    "AttributionStreamer": "streamer",
-    "TokenAttribution": "events",
-    "SpanAttribution": "events",
-    "AttributionTrace": "events",
+    "AttributionStreamer": "streaming.streamer",
+    "TokenAttribution": "streaming.events",
+    "SpanAttribution": "streaming.events",
+    "AttributionTrace": "streaming.events",
     "LinearEstimator": "estimator",
-    "ReasoningStepSplitter": "spans",
+    "ReasoningStepSplitter": "reasoning.spans",
     # regions: build or pass your own
     "build_regions": "regions",
     "RegionMap": "regions",
@@ -28,10 +28,10 @@ _EXPORTS = {
     "ArchitectureSpec": "layouts",
     # errors: one base class, and the ones a consumer catches
     "AttributionError": "errors",
-    "GenerationError": "streamer",
-    "AttributionTimeout": "streamer",
-    "StreamerStateError": "streamer",
-    "StreamerInputError": "streamer",
+    "GenerationError": "streaming.streamer",
+    "AttributionTimeout": "streaming.streamer",
+    "StreamerStateError": "streaming.streamer",
+    "StreamerInputError": "streaming.streamer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -39,7 +39,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .errors import AttributionError
-from .capture import FEATURE_KINDS
+from .capture.attention import FEATURE_KINDS
 from .layouts import text_dims
 from .metrics import metric_meaning
 
@@ -136,7 +136,7 @@ class LinearEstimator(
         pooling: how a region's visual tokens are pooled into a feature, ``"sum"`` or ``"mean"``.
         feature_kind: what is pooled: ``"attention"`` (attention weights) or ``"value_norm"`` (attention times
             ``||W_O^h v_j||``, the norm of the token's contribution through the head; see
-            :class:`hf_vattr.capture.AttentionCapture`). Streamers and collections use the estimator's kind;
+            :class:`hf_vattr.capture.attention.AttentionCapture`). Streamers and collections use the estimator's kind;
             ``config.json`` omits it for ``"attention"``, so older files keep their bytes.
         region_method: how regions were made at training time (``"grid"``, ``"ward"``, ``"vlm"`` ...).
         k_policy: how the number of regions K is chosen, e.g. ``{"k": 32}``.
@@ -149,7 +149,7 @@ class LinearEstimator(
             with recency weights ``c_i`` proportional to ``inherit_decay ** (steps after i)`` (1: their mean;
             0: the last step only). Why: an answer depends on the image mostly through the reasoning, and
             the steps' scores are the estimator's account of that path. Fit by
-            :func:`hf_vattr.training.fit_estimator` on total answer effects; 0 (the default) turns it off.
+            :func:`hf_vattr.pipeline.training.fit_estimator` on total answer effects; 0 (the default) turns it off.
             ``config.json`` omits them at their defaults (1 for ``inherit_own``).
 
     Every argument is a JSON value, so ``config.json`` rebuilds the same estimator.

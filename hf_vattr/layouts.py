@@ -131,7 +131,7 @@ def output_projection(model: Any, attention_module: Any) -> Any:
 
     Any module works, whatever holds its weights (a plain ``nn.Linear``, a bitsandbytes or other quantized
     layer, a layer accelerate offloads to CPU or disk): value-norm features call its forward where its weight
-    is not a plain matrix (``hf_vattr.capture.output_norms``).
+    is not a plain matrix (``hf_vattr.capture.attention.output_norms``).
     """
     spec = architecture_spec(model)
     proj = getattr(attention_module, spec.output_projection, None)

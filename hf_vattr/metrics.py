@@ -139,7 +139,7 @@ def pearson(predicted: Any, actual: Any) -> float:
     """Pearson correlation of two equal-length vectors; ``nan`` if either is constant.
 
     Scale- and shift-free, which is why the estimator is trained on it (negative Pearson
-    is the training loss, see :mod:`hf_vattr.training`).
+    is the training loss, see :mod:`hf_vattr.pipeline.training`).
     """
     p, a = _vector(predicted, "predicted"), _vector(actual, "actual")
     _same_length(p, a, "predicted", "actual")

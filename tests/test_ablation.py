@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from hf_vattr.ablation import (
+from hf_vattr.pipeline.ablation import (
     AblationEngine,
     leave_one_out_masks,
     pixel_patch_rows,

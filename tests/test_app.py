@@ -1,4 +1,4 @@
-"""hf_vattr.app without a browser: nothing loaded at import, bad input refused, the loop throttled."""
+"""hf_vattr.commands.app without a browser: nothing loaded at import, bad input refused, the loop throttled."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from hf_vattr.app import REGION_METHODS, InputError, LiveApp
+from hf_vattr.commands.app import REGION_METHODS, InputError, LiveApp
 
 
 def test_import_loads_neither_gradio_nor_a_model() -> None:
-    code = ("import sys, hf_vattr, hf_vattr.app; "
+    code = ("import sys, hf_vattr, hf_vattr.commands.app; "
             "bad = [m for m in ('gradio', 'transformers', 'torch') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
@@ -20,7 +20,7 @@ def test_import_loads_neither_gradio_nor_a_model() -> None:
 
 @pytest.fixture(scope="module")
 def toy():
-    from hf_vattr.demo import HELD_OUT_SEED
+    from hf_vattr.commands.demo import HELD_OUT_SEED
     from hf_vattr.toy import toy_estimator_path
     from hf_vattr.estimator import LinearEstimator
     from hf_vattr.toy import load_toy_model, make_examples

@@ -1,6 +1,6 @@
 """`hf-vattr app` driven by a real headless Chromium, as a person would use it.
 
-The app runs as `python -m hf_vattr.cli app` (the bundled toy, a toy example preloaded) on a free
+The app runs as `python -m hf_vattr.commands.cli app` (the bundled toy, a toy example preloaded) on a free
 localhost port; Selenium drives Debian's `chromium` through `chromium-driver`. A script in the page
 samples what is on screen every 20 ms (step items, the overlay picture and its caption, the streamed
 text), so the assertions are about what was shown, in order. Every wait has a deadline.
@@ -102,7 +102,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("app") / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "hf_vattr.cli", "app", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "hf_vattr.commands.cli", "app", "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}/"
 
@@ -148,7 +148,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def plain_text() -> str:
     """What plain `model.generate` writes for the preloaded toy example (the app's first example)."""
-    from hf_vattr.demo import HELD_OUT_SEED
+    from hf_vattr.commands.demo import HELD_OUT_SEED
     from hf_vattr.toy import load_toy_model, make_examples, prompt_messages
 
     model, processor = load_toy_model()

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import hf_vattr.cli as cli
+import hf_vattr.commands.cli as cli
 from hf_vattr.errors import AttributionError
-from hf_vattr.cli import build_parser, main
-from hf_vattr.collection import (
+from hf_vattr.commands.cli import build_parser, main
+from hf_vattr.pipeline.collection import (
     MANIFEST,
     CollectionConfig,
     ExampleRecord,
@@ -29,7 +29,7 @@ from hf_vattr.collection import (
 )
 from hf_vattr.estimator import EstimatorConfigError, EstimatorLoadError, LinearEstimator
 from hf_vattr.options import ConfigError
-from hf_vattr.training import TrainingConfig, fit_estimator, synthetic_examples
+from hf_vattr.pipeline.training import TrainingConfig, fit_estimator, synthetic_examples
 
 from test_cli import write_synthetic_collection
 
@@ -106,7 +106,7 @@ def test_train_eval_app_refuse_bad_numbers_at_parse_time(tmp_path, capsys, no_mo
 
 def test_ranges_in_help_and_checks_come_from_the_same_field_metadata():
     """The CLI's help text, its parse-time check and the config's own check read one ``range`` per field."""
-    from hf_vattr.cli import COLLECT_OPTIONS, TRAIN_OPTIONS
+    from hf_vattr.commands.cli import COLLECT_OPTIONS, TRAIN_OPTIONS
     from hf_vattr.options import interval
 
     subs = {name: p for name, p in build_parser()._subparsers._group_actions[0].choices.items()}
@@ -138,7 +138,7 @@ def test_config_errors_are_attribution_errors_and_value_errors():
             CollectionConfig(**kwargs)
         assert isinstance(info.value, AttributionError) and isinstance(info.value, ValueError)
         assert repr(next(iter(kwargs.values()))) in str(info.value)
-    from hf_vattr.ablation import random_subset_masks
+    from hf_vattr.pipeline.ablation import random_subset_masks
 
     for p in (0.0, 1.0, 1.5, -0.5):
         with pytest.raises(ValueError, match="keep_prob"):
@@ -175,8 +175,8 @@ def test_train_and_eval_refuse_zero_or_non_finite_ground_truth(tmp_path, capsys,
     records = load_collection(gt)
     with pytest.raises(GroundTruthError):
         fit_estimator(records, config=TrainingConfig(epochs=1))
-    from hf_vattr.baselines import make_method
-    from hf_vattr.evaluation import evaluate
+    from hf_vattr.pipeline.baselines import make_method
+    from hf_vattr.pipeline.evaluation import evaluate
 
     with pytest.raises(GroundTruthError):
         evaluate([make_method("random")], records, progress=False)
@@ -263,7 +263,7 @@ def test_eval_refuses_unknown_methods_before_loading(tmp_path, capsys, no_model)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_estimator_weights_are_refused_not_scored(tmp_path, bad):
     """Case 4: NaN / inf weights in memory: scoring, checking and saving refuse them; no fake top regions."""
-    from hf_vattr.events import NonFiniteScoresError, SpanAttribution
+    from hf_vattr.streaming.events import NonFiniteScoresError, SpanAttribution
     from hf_vattr.testing import tiny_vlm
 
     est = LinearEstimator(2, 4)
@@ -348,7 +348,7 @@ def _saved_trace(folder: Path, seed_text: str = "") -> Path:
 
 def test_trace_files_that_disagree_are_refused(tmp_path):
     """Case 7: a trace.json with tokens removed, or a trace.safetensors from another trace, does not load."""
-    from hf_vattr.events import AttributionTrace, TraceFileError
+    from hf_vattr.streaming.events import AttributionTrace, TraceFileError
 
     a, b = _saved_trace(tmp_path / "a"), _saved_trace(tmp_path / "b", "other")
     assert len(AttributionTrace.load(a).tokens) == 7  # intact: loads
@@ -368,7 +368,7 @@ def test_trace_files_that_disagree_are_refused(tmp_path):
 @pytest.mark.parametrize("damage", ["empty safetensors", "truncated safetensors", "truncated json", "empty json"])
 def test_damaged_trace_files_name_the_file(tmp_path, damage):
     """Case 10: truncated or empty files give an error naming the file, not a raw SafetensorError / JSONDecodeError."""
-    from hf_vattr.events import AttributionTrace, TraceFileError
+    from hf_vattr.streaming.events import AttributionTrace, TraceFileError
 
     folder = _saved_trace(tmp_path / "t")
     name = "trace.safetensors" if "safetensors" in damage else "trace.json"
@@ -383,7 +383,7 @@ def test_trace_files_missing_a_field_name_it(tmp_path, field):
     """Case 15: a missing field of trace.json or tensor of trace.safetensors is named, with its file."""
     from safetensors.torch import load_file, save_file
 
-    from hf_vattr.events import AttributionTrace, TraceFileError
+    from hf_vattr.streaming.events import AttributionTrace, TraceFileError
 
     folder = _saved_trace(tmp_path / "t")
     if field.endswith("_scores"):
@@ -406,7 +406,7 @@ def test_trace_files_missing_a_field_name_it(tmp_path, field):
 
 
 def test_a_missing_trace_folder_or_file_is_named(tmp_path):
-    from hf_vattr.events import AttributionTrace, TraceNotFoundError
+    from hf_vattr.streaming.events import AttributionTrace, TraceNotFoundError
 
     with pytest.raises(TraceNotFoundError, match="No trace folder"):
         AttributionTrace.load(tmp_path / "nope")
@@ -421,7 +421,7 @@ def test_collection_files_missing_a_tensor_name_it(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from hf_vattr.collection import CollectionError
+    from hf_vattr.pipeline.collection import CollectionError
 
     gt = tmp_path / "gt"
     write_synthetic_collection(gt, n=2)
@@ -534,7 +534,7 @@ def test_an_ambiguous_array_image_is_read_one_way_everywhere(tiny_qwen):
     from hf_vattr.layouts import array_image_size, channels_first, visual_layout
     from hf_vattr.regions.features import image_to_tensor
     from hf_vattr.testing import example_inputs
-    from hf_vattr.viz import _as_pil, step_overlay
+    from hf_vattr.viz.render import _as_pil, step_overlay
 
     model, processor = tiny_qwen
     arr = np.full((1, 1, 3), 200, dtype=np.uint8)

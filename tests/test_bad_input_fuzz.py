@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import hf_vattr.cli as cli
+import hf_vattr.commands.cli as cli
 from hf_vattr.errors import AttributionError
 from hf_vattr.options import interval
 
@@ -37,9 +37,9 @@ class _Reached(Exception):
 
 def _ranged_options(command: str) -> list[tuple[str, type, str]]:
     """(flag, kind, interval) of every option of ``command`` that has a range, read from the parser itself."""
-    from hf_vattr.cli import COLLECT_OPTIONS, TRAIN_OPTIONS
-    from hf_vattr.collection import CollectionConfig
-    from hf_vattr.training import TrainingConfig
+    from hf_vattr.commands.cli import COLLECT_OPTIONS, TRAIN_OPTIONS
+    from hf_vattr.pipeline.collection import CollectionConfig
+    from hf_vattr.pipeline.training import TrainingConfig
 
     out = []
     config, names = {"collect": (CollectionConfig, COLLECT_OPTIONS), "train": (TrainingConfig, TRAIN_OPTIONS)}.get(
@@ -176,7 +176,7 @@ def test_corrupted_traces(seed, tmp_path):
     """A damaged, edited or mismatched trace loads correctly or raises an AttributionError naming a file."""
     from test_trace_io import build_trace
 
-    from hf_vattr.events import AttributionTrace
+    from hf_vattr.streaming.events import AttributionTrace
 
     rng = random.Random(seed)
     original = build_trace()
@@ -207,7 +207,7 @@ def test_corrupted_collections_and_broken_weights(seed, tmp_path):
     """Collection files cut short or with NaN effects, and estimators with NaN / inf weights: clear errors."""
     from test_cli import write_synthetic_collection
 
-    from hf_vattr.collection import ExampleRecord, check_ground_truth, load_collection
+    from hf_vattr.pipeline.collection import ExampleRecord, check_ground_truth, load_collection
     from hf_vattr.estimator import EstimatorConfigError, LinearEstimator
 
     rng = random.Random(seed)

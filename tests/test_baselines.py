@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from hf_vattr.baselines import (
+from hf_vattr.pipeline.baselines import (
     EstimatorMethod,
     GradientXInput,
     IntegratedGradients,
@@ -18,7 +18,7 @@ from hf_vattr.baselines import (
     span_logprobs_with_embeddings,
     visual_embedding_override,
 )
-from hf_vattr.collection import ExampleRecord
+from hf_vattr.pipeline.collection import ExampleRecord
 from hf_vattr.estimator import LinearEstimator
 from hf_vattr.layouts import text_dims, visual_layout
 from hf_vattr.regions import prompt_regions
@@ -156,7 +156,7 @@ def test_gradient_methods_leave_model_untouched():
 
 
 def test_leave_one_out_equals_single_mask_span_effects():
-    from hf_vattr.ablation import leave_one_out_masks, span_effects, span_logprobs
+    from hf_vattr.pipeline.ablation import leave_one_out_masks, span_effects, span_logprobs
 
     ctx = make_context("qwen3_vl")
     loo = LeaveOneOut().span_scores(*ctx.args)
@@ -190,7 +190,7 @@ def test_features_raw_attention_and_estimator_agree():
 
 
 def test_features_match_collection():
-    collection = pytest.importorskip("hf_vattr.collection")
+    collection = pytest.importorskip("hf_vattr.pipeline.collection")
     model, processor = get_tiny("qwen3_vl")
     from hf_vattr.testing import example_image
 

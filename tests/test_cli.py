@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_vattr.cli import build_parser, main
+from hf_vattr.commands.cli import build_parser, main
 from hf_vattr.estimator import LinearEstimator
 from hub_fixture import local_hub  # noqa: F401  (pytest fixture)
-from hf_vattr.training import synthetic_examples
+from hf_vattr.pipeline.training import synthetic_examples
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def write_synthetic_collection(folder: Path, n: int = 15, seed: int = 0):
     """A collection in the documented on-disk format (collection.json + examples/*.safetensors)."""
-    collection = pytest.importorskip("hf_vattr.collection")
+    collection = pytest.importorskip("hf_vattr.pipeline.collection")
     records, w = synthetic_examples(n, 2, 4, noise=0.02, seed=seed)
     for r in records:
         rec = dataclasses.replace(
@@ -70,7 +70,7 @@ def test_train_and_eval_on_a_synthetic_collection(tmp_path, capsys):
 
 
 def test_train_auto_target_falls_back_to_loo_without_subsets(tmp_path):
-    collection = pytest.importorskip("hf_vattr.collection")
+    collection = pytest.importorskip("hf_vattr.pipeline.collection")
     gt = tmp_path / "gt"
     write_synthetic_collection(gt, n=8)
     for path in sorted((gt / "examples").glob("*.safetensors")):  # drop the random-subset ground truth
@@ -158,12 +158,12 @@ def test_cli_errors(tmp_path, tiny_model_dir, capsys):
 
 def test_demo_subcommand_dispatches_lazily(monkeypatch, capsys):
     calls = []
-    fake = types.ModuleType("hf_vattr.demo")
+    fake = types.ModuleType("hf_vattr.commands.demo")
     fake.main = lambda args: calls.append(args.demo_args) or 0
-    monkeypatch.setitem(sys.modules, "hf_vattr.demo", fake)
+    monkeypatch.setitem(sys.modules, "hf_vattr.commands.demo", fake)
     assert main(["demo", "--port", "7860"]) == 0
     assert calls == [["--port", "7860"]]
-    monkeypatch.setitem(sys.modules, "hf_vattr.demo", None)  # as if hf_vattr/demo.py did not exist
+    monkeypatch.setitem(sys.modules, "hf_vattr.commands.demo", None)  # as if hf_vattr/commands/demo.py did not exist
     assert main(["demo"]) == 2
     assert "not available" in capsys.readouterr().err
 
@@ -174,9 +174,9 @@ def _subparsers(parser):
 
 
 def test_every_option_has_a_help_line_and_config_options_are_written_once():
-    from hf_vattr.cli import COLLECT_OPTIONS, TRAIN_OPTIONS
-    from hf_vattr.collection import CollectionConfig
-    from hf_vattr.training import TrainingConfig
+    from hf_vattr.commands.cli import COLLECT_OPTIONS, TRAIN_OPTIONS
+    from hf_vattr.pipeline.collection import CollectionConfig
+    from hf_vattr.pipeline.training import TrainingConfig
 
     subs = _subparsers(build_parser())
     for name, sub in subs.items():
@@ -223,13 +223,13 @@ def test_help_texts_document_the_jsonl_format_and_say_what_exists(capsys):
 
 def test_module_entry_point():
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    res = subprocess.run([sys.executable, "-m", "hf_vattr.cli", "train", "--help"], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "hf_vattr.commands.cli", "train", "--help"], capture_output=True, text=True,
                          env=env, timeout=120)
     assert res.returncode == 0 and "--nonnegative" in res.stdout and "--no-calibrate" in res.stdout
 
 
 def test_train_fits_inheritance_on_a_total_answer_collection_and_can_be_told_not_to(tmp_path, capsys):
-    collection = pytest.importorskip("hf_vattr.collection")
+    collection = pytest.importorskip("hf_vattr.pipeline.collection")
     gt = tmp_path / "gt"
     write_synthetic_collection(gt)
     for path in sorted((gt / "examples").glob("*.safetensors")):  # the last span becomes a total-effect answer

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_vattr.ablation import leave_one_out_masks, span_effects
-from hf_vattr.capture import AttentionCapture
-from hf_vattr.collection import (
+from hf_vattr.pipeline.ablation import leave_one_out_masks, span_effects
+from hf_vattr.capture.attention import AttentionCapture
+from hf_vattr.pipeline.collection import (
     CollectionConfig,
     ExampleRecord,
     collect,
@@ -27,7 +27,7 @@ from hf_vattr.collection import (
 )
 from hf_vattr.layouts import text_dims, visual_layout
 from hf_vattr.regions import prompt_regions
-from hf_vattr.spans import ClosedSpan, SpanSplitter
+from hf_vattr.reasoning.spans import ClosedSpan, SpanSplitter
 from hf_vattr.testing import example_image
 
 from conftest import get_tiny
@@ -165,7 +165,7 @@ def test_features_equal_what_generation_sees():
 @pytest.mark.parametrize("make_splitter", [None, lambda: EveryN(5)], ids=["default", "every5"])
 def test_spans_match_the_streamer(make_splitter):
     """Collection decodes pieces and splits spans exactly as the streamer does."""
-    from hf_vattr.streamer import AttributionStreamer
+    from hf_vattr.streaming.streamer import AttributionStreamer
 
     model, proc = get_tiny("glm4v")
     images = [example_image()]
@@ -318,7 +318,7 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from test_collection import EveryN, config, dataset
-from hf_vattr.collection import collect
+from hf_vattr.pipeline.collection import collect
 from hf_vattr.testing import tiny_vlm
 
 model, proc = tiny_vlm({family!r})

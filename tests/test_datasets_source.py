@@ -10,9 +10,9 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 
-from hf_vattr import cli  # noqa: E402
-from hf_vattr.cli import main  # noqa: E402
-from hf_vattr.datasets import DatasetError, DatasetSpec, hf_dataset_spec, read_dataset_spec  # noqa: E402
+from hf_vattr.commands import cli  # noqa: E402
+from hf_vattr.commands.cli import main  # noqa: E402
+from hf_vattr.pipeline.datasets import DatasetError, DatasetSpec, hf_dataset_spec, read_dataset_spec  # noqa: E402
 from hf_vattr.testing import example_image  # noqa: E402
 
 QUESTIONS = ["What colour is the square?", "Where is the largest shape?", "How many shapes are there?",
@@ -127,7 +127,7 @@ def test_imagefolder(imagefolder):
 def test_fingerprint_follows_the_content_not_the_place(parquet, tmp_path):
     import shutil
 
-    from hf_vattr.collection import dataset_fingerprint
+    from hf_vattr.pipeline.collection import dataset_fingerprint
 
     a = hf_dataset_spec(str(parquet), "train", "image", "question").to_dict()
     moved = tmp_path / "moved"
@@ -192,7 +192,7 @@ def test_an_empty_split_and_stray_options_are_refused(saved, tmp_path, capsys, n
 
 @pytest.mark.slow
 def test_collect_from_a_dataset_resumes_and_refuses_another(saved, parquet, tiny_model_dir, tmp_path, capsys):
-    from hf_vattr.collection import load_collection, read_manifest
+    from hf_vattr.pipeline.collection import load_collection, read_manifest
 
     out = tmp_path / "gt"
     argv = ["collect", "--model", str(tiny_model_dir), "--dataset", str(saved), "--split", "train",
@@ -211,7 +211,7 @@ def test_collect_from_a_dataset_resumes_and_refuses_another(saved, parquet, tiny
     spec = read_dataset_spec(out)
     assert spec.kind == "datasets" and spec.params["model"] == str(tiny_model_dir)
     # eval rebuilds the same prompt from dataset.json
-    from hf_vattr.collection import _build_inputs
+    from hf_vattr.pipeline.collection import _build_inputs
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)

@@ -167,7 +167,7 @@ def test_shipped_toy_estimator_loads_and_resaves_unchanged(tmp_path):
 
 
 def test_every_metric_training_writes_is_in_the_glossary():
-    from hf_vattr.training import TrainingConfig, fit_estimator, synthetic_examples
+    from hf_vattr.pipeline.training import TrainingConfig, fit_estimator, synthetic_examples
 
     records, _ = synthetic_examples(8, 2, 3, seed=0)
     est, _ = fit_estimator(records, config=TrainingConfig(epochs=3, val_fraction=0.25, seed=0))

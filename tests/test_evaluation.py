@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from hf_vattr import metrics as M
-from hf_vattr.baselines import AttributionMethod, EstimatorMethod, LeaveOneOut, RandomScores, RawAttention
+from hf_vattr.pipeline.baselines import AttributionMethod, EstimatorMethod, LeaveOneOut, RandomScores, RawAttention
 from hf_vattr.estimator import LinearEstimator
-from hf_vattr.collection import ExampleRecord
-from hf_vattr.evaluation import EvalReport, evaluate, span_level_metrics, stored_metrics, trajectory_report
-from hf_vattr.training import synthetic_examples
+from hf_vattr.pipeline.collection import ExampleRecord
+from hf_vattr.pipeline.evaluation import EvalReport, evaluate, span_level_metrics, stored_metrics, trajectory_report
+from hf_vattr.pipeline.training import synthetic_examples
 
 
 def record(example_id, span_features, loo_effects, subset_masks=None, subset_effects=None, **kw):
@@ -101,7 +101,7 @@ def test_offline_evaluate_ranks_methods_sensibly():
 @pytest.fixture(scope="module")
 def tiny_glm_run():
     """Two examples collected on the tiny GLM-4.1V (6 regions each), with the prompt rebuilder."""
-    collection = pytest.importorskip("hf_vattr.collection")
+    collection = pytest.importorskip("hf_vattr.pipeline.collection")
     from conftest import get_tiny
 
     from hf_vattr.testing import example_image
@@ -120,7 +120,7 @@ def tiny_glm_run():
 
 
 def test_evaluate_with_model_measures_topk_and_runs_every_baseline(tiny_glm_run):
-    from hf_vattr.baselines import GradientXInput, IntegratedGradients
+    from hf_vattr.pipeline.baselines import GradientXInput, IntegratedGradients
 
     model, processor, records, inputs_fn = tiny_glm_run
     L, H = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
@@ -221,7 +221,7 @@ def test_evaluate_refuses_an_estimator_made_for_another_collection(field, estima
 
 def test_deletion_insertion_auc_match_an_independent_ablation_on_a_tiny_model(tiny_glm_run):
     """The AUC columns exist and are finite, and equal curves rebuilt by hand from the functional ablation API."""
-    from hf_vattr.ablation import span_effects
+    from hf_vattr.pipeline.ablation import span_effects
 
     model, processor, records, inputs_fn = tiny_glm_run
     report = evaluate([RawAttention(), RandomScores(seed=1)], records[:1], model, processor,
@@ -327,8 +327,8 @@ def test_section_and_length_quintile_breakdowns_against_an_independent_split():
 
 
 def test_cli_eval_prints_the_breakdowns_and_writes_them(tmp_path, capsys):
-    collection = pytest.importorskip("hf_vattr.collection")
-    from hf_vattr.cli import build_parser, main
+    collection = pytest.importorskip("hf_vattr.pipeline.collection")
+    from hf_vattr.commands.cli import build_parser, main
 
     records, _ = _mixed_records()
     gt = tmp_path / "gt"

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from hf_vattr.collection import load_collection
+from hf_vattr.pipeline.collection import load_collection
 from hf_vattr.estimator import LinearEstimator
-from hf_vattr.evaluation import span_level_metrics
+from hf_vattr.pipeline.evaluation import span_level_metrics
 from hf_vattr.regions import PromptRegions
 from hf_vattr.toy import evidence_for_step, example_seed, make_example
 

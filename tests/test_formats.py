@@ -11,11 +11,11 @@ import torch
 from transformers import LogitsProcessorList
 
 from hf_vattr import AttributionStreamer, SpanAttribution
-from hf_vattr.baselines import RandomScores
+from hf_vattr.pipeline.baselines import RandomScores
 from hf_vattr.errors import AttributionError
-from hf_vattr.collection import CollectionConfig, collect_example
-from hf_vattr.evaluation import evaluate, span_groups
-from hf_vattr.formats import (COSMOS_REASON1, FORMATS, GLM4V_THINKING, MIMO_VL, QWEN3_VL_THINKING, FormatError,
+from hf_vattr.pipeline.collection import CollectionConfig, collect_example
+from hf_vattr.pipeline.evaluation import evaluate, span_groups
+from hf_vattr.reasoning.formats import (COSMOS_REASON1, FORMATS, GLM4V_THINKING, MIMO_VL, QWEN3_VL_THINKING, FormatError,
                               ThinkingFormat, detect_format)
 from hf_vattr.testing import ForcedTokens, example_image, forced_ids, thinking_inputs, tiny_thinking_vlm
 

@@ -14,13 +14,13 @@ import torch
 
 from conftest import consume
 from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution
-from hf_vattr.ablation import _Knockout, span_logprobs_naive
-from hf_vattr.capture import attention_intervention
-from hf_vattr.collection import CollectionConfig, _build_inputs, collect_example
-from hf_vattr.datasets import DatasetSpec
+from hf_vattr.pipeline.ablation import _Knockout, span_logprobs_naive
+from hf_vattr.capture.attention import attention_intervention
+from hf_vattr.pipeline.collection import CollectionConfig, _build_inputs, collect_example
+from hf_vattr.pipeline.datasets import DatasetSpec
 from hf_vattr.toy import toy_estimator_path
 from hf_vattr.estimator import EstimatorConfigError
-from hf_vattr.training import TrainingConfig, fit_estimator, synthetic_examples
+from hf_vattr.pipeline.training import TrainingConfig, fit_estimator, synthetic_examples
 
 CONFIG = CollectionConfig(region_method="vlm", k=16, max_new_tokens=64, num_subsets=4, answer_effects="total")
 SPEC = DatasetSpec("toy", n=10, seed=7002)
@@ -207,8 +207,8 @@ def test_streamed_answers_inherit_exactly_what_span_scores_gives_on_collected_fe
 
 
 def test_evaluation_measures_answer_topk_drops_with_the_reasoning_regenerated(toy, total_record):
-    from hf_vattr.baselines import make_method
-    from hf_vattr.evaluation import evaluate
+    from hf_vattr.pipeline.baselines import make_method
+    from hf_vattr.pipeline.evaluation import evaluate
 
     model, processor = toy
     record = total_record

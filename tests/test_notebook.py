@@ -1,4 +1,4 @@
-"""The notebook view: rich display of a trace, and hf_vattr.notebook.live updating display handles in place
+"""The notebook view: rich display of a trace, and hf_vattr.streaming.notebook.live updating display handles in place
 (driven through IPython's own display machinery, with a capturing display publisher)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ pytest.importorskip("IPython")
 from IPython.core.displaypub import CapturingDisplayPublisher  # noqa: E402
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 
-from hf_vattr.events import AttributionTrace, SpanAttribution, TokenAttribution  # noqa: E402
-from hf_vattr.notebook import LiveView, live  # noqa: E402
+from hf_vattr.streaming.events import AttributionTrace, SpanAttribution, TokenAttribution  # noqa: E402
+from hf_vattr.streaming.notebook import LiveView, live  # noqa: E402
 
 from test_viz import regions_for, three_by_three, toy_image  # noqa: E402
 

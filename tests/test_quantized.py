@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution, TokenAttribution
-from hf_vattr.capture import output_norms, value_norm_weights, value_norm_weights_from_module
+from hf_vattr.capture.attention import output_norms, value_norm_weights, value_norm_weights_from_module
 from hf_vattr.toy import load_toy_model, make_examples, prompt_messages, toy_checkpoint_path, toy_estimator_path, toy_regions
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -80,7 +80,7 @@ def test_module_route_equals_the_gram_route_on_a_plain_linear(bias):
 def test_module_route_serves_any_other_layer_and_bounds_its_blocks(monkeypatch):
     """A layer that is not a plain Linear (here a subclass holding its weight in int8 with a scale) is called,
     never read; small probe blocks give the same norms as one block."""
-    import hf_vattr.capture as capture
+    import hf_vattr.capture.attention as capture
 
     class Int8Linear(torch.nn.Module):
         def __init__(self, weight):
@@ -201,7 +201,7 @@ def test_cli_collects_from_a_model_loaded_in_8bit(tmp_path):
     plain model within quantization error (the value-norm weights go through the quantized layer's forward)."""
     from safetensors.torch import load_file
 
-    from hf_vattr.cli import main
+    from hf_vattr.commands.cli import main
 
     def collect(out, *extra):
         assert main(["collect", "--toy", "1", "--out", str(out), "--max-new-tokens", "24", "--k", "4",
@@ -221,7 +221,7 @@ def test_cli_collects_from_a_model_loaded_in_8bit(tmp_path):
 def test_cli_quantization_without_bitsandbytes_is_one_line_before_loading(tmp_path, monkeypatch, capsys):
     import builtins
 
-    from hf_vattr.cli import main
+    from hf_vattr.commands.cli import main
 
     real_import = builtins.__import__
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_vattr import cli
-from hf_vattr.cli import main
+from hf_vattr.commands import cli
+from hf_vattr.commands.cli import main
 from hf_vattr.estimator import LinearEstimator
 from hf_vattr.toy import toy_estimator_path
 from hub_fixture import local_hub  # noqa: F401  (pytest fixture)

@@ -1,4 +1,4 @@
-from hf_vattr.spans import ReasoningStepSplitter
+from hf_vattr.reasoning.spans import ReasoningStepSplitter
 
 
 def _split(pieces, prompt="<|im_start|>assistant\n<think>\n", **kwargs):
@@ -38,7 +38,7 @@ def test_prompt_without_think_starts_in_answer():
 
 
 def _split_with_sections(pieces, prompt, fmt):
-    from hf_vattr.formats import FORMATS
+    from hf_vattr.reasoning.formats import FORMATS
     splitter = ReasoningStepSplitter(format=FORMATS[fmt])
     splitter.reset(prompt)
     out, sections = [], []

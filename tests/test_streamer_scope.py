@@ -14,8 +14,8 @@ import torch
 from transformers import LogitsProcessorList
 
 from hf_vattr import AttributionStreamer, GenerationError, TokenAttribution
-from hf_vattr.capture import capture_active
-from hf_vattr.streamer import armed_on
+from hf_vattr.capture.attention import capture_active
+from hf_vattr.streaming.streamer import armed_on
 from hf_vattr.testing import example_image, example_inputs
 
 from conftest import consume, get_tiny
@@ -246,7 +246,7 @@ def test_a_finalizer_running_inside_arm_neither_deadlocks_nor_leaves_the_streame
     a new streamer is being armed on the same thread: that must neither deadlock nor lose the new wrapper."""
     import weakref
 
-    import hf_vattr.streamer as streamer_module
+    import hf_vattr.streaming.streamer as streamer_module
 
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc)

@@ -2,7 +2,7 @@
 
 import torch
 
-from hf_vattr.text import TokenTextDecoder, decode_pieces
+from hf_vattr.reasoning.text import TokenTextDecoder, decode_pieces
 
 from conftest import get_tiny
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from hf_vattr.events import AttributionTrace, SpanAttribution, TokenAttribution
+from hf_vattr.streaming.events import AttributionTrace, SpanAttribution, TokenAttribution
 from hf_vattr.layouts import ImageTokens, VisualLayout
 from hf_vattr.regions import PromptRegions, RegionMap, grid_regions
 

@@ -9,7 +9,7 @@ import torch
 
 from hf_vattr.estimator import LinearEstimator
 from hf_vattr.metrics import pearson
-from hf_vattr.training import (
+from hf_vattr.pipeline.training import (
     TrainingConfig,
     fit_estimator,
     masked_pearson,
@@ -187,7 +187,7 @@ def test_input_validation():
 
 def test_collection_records_train(tmp_path):
     """Records in the collection's on-disk format (ExampleRecord safetensors) train directly."""
-    collection = pytest.importorskip("hf_vattr.collection")
+    collection = pytest.importorskip("hf_vattr.pipeline.collection")
     records, w_true = synthetic_examples(16, 2, 3, noise=0.02, seed=11)
     for r in records:
         dataclasses.replace(r, config={"pooling": "mean"}).save(collection.example_path(tmp_path, r.example_id))
@@ -199,7 +199,7 @@ def test_collection_records_train(tmp_path):
 
 def test_empty_example_file_is_named(tmp_path):
     """A 0-byte example file (a killed copy, a full disk) fails loading with its path and what to do."""
-    collection = pytest.importorskip("hf_vattr.collection")
+    collection = pytest.importorskip("hf_vattr.pipeline.collection")
     records, _ = synthetic_examples(2, 2, 2, seed=12)
     for r in records:
         r.save(collection.example_path(tmp_path, r.example_id))

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution, TokenAttribution
-from hf_vattr.events import AttributionTrace
+from hf_vattr.streaming.events import AttributionTrace
 from hf_vattr.toy import load_toy_model, make_examples, prompt_messages, toy_estimator_path, toy_regions
-from hf_vattr.viz import SCORE_UNITS, UNCALIBRATED_UNITS, render_html, score_units, trace_table_html
+from hf_vattr.viz.render import SCORE_UNITS, UNCALIBRATED_UNITS, render_html, score_units, trace_table_html
 
 _RUNS: dict = {}
 
@@ -79,7 +79,7 @@ def test_notebook_view_says_uncalibrated():
     from IPython.core.displaypub import CapturingDisplayPublisher
     from IPython.core.interactiveshell import InteractiveShell
 
-    from hf_vattr.notebook import LiveView
+    from hf_vattr.streaming.notebook import LiveView
 
     InteractiveShell.clear_instance()
     shell = InteractiveShell.instance()
@@ -97,7 +97,7 @@ def test_notebook_view_says_uncalibrated():
 
 
 def test_app_frames_say_uncalibrated():
-    from hf_vattr.app import Frame, _Live, _overlay_html, _top_html, step_picture
+    from hf_vattr.commands.app import Frame, _Live, _overlay_html, _top_html, step_picture
 
     raw, _, regions, *_ = _run(False)
     trace = raw.trace
@@ -115,7 +115,7 @@ def test_app_frames_say_uncalibrated():
 
     live = _Live()
     live.trace = trace
-    from hf_vattr.app import LiveApp
+    from hf_vattr.commands.app import LiveApp
 
     status = LiveApp._frame_outputs(None, FakeGradio, frame, live)[0]
     assert "uncalibrated" in status and not frame.calibrated

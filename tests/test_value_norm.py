@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_vattr import AttributionStreamer, LinearEstimator, TokenAttribution
-from hf_vattr.capture import AttentionCapture
+from hf_vattr.capture.attention import AttentionCapture
 from hf_vattr.layouts import extend_inputs, visual_layout
 from hf_vattr.regions import prompt_regions
 from hf_vattr.testing import FAMILIES, example_image, example_inputs
@@ -106,8 +106,8 @@ def test_collection_and_training_carry_the_feature_kind(tmp_path):
     """A value_norm collection stores value_norm features (equal to the reference) and trains a value_norm estimator."""
     from test_collection import EveryN, config, dataset
 
-    from hf_vattr.collection import collect, load_collection
-    from hf_vattr.training import TrainingConfig, fit_estimator
+    from hf_vattr.pipeline.collection import collect, load_collection
+    from hf_vattr.pipeline.training import TrainingConfig, fit_estimator
 
     model, proc = get_tiny("qwen3_vl")
     collect(model, proc, dataset(2), tmp_path, config(feature_kind="value_norm"), splitter_factory=EveryN,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from hf_vattr.events import AttributionTrace, SpanAttribution, TokenAttribution
+from hf_vattr.streaming.events import AttributionTrace, SpanAttribution, TokenAttribution
 from hf_vattr.layouts import ImageTokens, VisualLayout
 from hf_vattr.regions import PromptRegions, RegionMap
-from hf_vattr.viz import (
+from hf_vattr.viz.render import (
     WEAK_FRACTION,
     OverlayRenderer,
     _colormap,

@@ -9,12 +9,12 @@ A development script (outside the wheel): it overwrites the estimator that ships
 Steps (each the same code the CLI runs):
 
 1. collect ablation ground truth on ``--train`` toy examples (a seed the toy model was not
-   trained on) with ``hf_vattr.collection.collect``;
+   trained on) with ``hf_vattr.pipeline.collection.collect``;
 2. fit a ``LinearEstimator`` (negative-Pearson loss, held-out split by example) and save it
    into the package (``toy/assets/toy-estimator``) with its model card;
 3. collect ``--test`` fresh examples (another seed) and evaluate the estimator against raw
    attention, exhaustive leave-one-out, gradient x input, integrated gradients and random
-   scores with ``hf_vattr.evaluation.evaluate``; plus **pointing accuracy**, which the toy
+   scores with ``hf_vattr.pipeline.evaluation.evaluate``; plus **pointing accuracy**, which the toy
    task makes possible: for each thinking step that names an object, does the top-1 region
    overlap that object's pixels?
 """
@@ -29,15 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_vattr.baselines import make_method
-from hf_vattr.collection import CollectionConfig, _build_inputs, collect, load_collection
-from hf_vattr.datasets import DatasetSpec
-from hf_vattr.evaluation import evaluate
+from hf_vattr.pipeline.baselines import make_method
+from hf_vattr.pipeline.collection import CollectionConfig, _build_inputs, collect, load_collection
+from hf_vattr.pipeline.datasets import DatasetSpec
+from hf_vattr.pipeline.evaluation import evaluate
 from hf_vattr.regions import PromptRegions
 from hf_vattr.toy import (evidence_for_step, example_seed, load_toy_model, make_example, region_on_evidence,
                           toy_checkpoint_path)
 from hf_vattr.toy import hard_task
-from hf_vattr.training import TrainingConfig, fit_estimator
+from hf_vattr.pipeline.training import TrainingConfig, fit_estimator
 
 __all__ = ["main", "pointing_accuracy", "metrics_by_section"]
 
@@ -86,7 +86,7 @@ def metrics_by_section(records: list, per_span: dict[str, dict[str, list]]) -> d
     """Per method and span section (``thinking`` / ``answer``): mean LDS and Pearson, and span count.
 
     ``per_span[method][metric]`` holds one value per span of ``records``, in order: the
-    ``EvalReport.per_span`` that :func:`hf_vattr.evaluation.evaluate` returns.
+    ``EvalReport.per_span`` that :func:`hf_vattr.pipeline.evaluation.evaluate` returns.
 
     Why: in this task the answer follows from the thinking text, so ablating an image region
     moves the answer span far less (tenths of a nat) than the thinking steps (nats to tens of

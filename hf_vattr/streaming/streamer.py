@@ -41,15 +41,15 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 from transformers.utils import logging
 
-from .errors import AttributionError
-from .estimator import INHERITING_SECTIONS
+from ..errors import AttributionError
+from ..estimator import INHERITING_SECTIONS
 from .events import AttributionTrace, SpanAttribution, TokenAttribution
-from .layouts import VisualLayout
-from .regions import PromptRegions, RegionMap
+from ..layouts import VisualLayout
+from ..regions import PromptRegions, RegionMap
 from .session import AttributionSession, StreamerInputError
-from .formats import ThinkingFormat, detect_format, resolve_format
-from .spans import ReasoningStepSplitter, SpanSplitter
-from .text import TokenTextDecoder
+from ..reasoning.formats import ThinkingFormat, detect_format, resolve_format
+from ..reasoning.spans import ReasoningStepSplitter, SpanSplitter
+from ..reasoning.text import TokenTextDecoder
 
 logger = logging.get_logger(__name__)
 
@@ -218,8 +218,8 @@ class AttributionStreamer(TextStreamer):
             pass); ``streamer.regions`` is then set once generation has started. Batches: a method name,
             or one region spec per row.
         splitter: span splitter; default :class:`ReasoningStepSplitter` (one copy per sequence).
-        format: the model family's :class:`~hf_vattr.formats.ThinkingFormat` (or its name); default: detected
-            from the processor and the prompt (:func:`~hf_vattr.formats.detect_format`). ``streamer.format``
+        format: the model family's :class:`~hf_vattr.reasoning.formats.ThinkingFormat` (or its name); default: detected
+            from the processor and the prompt (:func:`~hf_vattr.reasoning.formats.detect_format`). ``streamer.format``
             is the one used.
         skip_prompt: as for ``TextStreamer``: leave the prompt out of :meth:`on_finalized_text` (default True).
         print_text: print the text as it is generated, like ``TextStreamer`` (sequence 0). Off by default:

@@ -2,7 +2,7 @@
 the trajectory plot and a self-contained HTML report.
 
 One rendering code path serves the demo's report, the notebook display
-(:meth:`hf_vattr.events.AttributionTrace.show`) and the web app: they all call
+(:meth:`hf_vattr.streaming.events.AttributionTrace.show`) and the web app: they all call
 :func:`step_overlay`, :func:`describe_location`, :func:`span_evidence` and
 :func:`trajectory_plot`.
 
@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .layouts import channels_first
-from .regions import PromptRegions, RegionMap
+from ..layouts import channels_first
+from ..regions import PromptRegions, RegionMap
 
 
 
 class SpanLike(Protocol):
-    """What the pictures need of a span (:class:`hf_vattr.events.SpanAttribution` has it). viz does not import
+    """What the pictures need of a span (:class:`hf_vattr.streaming.events.SpanAttribution` has it). viz does not import
     events, whose display methods import viz."""
 
     index: int
@@ -49,7 +49,7 @@ class SpanLike(Protocol):
 
 
 class TraceLike(Protocol):
-    """What the pictures need of a trace (:class:`hf_vattr.events.AttributionTrace` has it)."""
+    """What the pictures need of a trace (:class:`hf_vattr.streaming.events.AttributionTrace` has it)."""
 
     regions: PromptRegions | None
     spans: Sequence[SpanLike]
@@ -677,7 +677,7 @@ def trajectory_plot(trace: TraceLike, *, dims: int = 2, size: tuple[int, int] = 
     (first step) to light (last); answer spans are drawn hollow. Right: concentration of each step
     (:func:`hf_vattr.trajectory.concentration`, 1 = one region, 0 = spread evenly).
     """
-    from .trajectory import concentration
+    from ..trajectory import concentration
 
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims}.")

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import AttributionError
-from .regions import PromptRegions
+from ..errors import AttributionError
+from ..regions import PromptRegions
 
 __all__ = ["TokenAttribution", "SpanAttribution", "AttributionTrace", "NonFiniteScoresError", "TraceFileError",
            "TraceNotFoundError"]
@@ -47,7 +47,7 @@ class TokenAttribution:
     section: str  # "thinking" or "answer"
     features: torch.Tensor | None = None  # (L, H, K) when keep_features=True
     sequence: int = 0  # which sequence of the batch (row of generate's output)
-    calibrated: bool = True  # False: streamed without an estimator (raw value-norm attention, hf_vattr.viz.UNCALIBRATED_NOTE)
+    calibrated: bool = True  # False: streamed without an estimator (raw value-norm attention, hf_vattr.viz.render.UNCALIBRATED_NOTE)
 
     @property
     def uncalibrated(self) -> bool:
@@ -73,7 +73,7 @@ class SpanAttribution:
     section: str
     sequence: int = 0
     inherited: bool = False  # True: an answer whose scores include the thinking steps' (LinearEstimator.inherited)
-    calibrated: bool = True  # False: streamed without an estimator (raw value-norm attention, hf_vattr.viz.UNCALIBRATED_NOTE)
+    calibrated: bool = True  # False: streamed without an estimator (raw value-norm attention, hf_vattr.viz.render.UNCALIBRATED_NOTE)
 
     @property
     def uncalibrated(self) -> bool:
@@ -105,7 +105,7 @@ class AttributionTrace:
     prompt_text: str = ""
     sequence: int = 0
     images: list | None = None  # the images the user passed for this sequence (PIL, arrays or (h, w)), if any
-    calibrated: bool = True  # False: scored without an estimator (raw value-norm attention, hf_vattr.viz.UNCALIBRATED_NOTE)
+    calibrated: bool = True  # False: scored without an estimator (raw value-norm attention, hf_vattr.viz.render.UNCALIBRATED_NOTE)
 
     @property
     def uncalibrated(self) -> bool:
@@ -130,14 +130,14 @@ class AttributionTrace:
 
     # ------------------------------------------------------------------ display
     def _repr_html_(self) -> str:
-        """Jupyter's rich display: the step table with overlays inline (hf_vattr.viz.trace_table_html)."""
-        from .viz import trace_table_html
+        """Jupyter's rich display: the step table with overlays inline (hf_vattr.viz.render.trace_table_html)."""
+        from ..viz.render import trace_table_html
 
         return trace_table_html(self)
 
     def show(self, *, top_k: int = 3, trajectory: bool = True) -> None:
         """Display the step table (and the trajectory plot) inline in Jupyter; print a text table elsewhere."""
-        from .viz import trace_table_html, trajectory_plot
+        from ..viz.render import trace_table_html, trajectory_plot
 
         shell = None
         try:
@@ -157,7 +157,7 @@ class AttributionTrace:
 
     def summary(self, *, top_k: int = 3) -> str:
         """A plain-text table: one line per step with its evidence label and top regions in words."""
-        from .viz import UNCALIBRATED_NOTE, _fmt, describe_location, span_evidence
+        from ..viz.render import UNCALIBRATED_NOTE, _fmt, describe_location, span_evidence
 
         lines = [f"({UNCALIBRATED_NOTE})"] if self.uncalibrated else []
         for span in self.spans:

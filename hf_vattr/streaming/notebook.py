@@ -2,7 +2,7 @@
 
     streamer = AttributionStreamer(model, processor, inputs=inputs, estimator=estimator, images=images)
     streamer.generate(**inputs, max_new_tokens=512)    # decoding runs in its own thread
-    trace = hf_vattr.notebook.live(streamer)           # the cell shows the thinking as it happens
+    trace = hf_vattr.streaming.notebook.live(streamer)           # the cell shows the thinking as it happens
 
 :func:`live` consumes the streamer's events in the notebook's thread and updates two IPython display
 handles: the *current* view (text so far, the running step's overlay) and the table of finished steps.
@@ -60,7 +60,7 @@ class LiveView:
         return trace.spans[-1].region_scores if trace.spans else None
 
     def _current_html(self, done: bool) -> str:
-        from .viz import UNCALIBRATED_NOTE, _png_data_uri, score_units, step_overlay, trajectory_plot
+        from ..viz.render import UNCALIBRATED_NOTE, _png_data_uri, score_units, step_overlay, trajectory_plot
 
         trace = self.trace
         n, elapsed = len(trace.tokens), max((self.clock() if not done else self._seen) - self._started, 1e-9)
@@ -85,7 +85,7 @@ class LiveView:
                 f"<pre style='white-space:pre-wrap;max-height:12em;overflow:auto'>{text}</pre></div>")
 
     def _table_html(self) -> str:
-        from .viz import table_html, uncalibrated_banner_html
+        from ..viz.render import table_html, uncalibrated_banner_html
 
         calibrated = getattr(self.trace, "calibrated", True)
         if not self._rows:
@@ -107,7 +107,7 @@ class LiveView:
             self._seen = now  # tokens/s counts generation time, not the final redraw
         if not force and now - self._last < self._next_gap:
             return False
-        from .viz import span_evidence, span_row_html
+        from ..viz.render import span_evidence, span_row_html
 
         began = time.perf_counter()
         while len(self._rows) < len(self.trace.spans):
@@ -150,7 +150,7 @@ def live(streamer: Iterable[Any], *, sequence: int = 0, top: int = 3, interval: 
     try:
         import IPython.display  # noqa: F401
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("hf_vattr.notebook.live needs IPython (pip install ipython, or run it in Jupyter).") from err
+        raise ImportError("hf_vattr.streaming.notebook.live needs IPython (pip install ipython, or run it in Jupyter).") from err
     view = LiveView(_trace_of(streamer, sequence), top=top, interval=interval, max_busy=max_busy)
     try:
         for event in streamer:

@@ -1,10 +1,10 @@
 """Attribution methods behind one interface: the estimator and the paper's baselines.
 
-Every method maps a collected :class:`~hf_vattr.collection.ExampleRecord` (one generated
+Every method maps a collected :class:`~hf_vattr.pipeline.collection.ExampleRecord` (one generated
 trace: its sequence, spans, image regions and span features), plus the model and the
 prompt's processor outputs for the methods that run it, to a ``(S, K)`` tensor of
 span-by-region scores, higher = the region matters more to the span. Evaluation
-(:mod:`hf_vattr.evaluation`) runs them all through the same code path and times them.
+(:mod:`hf_vattr.pipeline.evaluation`) runs them all through the same code path and times them.
 
 =====================  ======================================================  ==============
 method                 score(S, k)                                             cost per trace
@@ -19,7 +19,7 @@ method                 score(S, k)                                             c
 
 Span convention: ``spans`` are ``[start, end)`` indices among the *generated* tokens
 (token ``i`` sits at sequence position ``prompt_len + i``), as produced by
-:class:`hf_vattr.spans.ReasoningStepSplitter` and stored by collection. A span's
+:class:`hf_vattr.reasoning.spans.ReasoningStepSplitter` and stored by collection. A span's
 log-probability is the sum of its tokens' teacher-forced log-probabilities.
 
 The gradient methods differentiate with respect to the *input embeddings of the visual
@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import torch
 from transformers.utils import logging
 
-from .errors import AttributionError
-from .layouts import architecture_spec, extend_inputs
+from ..errors import AttributionError
+from ..layouts import architecture_spec, extend_inputs
 
 if TYPE_CHECKING:
     from .collection import ExampleRecord
@@ -107,7 +107,7 @@ def compute_span_features(model: Any, inputs: Mapping[str, Any], sequence: torch
     Row ``i`` of the capture is the query at position ``prompt_len - 1 + i``, which predicts
     generated token ``i``; a span's feature is the mean of its tokens' rows (as in capture).
     """
-    from .capture import AttentionCapture
+    from ..capture.attention import AttentionCapture
 
     if sequence.dim() == 1:
         sequence = sequence[None]

@@ -5,7 +5,7 @@ A :class:`DatasetSpec` is what ``hf-vattr collect`` writes to ``<collection>/dat
 apart from the CLI so that scripts (the toy faithfulness report) build the very same examples
 without importing the command line.
 
-The JSON-lines format is :data:`hf_vattr.collection.PROMPTS_FORMAT` (``hf-vattr collect --help``).
+The JSON-lines format is :data:`hf_vattr.pipeline.collection.PROMPTS_FORMAT` (``hf-vattr collect --help``).
 Kind ``"datasets"`` reads anything ``datasets.load_dataset`` reads (a Hub id, or a local folder of
 parquet / json / imagefolder files; streamed) or a folder written by ``save_to_disk`` (memory-mapped),
 one split, with an image column and a question column (:func:`open_hf_dataset` checks them).
@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import AttributionError
+from ..errors import AttributionError
 
 __all__ = ["DATASET_FILE", "DatasetSpec", "DatasetError", "correctness_labels", "read_dataset_spec", "hf_dataset_spec"]
 
@@ -56,7 +56,7 @@ class DatasetSpec:
 
         Images are made (toy) or named by path (JSONL) only when iterated, so under
         ``accelerate launch`` each process builds / opens only its own shard. ``shard=(index, count)``
-        (what :func:`hf_vattr.collection.collect` does with item ``i``: process ``i % count``) makes a
+        (what :func:`hf_vattr.pipeline.collection.collect` does with item ``i``: process ``i % count``) makes a
         ``datasets`` dataset decode only the images of its own rows; the others come as
         ``(example_id, [], None)``, which ``collect`` skips without looking.
         """
@@ -109,12 +109,12 @@ class DatasetSpec:
 
     def _toy(self, index: int) -> Any:
         """Toy example ``index``; ``task="hard"`` in the params picks the hard task family."""
-        from .toy import example_seed, make_example
+        from ..toy import example_seed, make_example
 
         seed = example_seed(int(self.params.get("seed", 0)), index)
         task = self.params.get("task", "default")
         if task == "hard":
-            from .toy.hard_task import make_hard_example
+            from ..toy.hard_task import make_hard_example
 
             return make_hard_example(seed)
         if task != "default":
@@ -123,7 +123,7 @@ class DatasetSpec:
 
     @staticmethod
     def _toy_prompt(ex: Any) -> Any:
-        from .toy import prompt_messages
+        from ..toy import prompt_messages
 
         return prompt_messages(ex)
 
@@ -162,7 +162,7 @@ class _StreamItems:
 
 
 class _Items(_StreamItems):
-    """Sized lazy iterable over a dataset's examples (what :func:`hf_vattr.collection.collect` takes)."""
+    """Sized lazy iterable over a dataset's examples (what :func:`hf_vattr.pipeline.collection.collect` takes)."""
 
     def __len__(self) -> int:
         n = len(self.spec)
@@ -195,7 +195,7 @@ def correctness_labels(dataset: DatasetSpec | None, records: Sequence[Any]) -> l
         if ans is None:
             return None
         if dataset.kind == "toy":
-            from .toy import check_answer
+            from ..toy import check_answer
 
             labels.append(bool(check_answer(ans, r.text)[0]))
         else:
@@ -215,7 +215,7 @@ def hf_dataset_spec(dataset: str, split: str, image_column: str, question_column
     ``save_to_disk``); a local path is recorded absolute. The spec's params include ``content``, a
     fingerprint of what the split holds (a ``save_to_disk`` folder: its ``datasets`` fingerprint; other
     local files: the SHA-256 of their bytes; a Hub dataset: its builder hash, which follows the repo's
-    commit), so :func:`hf_vattr.collection.dataset_fingerprint` tells datasets apart by content.
+    commit), so :func:`hf_vattr.pipeline.collection.dataset_fingerprint` tells datasets apart by content.
     """
     local = Path(dataset).expanduser()
     name = str(local.resolve()) if local.exists() else dataset

@@ -68,7 +68,7 @@ class _Token:
 class ReasoningStepSplitter(SpanSplitter):
     """Default splitter: one span per line (and per sentence) inside the thinking block; answer spans after it.
 
-    Tags (the :class:`~hf_vattr.formats.ThinkingFormat`'s think, answer and box tags) are found in the
+    Tags (the :class:`~hf_vattr.reasoning.formats.ThinkingFormat`'s think, answer and box tags) are found in the
     text, whatever tokens they arrive in: one special token, or plain text in several pieces (``<th``,
     ``ink``, ``>``), also sharing a piece with text (``.</th``). Tag text belongs to no span; a token
     that holds only tag text (and whitespace) is in section ``"tag"``; a box marker ends a span (the

@@ -18,7 +18,7 @@ think (default)     either (from the prompt)                   ``<think>`` ``</t
 ==================  =========================================  ===============================
 
 Tags are recognised in the decoded *text*, whatever tokens they arrive in
-(:class:`hf_vattr.spans.ReasoningStepSplitter`).
+(:class:`hf_vattr.reasoning.spans.ReasoningStepSplitter`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import AttributionError
+from ..errors import AttributionError
 
 __all__ = ["ThinkingFormat", "FORMATS", "DEFAULT_FORMAT", "QWEN3_VL_THINKING", "GLM4V_THINKING", "MIMO_VL",
            "COSMOS_REASON1", "COSMOS_SYSTEM_PROMPT", "THINKING", "ANSWER", "TAG", "FormatError", "detect_format",

@@ -4,7 +4,7 @@ One example = one greedy generation. For each reasoning span it records the
 estimator's input (span features, ``(L, H, K)``: the mean over the span's
 tokens of region-pooled attention of each token's predicting query) and the
 targets (leave-one-out effects per region and effects of ``M`` random region
-subsets, from :mod:`hf_vattr.ablation`).
+subsets, from :mod:`hf_vattr.pipeline.ablation`).
 
 Why this shape: training needs per-span (features, effects) pairs; LDS needs
 the subset masks with their effects; everything else (text, spans, region
@@ -35,13 +35,13 @@ import torch
 from transformers.utils import logging
 
 from .ablation import AblationEngine, leave_one_out_masks, random_subset_masks, regenerated_span_effects
-from .capture import AttentionCapture
-from .text import decode_pieces
-from .errors import AttributionError
-from .layouts import text_dims, visual_layout
-from .options import ConfigError, check_fields
-from .formats import FORMATS, ThinkingFormat, detect_format, resolve_format
-from .spans import ReasoningStepSplitter, SpanSplitter
+from ..capture.attention import AttentionCapture
+from ..reasoning.text import decode_pieces
+from ..errors import AttributionError
+from ..layouts import text_dims, visual_layout
+from ..options import ConfigError, check_fields
+from ..reasoning.formats import FORMATS, ThinkingFormat, detect_format, resolve_format
+from ..reasoning.spans import ReasoningStepSplitter, SpanSplitter
 
 logger = logging.get_logger(__name__)
 
@@ -67,7 +67,7 @@ __all__ = [
     "FORMAT_VERSION",
 ]
 
-FORMAT_NAME = "hf_vattr.collection"
+FORMAT_NAME = "hf_vattr.collection"  # the on-disk format id (not a module path): collections keep reading
 FORMAT_VERSION = 1
 MANIFEST = "collection.json"
 EXAMPLES_DIR = "examples"
@@ -133,7 +133,7 @@ class CollectionConfig:
     generate_kwargs: dict = field(
         default_factory=dict, metadata={"help": "extra keyword arguments for generate (sampling stays off)"})
     format: ThinkingFormat | str | None = field(default=None, metadata={  # noqa: A003 - the public name
-        "help": "the model family's thinking format (hf_vattr.formats: a ThinkingFormat or its name); "
+        "help": "the model family's thinking format (hf_vattr.reasoning.formats: a ThinkingFormat or its name); "
                 "None detects it from the processor and prompt, as the streamer does"})
 
     #: fields that do not change the collected numbers (safe to change when resuming)
@@ -328,7 +328,7 @@ class ExampleRecord:
 
     def prompt_regions(self):
         """The region maps the effects refer to (a :class:`~hf_vattr.regions.PromptRegions`), built once."""
-        from .regions import PromptRegions
+        from ..regions import PromptRegions
 
         if self.regions is None:
             raise CollectionError(f"example {self.example_id} was saved without its region maps.")
@@ -381,10 +381,10 @@ def _regions_for(model: Any, processor: Any, layout: Any, images: Sequence[Any],
     if config.regions_fn is not None:
         return config.regions_fn(model, processor, layout, images)
     if config.region_method == "grid":
-        from .regions import prompt_regions
+        from ..regions import prompt_regions
 
         return prompt_regions(layout, k=config.k)
-    from .regions import build_regions
+    from ..regions import build_regions
 
     return build_regions(layout, method=config.region_method, k=config.k, images=list(images), model=model,
                          inputs=inputs)
@@ -421,7 +421,7 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
         images: one image or a list (PIL, arrays, or file paths), in prompt order.
         prompt: chat messages, a question (wrapped in a user turn with the images), chat-formatted
             text containing the image token, or ready processor outputs.
-        splitter: span splitter; default :class:`~hf_vattr.spans.ReasoningStepSplitter`.
+        splitter: span splitter; default :class:`~hf_vattr.reasoning.spans.ReasoningStepSplitter`.
         example_id: recorded, and seeds the random subsets together with ``config.seed``.
 
     Features are the captured attention of each token's predicting query, recomputed in one
@@ -596,7 +596,7 @@ else to the file's folder; "answer" (optional) labels traces for trajectory anal
 
 def _row_error(path: Path, line: int, message: str) -> ValueError:
     return CollectionError(f"{path}:{line}: {message} The format: `hf-vattr collect --help` "
-                           "(hf_vattr.collection.PROMPTS_FORMAT).")
+                           "(hf_vattr.pipeline.collection.PROMPTS_FORMAT).")
 
 
 def read_prompts(path: str | os.PathLike, images_dir: str | os.PathLike | None = None) -> list[PromptRow]:
@@ -668,7 +668,7 @@ def dataset_fingerprint(dataset: Mapping[str, Any]) -> str:
     the bytes of the prompts file at ``dataset["path"]`` (moving the file does not change it; editing
     it does); for other kinds every parameter except ``path``, ``images_dir``, ``model`` and ``revision``
     (a toy dataset: its seed and count; a ``datasets`` dataset: its split, columns, system prompt and
-    ``content``, the content hash :func:`hf_vattr.datasets.hf_dataset_spec` records, and its name only
+    ``content``, the content hash :func:`hf_vattr.pipeline.datasets.hf_dataset_spec` records, and its name only
     when that is a Hub id, so moving a local folder changes nothing).
     """
     desc = {k: v for k, v in dataset.items() if k not in ("path", "images_dir", "model", "revision")}

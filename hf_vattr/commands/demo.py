@@ -2,7 +2,7 @@
 
 Prints the trace as it is generated and, after each finished reasoning step, its top
 regions (and whether the top region lands on the object the step talks about: the toy
-task knows the right answer). Then writes a self-contained HTML report (hf_vattr.viz: the same
+task knows the right answer). Then writes a self-contained HTML report (hf_vattr.viz.render: the same
 rendering as the notebook view and the web app), one overlay PNG per step, and the trace itself
 (``AttributionTrace.load("vattr_report/trace")`` brings it back in a notebook).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 
-from .toy import toy_estimator_path, toy_regions
+from ..toy import toy_estimator_path, toy_regions
 
 __all__ = ["main", "run_demo"]
 
@@ -41,10 +41,10 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
     """Run the demo and return a summary dict (paths, spans, pointing hits, the trace itself)."""
     import torch
 
-    from .estimator import LinearEstimator
-    from .streamer import AttributionStreamer, SpanAttribution, TokenAttribution
-    from .toy import evidence_for_step, load_toy_model, make_examples, prompt_messages, region_on_evidence
-    from .viz import UNCALIBRATED_NOTE, describe_regions, render_html, save_overlays, span_evidence
+    from ..estimator import LinearEstimator
+    from ..streaming.streamer import AttributionStreamer, SpanAttribution, TokenAttribution
+    from ..toy import evidence_for_step, load_toy_model, make_examples, prompt_messages, region_on_evidence
+    from ..viz.render import UNCALIBRATED_NOTE, describe_regions, render_html, save_overlays, span_evidence
 
     start = time.perf_counter()
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
@@ -113,7 +113,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     if isinstance(args, argparse.Namespace):
         argv = list(getattr(args, "demo_args", []) or [])
     else:
-        argv = list(sys.argv[1:] if args is None else args)  # `python -m hf_vattr.demo --out x.html` too
+        argv = list(sys.argv[1:] if args is None else args)  # `python -m hf_vattr.commands.demo --out x.html` too
     opts = _parser().parse_args(argv)
     run_demo(opts.seed, opts.index, opts.out, opts.top, opts.quiet, opts.no_estimator)
     return 0

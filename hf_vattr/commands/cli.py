@@ -2,7 +2,7 @@
 
     hf-vattr collect --toy 64 --out runs/toy-gt                      # built-in toy task and model
     hf-vattr collect --model Qwen/Qwen3-VL-8B-Thinking --prompts data.jsonl --out runs/gt --device-map auto
-    accelerate launch -m hf_vattr.cli collect --model ... --prompts data.jsonl --out runs/gt   # sharded
+    accelerate launch -m hf_vattr.commands.cli collect --model ... --prompts data.jsonl --out runs/gt   # sharded
     hf-vattr collect --model ... --dataset org/vqa --split test --image-column image --question-column question \
         --out runs/gt                                                # any datasets.load_dataset source
     hf-vattr collect --toy 100 --like runs/estimator --out runs/gt2   # an estimator's settings
@@ -13,9 +13,9 @@
     hf-vattr app                                                        # live web page (toy model by default)
 
 The options of ``collect`` and ``train`` that configure the pipeline are generated from
-:class:`~hf_vattr.collection.CollectionConfig` and :class:`~hf_vattr.training.TrainingConfig`
+:class:`~hf_vattr.pipeline.collection.CollectionConfig` and :class:`~hf_vattr.pipeline.training.TrainingConfig`
 (their fields' defaults and ``help`` metadata), so each is written once. The ``--prompts``
-JSON-lines format is documented in :mod:`hf_vattr.datasets` and in ``hf-vattr collect --help``.
+JSON-lines format is documented in :mod:`hf_vattr.pipeline.datasets` and in ``hf-vattr collect --help``.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from typing import Any, Sequence
 
 from transformers.utils import logging
 
-from .datasets import DATASET_FILE, DatasetSpec, correctness_labels, read_dataset_spec
-from .errors import AttributionError
-from .options import argparse_type, interval, range_help
+from ..pipeline.datasets import DATASET_FILE, DatasetSpec, correctness_labels, read_dataset_spec
+from ..errors import AttributionError
+from ..options import argparse_type, interval, range_help
 
-logger = logging.get_logger("hf_vattr.cli")
+logger = logging.get_logger("hf_vattr.commands.cli")
 
 
 class UsageError(AttributionError, ValueError):
@@ -55,19 +55,19 @@ def _load_model(model_id: str | None, *, toy: bool, dtype: str, device_map: str 
 
     quantization_config = _quantization_config(quantization)
     if model_id is None and toy and quantization_config is not None:
-        from .toy import toy_checkpoint_path
+        from ..toy import toy_checkpoint_path
 
         model_id = str(toy_checkpoint_path())  # the toy is a plain model folder: load it quantized like any other
     if model_id is None:
         if not toy:
             raise UsageError("--model is required (or use --toy N with the built-in toy model).")
-        from .toy import load_toy_model
+        from ..toy import load_toy_model
 
         try:
             model, processor = load_toy_model(attn)
         except FileNotFoundError as e:
             raise UsageError(f"{e} Pass --model to use another model.") from None
-        from .toy import toy_checkpoint_path
+        from ..toy import toy_checkpoint_path
 
         model_id = str(toy_checkpoint_path())
     else:
@@ -150,7 +150,7 @@ LIKE_FIELDS = ("region_method", "k", "pooling", "feature_kind", "answer_effects"
 
 def _like_settings(ref: str) -> tuple[dict, Any]:
     """The CollectionConfig settings an estimator (folder or Hub id) was trained on, and the estimator."""
-    from .estimator import LinearEstimator
+    from ..estimator import LinearEstimator
 
     try:
         est = LinearEstimator.from_pretrained(ref)
@@ -177,7 +177,7 @@ def _apply_like(args: argparse.Namespace) -> Any:
         raise UsageError(f"--like {args.like} contradicts {', '.join(clashes)}: an estimator is only evaluated on "
                          "a collection made like its training data. Leave those options out (--like sets them) or "
                          "drop --like.")
-    from .collection import REGION_METHODS
+    from ..pipeline.collection import REGION_METHODS
 
     if settings.get("region_method") not in (None, *REGION_METHODS):
         raise UsageError(f"--like {args.like}: the estimator's regions were made with {settings['region_method']!r}, "
@@ -188,7 +188,7 @@ def _apply_like(args: argparse.Namespace) -> Any:
 
 
 def _check_like_model(est: Any, model_or_config: Any, ref: str) -> None:
-    from .estimator import EstimatorMismatchError
+    from ..estimator import EstimatorMismatchError
 
     if est is None:
         return
@@ -225,14 +225,14 @@ def _dataset_spec(args: argparse.Namespace) -> DatasetSpec:
     if missing:
         raise UsageError(f"--dataset needs {', '.join(missing)} (e.g. --split train --image-column image "
                          "--question-column question).")
-    from .datasets import hf_dataset_spec
+    from ..pipeline.datasets import hf_dataset_spec
 
     return hf_dataset_spec(args.dataset, args.split, args.image_column, args.question_column,
                            config=args.dataset_config, id_column=args.id_column, system_prompt=args.system_prompt)
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from .collection import CollectionConfig, collect
+    from ..pipeline.collection import CollectionConfig, collect
 
     _check_out_folder(args.out)
     _check_device(args.device, "--device")
@@ -249,7 +249,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     items = spec.items(limit=args.limit, shard=(state.process_index, state.num_processes))
     if spec.kind != "datasets":
         len(items)
-    from .collection import check_dataset, check_settings
+    from ..pipeline.collection import check_dataset, check_settings
 
     # Before anything is loaded or written: every option (the config checks its fields' ranges and choices)
     # and a folder holding another dataset (a folder with no example in it holds nothing to protect).
@@ -295,10 +295,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .collection import load_collection, read_manifest
-    from .training import TrainingConfig, fit_estimator
+    from ..pipeline.collection import load_collection, read_manifest
+    from ..pipeline.training import TrainingConfig, fit_estimator
 
-    from .collection import check_ground_truth
+    from ..pipeline.collection import check_ground_truth
 
     collection = Path(args.collection)
     _check_out_folder(args.out)
@@ -360,10 +360,10 @@ def _parse_methods(text: str | None, has_model: bool) -> list[str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .baselines import METHODS, make_method
-    from .collection import _build_inputs, check_ground_truth, load_collection
-    from .estimator import LinearEstimator
-    from .evaluation import evaluate, trajectory_report
+    from ..pipeline.baselines import METHODS, make_method
+    from ..pipeline.collection import _build_inputs, check_ground_truth, load_collection
+    from ..estimator import LinearEstimator
+    from ..pipeline.evaluation import evaluate, trajectory_report
 
     collection = Path(args.collection)
     _check_device(args.device, "--device")
@@ -491,7 +491,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HFValidationError, HfHubHTTPError, OfflineModeIsEnabled
     from huggingface_hub.utils import validate_repo_id
 
-    from .estimator import LinearEstimator
+    from ..estimator import LinearEstimator
 
     try:  # before anything is read or sent
         validate_repo_id(args.repo_id)
@@ -524,9 +524,9 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
-        demo = importlib.import_module("hf_vattr.demo")  # honours sys.modules (tests swap the module)
+        demo = importlib.import_module("hf_vattr.commands.demo")  # honours sys.modules (tests swap the module)
     except ImportError as e:
-        if getattr(e, "name", None) in ("hf_vattr.demo", "demo") or "hf_vattr.demo" in str(e):
+        if getattr(e, "name", None) in ("hf_vattr.commands.demo", "demo") or "hf_vattr.commands.demo" in str(e):
             print("hf-vattr demo is not available in this version of hf_vattr (hf_vattr/demo.py is missing).",
                   file=sys.stderr)
             return 2
@@ -538,12 +538,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_app(args: argparse.Namespace) -> int:
     """Serve the live web app: the bundled toy with a toy example preloaded, or --model with --estimator."""
     try:
-        app = importlib.import_module("hf_vattr.app")
+        app = importlib.import_module("hf_vattr.commands.app")
         importlib.import_module("gradio")
     except ImportError as e:
         print(f"hf-vattr app needs Gradio: pip install \"hf_vattr[app]\" ({e})", file=sys.stderr)
         return 2
-    from .estimator import EstimatorMismatchError, LinearEstimator
+    from ..estimator import EstimatorMismatchError, LinearEstimator
 
     if args.regions is not None and args.regions not in app.REGION_METHODS:
         raise UsageError(f"--regions {args.regions!r} is not a region method; choose one of {app.REGION_METHODS}.")
@@ -559,7 +559,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     examples: list = []
     if toy:
         from .demo import HELD_OUT_SEED, toy_estimator_path
-        from .toy import make_examples
+        from ..toy import make_examples
 
         estimator_ref = estimator_ref or str(toy_estimator_path())
         examples = [(ex.image, ex.question) for ex in make_examples(4, seed=HELD_OUT_SEED)]
@@ -664,8 +664,8 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type, names:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-vattr`` parser (imports the config modules, hence torch, to read their fields)."""
-    from .collection import PROMPTS_FORMAT, CollectionConfig
-    from .training import TARGETS, TrainingConfig
+    from ..pipeline.collection import PROMPTS_FORMAT, CollectionConfig
+    from ..pipeline.training import TARGETS, TrainingConfig
 
     parser = _Parser(prog="hf-vattr", description="Live, faithful visual attribution for VLMs: "
                                      "collect ground truth, train, evaluate and push estimators.")
@@ -785,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", default="Push hf_vattr LinearEstimator", help="commit message")
     p.set_defaults(func=cmd_push)
 
-    # Everything after `demo` is the demo's own (parsed by hf_vattr.demo.main from args.demo_args).
+    # Everything after `demo` is the demo's own (parsed by hf_vattr.commands.demo.main from args.demo_args).
     d = sub.add_parser("demo", help="stream attributions from the bundled toy model and write an HTML report "
                                     "(`hf-vattr demo --help` lists its options)", add_help=False)
     d.set_defaults(func=cmd_demo, demo_args=[])

@@ -45,8 +45,8 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers.utils import logging
 
-from .errors import AttributionError
-from .layouts import _get_path, architecture_spec, attention_modules, output_projection, text_dims
+from ..errors import AttributionError
+from ..layouts import _get_path, architecture_spec, attention_modules, output_projection, text_dims
 
 logger = logging.get_logger(__name__)
 

@@ -17,11 +17,11 @@ from typing import Any, Sequence
 import torch
 from transformers.utils import logging
 
-from .errors import AttributionError
+from ..errors import AttributionError
 
-from .capture import AttentionCapture, CaptureError
-from .layouts import VisualLayout, _get_path, architecture_spec, visual_layout
-from .regions import PromptRegions, RegionMap, prompt_regions
+from ..capture.attention import AttentionCapture, CaptureError
+from ..layouts import VisualLayout, _get_path, architecture_spec, visual_layout
+from ..regions import PromptRegions, RegionMap, prompt_regions
 
 logger = logging.get_logger(__name__)
 
@@ -103,7 +103,7 @@ class AttributionSession:
             (uncalibrated: :attr:`calibrated` is False).
         images: original images (or ``(height, width)``) in prompt order; for batches, one list per row
             or one flat list in batch order.
-        regions: as for :class:`~hf_vattr.streamer.AttributionStreamer`; for batches, a method name or one
+        regions: as for :class:`~hf_vattr.streaming.streamer.AttributionStreamer`; for batches, a method name or one
             region spec per row.
         grid_k: regions per image of the default grid.
     Nothing is hooked or switched until :meth:`attach` (in the thread that runs ``generate``) and :meth:`open`
@@ -165,7 +165,7 @@ class AttributionSession:
                 raise StreamerInputError(f"regions={regions}: K must be at least 1 region per image.")
             return prompt_regions(layout, k=regions)
         if isinstance(regions, str):  # a method name: build them now, e.g. "vlm", "dinov3", "auto"
-            from .regions import build_regions
+            from ..regions import build_regions
 
             k = grid_k if regions == "grid" else None  # grid_k is the grid's size; other methods choose their own K
             return build_regions(layout, method=regions, k=k, images=images, model=self.model, inputs=row)
@@ -190,7 +190,7 @@ class AttributionSession:
         if threading.get_ident() != self._thread_id:
             return  # a vision pass of another thread running the same model: not ours
         self._release_recorder()  # one-shot
-        from .regions import build_regions
+        from ..regions import build_regions
 
         want = [im.num_tokens for layout in self.layouts for im in layout.images]
         got = [int(f.shape[0]) for f in features]
@@ -234,7 +234,7 @@ class AttributionSession:
         """
         self._thread_id = threading.get_ident()
         if self._wants_prefill_regions and self.regions[0] is None:
-            from .regions import VisionFeatureRecorder
+            from ..regions import VisionFeatureRecorder
 
             self._recorder = VisionFeatureRecorder(self.model, on_record=self._regions_from_vision_output)
             self._recorder.__enter__()

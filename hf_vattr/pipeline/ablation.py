@@ -7,7 +7,7 @@ be cheap enough to compute for thousands of (span, mask) pairs:
 
 * **Attention ablation (default).** A region's visual tokens are removed from
   the attention of every *later* query position, in every decoder layer, via
-  :func:`hf_vattr.capture.attention_intervention`: the mask handed to the
+  :func:`hf_vattr.capture.attention.attention_intervention`: the mask handed to the
   model's own attention function (sdpa or eager) gets those key columns
   switched off. Exact, no pixels touched, and every batch row can carry a
   different mask, so many masks run in one forward.
@@ -45,9 +45,9 @@ import torch
 from scipy import ndimage
 from transformers.utils import logging
 
-from .capture import attention_intervention, own_implementation
-from .errors import AttributionError
-from .layouts import architecture_spec, extend_inputs
+from ..capture.attention import attention_intervention, own_implementation
+from ..errors import AttributionError
+from ..layouts import architecture_spec, extend_inputs
 
 logger = logging.get_logger(__name__)
 

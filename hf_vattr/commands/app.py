@@ -6,12 +6,12 @@
 Two layers, so that the streaming loop can be tested and benchmarked without a browser:
 
 * :class:`LiveApp` holds the loaded model, refuses bad input before any work (:meth:`LiveApp.check_inputs`)
-  and turns one :class:`~hf_vattr.streamer.AttributionStreamer` run into a throttled series of
+  and turns one :class:`~hf_vattr.streaming.streamer.AttributionStreamer` run into a throttled series of
   :class:`Frame` objects (:meth:`LiveApp.stream`): at most ``updates_per_second`` pictures per second
   while tokens arrive, and one frame per finished step.
 * :meth:`LiveApp.build` lays those frames out as a Gradio ``Blocks`` page.
 
-Every picture comes from :mod:`hf_vattr.viz` (``step_overlay``, ``describe_location``, ``span_evidence``,
+Every picture comes from :mod:`hf_vattr.viz.render` (``step_overlay``, ``describe_location``, ``span_evidence``,
 ``trajectory_plot``), the same code path as the demo's report. Nothing is loaded at import time: Gradio is
 imported by :meth:`LiveApp.build` only (``pip install "hf_vattr[app]"``).
 """
@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from .errors import AttributionError
+from ..errors import AttributionError
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from .events import AttributionTrace, SpanAttribution
-    from .regions import PromptRegions
+    from ..streaming.events import AttributionTrace, SpanAttribution
+    from ..regions import PromptRegions
 
 __all__ = ["LiveApp", "Frame", "StepItem", "AppRequest", "InputError", "REGION_METHODS", "launch"]
 
@@ -47,7 +47,7 @@ REGION_METHODS = ("prefill", "vlm", "grid", "color", "slic", "dinov3", "dinov2",
 BEHIND_TOKENS = 2
 #: Most pixels an uploaded image may have (a 4096 x 4096 photo); larger ones are refused, not resized silently.
 MAX_PIXELS = 4096 * 4096
-#: Outline colours of the top regions in :func:`hf_vattr.viz.step_overlay` (1st, 2nd, 3rd), for the legend.
+#: Outline colours of the top regions in :func:`hf_vattr.viz.render.step_overlay` (1st, 2nd, 3rd), for the legend.
 _RANK_COLOURS = ("#ffffff", "#00c8ff", "#ff00ff")
 _EVIDENCE_TEXT = {"grounded": "", "weak": " (weak evidence)",
                   "indirect": " (indirect: follows from the thinking text)",
@@ -124,11 +124,11 @@ def _png_uri(image: "Image.Image") -> str:
 
 def step_picture(trace: "AttributionTrace", images: Sequence[Any], scores: Any, *, evidence: str = "grounded",
                  caption: str | None = None, top: int = 3) -> "Image.Image":
-    """One step's (or the running step's) overlay through :func:`hf_vattr.viz.step_overlay`.
+    """One step's (or the running step's) overlay through :func:`hf_vattr.viz.render.step_overlay`.
 
     Weak and indirect steps are drawn muted, so they are not painted as strongly as grounded ones.
     """
-    from . import viz
+    from .. import viz
 
     return viz.step_overlay(trace.regions, images, scores, top=top, caption=caption, evidence=evidence,
                             units=viz.score_units(trace))
@@ -138,7 +138,7 @@ def top_regions(regions: "PromptRegions", scores: Any, k: int = 3) -> list[tuple
     """The ``k`` highest-scoring regions with a positive score, located in words (viz.describe_location)."""
     import torch
 
-    from . import viz
+    from .. import viz
 
     s = torch.as_tensor(scores, dtype=torch.float32)
     order = torch.argsort(s, descending=True, stable=True)[:k].tolist()
@@ -146,7 +146,7 @@ def top_regions(regions: "PromptRegions", scores: Any, k: int = 3) -> list[tuple
 
 
 def _concentrations(trace: "AttributionTrace") -> list[float]:
-    from .trajectory import concentration
+    from ..trajectory import concentration
 
     return [concentration(span.region_scores.double().numpy()) for span in trace.spans]
 
@@ -189,7 +189,7 @@ class LiveApp:
 
     def _load_estimator(self, ref: str) -> Any | None:
         """The estimator the page names, loaded once per name and checked against the model."""
-        from .estimator import EstimatorMismatchError, LinearEstimator
+        from ..estimator import EstimatorMismatchError, LinearEstimator
 
         ref = (ref or "").strip()
         if not ref:
@@ -264,8 +264,8 @@ class LiveApp:
         """The streamer's ``regions=``: "prefill" as is; a method the estimator was trained with gets its K."""
         if request.regions == "prefill":
             return "prefill"
-        from .layouts import visual_layout
-        from .regions import build_regions
+        from ..layouts import visual_layout
+        from ..regions import build_regions
 
         est = request.estimator
         k = None
@@ -288,13 +288,13 @@ class LiveApp:
         skipped while later steps already wait; the last frame always has it). Per token this loop only
         appends the token's text and scores and reads the clock. Region maps known before decoding
         (every method but "prefill") have their pictures' fixed parts prepared before ``generate`` starts
-        (:meth:`hf_vattr.viz.OverlayRenderer.prepare`). Generation runs in the streamer's own thread and
-        never waits for this loop. Failures raise :class:`~hf_vattr.streamer.GenerationError`.
+        (:meth:`hf_vattr.viz.render.OverlayRenderer.prepare`). Generation runs in the streamer's own thread and
+        never waits for this loop. Failures raise :class:`~hf_vattr.streaming.streamer.GenerationError`.
         """
         import torch
 
-        from . import viz
-        from .streamer import AttributionStreamer, SpanAttribution, TokenAttribution
+        from .. import viz
+        from ..streaming.streamer import AttributionStreamer, SpanAttribution, TokenAttribution
 
         live = live or _Live()
         start = time.perf_counter()
@@ -386,7 +386,7 @@ class LiveApp:
 
     def pin(self, live: _Live, index: int | None) -> Frame | None:
         """The frame of step ``index`` pinned (``None``: follow the live step again); ``None`` if no such step."""
-        from . import viz
+        from .. import viz
 
         with live.lock:
             live.pinned = index
@@ -473,7 +473,7 @@ class LiveApp:
 
             def on_run(image_path: Any, question_text: str, estimator_ref: str, region_method: str,
                        max_tokens: Any, request: gr.Request) -> Iterator[tuple]:
-                from .streamer import GenerationError
+                from ..streaming.streamer import GenerationError
 
                 skip = gr.skip()
                 try:
@@ -516,7 +516,7 @@ class LiveApp:
         status = (f"Done: {frame.tokens} tokens, {len(frame.steps)} steps in {frame.elapsed:.1f} s."
                   if frame.done else f"Thinking... {frame.tokens} tokens, {len(frame.steps)} finished step(s).")
         if not frame.calibrated:
-            from .viz import UNCALIBRATED_NOTE
+            from ..viz.render import UNCALIBRATED_NOTE
 
             status += f" Scores are {UNCALIBRATED_NOTE}."
         steps = skip

@@ -1,13 +1,13 @@
 """Faithfulness evaluation of attribution methods against ablation ground truth (LDS, top-k drop, AUCs, R^2).
 
 :func:`evaluate` runs every method (the estimator and the baselines of
-:mod:`hf_vattr.baselines`) over the same collected examples through the same code path,
+:mod:`hf_vattr.pipeline.baselines`) over the same collected examples through the same code path,
 times each, and scores each against the measured effects:
 
 * **LDS**: Spearman, per span, of predicted subset effects (sum of member scores) vs the
   stored effects of the M random subsets; mean over spans.
 * **Top-k drop** (k = 1, 3, 5): log-prob drop of the span when the k top-scored regions are
-  ablated together. With a model, measured for real with :mod:`hf_vattr.ablation`
+  ablated together. With a model, measured for real with :mod:`hf_vattr.pipeline.ablation`
   (same ablation method as collection); without one, looked up in the stored tables
   (leave-one-out rows give k = 1; a larger k is found only if a stored subset happens to
   be exactly that top-k set, otherwise it is left out and counted).
@@ -46,9 +46,9 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from . import metrics as M
+from .. import metrics as M
 from .collection import check_ground_truth
-from .errors import AttributionError
+from ..errors import AttributionError
 
 if TYPE_CHECKING:
     from .collection import ExampleRecord
@@ -557,9 +557,9 @@ def evaluate(
     """Run every method over ``records`` and score it; returns an :class:`EvalReport`.
 
     Args:
-        methods: :class:`~hf_vattr.baselines.AttributionMethod` instances (names must differ).
-        records: collected examples (:func:`hf_vattr.collection.load_collection`). Every
-            :class:`~hf_vattr.baselines.EstimatorMethod` is first checked against them
+        methods: :class:`~hf_vattr.pipeline.baselines.AttributionMethod` instances (names must differ).
+        records: collected examples (:func:`hf_vattr.pipeline.collection.load_collection`). Every
+            :class:`~hf_vattr.pipeline.baselines.EstimatorMethod` is first checked against them
             (:func:`check_estimator`).
         model: the VLM; needed by ablation / gradient methods and for measured top-k drops.
             Without it those methods are skipped (with a warning).
@@ -724,7 +724,7 @@ def trajectory_report(
     (``fraction``, ``auc``, ``n``: AUC of tortuosity on the first part of each trace
     predicting failure).
     """
-    from . import trajectory as T
+    from .. import trajectory as T
 
     ids = [str(r.example_id) for r in records]
     if isinstance(labels, Mapping):

@@ -55,9 +55,9 @@ import torch
 from transformers.utils import logging
 
 from .collection import check_ground_truth
-from .errors import AttributionError
+from ..errors import AttributionError
 from .evaluation import stored_metrics
-from .options import check_fields
+from ..options import check_fields
 
 if TYPE_CHECKING:
     from .collection import ExampleRecord
@@ -166,7 +166,7 @@ def split_examples(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
 class _SpanTensors:
     """The spans of some records as padded tensors, so the loss is a few batched ops.
 
-    Not a record shape: built from :class:`~hf_vattr.collection.ExampleRecord` s by
+    Not a record shape: built from :class:`~hf_vattr.pipeline.collection.ExampleRecord` s by
     :meth:`from_records` and only used inside the fit. ``features (N, L, H, Kmax)``,
     ``region_valid (N, Kmax)``, ``loo (N, Kmax)``, ``masks (E, Mmax, Kmax)`` and
     ``subset_valid (E, Mmax)`` per example (None without subsets), ``subsets (N, Mmax)``,
@@ -414,7 +414,7 @@ def fit_estimator(
     """Fit a :class:`LinearEstimator` on collected records; returns ``(estimator, report)``.
 
     Args:
-        data: collected :class:`~hf_vattr.collection.ExampleRecord` s (:func:`~hf_vattr.collection.load_collection`).
+        data: collected :class:`~hf_vattr.pipeline.collection.ExampleRecord` s (:func:`~hf_vattr.pipeline.collection.load_collection`).
         num_layers, num_heads: ``L`` and ``H``; default: read from the features.
         config: :class:`TrainingConfig` (defaults if None).
         model_type, base_model_id, base_model_revision, pooling, region_method, k_policy:
@@ -424,13 +424,13 @@ def fit_estimator(
 
     The report holds ``config``, ``data`` (summary), ``split`` (train/val example ids),
     ``history`` (loss curve), ``calibration`` and ``metrics`` ({"train": ..., "val": ...},
-    see :func:`hf_vattr.evaluation.stored_metrics`). The estimator's ``training_metrics``
+    see :func:`hf_vattr.pipeline.evaluation.stored_metrics`). The estimator's ``training_metrics``
     are the held-out ones (train ones when nothing is held out) and its ``training_data``
     the data summary.
     """
-    from .estimator import LinearEstimator
+    from ..estimator import LinearEstimator
 
-    from .estimator import INHERITING_SECTIONS
+    from ..estimator import INHERITING_SECTIONS
 
     config = config or TrainingConfig()
     if not isinstance(config, TrainingConfig):
@@ -638,7 +638,7 @@ def _fit_inheritance(estimator: Any, train: Sequence[ExampleRecord], val: Sequen
     evidence); the candidate is then chosen by the held-out mean Pearson of the
     answers' scores (LOO, subsets or both, as ``config.target``). Returns what was fit, for the report.
     """
-    from .estimator import INHERITING_SECTIONS, pool_steps
+    from ..estimator import INHERITING_SECTIONS, pool_steps
 
     bias = 0.0 if estimator.bias is None else float(estimator.bias)
 
@@ -741,7 +741,7 @@ def synthetic_examples(
     Features look like pooled attention (non-negative, peaked over regions); leave-one-out
     effects are ``sum_lh weight[l,h] * f[l,h](S,k)`` plus Gaussian noise, and subset effects
     are the sum of the ablated regions' true effects plus noise. Returns ``(records, weight)``:
-    :class:`~hf_vattr.collection.ExampleRecord` s with placeholder token ids and span texts.
+    :class:`~hf_vattr.pipeline.collection.ExampleRecord` s with placeholder token ids and span texts.
     """
     from .collection import ExampleRecord
 

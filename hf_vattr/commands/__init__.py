@@ -1,0 +1,1 @@
+"""Front ends: ``hf-vattr`` (collect, train, eval, push, demo, app). Nothing in the package imports them."""
