@@ -1,12 +1,12 @@
-"""Where each image's visual tokens sit, and what pixels each one covers.
+"""Where each image's and video's visual tokens sit, and what pixels (and seconds) each one covers.
 
 Model support is *declared*, never guessed from a model name: every supported
 ``config.model_type`` has one :class:`ArchitectureSpec` row saying which config
-fields hold the image token id, the ViT patch size and the spatial merge size,
+fields hold the image and video token ids, the ViT patch size and the spatial merge size,
 and where the text decoder's attention modules live. Everything else comes
-from the processor outputs: ``input_ids`` (token positions) and
-``image_grid_thw`` (patch grid per image, *in patches*; the LLM token grid is
-``h / merge x w / merge``).
+from the processor outputs: ``input_ids`` (token positions),
+``image_grid_thw`` / ``video_grid_thw`` (patch grid per image or video, *in patches*; the LLM token grid is
+``t x h / merge x w / merge``) and, for Qwen2.5-VL, ``second_per_grid_ts``.
 
 Geometry: a visual token (row r, col c) of an image covers, in the resized
 image the processor fed the vision tower, the box
@@ -14,13 +14,28 @@ image the processor fed the vision tower, the box
 original image the same box scaled by separate y and x factors
 (``orig_h / resized_h`` and ``orig_w / resized_w``), because processors round
 each side to a multiple of ``u`` independently.
+
+Videos are visual items with ``t`` frame groups: the vision tower fuses ``temporal_patch_size`` consecutive
+frames (2 in every supported family; an odd count is padded with the last frame) into one group of
+``h x w`` tokens, each with the same box in its frames as an image token, and a time span in seconds from
+the frames' times (``video_metadata``: fps and frame indices, as the processor used them; else Qwen2.5-VL's
+``second_per_grid_ts``; else the processors' own 24 fps fallback). How a family writes a video:
+
+* Qwen2.5-VL: one block ``<|vision_start|>`` + ``<|video_pad|>`` x (t h w) + ``<|vision_end|>``;
+* Qwen3-VL: one block per group, ``<{time:.1f} seconds><|vision_start|>`` + ``<|video_pad|>`` x (h w) +
+  ``<|vision_end|>``, so the video's tokens are not contiguous;
+* GLM-4.1V / 4.5V: ``<|begin_of_video|>``, then per group ``<|begin_of_image|>`` + the *image* token x (h w) +
+  ``<|end_of_image|>`` + its time, then ``<|end_of_video|>``: the video markers tell its tokens from an image's.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .errors import AttributionError
@@ -38,6 +53,11 @@ __all__ = [
     "channels_first",
     "array_image_size",
     "check_image_size",
+    "VideoInputError",
+    "visual_token_masks",
+    "video_frames",
+    "as_video_list",
+    "is_video",
 ]
 
 
@@ -69,15 +89,25 @@ class ArchitectureSpec:
     output_projection: str = "o_proj"  # attribute of the attention module: heads -> hidden (for value-norm features)
     text_config: str = "text_config"  # config attribute holding num_hidden_layers / num_attention_heads
     family: str = ""  # human-readable family name for messages and docs
+    # Videos (read only when a prompt has one): the token a video's frames are written with in input_ids, and,
+    # where that is the image token, the config attributes of the markers that open and close a video.
+    video_token_id: str = "video_token_id"  # config attribute
+    video_start_token_id: str = ""  # config attribute; needed when videos are written with the image token
+    video_end_token_id: str = ""  # config attribute; idem
+    temporal_patch_size: str = "vision_config.temporal_patch_size"  # config attribute (frames per token group)
 
+
+# GLM writes video frames with the image token, between <|begin_of_video|> and <|end_of_video|>.
+_GLM_VIDEO = dict(video_token_id="image_token_id", video_start_token_id="video_start_token_id",
+                  video_end_token_id="video_end_token_id")
 
 #: ``config.model_type`` -> spec. Extend with :func:`register_architecture`.
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "qwen2_5_vl": ArchitectureSpec(family="Qwen2.5-VL (MiMo-VL, Cosmos-Reason1)"),
     "qwen3_vl": ArchitectureSpec(family="Qwen3-VL"),
     "qwen3_vl_moe": ArchitectureSpec(family="Qwen3-VL-MoE"),
-    "glm4v": ArchitectureSpec(family="GLM-4.1V"),
-    "glm4v_moe": ArchitectureSpec(family="GLM-4.5V (GLM-4.1V MoE)"),
+    "glm4v": ArchitectureSpec(family="GLM-4.1V", **_GLM_VIDEO),
+    "glm4v_moe": ArchitectureSpec(family="GLM-4.5V (GLM-4.1V MoE)", **_GLM_VIDEO),
 }
 
 
@@ -164,17 +194,76 @@ def attention_modules(model: Any) -> list[Any]:
 
 @dataclass
 class ImageTokens:
-    """One image's visual tokens in the sequence, with their pixel geometry."""
+    """One visual item's tokens in the sequence (an image, or a video of ``t`` frame groups), with their geometry.
 
-    image_index: int
-    positions: torch.Tensor  # (N,) sequence positions of this image's visual tokens, row-major
+    A video is an item like an image whose token grid has ``t > 1`` frame groups (or one, for a one-frame
+    video): tokens are ordered group by group, row-major within a group, exactly as the vision tower emits
+    them; every group has the same boxes, and :meth:`frame_group_span` gives its seconds.
+    """
+
+    image_index: int  # index of the item among the prompt's images and videos, in prompt order
+    positions: torch.Tensor  # (N,) sequence positions of this item's visual tokens, in the tower's order
     grid_thw: tuple[int, int, int]  # token grid (t, h, w) after merging
     token_size: int  # pixels per token side in the resized image (patch * merge)
-    original_size: tuple[int, int] | None = None  # (height, width) of the image the user passed
+    original_size: tuple[int, int] | None = None  # (height, width) of the image (video frame) the user passed
+    kind: str = "image"  # "image" or "video"
+    kind_index: int | None = None  # index among the prompt's items of this kind (the processor's images= / videos=)
+    frame_times: tuple[float, ...] | None = None  # videos: seconds of each frame the tower saw (padding repeats)
+    frame_step: float | None = None  # videos: seconds one sampled frame stands for (1 / sampled fps)
+
+    def __post_init__(self) -> None:
+        if self.kind_index is None:
+            self.kind_index = self.image_index
 
     @property
     def num_tokens(self) -> int:
         return int(self.positions.numel())
+
+    @property
+    def is_video(self) -> bool:
+        return self.kind == "video"
+
+    @property
+    def num_frame_groups(self) -> int:
+        """Frame groups of a video (``t``); 1 for an image."""
+        return int(self.grid_thw[0])
+
+    @property
+    def tokens_per_group(self) -> int:
+        return int(self.grid_thw[1] * self.grid_thw[2])
+
+    @property
+    def frames_per_group(self) -> int:
+        """Frames the vision tower fused into one token group (the temporal patch size); 1 for an image."""
+        return 1 if self.frame_times is None else len(self.frame_times) // self.num_frame_groups
+
+    def token_frame_group(self, token: int) -> int:
+        """The frame group a token belongs to (0 for images)."""
+        return int(token) // self.tokens_per_group
+
+    def frame_group_tokens(self, group: int) -> slice:
+        """The tokens of one frame group, as a slice of this item's tokens."""
+        if not 0 <= int(group) < self.num_frame_groups:
+            raise LayoutError(f"Frame group {group} is outside 0..{self.num_frame_groups - 1}.")
+        n = self.tokens_per_group
+        return slice(int(group) * n, (int(group) + 1) * n)
+
+    def frame_group_span(self, group: int) -> tuple[float, float] | None:
+        """``(start, end)`` seconds a frame group covers (end-exclusive); ``None`` for an image.
+
+        From the first frame of the group to one frame step past its last (a padded group's repeated frame
+        adds nothing), so consecutive groups of an evenly sampled video tile the time line.
+        """
+        if self.frame_times is None:
+            return None
+        self.frame_group_tokens(group)  # range check
+        p = self.frames_per_group
+        frames = self.frame_times[int(group) * p:(int(group) + 1) * p]
+        return float(frames[0]), float(max(frames) + (self.frame_step or 0.0))
+
+    def token_time_span(self, token: int) -> tuple[float, float] | None:
+        """``(start, end)`` seconds of the frame group holding ``token``; ``None`` for an image."""
+        return self.frame_group_span(self.token_frame_group(token))
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -194,7 +283,7 @@ class ImageTokens:
         return self.original_size[0] / rh, self.original_size[1] / rw
 
     def token_rc(self, token: int) -> tuple[int, int]:
-        """(row, col) of a token in the token grid (frame 0 for images)."""
+        """(row, col) of a token in the token grid of its frame group."""
         w = self.grid_thw[2]
         within = token % (self.grid_thw[1] * w)
         return within // w, within % w
@@ -211,14 +300,14 @@ class ImageTokens:
         sy, sx = self.scale_yx
         return y0 * sy, x0 * sx, y1 * sy, x1 * sx
 
-    def token_at_original(self, y: float, x: float) -> int:
-        """Index of the token covering original-image pixel (y, x)."""
+    def token_at_original(self, y: float, x: float, group: int = 0) -> int:
+        """Index of the token covering original-image pixel (y, x) (in frame group ``group`` of a video)."""
         sy, sx = self.scale_yx
         u = self.token_size
         h, w = self.grid_hw
         r = min(max(int((y / sy) // u), 0), h - 1)
         c = min(max(int((x / sx) // u), 0), w - 1)
-        return r * w + c
+        return self.frame_group_tokens(group).start + r * w + c
 
     def grid_to_original_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per original-pixel row and column, the token row / col that covers it.
@@ -239,17 +328,22 @@ class ImageTokens:
 
 @dataclass
 class VisualLayout:
-    """All images of one prompt (batch of one)."""
+    """All visual items (images and videos) of one prompt (batch of one), in prompt order."""
 
-    images: list[ImageTokens]
+    images: list[ImageTokens]  # every item, images and videos, in prompt order
     sequence_length: int
     model_type: str = ""
     extras: dict = field(default_factory=dict)
 
     @property
     def positions(self) -> torch.Tensor:
-        """Sequence positions of every visual token, image after image."""
+        """Sequence positions of every visual token, item after item (the prompt's order)."""
         return torch.cat([im.positions for im in self.images])
+
+    @property
+    def videos(self) -> list[ImageTokens]:
+        """The video items, in prompt order."""
+        return [im for im in self.images if im.is_video]
 
     @property
     def num_visual_tokens(self) -> int:
@@ -319,7 +413,8 @@ def _image_sizes(images: Sequence[Any] | None) -> list[tuple[int, int]] | None:
     return sizes
 
 
-def check_image_size(index: int, size: tuple[int, int], grid_hw: tuple[int, int], token_size: int) -> None:
+def check_image_size(index: int, size: tuple[int, int], grid_hw: tuple[int, int], token_size: int, *,
+                     what: str = "Image") -> None:
     """Refuse an image size ``(height, width)`` that the processor cannot have turned into this token grid.
 
     Processors resize both sides by one factor and round each to whole tokens (``smart_resize``: round,
@@ -331,7 +426,7 @@ def check_image_size(index: int, size: tuple[int, int], grid_hw: tuple[int, int]
     gh, gw = (int(v) for v in grid_hw)
     u = int(token_size)
     if oh < 1 or ow < 1:
-        raise LayoutError(f"Image {index} has size {(oh, ow)} (height, width); both sides must be at least 1 pixel.")
+        raise LayoutError(f"{what} {index} has size {(oh, ow)} (height, width); both sides must be at least 1 pixel.")
     low = max((gh - 1) * u / oh, (gw - 1) * u / ow)
     high = min((gh + 1) * u / oh, (gw + 1) * u / ow)
     if low < high:
@@ -341,21 +436,235 @@ def check_image_size(index: int, size: tuple[int, int], grid_hw: tuple[int, int]
             "(width, height)) and a batch's images in row order." if swapped else
             " Pass the image the prompt was built from (if you resized or cropped it before the processor, that "
             "resized image), its size as (height, width), and a batch's images in row order.")
-    raise LayoutError(f"Image {index} is {oh}x{ow} pixels (height x width), but the processor made a {gh}x{gw} token "
-                      f"grid ({gh * u}x{gw * u} pixels) from the image at that place in the prompt: the aspect ratios "
-                      f"disagree, so regions would land on the wrong pixels.{hint}")
+    raise LayoutError(f"{what} {index} is {oh}x{ow} pixels (height x width), but the processor made a {gh}x{gw} token "
+                      f"grid ({gh * u}x{gw * u} pixels) from the {what.lower()} at that place in the prompt: the aspect "
+                      f"ratios disagree, so regions would land on the wrong pixels.{hint}")
+
+
+class VideoInputError(LayoutError):
+    """A video (its frames, path or metadata) cannot be the one the processor turned into the prompt's video."""
+
+
+def _is_frame(value: Any) -> bool:
+    if hasattr(value, "convert") and hasattr(value, "size") and not hasattr(value, "shape"):  # PIL
+        return True
+    return hasattr(value, "shape") and len(value.shape) in (2, 3)
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, (int, np.integer)) for v in value)
+
+
+def is_video(value: Any) -> bool:
+    """One video as processors take it: a path, a list of frames (PIL images or arrays) or a 4-D array."""
+    if isinstance(value, (str, os.PathLike)):
+        return True
+    if hasattr(value, "shape"):
+        return len(value.shape) == 4
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_frame(f) for f in value)
+
+
+def as_video_list(videos: Any) -> list[Any] | None:
+    """``videos=`` as one entry per video: one video alone (frames, a 4-D array, a path) is wrapped, as processors do."""
+    if videos is None:
+        return None
+    if is_video(videos):
+        return [videos]
+    if not isinstance(videos, (list, tuple)):
+        raise VideoInputError(f"Cannot read videos= of type {type(videos).__name__}: pass per video a list of frames "
+                              "(PIL images or arrays), a (T, H, W, C) array, a path, or its (height, width).")
+    return list(videos)
+
+
+def _decode_video(path: Any, index: int, frames_indices: Sequence[int] | None) -> np.ndarray:
+    """A video file's frames (those at ``frames_indices`` when given), read the way processors read videos."""
+    from transformers.video_utils import load_video
+
+    if not os.path.isfile(path):
+        raise VideoInputError(f"Video {index}: {str(path)!r} is not a readable file.")
+    try:
+        from transformers.utils import is_torchcodec_usable
+
+        backend = "torchcodec" if is_torchcodec_usable(decode="video") else None
+    except ImportError:  # older transformers
+        from transformers.utils import is_torchcodec_available
+
+        backend = "torchcodec" if is_torchcodec_available() else None
+    if backend is None:
+        from transformers import video_utils
+
+        decodes = getattr(video_utils, "is_torchvision_video_decoding_available", lambda: False)
+        backend = "torchvision" if decodes() else None
+    if backend is None:
+        raise VideoInputError(f"Video {index}: cannot decode {str(path)!r}: no video decoder is installed (transformers "
+                              "decodes videos with torchcodec: pip install torchcodec). Or pass the video's frames "
+                              "(a list of images or a (T, H, W, C) array).")
+    pick = None if frames_indices is None else (lambda metadata, **kwargs: np.asarray(frames_indices, dtype=int))
+    try:
+        frames, _ = load_video(str(path), backend=backend, sample_indices_fn=pick)
+    except Exception as err:  # noqa: BLE001 - any decoder failure is the same mistake for the caller
+        raise VideoInputError(f"Video {index}: {str(path)!r} could not be decoded ({type(err).__name__}: {err}). Is it "
+                              "a video file? Or pass its frames (a list of images or a (T, H, W, C) array).") from err
+    return video_frames(frames, index)
+
+
+def video_frames(video: Any, index: int = 0, frames_indices: Sequence[int] | None = None) -> np.ndarray:
+    """One video's frames as one ``(T, H, W, C)`` array (channels last), as the processor read them.
+
+    Takes what processors take: a list of frames (PIL images, ``(H, W[, C])`` or ``(C, H, W)`` arrays or tensors,
+    channels found by :func:`channels_first`), a 4-D array or tensor, or a path (decoded by transformers). Given
+    the processor's ``frames_indices`` for a longer video, keeps those frames: the ones the tower saw.
+    """
+    if isinstance(video, (str, os.PathLike)):
+        return _decode_video(video, index, frames_indices)
+    if isinstance(video, torch.Tensor):
+        video = video.detach().cpu().numpy()
+    if isinstance(video, np.ndarray) and video.ndim == 4:
+        frames = video if not channels_first(video[0]) else video.transpose(0, 2, 3, 1)
+    elif isinstance(video, (list, tuple)) and video and all(_is_frame(f) for f in video):
+        arrays = []
+        for frame in video:
+            a = frame.detach().cpu().numpy() if isinstance(frame, torch.Tensor) else np.asarray(frame)
+            if a.ndim == 3 and channels_first(a):
+                a = a.transpose(1, 2, 0)
+            arrays.append(a if a.ndim == 3 else a[..., None])
+        shapes = sorted({a.shape[:2] for a in arrays})
+        if len(shapes) > 1:
+            raise VideoInputError(f"Video {index} has frames of different sizes {shapes} (height, width): a video's "
+                                  "frames share one size (processors stack them). Resize them to one size first.")
+        if len({a.shape[2] for a in arrays}) > 1:
+            raise VideoInputError(f"Video {index} mixes frames with different channel counts; convert them to one "
+                                  "mode (e.g. RGB) first.")
+        frames = np.stack(arrays)
+    else:
+        raise VideoInputError(f"Cannot read video {index} of type {type(video).__name__}: pass a list of frames (PIL "
+                              "images or arrays), a (T, H, W, C) array, or a path.")
+    if frames.shape[0] == 0:
+        raise VideoInputError(f"Video {index} has no frames.")
+    if frames_indices is not None and len(frames_indices) != frames.shape[0]:
+        picked = np.asarray(frames_indices, dtype=int)
+        if picked.size == 0 or picked.min() < 0 or picked.max() >= frames.shape[0]:
+            raise VideoInputError(f"Video {index} has {frames.shape[0]} frames but its frames_indices reach "
+                                  f"{int(picked.max()) if picked.size else None}: pass the video the metadata "
+                                  "describes.")
+        frames = frames[picked]
+    return frames
+
+
+def _video_size(video: Any, index: int) -> tuple[tuple[int, int], int | None]:
+    """``((height, width), number of frames or None)`` of one video entry (frames, array, or a size tuple)."""
+    if _is_size(video):
+        return (int(video[0]), int(video[1])), None
+    frames = video_frames(video, index)
+    return (int(frames.shape[1]), int(frames.shape[2])), int(frames.shape[0])
+
+
+def _metadata_list(video_metadata: Any, count: int) -> list[dict | None]:
+    """``video_metadata`` as the processors take it (one dict or ``VideoMetadata``, or one per video) -> one per video."""
+    if video_metadata is None:
+        return [None] * count
+    if isinstance(video_metadata, Mapping):
+        video_metadata = [video_metadata]
+    entries = [None if m is None else dict(m) for m in video_metadata]
+    if len(entries) != count:
+        raise VideoInputError(f"Got video_metadata for {len(entries)} videos but the prompt has {count}; pass one "
+                              "entry per video, in prompt order (as to the processor).")
+    return entries
+
+
+def _frame_times(index: int, groups: int, per_group: int, frames: int | None, metadata: dict | None,
+                 seconds_per_group: float | None) -> tuple[tuple[float, ...], float, str]:
+    """``(time of each frame the tower saw, seconds per frame, where the times came from)`` for one video.
+
+    The processors' own rules: a frame's time is ``frames_indices[i] / fps``; a frame stands for
+    ``1 / sampled_fps`` seconds (``VideoMetadata.sampled_fps``); without fps every processor assumes 24.
+    Qwen2.5-VL hands the model ``second_per_grid_ts`` (``temporal_patch_size / sampled_fps``) instead.
+    """
+    fps = None if metadata is None else metadata.get("fps")
+    if fps is None and seconds_per_group is not None:
+        step = float(seconds_per_group) / per_group
+        count = frames or groups * per_group  # known frames: the padded ones repeat the last
+        return tuple(min(k, count - 1) * step for k in range(groups * per_group)), step, "second_per_grid_ts"
+    source = "video_metadata" if fps is not None else "24 fps: the processors' default when no fps is given"
+    fps = 24.0 if fps is None else float(fps)
+    if fps <= 0:
+        raise VideoInputError(f"Video {index}: fps={fps} in video_metadata; it must be positive.")
+    given = None if metadata is None else metadata.get("frames_indices")
+    indices = [int(i) for i in (given if given is not None else range(frames or groups * per_group))]
+    if not (groups - 1) * per_group < len(indices) <= groups * per_group:
+        raise VideoInputError(
+            f"Video {index}: video_metadata lists {len(indices)} frames, but the prompt's video has {groups} frame "
+            f"group(s) of {per_group} frames ({(groups - 1) * per_group + 1} to {groups * per_group} frames). Pass the "
+            "metadata the processor used (processor(..., return_metadata=True) returns it as video_metadata).")
+    total = None if metadata is None else metadata.get("total_num_frames")
+    sampled_fps = len(given) / total * fps if (given is not None and total) else fps  # VideoMetadata.sampled_fps
+    step = 1.0 / sampled_fps
+    if seconds_per_group is not None and abs(per_group * step - float(seconds_per_group)) > 1e-4 * per_group * step:
+        raise VideoInputError(
+            f"Video {index}: video_metadata makes a frame group {per_group * step:.4g} s long, but the processor gave "
+            f"the model second_per_grid_ts={float(seconds_per_group):.4g}: pass the metadata (fps) the processor used.")
+    padded = indices + [indices[-1]] * (groups * per_group - len(indices))
+    return tuple(i / fps for i in padded), step, source
+
+
+def _optional_path(config: Any, path: str) -> Any:
+    if not path:
+        return None
+    try:
+        return _get_path(config, path)
+    except AttributeError:
+        return None
+
+
+def visual_token_masks(model_or_config: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image token mask, video token mask)`` over one row of ``input_ids``.
+
+    A family that writes video frames with the image token (GLM) declares the markers around a video; a token
+    between them is a video's, as in the processor's own ``mm_token_type_ids``.
+    """
+    config = _config_of(model_or_config)
+    spec = architecture_spec(config)
+    image = input_ids == int(_get_path(config, spec.image_token_id))
+    video_id = _optional_path(config, spec.video_token_id)
+    if video_id is None:
+        return image, torch.zeros_like(image)
+    if int(video_id) != int(_get_path(config, spec.image_token_id)):
+        return image, input_ids == int(video_id)
+    start = _optional_path(config, spec.video_start_token_id)
+    end = _optional_path(config, spec.video_end_token_id)
+    if start is None or end is None:
+        raise UnsupportedModelError(
+            f"model_type={config.model_type!r} writes videos with the image token but declares no video markers: set "
+            "ArchitectureSpec(video_start_token_id=..., video_end_token_id=...) with register_architecture(..., "
+            "overwrite=True).")
+    inside = torch.cumsum(input_ids == int(start), -1) > torch.cumsum(input_ids == int(end), -1)
+    return image & ~inside, image & inside
+
+
+def _grid_rows(grid_thw: Any) -> list[tuple[int, int, int]]:
+    if grid_thw is None:
+        return []
+    return [tuple(int(v) for v in row) for row in torch.as_tensor(grid_thw).reshape(-1, 3).tolist()]
 
 
 def visual_layout(
     model_or_config: Any,
     input_ids: torch.Tensor,
-    image_grid_thw: torch.Tensor | None,
+    image_grid_thw: torch.Tensor | None = None,
     images: Sequence[Any] | None = None,
+    *,
+    video_grid_thw: torch.Tensor | None = None,
+    videos: Sequence[Any] | None = None,
+    video_metadata: Any = None,
+    second_per_grid_ts: Any = None,
 ) -> VisualLayout:
-    """Locate every image's visual tokens in ``input_ids`` (batch of one).
+    """Locate every image's and video's visual tokens in ``input_ids`` (batch of one), in prompt order.
 
-    ``images`` (PIL images, arrays or ``(height, width)`` tuples, in prompt order)
-    is optional; without it boxes are given in resized-image pixels only.
+    ``images`` (PIL images, arrays or ``(height, width)`` tuples, in prompt order) and ``videos`` (per video a
+    list of frames, a 4-D array, a path, or its frames' ``(height, width)``) are optional; without them boxes are
+    given in resized-image pixels only, and nothing checks the sizes. ``video_metadata`` (as given to the
+    processor: fps and, when the processor sampled frames, ``frames_indices``) and ``second_per_grid_ts`` (a
+    Qwen2.5-VL processor output) time the frame groups.
     """
     config = _config_of(model_or_config)
     spec = architecture_spec(config)
@@ -366,42 +675,75 @@ def visual_layout(
                 "Call it once per example (batching is not supported yet)."
             )
         input_ids = input_ids[0]
-    image_token_id = int(_get_path(config, spec.image_token_id))
     patch = int(_get_path(config, spec.patch_size))
     merge = int(_get_path(config, spec.merge_size))
-    positions = (input_ids == image_token_id).nonzero().flatten().cpu()
-    if positions.numel() == 0 or image_grid_thw is None or len(image_grid_thw) == 0:
+    image_mask, video_mask = visual_token_masks(config, input_ids)
+    kinds = {"image": (image_mask.nonzero().flatten().cpu(), _grid_rows(image_grid_thw)),
+             "video": (video_mask.nonzero().flatten().cpu(), _grid_rows(video_grid_thw))}
+    if all(len(grids) == 0 or positions.numel() == 0 for positions, grids in kinds.values()):
         raise LayoutError(
-            "The prompt has no image: no token equals the image token id "
-            f"{image_token_id} (config.{spec.image_token_id}) or image_grid_thw is missing. Build the inputs with the "
-            "model's processor from a chat message that contains an image."
+            "The prompt has no image or video: no token equals the image token id "
+            f"{int(_get_path(config, spec.image_token_id))} (config.{spec.image_token_id}) or a video token, or "
+            "image_grid_thw / video_grid_thw is missing. Build the inputs with the model's processor from a chat "
+            "message that contains an image or a video."
         )
-    grids = [tuple(int(v) for v in row) for row in torch.as_tensor(image_grid_thw).tolist()]
-    counts = [t * (h // merge) * (w // merge) for t, h, w in grids]
-    if sum(counts) != positions.numel():
-        raise LayoutError(
-            f"image_grid_thw {grids} implies {sum(counts)} visual tokens (merge size {merge}) but input_ids holds "
-            f"{positions.numel()} image tokens. Were input_ids and image_grid_thw produced by the same processor call?"
-        )
-    sizes = _image_sizes(images)
-    if sizes is not None and len(sizes) != len(grids):
-        raise LayoutError(f"Got {len(sizes)} images but the prompt has {len(grids)}; pass them all, in prompt order.")
-    if sizes is not None:
-        for i, (size, (_, h, w)) in enumerate(zip(sizes, grids)):
-            check_image_size(i, size, (h // merge, w // merge), patch * merge)
-    out, start = [], 0
-    for i, ((t, h, w), n) in enumerate(zip(grids, counts)):
-        out.append(
-            ImageTokens(
-                image_index=i,
-                positions=positions[start:start + n],
-                grid_thw=(t, h // merge, w // merge),
-                token_size=patch * merge,
-                original_size=None if sizes is None else sizes[i],
+    items = []  # (kind, index within the kind, positions, token grid)
+    for kind, (positions, grids) in kinds.items():
+        counts = [t * (h // merge) * (w // merge) for t, h, w in grids]
+        if sum(counts) != positions.numel():
+            raise LayoutError(
+                f"{kind}_grid_thw {grids} implies {sum(counts)} visual tokens (merge size {merge}) but input_ids holds "
+                f"{positions.numel()} {kind} tokens. Were input_ids and {kind}_grid_thw produced by the same processor "
+                "call?"
             )
-        )
-        start += n
-    return VisualLayout(images=out, sequence_length=int(input_ids.numel()), model_type=config.model_type)
+        for j, ((t, h, w), start) in enumerate(zip(grids, np.cumsum([0, *counts[:-1]]).tolist())):
+            items.append((kind, j, positions[start:start + counts[j]], (t, h // merge, w // merge)))
+    items.sort(key=lambda item: int(item[2][0]))
+    for a, b in zip(items, items[1:]):
+        if int(a[2][-1]) > int(b[2][0]):
+            raise LayoutError(f"The tokens of {a[0]} {a[1]} and {b[0]} {b[1]} interleave in input_ids. Were input_ids "
+                              "and the grids produced by the same processor call?")
+    image_items = [item for item in items if item[0] == "image"]
+    video_items = [item for item in items if item[0] == "video"]
+    sizes = _image_sizes(images)
+    if sizes is not None and len(sizes) != len(image_items):
+        raise LayoutError(f"Got {len(sizes)} images but the prompt has {len(image_items)}; pass them all, in prompt "
+                          "order.")
+    video_list = as_video_list(videos)
+    if video_list is not None and len(video_list) != len(video_items):
+        raise VideoInputError(f"Got {len(video_list)} videos but the prompt has {len(video_items)}; pass them all, in "
+                              "prompt order.")
+    metadata = _metadata_list(video_metadata, len(video_items))
+    per_group = int(_optional_path(config, spec.temporal_patch_size) or 1) if video_items else 1
+    spg = [None] * len(video_items) if second_per_grid_ts is None else \
+        [float(v) for v in torch.as_tensor(second_per_grid_ts).reshape(-1).tolist()]
+    if len(spg) != len(video_items):
+        raise VideoInputError(f"second_per_grid_ts has {len(spg)} entries for {len(video_items)} videos; pass the "
+                              "processor's outputs of this prompt.")
+    out, sources = [], []
+    for order, (kind, j, positions, (t, h, w)) in enumerate(items):
+        size, times, step = None, None, None
+        if kind == "image" and sizes is not None:
+            size = sizes[j]
+            check_image_size(j, size, (h, w), patch * merge)
+        elif kind == "video":
+            frames = None
+            if video_list is not None:
+                size, frames = _video_size(video_list[j], j)
+                check_image_size(j, size, (h, w), patch * merge, what="Video")
+                if frames is not None and not (t - 1) * per_group < frames <= t * per_group:
+                    raise VideoInputError(
+                        f"Video {j} has {frames} frames, but the prompt's video {j} has {t} frame group(s) of "
+                        f"{per_group} frames ({(t - 1) * per_group + 1} to {t * per_group} frames; the processor "
+                        "pads an odd count with the last frame). Pass the frames the processor used: after its own "
+                        "sampling, processor(..., return_metadata=True) returns them as video_metadata frames_indices.")
+            times, step, source = _frame_times(j, t, per_group, frames, metadata[j], spg[j])
+            sources.append(source)
+        out.append(ImageTokens(image_index=order, positions=positions, grid_thw=(t, h, w), token_size=patch * merge,
+                               original_size=size, kind=kind, kind_index=j, frame_times=times, frame_step=step))
+    extras = {"video_times": sources} if sources else {}
+    return VisualLayout(images=out, sequence_length=int(input_ids.numel()), model_type=config.model_type,
+                        extras=extras)
 
 
 def extend_inputs(inputs: Any, sequence: torch.Tensor) -> dict:

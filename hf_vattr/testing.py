@@ -30,6 +30,9 @@ __all__ = [
     "tiny_vlm",
     "example_inputs",
     "example_image",
+    "example_video",
+    "video_metadata",
+    "example_video_inputs",
     "THINKING_FAMILIES",
     "ThinkingFamily",
     "tiny_thinking_vlm",
@@ -107,12 +110,13 @@ _GLM_TOKENS = {
 }
 
 # Chat templates in the families' own style, reduced to what the tiny models need:
-# user turn with images and text, then an assistant turn that opens the thinking block.
+# user turn with images, videos and text, then an assistant turn that opens the thinking block.
 _QWEN_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
@@ -122,6 +126,7 @@ _GLM_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% elif part['type'] == 'video' %}<|begin_of_video|><|video|><|end_of_video|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n<think>{% endif %}"
@@ -232,7 +237,7 @@ def build_processor(family: str, *, min_pixels: int | None = None, max_pixels: i
                     corpus: list[str] | None = None, tokenizer: Any = None, chat_template: str | None = None):
     """The family's real processor class around a tiny tokenizer.
 
-    Pixel limits default to a few dozen visual tokens per image so tests stay fast.
+    Pixel limits default to a few dozen visual tokens per image (and per video) so tests stay fast.
     """
     import transformers
 
@@ -248,9 +253,12 @@ def build_processor(family: str, *, min_pixels: int | None = None, max_pixels: i
     )
     video_processor = None
     if recipe.video_processor_class is not None:
-        video_processor = getattr(transformers, recipe.video_processor_class)(
-            patch_size=recipe.patch_size, merge_size=2, temporal_patch_size=2
-        )
+        video_cls = getattr(transformers, recipe.video_processor_class)
+        # the reference per-frame pixel cap, where the processor has the option (silences its warning)
+        capped = {"cap_pixels_per_frame": True} if "cap_pixels_per_frame" in getattr(
+            video_cls.valid_kwargs, "__annotations__", {}) else {}
+        video_processor = video_cls(size=dict(size), patch_size=recipe.patch_size, merge_size=2,
+                                    temporal_patch_size=2, **capped)
     processor_cls = getattr(transformers, recipe.processor_class)
     return processor_cls(
         image_processor=image_processor,
@@ -325,6 +333,47 @@ def example_inputs(processor, images=None, text: str = "What colour is the circl
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                            tokenize=False)
     return processor(text=[prompt], images=images or None, return_tensors="pt")
+
+
+def example_video(frames: int = 4, height: int = 120, width: int = 160, seed: int = 0) -> list:
+    """A short video as a list of PIL frames: a coloured square crossing a grey background, left to right."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colour = rng.integers(0, 255, size=3)
+    side = max(4, min(height, width) // 3)
+    y0 = int(rng.integers(0, height - side + 1))
+    out = []
+    for f in range(frames):
+        img = np.full((height, width, 3), 128, dtype=np.uint8)
+        x0 = round(f * (width - side) / max(frames - 1, 1))
+        img[y0:y0 + side, x0:x0 + side] = colour
+        out.append(Image.fromarray(img))
+    return out
+
+
+def video_metadata(video: Any, fps: float = 2.0) -> dict:
+    """What a processor needs to time pre-decoded frames: their fps, count and indices (no sampling)."""
+    n = len(video)
+    return {"fps": float(fps), "total_num_frames": n, "frames_indices": list(range(n))}
+
+
+def example_video_inputs(processor, videos=None, images=(), *, fps: float = 2.0, video_first: bool = True,
+                         text: str = "What moves in the video?"):
+    """Chat-formatted model inputs (batch of 1) with ``videos`` (default: one example video) and ``images``.
+
+    The frames go in as decoded, with their fps (``video_metadata``, ``do_sample_frames=False``), as a user
+    with pre-decoded frames calls the processor; ``video_first`` puts the videos before the images.
+    """
+    videos = [example_video()] if videos is None else list(videos)
+    images = list(images)
+    clips, pictures = [{"type": "video"} for _ in videos], [{"type": "image"} for _ in images]
+    content = (clips + pictures if video_first else pictures + clips) + [{"type": "text", "text": text}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                           tokenize=False)
+    return processor(text=[prompt], images=images or None, videos=videos or None,
+                     video_metadata=[video_metadata(v, fps) for v in videos] or None, do_sample_frames=False,
+                     return_tensors="pt")
 
 
 # ----------------------------------------------------------------------------- thinking families, real formats
