@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from hf_vattr import AttributionStreamer, LinearEstimator
-from hf_vattr.capture.attention import _features_from_lse, _scaled_keys_t, _visual_keys, attention_row_features
+from hf_vattr.capture.pooling import _features_from_lse, _scaled_keys_t, _visual_keys, attention_row_features
 from hf_vattr.testing import build_model, build_processor, example_inputs
 
 QWEN3_VL_2B_TEXT = dict(

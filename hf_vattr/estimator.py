@@ -39,7 +39,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .errors import AttributionError
-from .capture.attention import FEATURE_KINDS
+from .capture import FEATURE_KINDS
 from .layouts import text_dims
 from .metrics import metric_meaning
 

@@ -30,6 +30,7 @@ the frames' times (``video_metadata``: fps and frame indices, as the processor u
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ __all__ = [
     "video_frames",
     "as_video_list",
     "is_video",
+    "input_device",
+    "inputs_on_device",
 ]
 
 
@@ -119,9 +122,12 @@ def register_architecture(model_type: str, spec: ArchitectureSpec, *, overwrite:
 
 
 def _get_path(obj: Any, path: str) -> Any:
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+    """The attribute at a dotted path of a config or model (``"vision_config.patch_size"``).
+
+    The one lookup for every declared path; a missing part raises ``getattr``'s own AttributeError, which
+    names the object and the attribute.
+    """
+    return operator.attrgetter(path)(obj)
 
 
 def _config_of(model_or_config: Any):
@@ -161,7 +167,7 @@ def output_projection(model: Any, attention_module: Any) -> Any:
 
     Any module works, whatever holds its weights (a plain ``nn.Linear``, a bitsandbytes or other quantized
     layer, a layer accelerate offloads to CPU or disk): value-norm features call its forward where its weight
-    is not a plain matrix (``hf_vattr.capture.attention.output_norms``).
+    is not a plain matrix (``hf_vattr.capture.value_norms.output_norms``).
     """
     spec = architecture_spec(model)
     proj = getattr(attention_module, spec.output_projection, None)
@@ -190,6 +196,23 @@ def attention_modules(model: Any) -> list[Any]:
             "declared path with register_architecture(..., overwrite=True)."
         ) from None
     return [getattr(layer, spec.attention) for layer in layers]
+
+
+def input_device(model: Any) -> torch.device:
+    """The device a model takes its inputs on: its input embedding's.
+
+    For a model split with accelerate (``device_map``) that is the first stage, and accelerate's hooks move
+    the activations on from there; for a model on one device it is that device.
+    """
+    return model.get_input_embeddings().weight.device
+
+
+def inputs_on_device(model: Any, inputs: Any) -> dict:
+    """A new dict of ``inputs`` (a mapping, e.g. a processor's ``BatchFeature``, left untouched) with its tensors
+    on :func:`input_device`, moved by accelerate's ``send_to_device``."""
+    from accelerate.utils import send_to_device
+
+    return send_to_device(dict(inputs), input_device(model))
 
 
 @dataclass

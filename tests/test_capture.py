@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from hf_vattr.capture.attention import AttentionCapture, CaptureError, capture_active
+from hf_vattr.capture import AttentionCapture, CaptureError, capture_active
 from hf_vattr.layouts import extend_inputs, visual_layout
 from hf_vattr.regions import prompt_regions
 from hf_vattr.testing import build_model, example_image, example_inputs

@@ -15,7 +15,7 @@ import torch
 from conftest import consume
 from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution
 from hf_vattr.pipeline.ablation import _Knockout, span_logprobs_naive
-from hf_vattr.capture.attention import attention_intervention
+from hf_vattr.capture import attention_intervention
 from hf_vattr.pipeline.collection import CollectionConfig, _build_inputs, collect_example
 from hf_vattr.pipeline.datasets import DatasetSpec
 from hf_vattr.toy import toy_estimator_path

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution, TokenAttribution
-from hf_vattr.capture.attention import output_norms, value_norm_weights, value_norm_weights_from_module
+from hf_vattr.capture import output_norms, value_norm_weights, value_norm_weights_from_module
 from hf_vattr.toy import load_toy_model, make_examples, prompt_messages, toy_checkpoint_path, toy_estimator_path, toy_regions
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -80,7 +80,7 @@ def test_module_route_equals_the_gram_route_on_a_plain_linear(bias):
 def test_module_route_serves_any_other_layer_and_bounds_its_blocks(monkeypatch):
     """A layer that is not a plain Linear (here a subclass holding its weight in int8 with a scale) is called,
     never read; small probe blocks give the same norms as one block."""
-    import hf_vattr.capture.attention as capture
+    import hf_vattr.capture.value_norms as capture
 
     class Int8Linear(torch.nn.Module):
         def __init__(self, weight):

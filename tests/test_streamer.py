@@ -10,7 +10,7 @@ from transformers import TextStreamer
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution, TokenAttribution
-from hf_vattr.capture.attention import capture_active
+from hf_vattr.capture import capture_active
 from hf_vattr.layouts import extend_inputs
 from hf_vattr.streaming.streamer import AttributionTimeout, GenerationError, StreamerInputError, armed_on
 from hf_vattr.testing import example_image, example_inputs

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution, TokenAttribution
-from hf_vattr.capture.attention import capture_active
+from hf_vattr.capture import capture_active
 from hf_vattr.streaming.streamer import GenerationError
 from hf_vattr.testing import example_image
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hf_vattr import LinearEstimator, AttributionStreamer, TokenAttribution
-from hf_vattr.capture.attention import capture_active
+from hf_vattr.capture import capture_active
 from hf_vattr.layouts import extend_inputs
 from hf_vattr.streaming.streamer import GenerationError
 from hf_vattr.testing import FAMILIES, example_image, example_inputs
@@ -142,7 +142,7 @@ def test_generation_unchanged_and_features_match_eager(family, dtype):
 def test_other_routes_keep_generation_and_features(family, dtype, route, monkeypatch):
     """The eager route (weights returned by the attention function) and the full-row fallback (any kernel
     without a log-sum-exp) also leave generation bitwise unchanged and match the eager reference."""
-    import hf_vattr.capture.attention as capture_module
+    import hf_vattr.capture.dispatch as capture_module
 
     base, proc = get_tiny(family)
     model = copy.deepcopy(base).to(dtype)

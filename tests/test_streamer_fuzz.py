@@ -22,7 +22,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_vattr import AttributionStreamer, SpanAttribution, TokenAttribution
-from hf_vattr.capture.attention import capture_active
+from hf_vattr.capture import capture_active
 from hf_vattr.streaming.streamer import armed_on
 from hf_vattr.streaming.streamer import GenerationError
 from hf_vattr.testing import FAMILIES, example_image, example_inputs

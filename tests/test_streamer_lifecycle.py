@@ -10,7 +10,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from hf_vattr import AttributionStreamer, TokenAttribution
-from hf_vattr.capture.attention import CaptureError, capture_active
+from hf_vattr.capture import CaptureError, capture_active
 from hf_vattr.streaming.streamer import GenerationError, StreamerInputError, StreamerStateError, armed_on
 from hf_vattr.testing import example_image, example_inputs
 

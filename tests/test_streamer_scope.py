@@ -14,7 +14,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from hf_vattr import AttributionStreamer, GenerationError, TokenAttribution
-from hf_vattr.capture.attention import capture_active
+from hf_vattr.capture import capture_active
 from hf_vattr.streaming.streamer import armed_on
 from hf_vattr.testing import example_image, example_inputs
 

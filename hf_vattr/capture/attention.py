@@ -1,15 +1,10 @@
-"""Attention capture through transformers' ``AttentionInterface``, keeping the model's own attention.
+"""Attention capture: the predicting query's row on the visual keys, pooled to regions, recorded layer by
+layer inside ``generate`` or a teacher-forced forward, keeping the model's own attention.
 
 Why this design: forcing ``attn_implementation="eager"`` or ``output_attentions=True`` costs
-O(T^2 L H) memory and changes numerics. Every attention call in transformers 5 goes through
-the implementation named by its config (``config._attn_implementation``) and receives post-RoPE
-queries and the cached keys. For each implementation a model uses ("sdpa", "eager", a flash
-kernel, ...) a capturing twin is registered once through the documented extension points,
-``AttentionInterface.register`` (with the same mask function through
-``AttentionMaskInterface.register``); while a capture is active only *that model's text decoder*
-is switched to the twin, and switched back when it ends. The twin calls the original function and,
-for the forwards of the thread that started the capture, records the *one* attention row we need
-(the query that predicts the next token), restricted to the visual tokens and pooled to regions.
+O(T^2 L H) memory and changes numerics. Instead the model's text decoder is switched to a capturing twin
+of its own attention function (:mod:`.dispatch`), which records the *one* attention row we need (the
+query that predicts the next token), restricted to the visual tokens and pooled to regions (:mod:`.pooling`).
 
 Constant cost per decode step: the softmax normaliser of that row (its log-sum-exp) is
 computed by the attention kernel anyway, so the row on the visual keys is
@@ -17,507 +12,47 @@ computed by the attention kernel anyway, so the row on the visual keys is
 trace length, and the KV cache is never copied. Which route serves a capture is its
 ``path`` attribute (logged once):
 
-* ``"lse"``: transformers' sdpa on decode steps. The kernel that ``F.scaled_dot_product_attention``
-  dispatches to (``_scaled_dot_product_flash_attention_for_cpu`` on CPU; on CUDA the flash or
-  memory-efficient kernel) is called directly so it returns the log-sum-exp too; its output is
-  checked bitwise against the model's own attention on first use, per call signature.
+* ``"lse"``: transformers' sdpa on decode steps, through a kernel that also returns the log-sum-exp,
+  checked bitwise against the model's own attention on first use, per call signature (:mod:`.kernels`).
 * ``"weights"``: the attention function already returns its weights (eager): they are read, for free.
-* ``"full-row"``: any other kernel (flash-attn, flex, an sdpa kernel that is not reproduced): the row is recomputed over all
-  keys, in blocks so that memory stays bounded; the cost then grows with the trace.
+* ``"full-row"``: any other kernel (flash-attn, flex, an sdpa kernel that is not reproduced): the row is
+  recomputed over all keys, in blocks so that memory stays bounded; the cost then grows with the trace.
 
 Prefill steps (many queries) always take the full-row route once.
 
 Isolation: captures are keyed by attention *module object* and by thread, so other models, and
-other threads running the same model, pass through the original attention untouched and are never
-recorded. One capture per model at a time; a second is a clear :class:`CaptureError`. Restoration:
-the model's text config gets its own implementation back when the capture stops, also when
-generation raises; the vision tower and every other model are never switched.
+other threads running the same model, are never recorded. One capture per model at a time; a second is a
+clear :class:`CaptureError`. The model's text config gets its own implementation back when the capture
+stops, also when generation raises.
 """
 
 from __future__ import annotations
 
-import sys
-import threading
-import weakref
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from transformers.utils import logging
 
-from ..errors import AttributionError
-from ..layouts import _get_path, architecture_spec, attention_modules, output_projection, text_dims
+from ..layouts import attention_modules, input_device, output_projection, text_dims
+from .dispatch import _LOCK, _switch_off, _switch_on, _thread_scope
+from .pooling import (
+    FEATURE_KINDS,
+    CaptureError,
+    _features_from_lse,
+    _features_from_weights,
+    _last_row_features,
+    _scaled_keys_t,
+    _visual_keys,
+    _visual_mask,
+    attention_row_features,
+)
+from .value_norms import output_norms
 
 logger = logging.get_logger(__name__)
 
-__all__ = [
-    "AttentionCapture",
-    "attention_row_features",
-    "visual_row_features_from_lse",
-    "value_norm_weights",
-    "value_norm_weights_from_module",
-    "output_norms",
-    "FEATURE_KINDS",
-    "attention_intervention",
-    "CaptureError",
-    "capture_active",
-    "own_implementation",
-]
+__all__ = ["AttentionCapture"]
 
-FEATURE_KINDS = ("attention", "value_norm")
-_KEY_BLOCK = 4096  # keys per block on the full-row route: bounds the float32 temporary
-
-
-class CaptureError(AttributionError, RuntimeError):
-    """Attention capture was used in a way it cannot serve."""
-
-
-# ----------------------------------------------------------------------------- pure computation
-
-
-def attention_row_features(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    scaling: float,
-    visual_positions: torch.Tensor,
-    pooling_matrix: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    query_rows: slice | None = None,
-    visual_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Region-pooled attention of selected query rows on the visual tokens (the full-row reference).
-
-    Args:
-        query: (1, H, Tq, D) post-RoPE queries of one layer.
-        key: (1, Hkv, Tk, D) keys including the cache (grouped-query attention allowed).
-        scaling: the layer's softmax scale.
-        visual_positions: (Nv,) key positions of the visual tokens.
-        pooling_matrix: (Nv, K) token -> region weights (membership, or membership / region size for mean).
-        attention_mask: optional additive float or boolean (True = attend) mask of shape (1, 1|H, Tq, Tk).
-        query_rows: which query rows to use; default only the last one (the query predicting the next token).
-        visual_weights: optional (H, Nv) per-head weight of each visual token (``feature_kind="value_norm"``).
-
-    Returns:
-        (Tq', H, K) float32 features, one (H, K) block per selected query row.
-    """
-    rows = slice(-1, None) if query_rows is None else query_rows
-    q = query[0, :, rows].float()  # (H, Tq', D)
-    num_heads, num_q, dim = q.shape
-    num_kv = key.shape[1]
-    if num_heads % num_kv:
-        raise CaptureError(f"{num_heads} query heads are not a multiple of {num_kv} key/value heads.")
-    groups = num_heads // num_kv
-    q = q.reshape(num_kv, groups * num_q, dim)
-    # Key blocks: the float32 copy of the cache never exceeds one block (bfloat16 caches stay as they are).
-    blocks = [torch.matmul(q, key[0, :, start:start + _KEY_BLOCK].float().transpose(1, 2))
-              for start in range(0, key.shape[2], _KEY_BLOCK)]
-    scores = torch.cat(blocks, dim=-1).mul_(scaling).reshape(num_heads, num_q, -1)  # (H, Tq', Tk)
-    if attention_mask is not None and attention_mask.dim() == 4:
-        mask = attention_mask[0, :, rows, : scores.shape[-1]]
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask.float()
-    probs = torch.softmax(scores, dim=-1)
-    visual = probs.index_select(-1, visual_positions)  # (H, Tq', Nv)
-    if visual_weights is not None:
-        visual = visual * visual_weights[:, None, :]
-    pooled = torch.matmul(visual, pooling_matrix)  # (H, Tq', K)
-    return pooled.transpose(0, 1)
-
-
-def _visual_keys(key: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """(B, Hkv, Nv, D) keys of the visual tokens: a copy of Nv rows, never of the cache."""
-    if positions.shape[0] == 1 and key.shape[0] == 1:
-        return key.index_select(2, positions[0])
-    index = positions[:, None, :, None].expand(key.shape[0], key.shape[1], positions.shape[1], key.shape[3])
-    return key.gather(2, index)
-
-
-def _visual_mask(attention_mask: torch.Tensor | None, positions: torch.Tensor, num_keys: int) -> torch.Tensor | None:
-    """Additive float32 mask (B, 1|H, Nv) of the last query row at the visual positions, or None."""
-    if attention_mask is None or attention_mask.dim() != 4:
-        return None
-    last = attention_mask[:, :, -1, :num_keys]  # (B|1, 1|H, Tk)
-    index = positions[:, None, :].expand(max(last.shape[0], positions.shape[0]), last.shape[1], positions.shape[1])
-    picked = last.expand(index.shape[0], -1, -1).gather(-1, index)
-    return _additive(picked, torch.float32).float()
-
-
-def visual_row_features_from_lse(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    logsumexp: torch.Tensor,
-    scaling: float,
-    positions: torch.Tensor,
-    pooling: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    visual_keys: torch.Tensor | None = None,
-    visual_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Region-pooled attention of the last query row, from the kernel's log-sum-exp.
-
-    ``a_i = exp(scale * q . k_i + mask_i - lse)`` for the visual keys only: constant cost in the trace length.
-
-    Args:
-        query: (B, H, Tq, D) post-RoPE queries; the last row is used.
-        key: (B, Hkv, Tk, D) keys including the cache.
-        logsumexp: (B, H) log-sum-exp of the last row's scaled, masked scores over all keys.
-        positions: (B, Nv) visual key positions per sequence (padded entries point at any valid key).
-        pooling: (B, Nv, K) token -> region weights (zero rows for padded entries).
-        visual_keys: optional (B, Hkv, Nv, D) float32 keys at ``positions``, kept from an earlier step.
-        visual_weights: optional (B, H, Nv) per-head weight of each visual token (``feature_kind="value_norm"``).
-
-    Returns:
-        (B, H, K) float32 features.
-    """
-    if visual_keys is None:
-        visual_keys = _visual_keys(key, positions).float()
-    keys_t = _scaled_keys_t(visual_keys, scaling)
-    return _features_from_lse(query, logsumexp, keys_t, pooling,
-                              _visual_mask(attention_mask, positions, key.shape[2]), visual_weights)
-
-
-def _scaled_keys_t(visual_keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """(B * Hkv, D, Nv) float32: the visual keys times the softmax scale, laid out for one batched product."""
-    batch, num_kv, num_visual, dim = visual_keys.shape
-    return (visual_keys.float() * scaling).reshape(batch * num_kv, num_visual, dim).transpose(1, 2).contiguous()
-
-
-def _features_from_lse(query, logsumexp, keys_t, pooling, visual_mask=None, visual_weights=None) -> torch.Tensor:
-    """(B, H, K): four small kernels per layer and step (cast, fused product, exp, pooling)."""
-    batch, num_heads, _, dim = query.shape
-    groups = num_heads // (keys_t.shape[0] // batch)
-    q = query[:, :, -1].float().reshape(keys_t.shape[0], groups, dim)
-    # One fused op, beta=-1: scale * q . k - lse over the visual keys, per (sequence, KV head, query head of the group).
-    scores = torch.baddbmm(logsumexp.reshape(keys_t.shape[0], groups, 1), q, keys_t, beta=-1)
-    scores = scores.reshape(batch, num_heads, keys_t.shape[-1])
-    if visual_mask is not None:
-        scores = scores + visual_mask
-    probs = scores.exp_()
-    if visual_weights is not None:
-        probs = probs.mul_(visual_weights)
-    return torch.matmul(probs, pooling)
-
-
-def _last_row_features(query, key, scaling, positions, pooling, attention_mask, weights=None) -> torch.Tensor:
-    """(B, H, K): the full-row route, one sequence at a time."""
-    out = []
-    for b in range(query.shape[0]):
-        mask = None if attention_mask is None or attention_mask.dim() != 4 else attention_mask[b % attention_mask.shape[0]][None]
-        out.append(attention_row_features(query[b:b + 1], key[b:b + 1], scaling, positions[b], pooling[b], mask,
-                                          visual_weights=None if weights is None else weights[b])[0])
-    return torch.stack(out)
-
-
-def value_norm_weights(value: torch.Tensor, positions: torch.Tensor, output_weight: torch.Tensor,
-                       num_heads: int) -> torch.Tensor:
-    """``||W_O^h v_j^h||`` for every head h and visual token j: (B, H, Nv) float32.
-
-    How much a unit of head h's attention on token j can move the residual stream (the norm of
-    that token's contribution through the output projection). Values of prompt tokens never change
-    once the prefill ran, so this is computed once per layer; attention times this norm then costs
-    one elementwise product per decode step.
-
-    Args:
-        value: (B, Hkv, T, D) value states of one layer (the model's own, as its attention received them).
-        positions: (B, Nv) visual positions.
-        output_weight: (hidden, H * D) weight of the layer's output projection.
-    """
-    batch, num_kv, _, dim = value.shape
-    visual_values = _visual_keys(value, positions).float()  # (B, Hkv, Nv, D)
-    per_head = output_weight.float().reshape(-1, num_heads, dim).permute(1, 2, 0)  # (H, D, hidden)
-    gram = torch.matmul(per_head, per_head.transpose(1, 2))  # (H, D, D): ||W v||^2 = v^T (W^T W) v
-    values = visual_values.repeat_interleave(num_heads // num_kv, dim=1)  # (B, H, Nv, D)
-    squared = (torch.matmul(values, gram) * values).sum(-1)
-    return squared.clamp_min(0).sqrt()
-
-
-_PROBE_ELEMENTS = 1 << 24  # rows x (input + output width) per call of the projection on its probe route
-
-
-def plain_projection_weight(projection: Any) -> torch.Tensor | None:
-    """The weight of a plain, materialised ``nn.Linear`` output projection, or None for anything else.
-
-    Anything else (a bitsandbytes 8-bit or 4-bit layer, another quantized layer, a subclass, a layer
-    whose weight accelerate keeps offloaded on ``meta`` outside its forward) is served through the
-    layer's own forward by :func:`value_norm_weights_from_module`, which needs no knowledge of its format.
-    """
-    if type(projection) is not torch.nn.Linear or hasattr(projection, "_hf_hook"):
-        return None
-    weight = projection.weight
-    if (not isinstance(weight, torch.Tensor) or type(weight.data) is not torch.Tensor
-            or not weight.is_floating_point() or weight.device.type == "meta"):
-        return None
-    return weight
-
-
-def value_norm_weights_from_module(value: torch.Tensor, positions: torch.Tensor, projection: Any,
-                                   num_heads: int) -> torch.Tensor:
-    """``||W_O^h v_j^h||`` through the output projection's own forward: (B, H, Nv) float32.
-
-    Each visual token's value is fed in its head's slice with zeros elsewhere, so the layer returns that
-    head's contribution ``W_O^h v_j`` (plus its bias, the output at zero input, which is subtracted),
-    whatever the layer stores: int8 weights with separate scales, packed 4-bit blocks, weights that
-    accelerate loads from CPU or disk only inside the forward. Rows are batched in blocks that bound
-    memory. Costs ``H`` rows per visual token and layer, once per prompt; nothing per decode step.
-
-    Args:
-        value: (B, Hkv, T, D) value states of one layer (fed to the layer in their own dtype and device).
-        positions: (B, Nv) visual positions.
-        projection: the layer's output projection module (heads -> hidden), called as ``projection(x)``.
-    """
-    batch, num_kv, _, dim = value.shape
-    visual = _visual_keys(value, positions)  # (B, Hkv, Nv, D), the model's dtype
-    values = visual.repeat_interleave(num_heads // num_kv, dim=1)  # (B, H, Nv, D)
-    num_visual = values.shape[2]
-    width = num_heads * dim
-    # Row (b, h, j) holds v_j^h in columns [h * D, (h + 1) * D): ordered (B, Nv, H) so each block is contiguous.
-    flat = values.permute(0, 2, 1, 3).reshape(-1, num_heads, dim)  # (B * Nv, H, D)
-    heads = torch.arange(num_heads, device=value.device)
-    with torch.no_grad():
-        zero = projection(torch.zeros(1, width, dtype=value.dtype, device=value.device)).float()  # the bias, or 0
-        hidden = zero.shape[-1]
-        tokens_per_block = max(1, _PROBE_ELEMENTS // (num_heads * (width + hidden)))
-        norms = []
-        for start in range(0, flat.shape[0], tokens_per_block):
-            block = flat[start:start + tokens_per_block]  # (n, H, D)
-            rows = torch.zeros(block.shape[0], num_heads, num_heads, dim, dtype=value.dtype, device=value.device)
-            rows[:, heads, heads] = block  # (n, H, H, D): head h's value in slice h, zeros elsewhere
-            out = projection(rows.reshape(-1, width)).float() - zero  # (n * H, hidden)
-            norms.append(out.norm(dim=-1).reshape(-1, num_heads))
-    result = torch.cat(norms).reshape(batch, num_visual, num_heads).transpose(1, 2)
-    return result.to(value.device).contiguous()
-
-
-def output_norms(value: torch.Tensor, positions: torch.Tensor, projection: Any, num_heads: int) -> torch.Tensor:
-    """(B, H, Nv) value norms for any output projection: the Gram route for a plain ``nn.Linear`` (its features
-    are the ones the shipped estimators were fit on), the layer's own forward for anything else."""
-    weight = plain_projection_weight(projection)
-    if weight is not None:
-        return value_norm_weights(value, positions, weight, num_heads)
-    return value_norm_weights_from_module(value, positions, projection, num_heads)
-
-
-# ----------------------------------------------------------------------------- kernels with log-sum-exp
-
-
-def _is_transformers_sdpa(function: Callable) -> bool:
-    from transformers.integrations import sdpa_attention
-
-    return function is sdpa_attention.sdpa_attention_forward
-
-
-def _call_signature(module, query, key, attention_mask) -> tuple:
-    """What decides which kernel ``F.scaled_dot_product_attention`` picks for a decode step."""
-    return (query.device.type, query.dtype, tuple(query.shape), tuple(key.shape[:2]), key.shape[-1],
-            getattr(module, "num_key_value_groups", 1),
-            None if attention_mask is None else (attention_mask.dtype, tuple(attention_mask.shape[:3])))
-
-
-def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A boolean (True = attend) mask as the additive mask sdpa builds from it; float masks as they are."""
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-
-
-def _lse_kernels(q, key, value, mask, scaling, gqa: bool, groups: int) -> list[tuple[str, Callable]]:
-    """Kernels that return the attention output *and* its log-sum-exp, in the order sdpa prefers them.
-
-    Each returns ``(output, lse)`` for the layout transformers passed (``q`` possibly packed). Which one
-    reproduces the model's own sdpa bitwise is checked on first use (``_verify``), so a kernel that
-    sdpa would not have picked is never used.
-    """
-    aten = torch.ops.aten
-    if q.device.type == "cpu":
-        return [("cpu-flash", lambda: aten._scaled_dot_product_flash_attention_for_cpu(
-            q, key, value, attn_mask=_additive(mask, q.dtype), scale=scaling))]
-    if q.device.type != "cuda":
-        return []
-    kernels = []
-    if mask is None and q.dtype in (torch.float16, torch.bfloat16):
-        kernels.append(("cuda-flash", lambda: aten._scaled_dot_product_flash_attention(
-            q, key, value, scale=scaling)[:2]))
-    rep = groups if gqa else 1  # sdpa repeats keys for the memory-efficient kernel under enable_gqa
-
-    def efficient():
-        k, v = (key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)) if rep > 1 else (key, value)
-        out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, _additive(mask, q.dtype), True,
-                                                                scale=scaling)[:2]
-        return out, lse[..., : q.shape[2]]
-
-    kernels.append(("cuda-efficient", efficient))
-    return kernels
-
-
-def _sdpa_decode_with_lse(module, query, key, value, attention_mask, scaling, kwargs
-                          ) -> tuple[Any, torch.Tensor, str, tuple] | None:
-    """transformers' sdpa for a single-query step, through a kernel that also returns the LSE.
-
-    Mirrors ``sdpa_attention_forward``'s decode layout (GQA handled natively without a mask, packed
-    queries with one) using transformers' own helpers; the caller checks the output bitwise against
-    the original once per call signature. Returns None where no such kernel applies.
-    """
-    from transformers.integrations import sdpa_attention as tsdpa
-
-    if (query.shape[2] != 1 or kwargs.get("dropout", 0.0) or kwargs.get("position_bias") is not None
-            or kwargs.get("softcap") is not None or query.shape[-1] != value.shape[-1]):
-        return None
-    if attention_mask is not None and attention_mask.dtype not in (torch.bool, query.dtype):
-        return None
-    q, mask = query, attention_mask
-    groups = getattr(module, "num_key_value_groups", 1)
-    gqa = groups > 1 and tsdpa.use_gqa_in_sdpa(mask, key, value)
-    if groups > 1 and not gqa:
-        q, mask = tsdpa.pack_gqa(q, groups), tsdpa.pack_gqa(mask, groups)
-    signature = _call_signature(module, query, key, attention_mask)
-    for name, kernel in _lse_kernels(q, key, value, mask, scaling, gqa, groups):
-        if (signature, name) in _REJECTED:
-            continue
-        try:
-            out, lse = kernel()
-        except RuntimeError:  # this kernel does not take these shapes or dtypes here
-            _REJECTED.add((signature, name))
-            continue
-        out = out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous()
-        return (out, None), lse.reshape(query.shape[0], query.shape[1]), name, signature
-    return None
-
-
-# ----------------------------------------------------------------------------- dispatch, scoped to one model
-
-# Registered once per wrapped implementation through transformers' documented extension points
-# (``AttentionInterface.register`` and ``AttentionMaskInterface.register``); a model's text decoder is
-# switched to it only while a capture or intervention is active on that model, and switched back after.
-_IMPLEMENTATION_PREFIX = "hf_vattr_"
-_LOCK = threading.RLock()
-_REGISTERED: set[str] = set()
-_SWITCHED: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()  # model -> [config, original, users]
 _ACTIVE: dict[Any, "AttentionCapture"] = {}  # attention module -> capture (any thread): one capture per model
-_INTERVENED: dict[Any, int] = {}  # attention module -> thread holding an intervention on it
-_THREAD = threading.local()  # .captures / .interventions: attention module -> capture / mask rewrite, this thread only
-_VERIFIED: set[tuple] = set()  # (call signature, kernel) whose LSE-route output equals the model's own, bitwise
-_REJECTED: set[tuple] = set()  # (call signature, kernel) that differ or refuse the call: never tried again
-
-
-def _thread_scope(name: str) -> dict:
-    scope = getattr(_THREAD, name, None)
-    if scope is None:
-        scope = {}
-        setattr(_THREAD, name, scope)
-    return scope
-
-
-def _eager_attention(module: Any) -> Callable:
-    """The eager function of a module's own modeling file (what transformers calls for "eager")."""
-    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if eager is None:
-        raise CaptureError(f"{type(module).__name__} has no eager_attention_forward in its modeling file; load the "
-                           'model with attn_implementation="sdpa" to attribute it.')
-    return eager
-
-
-def _capturing_implementation(implementation: str) -> Callable:
-    """The attention function registered for one original implementation: records for this thread's captures,
-    rewrites masks for this thread's interventions, and otherwise is exactly the original call."""
-    from transformers.integrations import sdpa_attention
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    # Resolved once: what the model itself would call for this implementation (eager: per modeling file).
-    registered = (ALL_ATTENTION_FUNCTIONS[implementation]
-                  if implementation != "eager" and implementation in ALL_ATTENTION_FUNCTIONS else None)
-
-    def capturing_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        original = registered if registered is not None else _eager_attention(module)
-        interventions = getattr(_THREAD, "interventions", None)
-        if interventions:
-            intervention = interventions.get(module)
-            if intervention is not None:
-                attention_mask = intervention(module, query, key, attention_mask)
-        captures = getattr(_THREAD, "captures", None)
-        capture = captures.get(module) if captures else None
-        if capture is None:  # another thread's forward, or a module we do not record: untouched
-            return original(module, query, key, value, attention_mask, *args, **kwargs)
-        scaling = kwargs.get("scaling")
-        if scaling is None:
-            scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-        if (original is sdpa_attention.sdpa_attention_forward and capture.rows == "last"
-                and capture.path != "full-row" and query.shape[2] == 1 and not args):
-            routed = _sdpa_decode_with_lse(module, query, key, value, attention_mask, kwargs.get("scaling"), kwargs)
-            if routed is not None:
-                output, lse, kernel, signature = routed
-                reference = lambda: original(module, query, key, value, attention_mask, **kwargs)  # noqa: E731
-                if capture._verify(output, kernel, signature, reference):
-                    capture._record_lse(module, query, key, value, lse, attention_mask, scaling)
-                    return output
-        output = original(module, query, key, value, attention_mask, *args, **kwargs)
-        capture._record(module, query, key, value, attention_mask, scaling, output)
-        return output
-
-    capturing_attention.__qualname__ = f"capturing_attention[{implementation}]"
-    return capturing_attention
-
-
-def _registered_name(implementation: str) -> str:
-    """Register (once) the capturing twin of ``implementation`` and its mask function; return its name."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
-    name = _IMPLEMENTATION_PREFIX + implementation
-    with _LOCK:
-        if name not in _REGISTERED:
-            AttentionInterface.register(name, _capturing_implementation(implementation))
-            if implementation in ALL_MASK_ATTENTION_FUNCTIONS:  # the same masks as the model would build
-                AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
-            _REGISTERED.add(name)
-    return name
-
-
-def _text_config(model: Any) -> Any:
-    """The declared text-decoder config: the only one whose attention implementation a capture switches."""
-    return _get_path(model.config, architecture_spec(model).text_config)
-
-
-def _switch_on(model: Any) -> None:
-    """Point this model's text decoder at the capturing twin of its attention (counted; the vision tower keeps its own)."""
-    with _LOCK:
-        entry = _SWITCHED.get(model)
-        if entry is None:
-            config = _text_config(model)
-            original = config._attn_implementation or "eager"
-            if original.startswith(_IMPLEMENTATION_PREFIX):
-                raise CaptureError("The model's attention is already switched to an hf_vattr capture by a call that "
-                                   "did not finish; reload the model.")
-            config._attn_implementation = _registered_name(original)
-            entry = _SWITCHED[model] = [config, original, 0]
-        entry[2] += 1
-
-
-def _switch_off(model: Any) -> None:
-    with _LOCK:
-        entry = _SWITCHED.get(model)
-        if entry is None:
-            return
-        entry[2] -= 1
-        if entry[2] <= 0:
-            entry[0]._attn_implementation = entry[1]
-            del _SWITCHED[model]
-
-
-def own_implementation(config: Any) -> str | None:
-    """The attention implementation a config names, seen through a capture's switch (``"sdpa"``, ``"eager"``, ...)."""
-    name = getattr(config, "_attn_implementation", None)
-    return name[len(_IMPLEMENTATION_PREFIX):] if name and name.startswith(_IMPLEMENTATION_PREFIX) else name
-
-
-def capture_active(model: Any | None = None) -> bool:
-    """Whether ``model`` (default: any model) has its attention switched to hf_vattr's capture right now."""
-    with _LOCK:
-        return len(_SWITCHED) > 0 if model is None else model in _SWITCHED
-
-
-# ----------------------------------------------------------------------------- capture session
 
 
 class AttentionCapture:
@@ -608,7 +143,7 @@ class AttentionCapture:
         self._positions.clear()
         self._pooling.clear()
         self.num_regions = int(membership.shape[-1])
-        self._prepare(next(self.model.parameters()).device)  # moved once, not per step
+        self._prepare(input_device(self.model))  # moved once, not per step
 
     def _prepare(self, device: torch.device) -> None:
         # Cached per device so models split with device_map pay no transfer per step.
@@ -676,22 +211,6 @@ class AttentionCapture:
                 logger.info(f"hf_vattr attention capture: '{path}' route for decode steps.")
             self.path = path
 
-    def _verify(self, output, kernel: str, signature: tuple, reference: Callable[[], Any]) -> bool:
-        """Check an LSE kernel bitwise against the model's own attention, once per process and call signature.
-
-        A kernel that differs is never used again for that signature (the next one is tried at the next
-        step); this step's features then come from the full-row route.
-        """
-        if (signature, kernel) in _VERIFIED:
-            return True
-        if torch.equal(reference()[0], output[0]):
-            _VERIFIED.add((signature, kernel))
-            return True
-        _REJECTED.add((signature, kernel))
-        logger.warning(f"hf_vattr: the '{kernel}' log-sum-exp kernel does not reproduce this model's sdpa output "
-                       "bitwise; not using it (the full-row route serves this step).")
-        return False
-
     def _weights(self, layer: int, module: Any, value: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """(B, H, Nv) value-norm weights of a layer, computed at its first call (the prefill) and kept."""
         if self.feature_kind != "value_norm":
@@ -733,10 +252,7 @@ class AttentionCapture:
         self._check_batch(query.shape[0])
         attention = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if isinstance(attention, torch.Tensor) and attention.dim() == 4 and attention.shape[-1] == key.shape[2]:
-            last = attention[:, :, -1].float()  # (B, H, Tk): the function returned its probabilities (eager)
-            index = positions[:, None, :].expand(last.shape[0], last.shape[1], -1)
-            visual = last.gather(-1, index)
-            self._slots[layer] = torch.matmul(visual if weights is None else visual * weights, pooling)
+            self._slots[layer] = _features_from_weights(attention, positions, pooling, weights)  # eager
             route = "weights"
         else:
             if attention_mask is None and query.shape[2] > 1:
@@ -782,31 +298,3 @@ class AttentionCapture:
         stacked = torch.stack(slots, dim=1)  # (B, L, H, K)
         return stacked if self.batched else stacked[0]
 
-
-@contextmanager
-def attention_intervention(model: Any, intervene: Callable[[Any, torch.Tensor, torch.Tensor, Any], Any]) -> Iterator[None]:
-    """Let ``intervene(module, query, key, attention_mask) -> attention_mask`` rewrite the mask of every
-    text-decoder attention call of ``model`` made by this thread (e.g. to knock regions out of attention for
-    ablations).
-
-    The returned mask is passed to the model's own attention function, so it must be in a form that
-    function accepts: a boolean (True = attend) or additive float 4D mask works for ``sdpa`` and ``eager``.
-    Restored on exit, also on error.
-    """
-    modules = attention_modules(model)
-    with _LOCK:
-        if any(m in _INTERVENED for m in modules):
-            raise CaptureError("This model already has an active attention intervention.")
-        _switch_on(model)
-        scope = _thread_scope("interventions")
-        for m in modules:
-            _INTERVENED[m] = threading.get_ident()
-            scope[m] = intervene
-    try:
-        yield
-    finally:
-        with _LOCK:
-            for m in modules:
-                _INTERVENED.pop(m, None)
-                scope.pop(m, None)
-            _switch_off(model)

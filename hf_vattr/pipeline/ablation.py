@@ -7,7 +7,7 @@ be cheap enough to compute for thousands of (span, mask) pairs:
 
 * **Attention ablation (default).** A region's visual tokens are removed from
   the attention of every *later* query position, in every decoder layer, via
-  :func:`hf_vattr.capture.attention.attention_intervention`: the mask handed to the
+  :func:`hf_vattr.capture.intervention.attention_intervention`: the mask handed to the
   model's own attention function (sdpa or eager) gets those key columns
   switched off. Exact, no pixels touched, and every batch row can carry a
   different mask, so many masks run in one forward.
@@ -45,9 +45,9 @@ import torch
 from scipy import ndimage
 from transformers.utils import logging
 
-from ..capture.attention import attention_intervention, own_implementation
+from ..capture import attention_intervention, own_implementation
 from ..errors import AttributionError
-from ..layouts import architecture_spec, extend_inputs
+from ..layouts import _get_path, architecture_spec, extend_inputs, input_device
 
 logger = logging.get_logger(__name__)
 
@@ -160,13 +160,6 @@ class _Knockout:
 # ----------------------------------------------------------------------------- pixel helpers
 
 
-def _config_value(model: Any, path: str) -> Any:
-    obj = model.config
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def pixel_patch_rows(layout_images: Sequence[Any], image_grid_thw: torch.Tensor, merge: int) -> list[torch.Tensor]:
     """Per visual token (prompt order), the rows of ``pixel_values`` holding its ``merge*merge`` patches.
 
@@ -224,10 +217,6 @@ def _base_model(model: Any) -> Any:
     return base
 
 
-def _input_device(model: Any) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 def _call_filtered(fn: Callable, **kwargs: Any) -> Any:
     params = inspect.signature(fn).parameters
     accepts_var = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -256,7 +245,7 @@ class AblationEngine:
                  max_generated: int | None = None) -> None:
         architecture_spec(model)
         self.model = model
-        self.device = _input_device(model)
+        self.device = input_device(model)
         if sequence.dim() == 1:
             sequence = sequence[None]
         self.prompt_len = int(inputs["input_ids"].shape[-1])
@@ -478,8 +467,8 @@ class AblationEngine:
     # -- pixel method
     def _pixel_fills(self, fill: str, blur_sigma: float | None) -> torch.Tensor:
         spec = architecture_spec(self.model)
-        patch = int(_config_value(self.model, spec.patch_size))
-        merge = int(_config_value(self.model, spec.merge_size))
+        patch = int(_get_path(self.model.config, spec.patch_size))
+        merge = int(_get_path(self.model.config, spec.merge_size))
         temporal = int(getattr(self.model.config.vision_config, "temporal_patch_size", 1))
         self._merge = merge
         return _fill_values(self.pixel_values, self.image_grid_thw, patch, merge, temporal, fill, blur_sigma)
@@ -552,7 +541,7 @@ def span_logprobs_naive(model: Any, inputs: Any, sequence: torch.Tensor, spans: 
     """
     if sequence.dim() == 1:
         sequence = sequence[None]
-    device = _input_device(model)
+    device = input_device(model)
     prompt_len = int(inputs["input_ids"].shape[-1])
     full = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
             for k, v in extend_inputs(inputs, sequence.cpu()).items()}

@@ -45,7 +45,7 @@ import torch
 from transformers.utils import logging
 
 from ..errors import AttributionError
-from ..layouts import architecture_spec, extend_inputs
+from ..layouts import _get_path, architecture_spec, extend_inputs, inputs_on_device
 
 if TYPE_CHECKING:
     from .collection import ExampleRecord
@@ -72,14 +72,8 @@ __all__ = [
 # ----------------------------------------------------------------------------- helpers
 
 
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _model_inputs(model: Any, inputs: Mapping[str, Any], sequence: torch.Tensor) -> dict:
-    device = _device(model)
-    full = extend_inputs(dict(inputs), sequence.to(inputs["input_ids"].device))
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in full.items()}
+    return inputs_on_device(model, extend_inputs(dict(inputs), sequence.to(inputs["input_ids"].device)))
 
 
 def _require_model(record: ExampleRecord, model: Any, inputs: Mapping[str, Any] | None, what: str) -> None:
@@ -125,11 +119,7 @@ def compute_span_features(model: Any, inputs: Mapping[str, Any], sequence: torch
 def text_decoder(model: Any) -> torch.nn.Module:
     """The text decoder module: the parent of the declared decoder layer list."""
     spec = architecture_spec(model)
-    path = spec.decoder_layers.rsplit(".", 1)[0]
-    obj = model
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return _get_path(model, spec.decoder_layers.rsplit(".", 1)[0])
 
 
 @contextmanager

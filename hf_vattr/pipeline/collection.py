@@ -38,7 +38,7 @@ from .ablation import AblationEngine, leave_one_out_masks, random_subset_masks, 
 from ..capture.attention import AttentionCapture
 from ..reasoning.text import decode_pieces
 from ..errors import AttributionError
-from ..layouts import text_dims, visual_layout
+from ..layouts import inputs_on_device, text_dims, visual_layout
 from ..options import ConfigError, check_fields
 from ..reasoning.formats import FORMATS, ThinkingFormat, detect_format, resolve_format
 from ..reasoning.spans import ReasoningStepSplitter, SpanSplitter
@@ -405,10 +405,6 @@ def _example_generator(seed: int, example_id: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(example_id)) % (2**63 - 1))
 
 
-def _to_device(inputs: Any, device: torch.device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-
-
 # ----------------------------------------------------------------------------- one example
 
 
@@ -439,7 +435,6 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
         images = [images]
     images = [_load_image(im) for im in images]
     tokenizer = getattr(processor, "tokenizer", processor)
-    device = model.get_input_embeddings().weight.device
     inputs = _build_inputs(processor, images, prompt)
     prompt_len = int(inputs["input_ids"].shape[-1])
     layout = visual_layout(model, inputs["input_ids"], inputs.get("image_grid_thw"), images)
@@ -449,7 +444,7 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
     gen_kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=False)
     gen_kwargs.update(config.generate_kwargs)
     with torch.no_grad():
-        sequence = model.generate(**_to_device(inputs, device), **gen_kwargs)
+        sequence = model.generate(**inputs_on_device(model, inputs), **gen_kwargs)
     if not isinstance(sequence, torch.Tensor):
         sequence = sequence.sequences
     sequence = sequence[:1].cpu()

@@ -19,8 +19,8 @@ from transformers.utils import logging
 
 from ..errors import AttributionError
 
-from ..capture.attention import AttentionCapture, CaptureError
-from ..layouts import VisualLayout, _get_path, architecture_spec, visual_layout
+from ..capture import AttentionCapture, CaptureError
+from ..layouts import VisualLayout, _get_path, architecture_spec, input_device, visual_layout
 from ..regions import PromptRegions, RegionMap, prompt_regions
 
 logger = logging.get_logger(__name__)
@@ -138,7 +138,7 @@ class AttributionSession:
             self.pooling = getattr(estimator, "pooling", "sum")
             self.feature_kind = getattr(estimator, "feature_kind", "attention")
             # A private copy on the model's device: scoring then never copies weights per token.
-            estimator = copy.deepcopy(estimator).to(next(model.parameters()).device).eval()
+            estimator = copy.deepcopy(estimator).to(input_device(model)).eval()
         else:
             # The best untrained score measured on the toy: value-norm attention (attention times ||W_O^h v_j||),
             # mean over layers and heads (docs/streaming.md, "Without an estimator"). Labelled uncalibrated.
