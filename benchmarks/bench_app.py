@@ -95,8 +95,8 @@ def run_once(mode: str, apps: dict[str, LiveApp], model: Any, processor: Any, ex
 def picture_costs(app: LiveApp, model: Any, processor: Any, example: Any, estimator: Any,
                   max_new_tokens: int) -> dict[str, float]:
     """Median ms of one live picture (step_overlay), one trajectory plot and one PNG data URI, on a real trace."""
-    from hf_vattr.viz import render as viz
-    from hf_vattr.commands.app import _png_uri
+    from hf_vattr import viz
+    from hf_vattr.commands.app import PNG_COMPRESS_LEVEL
 
     request = app.check_inputs(example.image, example.question)
     inputs = app._inputs(request)
@@ -124,7 +124,7 @@ def picture_costs(app: LiveApp, model: Any, processor: Any, example: Any, estima
             "overlay": median_ms(lambda: viz.step_overlay(trace.regions, [request.image], scores,
                                                           caption="step 1, writing")),
             "trajectory": median_ms(lambda: viz.trajectory_plot(trace)),
-            "png": median_ms(lambda: _png_uri(picture))}
+            "png": median_ms(lambda: viz.png_data_uri(picture, compress_level=PNG_COMPRESS_LEVEL))}
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution, TokenAttribution
-from hf_vattr.viz.render import describe_regions, render_html
+from hf_vattr.viz import describe_regions, render_html
 
 
 def main(argv: list[str] | None = None) -> None:

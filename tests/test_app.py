@@ -54,6 +54,22 @@ def test_bad_input_is_refused_before_any_work(toy, tmp_path: Path) -> None:
     assert ok.estimator is estimator and ok.regions == "vlm" and ok.regions in REGION_METHODS
 
 
+class SimulatedClock:
+    """Time that moves only when the app reads it (a fixed step per read) or sleeps: the throttle's decisions
+    can be checked without depending on how fast this machine is."""
+
+    def __init__(self, step: float = 0.01) -> None:
+        self.now, self.step, self.slept = 0.0, step, []
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
 def test_stream_is_throttled_and_ends_with_generate_text(toy) -> None:
     model, processor, estimator, example = toy
     inputs = processor(text=[processor.apply_chat_template(
@@ -63,15 +79,20 @@ def test_stream_is_throttled_and_ends_with_generate_text(toy) -> None:
     out = model.generate(**inputs, max_new_tokens=96, do_sample=False)
     expected = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    rate = 5.0
-    app = LiveApp(model, processor, estimator, regions="vlm", updates_per_second=rate)
+    rate, clock = 5.0, SimulatedClock()
+    app = LiveApp(model, processor, estimator, regions="vlm", updates_per_second=rate, clock=clock, sleep=clock.sleep)
     frames = list(app.stream(app.check_inputs(example.image, example.question, max_new_tokens=96)))
     assert frames[-1].done and frames[-1].text == expected
     step_frames = [f for f in frames if f.steps_changed and not f.done]
     assert [len(f.steps) for f in step_frames] == list(range(1, len(frames[-1].steps) + 1))  # one frame per step
     shown = [f for f in frames if not f.done]
+    # each step is seen before the next: the list only grows, and the text only extends
+    assert [len(f.steps) for f in shown] == sorted(len(f.steps) for f in shown)
+    assert all(b.text.startswith(a.text) and b.tokens >= a.tokens for a, b in zip(shown, shown[1:]))
+    # never more than `rate` pictures a (simulated) second: the loop waits out a step frame's share of a second
     gaps = [b.elapsed - a.elapsed for a, b in zip(shown, shown[1:])]
-    assert all(g >= 1 / rate - 0.02 for g in gaps), gaps  # never more than `rate` pictures a second
+    assert all(g >= 1 / rate - 1e-9 for g in gaps), gaps
+    assert clock.slept and all(0 < s <= 1 / rate for s in clock.slept)
     assert len(frames) < frames[-1].tokens  # tokens were coalesced, not one frame each
     assert all(f.overlay is not None for f in shown)  # nothing pinned: every frame shows a picture
     assert [s.evidence for s in frames[-1].steps][-1] == "inherited"  # the answer span, scored through the steps

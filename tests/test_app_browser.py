@@ -3,7 +3,8 @@
 The app runs as `python -m hf_vattr.commands.cli app` (the bundled toy, a toy example preloaded) on a free
 localhost port; Selenium drives Debian's `chromium` through `chromium-driver`. A script in the page
 samples what is on screen every 20 ms (step items, the overlay picture and its caption, the streamed
-text), so the assertions are about what was shown, in order. Every wait has a deadline.
+text), so the assertions are about what was shown, in order; none is about how long anything took. Every
+wait has a deadline.
 
 Needs: `apt-get install chromium chromium-driver`, `pip install selenium "hf_vattr[app]"` (.ci/run does both).
 """
@@ -58,7 +59,6 @@ const snap = () => {
   const ov = document.querySelector('#vattr-overlay .vattr-ov');
   const img = ov ? ov.querySelector('img') : null;
   return {
-    t: performance.now(),
     steps: Array.from(document.querySelectorAll('#vattr-steps label')).map(l => l.innerText.trim()),
     kind: ov ? ov.dataset.kind : 'none', step: ov ? ov.dataset.step : '',
     src: img ? img.getAttribute('src') : '', text: text(),
@@ -215,14 +215,16 @@ def test_streams_steps_one_by_one_and_pins_a_step(server: str, browser: Any, pla
                      .get_attribute("value"))
     assert final == plain_text
 
-    # step items appeared one at a time, in order, each shown on its own for a while
+    # step items appeared one at a time, in order, and each finished step's own picture was on screen before
+    # the next step was listed (each step gets its own frame; frames are not coalesced across steps)
     counts = [len(s["steps"]) for s in states]
     n_steps = counts[-1]
     assert n_steps >= 2, counts
     assert counts == sorted(counts), f"the step list shrank while streaming: {counts}"
-    first_seen = {n: next(s["t"] for s in states if len(s["steps"]) == n) for n in range(1, n_steps + 1)}
-    assert sorted(first_seen) == list(range(1, n_steps + 1)), f"some step count was never shown: {counts}"
-    assert all(first_seen[n + 1] - first_seen[n] > 100 for n in range(1, n_steps)), first_seen  # ms on screen
+    assert set(range(1, n_steps + 1)) <= set(counts), f"some step count was never shown: {counts}"
+    for n in range(1, n_steps + 1):
+        assert any(len(s["steps"]) == n and s["kind"] == "step" and s["step"] == str(n - 1) for s in states), \
+            f"step {n - 1}'s picture was not shown while {n} steps were listed"
     labels = states[-1]["steps"]
     for earlier in states:  # items are appended, never rewritten into other steps
         assert [lab.split(":")[0] for lab in earlier["steps"]] == [lab.split(":")[0] for lab in labels[:len(earlier["steps"])]]

@@ -68,11 +68,11 @@ def test_import_contracts_catch_an_upward_import(tmp_path):
     pytest.importorskip("importlinter")
     copy = tmp_path / "hf_vattr"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("assets", "__pycache__"))
-    render = copy / "viz" / "render.py"
-    render.write_text(render.read_text() + "\n\ndef _wrong():\n    from ..streaming import streamer  # noqa: F401\n")
+    overlays = copy / "viz" / "overlays.py"
+    overlays.write_text(overlays.read_text() + "\n\ndef _wrong():\n    from ..streaming import streamer  # noqa: F401\n")
     res = _lint(tmp_path)
     assert res.returncode != 0
-    assert "hf_vattr.viz.render -> hf_vattr.streaming.streamer" in res.stdout, res.stdout[-3000:]
+    assert "hf_vattr.viz.overlays -> hf_vattr.streaming.streamer" in res.stdout, res.stdout[-3000:]
 
 
 def test_every_module_has_a_row_in_the_architecture_doc():

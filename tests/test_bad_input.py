@@ -534,12 +534,12 @@ def test_an_ambiguous_array_image_is_read_one_way_everywhere(tiny_qwen):
     from hf_vattr.layouts import array_image_size, channels_first, visual_layout
     from hf_vattr.regions.features import image_to_tensor
     from hf_vattr.testing import example_inputs
-    from hf_vattr.viz.render import _as_pil, step_overlay
+    from hf_vattr.viz import as_pil, step_overlay
 
     model, processor = tiny_qwen
     arr = np.full((1, 1, 3), 200, dtype=np.uint8)
     assert channels_first(arr) and array_image_size(arr) == (1, 3)
-    assert tuple(image_to_tensor(arr).shape[-2:]) == (1, 3) and _as_pil(arr).size == (3, 1)
+    assert tuple(image_to_tensor(arr).shape[-2:]) == (1, 3) and as_pil(arr).size == (3, 1)
     inputs = example_inputs(processor, [arr])
     streamer = AttributionStreamer(model, processor, inputs=inputs, images=[arr], grid_k=2)
     events = list(streamer.generate(**inputs, max_new_tokens=2, do_sample=False))
@@ -549,4 +549,4 @@ def test_an_ambiguous_array_image_is_read_one_way_everywhere(tiny_qwen):
     layout = visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], [arr])
     assert layout.images[0].original_size == (1, 3)
     hwc = np.zeros((20, 30, 3), dtype=np.uint8)  # unambiguous arrays are unchanged
-    assert not channels_first(hwc) and _as_pil(hwc).size == (30, 20) and array_image_size(hwc) == (20, 30)
+    assert not channels_first(hwc) and as_pil(hwc).size == (30, 20) and array_image_size(hwc) == (20, 30)

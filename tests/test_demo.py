@@ -8,7 +8,7 @@ from hf_vattr.commands.cli import main
 from hf_vattr.commands.demo import run_demo
 from hf_vattr.toy import toy_estimator_path
 from hf_vattr.toy import load_toy_model
-from hf_vattr.viz.render import render_html
+from hf_vattr.viz import render_html
 
 
 def test_shipped_estimator_fits_the_toy_model_and_records_its_metrics():

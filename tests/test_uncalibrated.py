@@ -10,7 +10,7 @@ import torch
 from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution, TokenAttribution
 from hf_vattr.streaming.events import AttributionTrace
 from hf_vattr.toy import load_toy_model, make_examples, prompt_messages, toy_estimator_path, toy_regions
-from hf_vattr.viz.render import SCORE_UNITS, UNCALIBRATED_UNITS, render_html, score_units, trace_table_html
+from hf_vattr.viz import SCORE_UNITS, UNCALIBRATED_UNITS, render_html, score_units, trace_table_html
 
 _RUNS: dict = {}
 

@@ -13,11 +13,9 @@ from PIL import Image, ImageDraw
 from hf_vattr.streaming.events import AttributionTrace, SpanAttribution, TokenAttribution
 from hf_vattr.layouts import ImageTokens, VisualLayout
 from hf_vattr.regions import PromptRegions, RegionMap
-from hf_vattr.viz.render import (
+from hf_vattr.viz import (
     WEAK_FRACTION,
     OverlayRenderer,
-    _colormap,
-    _pca,
     clear_cache,
     describe_location,
     overlay_renderer,
@@ -27,6 +25,7 @@ from hf_vattr.viz.render import (
     step_overlay,
     trajectory_plot,
 )
+from hf_vattr.viz.path_plot import pca_coordinates
 
 RED, GREEN, BG = (220, 50, 40), (30, 170, 60), (212, 204, 206)
 
@@ -169,49 +168,105 @@ def test_overlay_for_several_images_and_for_a_size_only_image():
     assert picture.width == 4 * 288 + 3 * 6  # four panels: original + heatmap per image
 
 
-def test_heatmap_is_the_colour_formula_at_every_pixel():
-    # the renderer colours (region, grey level) pairs and gathers: check it against the per-pixel formula
+def test_heatmap_colours_read_on_the_colour_bar():
+    """Each region's colour sits on the picture's colour bar where its score is: scores at or below 0 at the dark
+    end, the top score at the light end, and the colours' order along the bar is the scores' order."""
+    image = Image.new("RGB", (96, 96), (128, 128, 128))  # one grey level: a region's colour is its score alone
+    regions = regions_for(three_by_three())
+    scores = torch.tensor([-1.0, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    picture = step_overlay(regions, [image], scores, top=0)
+    _, heat, scale = overlay_panels(picture, image)
+    ramp = np.asarray(picture)[heat.shape[0] + 8, 10:-10].astype(float)  # a row through the bar's ramp
+    labels = regions.maps[0].pixel_labels().repeat(scale, 0).repeat(scale, 1)
+    where = []  # each region's colour, located on the bar (0 = left end, 1 = right end)
+    for region in range(9):
+        colours = heat[labels == region].astype(float)
+        assert (colours == colours[0]).all()  # a region is one colour
+        where.append(np.argmin(((ramp - colours[0]) ** 2).sum(-1)) / (len(ramp) - 1))
+    assert where[0] == where[1] < 0.1  # -1 and 0: no support, both at the dark end
+    assert where[-1] > 0.9  # the top score: the light end
+    assert all(a < b for a, b in zip(where[1:], where[2:]))
+    assert np.allclose(where, np.clip(scores.numpy() / 6.0, 0, 1), atol=0.12)
+
+
+def test_weak_heatmaps_are_struck_through_and_the_original_is_not():
     image = toy_image()
     regions = regions_for(three_by_three())
     scores = torch.linspace(-1, 7.5, 9)
-    _, heat, scale = overlay_panels(step_overlay(regions, [image], scores, top=0), image)
-    big = np.asarray(image.resize((image.width * scale, image.height * scale), Image.NEAREST), dtype=np.float32)
-    labels = regions.maps[0].pixel_labels().repeat(scale, 0).repeat(scale, 1)
-    norm = np.clip(scores.numpy() / 7.5, 0, 1)
-    grey = big.mean(-1, keepdims=True)
-    expected = 0.78 * _colormap(norm[labels]) + 0.22 * grey
-    assert np.array_equal(heat, expected.clip(0, 255).astype(np.uint8))
-    # weak evidence: the faint formula everywhere but on the strike-through lines
-    weak = np.asarray(step_overlay(regions, [image], scores, top=0, evidence="weak"))[18:18 + heat.shape[0],
-                                                                                      heat.shape[1] + 6:]
-    faint = (0.4 * expected + 0.6 * (150 + 0.3 * grey)).clip(0, 255).astype(np.uint8)
-    differ = (weak != faint).any(-1)
-    assert 0.02 < differ.mean() < 0.2 and (weak[differ] == 235).all()
+    strong = np.asarray(step_overlay(regions, [image], scores, top=0))
+    weak = np.asarray(step_overlay(regions, [image], scores, top=0, evidence="weak"))[18:]  # below the caption
+    side = 288
+    labels = regions.maps[0].pixel_labels().repeat(3, 0).repeat(3, 1)
+    lines = (weak[:side, side + 6:2 * side + 6] == 235).all(-1)  # the light strike-through lines
+    assert not (strong[:side, side + 6:2 * side + 6] == 235).all(-1).any()
+    assert all(lines[labels == r].any() for r in range(9))  # they cross every region, whatever its score
+    assert 0.02 < lines.mean() < 0.2  # lines, not a fill
+    assert np.array_equal(weak[:side, :side], strong[:side, :side])  # the original is never faded
 
 
-def test_cached_pictures_equal_fresh_ones_and_follow_new_objects():
+def test_the_top_region_is_ringed_in_its_rank_colour():
     image = toy_image()
     regions = regions_for(three_by_three())
+    scores = torch.zeros(9)
+    scores[4], scores[8] = 1.0, 3.0  # centre second, bottom-right first
+    left, _, scale = overlay_panels(step_overlay(regions, [image], scores, top=2), image)
+    labels = regions.maps[0].pixel_labels().repeat(scale, 0).repeat(scale, 1)
+    for region, colour in ((8, (255, 255, 255)), (4, (0, 200, 255))):
+        rows, cols = np.nonzero(labels == region)
+        top, bottom, first, last = rows.min(), rows.max(), cols.min(), cols.max()
+        ring = np.concatenate([left[top, first:last + 1], left[bottom, first:last + 1],
+                               left[top:bottom + 1, first], left[top:bottom + 1, last]])
+        assert (ring == colour).all()  # the region's outermost pixels, all the way round
+        inside = left[top + 10:bottom - 9, first + 10:last - 9]
+        original = np.asarray(image.resize((288, 288), Image.NEAREST))[top + 10:bottom - 9, first + 10:last - 9]
+        assert (inside != colour).any(-1).any() and (inside == original).all(-1).mean() > 0.9  # not filled
+
+
+def _edges_by_definition(mask: np.ndarray, width: int) -> np.ndarray:
+    """Edge pixels by definition: mask pixels with a pixel outside the mask (or the array) within ``width``
+    4-neighbour steps."""
+    h, w = mask.shape
+    edge = np.zeros_like(mask)
+    for y, x in zip(*np.nonzero(mask)):
+        for dy in range(-width, width + 1):
+            for dx in range(-(width - abs(dy)), width - abs(dy) + 1):
+                yy, xx = y + dy, x + dx
+                if not (0 <= yy < h and 0 <= xx < w) or not mask[yy, xx]:
+                    edge[y, x] = True
+    return edge
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_outline_pixels_are_the_masks_edges_by_definition(seed):
+    from hf_vattr.viz.overlays import mask_edges
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(1, 24, size=2))
+    for density in (0.3, 0.7, 0.95, 1.0):
+        mask = rng.random(shape) < density
+        for width in (1, 2, 3, 4):
+            assert np.array_equal(mask_edges(mask, width), _edges_by_definition(mask, width)), (shape, density, width)
+    blob = np.zeros((20, 30), dtype=bool)
+    blob[3:15, 5:25] = True
+    assert mask_edges(blob, 2).sum() == blob.sum() - blob[5:13, 7:23].sum()  # a 2-px ring of a rectangle
+
+
+def test_pictures_follow_objects_whose_ids_are_reused():
+    """The caches match images and region maps by identity: objects made after others were dropped (often at
+    the same addresses) are drawn from their own pixels and labels, never from an entry of the dropped ones."""
     scores = torch.arange(9, dtype=torch.float32)
-    first = np.asarray(step_overlay(regions, [image], scores, caption="step 1"))
-    again = np.asarray(step_overlay(regions, [image], scores, caption="step 1"))
-    clear_cache()
-    fresh = np.asarray(step_overlay(regions, [image], scores, caption="step 1"))
-    own = np.asarray(OverlayRenderer(regions, [image]).render(scores, caption="step 1"))
-    assert np.array_equal(first, again) and np.array_equal(first, fresh) and np.array_equal(first, own)
-    # a new PromptRegions over the same maps (what a streamer's trace holds) reuses the prepared panels
-    same_maps = PromptRegions(regions.layout, list(regions.maps))
-    assert overlay_renderer(same_maps, [image]).panels[0] is overlay_renderer(regions, [image]).panels[0]
-    assert np.array_equal(np.asarray(step_overlay(same_maps, [image], scores, caption="step 1")), first)
-    # another image object is drawn from its own pixels, never from the cache of the first
-    other = image.copy()
-    ImageDraw.Draw(other).rectangle([0, 0, 95, 40], fill=(0, 0, 255))
-    left = overlay_panels(step_overlay(regions, [other], scores, caption="step 1"), other)[0][18:]
-    assert (left[:60, 150:] == [0, 0, 255]).all(-1).mean() > 0.5
-    # prepare() computes every region's outline and location up front; pictures are unchanged
-    renderer = OverlayRenderer(regions, [image]).prepare()
-    assert len(renderer.panels[0]._outlines) == 9
-    assert np.array_equal(np.asarray(renderer.render(scores, caption="step 1")), first)
+
+    def draw(i: int) -> tuple[np.ndarray, tuple[int, int, int], int]:
+        colour = (i * 3 % 256, 255 - i * 3 % 256, i * 37 % 256)
+        height = 96 if i % 3 else 48
+        image = np.full((height, 96, 3), colour, dtype=np.uint8)
+        picture = step_overlay(regions_for(three_by_three(size=(height, 96))), [image], scores, top=0)
+        return np.asarray(picture), colour, height  # the image and the regions are dropped here
+
+    for i in range(80):
+        picture, colour, height = draw(i)
+        assert (picture[1, 1] == colour).all(), i
+        assert picture.shape[0] == height * int(np.ceil(224 / height)) + 44, i
 
 
 # --------------------------------------------------------------------------- evidence
@@ -238,14 +293,14 @@ def test_span_evidence_rule():
 def test_pca_coordinates_match_an_svd_reference():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(7, 9))
-    coords, ratios = _pca(x, 2)
+    coords, ratios = pca_coordinates(x, 2)
     centred = x - x.mean(0)
     u, sv, vt = np.linalg.svd(centred, full_matrices=False)
     reference = centred @ vt[:2].T
     for k in range(2):  # components are defined up to sign
         assert np.allclose(np.abs(coords[:, k]), np.abs(reference[:, k]))
     assert np.allclose(ratios, (sv ** 2 / (sv ** 2).sum())[:2])
-    one, _ = _pca(x[:1], 2)  # one step: no direction to find
+    one, _ = pca_coordinates(x[:1], 2)  # one step: no direction to find
     assert np.array_equal(one, np.zeros((1, 2)))
 
 

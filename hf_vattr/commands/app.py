@@ -11,23 +11,23 @@ Two layers, so that the streaming loop can be tested and benchmarked without a b
   while tokens arrive, and one frame per finished step.
 * :meth:`LiveApp.build` lays those frames out as a Gradio ``Blocks`` page.
 
-Every picture comes from :mod:`hf_vattr.viz.render` (``step_overlay``, ``describe_location``, ``span_evidence``,
-``trajectory_plot``), the same code path as the demo's report. Nothing is loaded at import time: Gradio is
-imported by :meth:`LiveApp.build` only (``pip install "hf_vattr[app]"``).
+Every picture, word and HTML fragment comes from :mod:`hf_vattr.viz` (``step_overlay``, ``describe_location``,
+``span_evidence`` and its wording, ``trajectory_plot``, the page's templates), the same code path as the demo's
+report. Nothing is loaded at import time: Gradio is imported by :meth:`LiveApp.build` only
+(``pip install "hf_vattr[app]"``).
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import tempfile
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..errors import AttributionError
 
@@ -47,11 +47,8 @@ REGION_METHODS = ("prefill", "vlm", "grid", "color", "slic", "dinov3", "dinov2",
 BEHIND_TOKENS = 2
 #: Most pixels an uploaded image may have (a 4096 x 4096 photo); larger ones are refused, not resized silently.
 MAX_PIXELS = 4096 * 4096
-#: Outline colours of the top regions in :func:`hf_vattr.viz.render.step_overlay` (1st, 2nd, 3rd), for the legend.
-_RANK_COLOURS = ("#ffffff", "#00c8ff", "#ff00ff")
-_EVIDENCE_TEXT = {"grounded": "", "weak": " (weak evidence)",
-                  "indirect": " (indirect: follows from the thinking text)",
-                  "inherited": " (inherited from the thinking steps)"}
+#: zlib level of the page's PNGs: level 1 takes about 4 ms for the toy's overlay instead of 8, for 1.5x the bytes.
+PNG_COMPRESS_LEVEL = 1
 
 
 class InputError(AttributionError, ValueError):
@@ -78,11 +75,20 @@ class StepItem:
     text: str
     evidence: str  # "grounded" | "weak" | "indirect" | "inherited" (viz.span_evidence)
 
+    @classmethod
+    def of(cls, span: "SpanAttribution", trace: Any) -> "StepItem":
+        """The item of a finished span, its evidence judged against ``trace``'s steps."""
+        from ..viz import span_evidence
+
+        return cls(span.index, span.section, span.text, span_evidence(span, trace))
+
     @property
     def label(self) -> str:
         """The item's text on the page: number, text and, unless grounded, why its heatmap is not evidence."""
+        from ..viz import evidence_wording
+
         head = "Answer" if self.section == "answer" else f"Step {self.index + 1}"
-        return f"{head}: {self.text.strip()}{_EVIDENCE_TEXT.get(self.evidence, '')}"
+        return f"{head}: {self.text.strip()}{evidence_wording(self.evidence).aside}"
 
 
 @dataclass
@@ -115,16 +121,9 @@ class _Live:
         self.lock = threading.Lock()
 
 
-def _png_uri(image: "Image.Image") -> str:
-    """A PNG data URI; fast zlib level (about 4 ms for the toy's overlay instead of 8, 1.5x the bytes)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def step_picture(trace: "AttributionTrace", images: Sequence[Any], scores: Any, *, evidence: str = "grounded",
                  caption: str | None = None, top: int = 3) -> "Image.Image":
-    """One step's (or the running step's) overlay through :func:`hf_vattr.viz.render.step_overlay`.
+    """One step's (or the running step's) overlay through :func:`hf_vattr.viz.step_overlay`.
 
     Weak and indirect steps are drawn muted, so they are not painted as strongly as grounded ones.
     """
@@ -135,20 +134,14 @@ def step_picture(trace: "AttributionTrace", images: Sequence[Any], scores: Any, 
 
 
 def top_regions(regions: "PromptRegions", scores: Any, k: int = 3) -> list[tuple[int, str, float]]:
-    """The ``k`` highest-scoring regions with a positive score, located in words (viz.describe_location)."""
+    """The ``k`` highest-scoring regions with a positive score (viz.top_positive_regions) as
+    (region id, location in words, score)."""
     import torch
 
     from .. import viz
 
     s = torch.as_tensor(scores, dtype=torch.float32)
-    order = torch.argsort(s, descending=True, stable=True)[:k].tolist()
-    return [(int(r), viz.describe_location(regions, int(r)), float(s[r])) for r in order if float(s[r]) > 0]
-
-
-def _concentrations(trace: "AttributionTrace") -> list[float]:
-    from ..trajectory import concentration
-
-    return [concentration(span.region_scores.double().numpy()) for span in trace.spans]
+    return [(r, viz.describe_location(regions, r), float(s[r])) for r in viz.top_positive_regions(s, k)]
 
 
 class LiveApp:
@@ -163,11 +156,13 @@ class LiveApp:
         max_new_tokens: default generation budget.
         updates_per_second: most pictures rendered per second while tokens arrive (each finished step
             always gets its own frame); the decode loop never waits for the page.
+        clock, sleep: the time the throttle reads and how it waits (tests pass a simulated clock).
     """
 
     def __init__(self, model: Any, processor: Any, estimator: Any | None = None, *, estimator_ref: str = "",
                  regions: str = "prefill", examples: Sequence[tuple[Any, str]] = (), max_new_tokens: int = 512,
-                 updates_per_second: float = 4.0, title: str = "hf_vattr: live visual attribution") -> None:
+                 updates_per_second: float = 4.0, title: str = "hf_vattr: live visual attribution",
+                 clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep) -> None:
         if regions not in REGION_METHODS:
             raise InputError(_unknown_regions(regions))
         if estimator is not None:
@@ -181,6 +176,7 @@ class LiveApp:
         self.max_new_tokens = int(max_new_tokens)
         self.updates_per_second = float(updates_per_second)
         self.title = title
+        self.clock, self.sleep = clock, sleep
         self._estimators: dict[str, Any] = {estimator_ref: estimator} if estimator_ref else {}
         self._sessions: OrderedDict[str, _Live] = OrderedDict()
         self._example_dir: tempfile.TemporaryDirectory | None = None
@@ -288,16 +284,14 @@ class LiveApp:
         skipped while later steps already wait; the last frame always has it). Per token this loop only
         appends the token's text and scores and reads the clock. Region maps known before decoding
         (every method but "prefill") have their pictures' fixed parts prepared before ``generate`` starts
-        (:meth:`hf_vattr.viz.render.OverlayRenderer.prepare`). Generation runs in the streamer's own thread and
+        (:meth:`hf_vattr.viz.OverlayRenderer.prepare`). Generation runs in the streamer's own thread and
         never waits for this loop. Failures raise :class:`~hf_vattr.streaming.streamer.GenerationError`.
         """
-        import torch
-
         from .. import viz
         from ..streaming.streamer import AttributionStreamer, SpanAttribution, TokenAttribution
 
         live = live or _Live()
-        start = time.perf_counter()
+        start = self.clock()
         inputs = self._inputs(request)
         images = [request.image]
         regions = self._regions(request, inputs)
@@ -307,77 +301,21 @@ class LiveApp:
             viz.overlay_renderer(regions, images).prepare()
         with live.lock:
             live.trace, live.images, live.pinned = None, images, None
-        gap = 1.0 / self.updates_per_second
-        last = -float("inf")  # when the last frame was shown: the first token gets a picture at once
-        pieces: list[str] = []  # the text, joined only when a frame is due
-        n_tokens = 0
-        running: list[torch.Tensor] = []  # scores of the tokens of the step being written
-        steps: list[StepItem] = []
-        seen: list[SpanAttribution] = []  # finished steps, in order (the trace may still be appending)
-        kwargs = {"max_new_tokens": request.max_new_tokens, **generate_kwargs}
-        clock = time.perf_counter
-        trace = None
+        run = _Run(self, streamer, live, images, start)
         with streamer:
-            for event in streamer.generate(**inputs, **kwargs):
+            for event in streamer.generate(**inputs, **{"max_new_tokens": request.max_new_tokens, **generate_kwargs}):
                 if isinstance(event, TokenAttribution):
-                    # per token: three appends and a clock read; everything else waits for a due frame
-                    pieces.append(event.text)
-                    running.append(event.region_scores)
-                    n_tokens += 1
-                    now = clock()
-                    if now - last < gap:
-                        continue
-                    if trace is None or live.trace is not trace:
-                        trace = streamer.trace  # built when generation starts
-                        with live.lock:
-                            live.trace = trace
-                    if trace.regions is None:
-                        continue
-                    if len(trace.tokens) - n_tokens > BEHIND_TOKENS and now - last < 2 * gap:
-                        continue  # decoding is ahead of this loop: catch up first, draw the newest state
-                    last = now
-                    frame = Frame(text="".join(pieces), steps=list(steps), tokens=n_tokens, elapsed=now - start)
-                    if live.pinned is None:
-                        scores = torch.stack(running).mean(0)
-                        number = len(steps)
-                        frame.overlay = step_picture(trace, images, scores, caption=f"step {number + 1}, writing")
-                        frame.overlay_step, frame.top = number, top_regions(trace.regions, scores)
-                    yield frame
+                    frame = run.token(event)
+                    if frame is not None:
+                        yield frame
                 elif isinstance(event, SpanAttribution):
-                    if trace is None or live.trace is not trace:
-                        trace = streamer.trace
-                        with live.lock:
-                            live.trace = trace
-                    running = []
-                    seen.append(event)
-                    view = _TraceView(trace, seen)
-                    steps = [StepItem(s.index, s.section, s.text, viz.span_evidence(s, view)) for s in seen]
-                    wait = gap - (clock() - last)
-                    if wait > 0:  # the previous frame stays up for its share of a second; decoding goes on
-                        time.sleep(wait)
-                    last = clock()
-                    frame = Frame(text="".join(pieces), steps=list(steps), tokens=n_tokens, steps_changed=True,
-                                  elapsed=last - start)
-                    if len(trace.spans) <= len(seen):  # no later step waiting: redraw the trajectory too
-                        frame.trajectory, frame.concentration = viz.trajectory_plot(view), _concentrations(view)
-                    if live.pinned is None:
-                        self._finished_picture(frame, trace, images, steps[-1], event)
-                    yield frame
-        trace = streamer.trace
-        with live.lock:
-            live.trace = trace
-        final = Frame(text="".join(pieces), steps=[StepItem(s.index, s.section, s.text, viz.span_evidence(s, trace))
-                                                   for s in trace.spans], tokens=n_tokens, steps_changed=True,
-                      done=True, elapsed=time.perf_counter() - start)
-        if trace.spans:
-            final.trajectory = viz.trajectory_plot(trace)
-            final.concentration = _concentrations(trace)
-            if live.pinned is None:
-                self._finished_picture(final, trace, images, final.steps[-1], trace.spans[-1])
-        yield final
+                    yield run.step(event)
+        yield run.final()
 
-    def _finished_picture(self, frame: Frame, trace: "AttributionTrace", images: list[Any], item: StepItem,
+    @staticmethod
+    def _finished_picture(frame: Frame, trace: "AttributionTrace", images: list[Any], item: StepItem,
                           span: "SpanAttribution", kind: str = "step") -> None:
+        """Put a finished step's picture, caption and top regions on ``frame``."""
         head = "answer" if item.section == "answer" else f"step {item.index + 1}"
         # the same picture whether shown live or pinned: the page's caption says which
         frame.overlay = step_picture(trace, images, span.region_scores, evidence=item.evidence, caption=head)
@@ -386,8 +324,6 @@ class LiveApp:
 
     def pin(self, live: _Live, index: int | None) -> Frame | None:
         """The frame of step ``index`` pinned (``None``: follow the live step again); ``None`` if no such step."""
-        from .. import viz
-
         with live.lock:
             live.pinned = index
             trace = live.trace
@@ -397,7 +333,7 @@ class LiveApp:
         if not spans:
             return None
         span = spans[0]
-        item = StepItem(span.index, span.section, span.text, viz.span_evidence(span, trace))
+        item = StepItem.of(span, trace)
         frame = Frame(text=trace.text, steps=[], tokens=len(trace.tokens), calibrated=trace.calibrated)
         self._finished_picture(frame, trace, live.images, item, span, kind="pinned")
         return frame
@@ -434,80 +370,91 @@ class LiveApp:
 
         examples = self._example_files()
         with gr.Blocks(title=self.title) as demo:
-            gr.Markdown(f"## {html.escape(self.title)}\nPick an example or upload an image, ask a question and "
-                        "press **Run**. The reasoning streams in; each finished step becomes an item you can click to "
-                        "pin its heatmap. Colours are the estimator's prediction of how much each region's removal "
-                        "would lower the step's log-probability (with no estimator: uncalibrated raw value-norm "
-                        "attention, a ranking rather than a prediction, labelled so on the page).")
-            with gr.Row():
-                with gr.Column(scale=2):
-                    image = _unchecked_image(gr, type="filepath", label="Image", sources=["upload"],
-                                                 value=examples[0][0] if examples else None, elem_id="vattr-image",
-                                                 height=220)
-                    question = gr.Textbox(label="Question", value=examples[0][1] if examples else "",
-                                          elem_id="vattr-question")
-                    with gr.Accordion("Options", open=False, elem_id="vattr-options"):
-                        estimator = gr.Textbox(label="Estimator (folder or Hub id; empty: uncalibrated raw attention)",
-                                               value=self.estimator_ref, elem_id="vattr-estimator")
-                        regions = gr.Textbox(label=f"Regions ({', '.join(REGION_METHODS)})", value=self.regions,
-                                             elem_id="vattr-regions")
-                        budget = gr.Number(label="Max new tokens", value=self.max_new_tokens, precision=0,
-                                           elem_id="vattr-max-tokens")
-                    run = gr.Button("Run", variant="primary", elem_id="vattr-run")
-                    message = gr.HTML(_message("Ready."), elem_id="vattr-message")
-                    text = gr.Textbox(label="Reasoning (streaming)", lines=5, max_lines=14, interactive=False,
-                                      elem_id="vattr-text")
-                    steps = gr.Radio(choices=[], label="Finished steps: click one to pin its heatmap",
-                                     elem_id="vattr-steps")
-                with gr.Column(scale=3):
-                    overlay = gr.HTML(_overlay_html(None), elem_id="vattr-overlay")
-                    where = gr.HTML("", elem_id="vattr-top")
-                    follow = gr.Button("Follow the live step", size="sm", elem_id="vattr-follow")
-                    trajectory = gr.Image(label="Trajectory: region-effect path and concentration over steps",
-                                          type="pil", format="png", interactive=False, elem_id="vattr-trajectory",
-                                          height=240)
-                    trajectory_note = gr.HTML("", elem_id="vattr-concentration")
-            if examples:
-                gr.Examples(examples, inputs=[image, question], label="Toy examples (click one to load it)")
-            outputs = [message, text, steps, overlay, where, trajectory, trajectory_note]
-
-            def on_run(image_path: Any, question_text: str, estimator_ref: str, region_method: str,
-                       max_tokens: Any, request: gr.Request) -> Iterator[tuple]:
-                from ..streaming.streamer import GenerationError
-
-                skip = gr.skip()
-                try:
-                    checked = self.check_inputs(image_path, question_text, estimator_ref, region_method, max_tokens)
-                except InputError as err:
-                    yield (_message(str(err), error=True), *([skip] * (len(outputs) - 1)))
-                    return
-                live = self.session(request.session_hash if request is not None else "default")
-                yield (_message("Running..."), "", gr.update(choices=[], value=None), _overlay_html(None), "", None, "")
-                try:
-                    for frame in self.stream(checked, live):
-                        yield self._frame_outputs(gr, frame, live)
-                except GenerationError as err:
-                    yield (_message(f"Generation failed: {err}", error=True), *([skip] * (len(outputs) - 1)))
-
-            def on_pin(value: Any, request: gr.Request) -> tuple:
-                live = self.session(request.session_hash if request is not None else "default")
-                frame = self.pin(live, None if value in (None, "") else int(value))
-                if frame is None:
-                    return gr.skip(), gr.skip()
-                return _overlay_html(frame), _top_html(frame)
-
-            def on_follow(request: gr.Request) -> tuple:
-                live = self.session(request.session_hash if request is not None else "default")
-                self.pin(live, None)
-                return gr.update(value=None), _message("Following the live step.")
-
-            for handler in (on_run, on_pin, on_follow):  # Gradio finds gr.Request by its (resolved) annotation
-                handler.__annotations__["request"] = gr.Request
-            run.click(on_run, [image, question, estimator, regions, budget], outputs, concurrency_limit=1,
-                      concurrency_id="generate", show_progress="minimal")
-            steps.input(on_pin, [steps], [overlay, where])
-            follow.click(on_follow, None, [steps, message])
+            page = self._layout(gr, examples)
+            self._connect(gr, page)
         return demo
+
+    def _layout(self, gr: Any, examples: list[list[str]]) -> SimpleNamespace:
+        """The page's components, inputs on the left, pictures on the right (inside an open ``gr.Blocks``)."""
+        gr.Markdown(f"## {html.escape(self.title)}\nPick an example or upload an image, ask a question and "
+                    "press **Run**. The reasoning streams in; each finished step becomes an item you can click to "
+                    "pin its heatmap. Colours are the estimator's prediction of how much each region's removal "
+                    "would lower the step's log-probability (with no estimator: uncalibrated raw value-norm "
+                    "attention, a ranking rather than a prediction, labelled so on the page).")
+        page = SimpleNamespace()
+        with gr.Row():
+            with gr.Column(scale=2):
+                page.image = _unchecked_image(gr, type="filepath", label="Image", sources=["upload"],
+                                              value=examples[0][0] if examples else None, elem_id="vattr-image",
+                                              height=220)
+                page.question = gr.Textbox(label="Question", value=examples[0][1] if examples else "",
+                                           elem_id="vattr-question")
+                with gr.Accordion("Options", open=False, elem_id="vattr-options"):
+                    page.estimator = gr.Textbox(label="Estimator (folder or Hub id; empty: uncalibrated raw attention)",
+                                                value=self.estimator_ref, elem_id="vattr-estimator")
+                    page.regions = gr.Textbox(label=f"Regions ({', '.join(REGION_METHODS)})", value=self.regions,
+                                              elem_id="vattr-regions")
+                    page.budget = gr.Number(label="Max new tokens", value=self.max_new_tokens, precision=0,
+                                            elem_id="vattr-max-tokens")
+                page.run = gr.Button("Run", variant="primary", elem_id="vattr-run")
+                page.message = gr.HTML(_message("Ready."), elem_id="vattr-message")
+                page.text = gr.Textbox(label="Reasoning (streaming)", lines=5, max_lines=14, interactive=False,
+                                       elem_id="vattr-text")
+                page.steps = gr.Radio(choices=[], label="Finished steps: click one to pin its heatmap",
+                                      elem_id="vattr-steps")
+            with gr.Column(scale=3):
+                page.overlay = gr.HTML(_overlay_html(None), elem_id="vattr-overlay")
+                page.where = gr.HTML("", elem_id="vattr-top")
+                page.follow = gr.Button("Follow the live step", size="sm", elem_id="vattr-follow")
+                page.trajectory = gr.Image(label="Trajectory: region-effect path and concentration over steps",
+                                           type="pil", format="png", interactive=False, elem_id="vattr-trajectory",
+                                           height=240)
+                page.trajectory_note = gr.HTML("", elem_id="vattr-concentration")
+        if examples:
+            gr.Examples(examples, inputs=[page.image, page.question], label="Toy examples (click one to load it)")
+        return page
+
+    def _connect(self, gr: Any, page: SimpleNamespace) -> None:
+        """The handlers: Run streams frames into the page, a click on a step pins it, Follow unpins."""
+        outputs = [page.message, page.text, page.steps, page.overlay, page.where, page.trajectory,
+                   page.trajectory_note]
+
+        def on_run(image_path: Any, question_text: str, estimator_ref: str, region_method: str,
+                   max_tokens: Any, request: gr.Request) -> Iterator[tuple]:
+            from ..streaming.streamer import GenerationError
+
+            skip = gr.skip()
+            try:
+                checked = self.check_inputs(image_path, question_text, estimator_ref, region_method, max_tokens)
+            except InputError as err:
+                yield (_message(str(err), error=True), *([skip] * (len(outputs) - 1)))
+                return
+            live = self.session(request.session_hash if request is not None else "default")
+            yield (_message("Running..."), "", gr.update(choices=[], value=None), _overlay_html(None), "", None, "")
+            try:
+                for frame in self.stream(checked, live):
+                    yield self._frame_outputs(gr, frame, live)
+            except GenerationError as err:
+                yield (_message(f"Generation failed: {err}", error=True), *([skip] * (len(outputs) - 1)))
+
+        def on_pin(value: Any, request: gr.Request) -> tuple:
+            live = self.session(request.session_hash if request is not None else "default")
+            frame = self.pin(live, None if value in (None, "") else int(value))
+            if frame is None:
+                return gr.skip(), gr.skip()
+            return _overlay_html(frame), _top_html(frame)
+
+        def on_follow(request: gr.Request) -> tuple:
+            live = self.session(request.session_hash if request is not None else "default")
+            self.pin(live, None)
+            return gr.update(value=None), _message("Following the live step.")
+
+        for handler in (on_run, on_pin, on_follow):  # Gradio finds gr.Request by its (resolved) annotation
+            handler.__annotations__["request"] = gr.Request
+        page.run.click(on_run, [page.image, page.question, page.estimator, page.regions, page.budget], outputs,
+                       concurrency_limit=1, concurrency_id="generate", show_progress="minimal")
+        page.steps.input(on_pin, [page.steps], [page.overlay, page.where])
+        page.follow.click(on_follow, None, [page.steps, page.message])
 
     def _frame_outputs(self, gr: Any, frame: Frame, live: _Live) -> tuple:
         """One frame as the page's outputs; unchanged parts are skipped so a click is not overwritten."""
@@ -516,7 +463,7 @@ class LiveApp:
         status = (f"Done: {frame.tokens} tokens, {len(frame.steps)} steps in {frame.elapsed:.1f} s."
                   if frame.done else f"Thinking... {frame.tokens} tokens, {len(frame.steps)} finished step(s).")
         if not frame.calibrated:
-            from ..viz.render import UNCALIBRATED_NOTE
+            from ..viz import UNCALIBRATED_NOTE
 
             status += f" Scores are {UNCALIBRATED_NOTE}."
         steps = skip
@@ -544,6 +491,94 @@ class _TraceView:
         self.regions, self.images, self.sequence = trace.regions, trace.images, trace.sequence
         self.spans = list(spans)
         self.tokens = trace.tokens
+
+
+class _Run:
+    """One run of :meth:`LiveApp.stream`: what was decoded so far, as the page shows it, and when the last frame
+    was shown. Each event becomes at most one frame."""
+
+    def __init__(self, app: LiveApp, streamer: Any, live: _Live, images: list[Any], start: float) -> None:
+        self.app, self.streamer, self.live, self.images, self.start = app, streamer, live, images, start
+        self.gap = 1.0 / app.updates_per_second
+        self.last = -float("inf")  # when the last frame was shown: the first token gets a picture at once
+        self.pieces: list[str] = []  # the text, joined only when a frame is due
+        self.n_tokens = 0
+        self.running: list[Any] = []  # scores of the tokens of the step being written
+        self.steps: list[StepItem] = []
+        self.seen: list[SpanAttribution] = []  # finished steps, in order (the trace may still be appending)
+        self.trace: AttributionTrace | None = None
+
+    def _follow_trace(self) -> "AttributionTrace":
+        """The streamer's trace (built when generation starts), published to the session for pinning."""
+        if self.trace is None or self.live.trace is not self.trace:
+            self.trace = self.streamer.trace
+            with self.live.lock:
+                self.live.trace = self.trace
+        return self.trace
+
+    def _frame(self, now: float, **fields: Any) -> Frame:
+        return Frame(text="".join(self.pieces), steps=list(self.steps), tokens=self.n_tokens,
+                     elapsed=now - self.start, **fields)
+
+    def token(self, event: Any) -> Frame | None:
+        """A live frame of the step being written, if one is due; per token only three appends and a clock read."""
+        from .. import viz
+
+        self.pieces.append(event.text)
+        self.running.append(event.region_scores)
+        self.n_tokens += 1
+        now = self.app.clock()
+        if now - self.last < self.gap:
+            return None
+        trace = self._follow_trace()
+        if trace.regions is None:
+            return None
+        if len(trace.tokens) - self.n_tokens > BEHIND_TOKENS and now - self.last < 2 * self.gap:
+            return None  # decoding is ahead of this loop: catch up first, draw the newest state
+        self.last = now
+        frame = self._frame(now)
+        if self.live.pinned is None:
+            scores = viz.mean_scores(self.running)
+            number = len(self.steps)
+            frame.overlay = step_picture(trace, self.images, scores, caption=f"step {number + 1}, writing")
+            frame.overlay_step, frame.top = number, top_regions(trace.regions, scores)
+        return frame
+
+    def step(self, span: "SpanAttribution") -> Frame:
+        """The frame of a finished step, after the previous frame had its share of a second (decoding goes on)."""
+        from .. import viz
+
+        trace = self._follow_trace()
+        self.running = []
+        self.seen.append(span)
+        view = _TraceView(trace, self.seen)
+        self.steps = [StepItem.of(s, view) for s in self.seen]
+        wait = self.gap - (self.app.clock() - self.last)
+        if wait > 0:
+            self.app.sleep(wait)
+        self.last = self.app.clock()
+        frame = self._frame(self.last, steps_changed=True)
+        if len(trace.spans) <= len(self.seen):  # no later step waiting: redraw the trajectory too
+            frame.trajectory, frame.concentration = viz.trajectory_plot(view), viz.step_concentrations(view.spans)
+        if self.live.pinned is None:
+            LiveApp._finished_picture(frame, trace, self.images, self.steps[-1], span)
+        return frame
+
+    def final(self) -> Frame:
+        """The last frame: every step judged against the whole trace, the trajectory, the last step's picture."""
+        from .. import viz
+
+        trace = self.streamer.trace
+        with self.live.lock:
+            self.live.trace = trace
+        self.steps = [StepItem.of(s, trace) for s in trace.spans]
+        final = self._frame(self.app.clock(), steps_changed=True, done=True)
+        if trace.spans:
+            final.trajectory = viz.trajectory_plot(trace)
+            final.concentration = viz.step_concentrations(trace.spans)
+            if self.live.pinned is None:
+                LiveApp._finished_picture(final, trace, self.images, final.steps[-1], trace.spans[-1])
+        return final
 
 
 def _unknown_regions(method: str) -> str:
@@ -579,16 +614,18 @@ _CSS = """
 """
 
 
+def _fragments() -> Any:
+    """The page's HTML fragments (macros of ``hf_vattr/viz/templates/app.html``; autoescaped)."""
+    from ..viz.templating import macros
+
+    return macros("app.html")
+
+
 def _message(text: str, *, error: bool = False) -> str:
-    cls = "vattr-error" if error else "vattr-status"
-    return f"<div class='{cls}' role='{'alert' if error else 'status'}'>{html.escape(text)}</div>"
+    return str(_fragments().message(text, error))
 
 
-def _overlay_html(frame: Frame | None) -> str:
-    """The overlay panel; ``data-*`` attributes say which step and what kind of picture it is."""
-    if frame is None or frame.overlay is None:
-        return "<div class='vattr-empty' data-kind='none'>The current step's heatmap appears here.</div>"
-    step = "" if frame.overlay_step is None else str(frame.overlay_step)
+def _overlay_caption(frame: Frame) -> str:
     if frame.overlay_kind == "live":
         caption = f"Step {frame.overlay_step + 1 if frame.overlay_step is not None else ''} being written " \
                   f"({frame.tokens} tokens so far)"
@@ -596,27 +633,31 @@ def _overlay_html(frame: Frame | None) -> str:
         caption = f"Pinned: {frame.overlay_title} (press 'Follow the live step' to unpin)"
     else:
         caption = f"Just finished: {frame.overlay_title}"
-    return (f"<div class='vattr-ov' data-kind='{frame.overlay_kind}' data-step='{step}'>"
-            f"<div class='vattr-cap'>{html.escape(caption + ('' if frame.calibrated else ' (uncalibrated)'))}</div>"
-            f"<img src='{_png_uri(frame.overlay)}' alt='attribution overlay'></div>")
+    return caption + ("" if frame.calibrated else " (uncalibrated)")
+
+
+def _overlay_html(frame: Frame | None) -> str:
+    """The overlay panel; ``data-*`` attributes say which step and what kind of picture it is."""
+    from ..viz import png_data_uri
+
+    if frame is None or frame.overlay is None:
+        return str(_fragments().no_overlay())
+    step = "" if frame.overlay_step is None else str(frame.overlay_step)
+    picture = png_data_uri(frame.overlay, compress_level=PNG_COMPRESS_LEVEL)
+    return str(_fragments().overlay(frame.overlay_kind, step, _overlay_caption(frame), picture))
 
 
 def _top_html(frame: Frame) -> str:
-    if not frame.top:
-        return "<div class='vattr-status'>No region has a positive predicted effect.</div>"
-    unit = "nats" if frame.calibrated else "uncalibrated"
-    items = "".join(f"<li><span class='sw' style='background:{_RANK_COLOURS[min(i, 2)]}'></span>"
-                    f"{html.escape(words)} <small>(region #{rid}, {score:.3g} {unit})</small></li>"
-                    for i, (rid, words, score) in enumerate(frame.top))
-    return f"<div><b>Top regions</b> (outlined on the image)<ol>{items}</ol></div>"
+    """The top regions in words, each with the colour of its outline on the picture."""
+    from ..viz import rank_colour_hex
+
+    items = [(rank_colour_hex(i), words, rid, f"{score:.3g}") for i, (rid, words, score) in enumerate(frame.top)]
+    return str(_fragments().top_regions(items, "nats" if frame.calibrated else "uncalibrated"))
 
 
 def _concentration_html(values: Sequence[float]) -> str:
-    if not values:
-        return ""
     shown = ", ".join("n/a" if v != v else f"{v:.2f}" for v in values)
-    return (f"<div class='vattr-status'>Concentration per step (1 = one region, 0 = spread evenly): "
-            f"{html.escape(shown)}</div>")
+    return str(_fragments().concentration(shown))
 
 
 def launch(model: Any, processor: Any, estimator: Any | None = None, *, host: str = "127.0.0.1",

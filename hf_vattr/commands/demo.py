@@ -2,7 +2,7 @@
 
 Prints the trace as it is generated and, after each finished reasoning step, its top
 regions (and whether the top region lands on the object the step talks about: the toy
-task knows the right answer). Then writes a self-contained HTML report (hf_vattr.viz.render: the same
+task knows the right answer). Then writes a self-contained HTML report (hf_vattr.viz: the same
 rendering as the notebook view and the web app), one overlay PNG per step, and the trace itself
 (``AttributionTrace.load("vattr_report/trace")`` brings it back in a notebook).
 """
@@ -44,7 +44,8 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
     from ..estimator import LinearEstimator
     from ..streaming.streamer import AttributionStreamer, SpanAttribution, TokenAttribution
     from ..toy import evidence_for_step, load_toy_model, make_examples, prompt_messages, region_on_evidence
-    from ..viz.render import UNCALIBRATED_NOTE, describe_regions, render_html, save_overlays, span_evidence
+    from ..viz import (UNCALIBRATED_NOTE, describe_regions, evidence_wording, render_html, save_overlays,
+                       span_evidence)
 
     start = time.perf_counter()
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
@@ -89,7 +90,7 @@ def run_demo(seed: int = HELD_OUT_SEED, index: int = 0, out: str | Path = "vattr
                 at_line_start = True
             label = f"step {event.index}" if event.section == "thinking" else "answer"
             evidence = span_evidence(event, streamer.trace)
-            note = "" if evidence == "grounded" else f" ({evidence} evidence)"
+            note = "" if evidence == "grounded" else f" ({evidence_wording(evidence).caption})"
             note += "" if event.calibrated else " (uncalibrated)"
             print(f"    -> {label}{note}: top regions {describe_regions(streamer.regions, top_ids)}{verdict}",
                   flush=True)

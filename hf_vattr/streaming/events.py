@@ -47,7 +47,7 @@ class TokenAttribution:
     section: str  # "thinking" or "answer"
     features: torch.Tensor | None = None  # (L, H, K) when keep_features=True
     sequence: int = 0  # which sequence of the batch (row of generate's output)
-    calibrated: bool = True  # False: streamed without an estimator (raw value-norm attention, hf_vattr.viz.render.UNCALIBRATED_NOTE)
+    calibrated: bool = True  # False: streamed without an estimator (raw value-norm attention, hf_vattr.viz.UNCALIBRATED_NOTE)
 
     @property
     def uncalibrated(self) -> bool:
@@ -73,7 +73,7 @@ class SpanAttribution:
     section: str
     sequence: int = 0
     inherited: bool = False  # True: an answer whose scores include the thinking steps' (LinearEstimator.inherited)
-    calibrated: bool = True  # False: streamed without an estimator (raw value-norm attention, hf_vattr.viz.render.UNCALIBRATED_NOTE)
+    calibrated: bool = True  # False: streamed without an estimator (raw value-norm attention, hf_vattr.viz.UNCALIBRATED_NOTE)
 
     @property
     def uncalibrated(self) -> bool:
@@ -88,7 +88,9 @@ class SpanAttribution:
                 f"Span {self.index} (sequence {self.sequence}) has {int(bad.sum())} non-finite region scores "
                 f"(region {int(bad.nonzero()[0, 0])} is {float(scores[bad][0])}), so its top regions would be "
                 "arbitrary. Check the estimator's weights (LinearEstimator.check_finite) and the features.")
-        return torch.argsort(scores, descending=True, stable=True)[:k].tolist()
+        from ..viz.scores import ranked_regions
+
+        return ranked_regions(scores, k)
 
     def __iter__(self):
         yield self.text
@@ -105,7 +107,7 @@ class AttributionTrace:
     prompt_text: str = ""
     sequence: int = 0
     images: list | None = None  # the images the user passed for this sequence (PIL, arrays or (h, w)), if any
-    calibrated: bool = True  # False: scored without an estimator (raw value-norm attention, hf_vattr.viz.render.UNCALIBRATED_NOTE)
+    calibrated: bool = True  # False: scored without an estimator (raw value-norm attention, hf_vattr.viz.UNCALIBRATED_NOTE)
 
     @property
     def uncalibrated(self) -> bool:
@@ -130,14 +132,14 @@ class AttributionTrace:
 
     # ------------------------------------------------------------------ display
     def _repr_html_(self) -> str:
-        """Jupyter's rich display: the step table with overlays inline (hf_vattr.viz.render.trace_table_html)."""
-        from ..viz.render import trace_table_html
+        """Jupyter's rich display: the step table with overlays inline (hf_vattr.viz.trace_table_html)."""
+        from ..viz import trace_table_html
 
         return trace_table_html(self)
 
     def show(self, *, top_k: int = 3, trajectory: bool = True) -> None:
         """Display the step table (and the trajectory plot) inline in Jupyter; print a text table elsewhere."""
-        from ..viz.render import trace_table_html, trajectory_plot
+        from ..viz import trace_table_html, trajectory_plot
 
         shell = None
         try:
@@ -157,12 +159,12 @@ class AttributionTrace:
 
     def summary(self, *, top_k: int = 3) -> str:
         """A plain-text table: one line per step with its evidence label and top regions in words."""
-        from ..viz.render import UNCALIBRATED_NOTE, _fmt, describe_location, span_evidence
+        from ..viz import UNCALIBRATED_NOTE, describe_location, format_score, span_evidence, top_positive_regions
 
         lines = [f"({UNCALIBRATED_NOTE})"] if self.uncalibrated else []
         for span in self.spans:
-            where = ", ".join(f"{describe_location(self.regions, r)} ({_fmt(float(span.region_scores[r]))})"
-                              for r in span.top_regions(top_k) if float(span.region_scores[r]) > 0)
+            where = ", ".join(f"{describe_location(self.regions, r)} ({format_score(float(span.region_scores[r]))})"
+                              for r in top_positive_regions(span, top_k))
             lines.append(f"[{span.index}] {span.section:8s} {span_evidence(span, self):8s} "
                          f"{span.text.strip()!r}: {where or 'no region with positive effect'}")
         return "\n".join(lines) if self.spans else "\n".join([*lines, "(no finished steps)"])

@@ -13,7 +13,6 @@ is rendered once and cached. IPython is imported when :func:`live` runs, never a
 
 from __future__ import annotations
 
-import html
 import time
 from typing import Any, Callable, Iterable
 
@@ -52,45 +51,54 @@ class LiveView:
     # ------------------------------------------------------------------ HTML pieces
     def _current_scores(self) -> torch.Tensor | None:
         """Mean token scores of the step being written (what its span score will be), else the last step's."""
+        from ..viz import mean_scores
+
         trace = self.trace
         start = trace.spans[-1].token_range[1] if trace.spans else 0
         running = trace.tokens[start:]
         if running:
-            return torch.stack([t.region_scores for t in running]).mean(0)
+            return mean_scores([t.region_scores for t in running])
         return trace.spans[-1].region_scores if trace.spans else None
 
+    def _current_picture(self, done: bool) -> tuple[str, str, str]:
+        """(PNG data URI, alt text, style) of the current view's picture: the trajectory plot once done, the
+        running step's overlay before; empty strings when there is nothing to draw yet."""
+        from ..viz import png_data_uri, score_units, step_overlay, trajectory_plot
+
+        trace = self.trace
+        if trace.regions is None:
+            return "", "", ""
+        if done and trace.spans:
+            return png_data_uri(trajectory_plot(trace)), "reasoning path and concentration", ""
+        scores = self._current_scores()
+        if scores is None:
+            return "", "", ""
+        images = trace.images if trace.images is not None else [None] * len(trace.regions.maps)
+        ov = step_overlay(trace.regions, images, scores, top=self.top, caption="current step",
+                          units=score_units(trace))
+        return png_data_uri(ov), "current step overlay", "max-height:260px"
+
     def _current_html(self, done: bool) -> str:
-        from ..viz.render import UNCALIBRATED_NOTE, _png_data_uri, score_units, step_overlay, trajectory_plot
+        from ..viz import UNCALIBRATED_NOTE
+        from ..viz.templating import macros
 
         trace = self.trace
         n, elapsed = len(trace.tokens), max((self.clock() if not done else self._seen) - self._started, 1e-9)
         status = (f"{'done' if done else 'generating'}: {n} tokens, {len(trace.spans)} finished steps, "
                   f"{n / elapsed:.1f} tokens/s")
-        if not getattr(trace, "calibrated", True):
-            status += f" &mdash; <b style='color:#8a4b00'>{html.escape(UNCALIBRATED_NOTE)}</b>"
-        picture = ""
-        if trace.regions is not None:
-            if done and trace.spans:
-                picture = (f"<img src='{_png_data_uri(trajectory_plot(trace))}' "
-                           "alt='reasoning path and concentration'>")
-            else:
-                scores = self._current_scores()
-                if scores is not None:
-                    images = trace.images if trace.images is not None else [None] * len(trace.regions.maps)
-                    ov = step_overlay(trace.regions, images, scores, top=self.top, caption="current step",
-                                      units=score_units(trace))
-                    picture = f"<img style='max-height:260px' src='{_png_data_uri(ov)}' alt='current step overlay'>"
-        text = html.escape(trace.text[-2000:])
-        return (f"<div class='vattr-live'><div style='color:#666;font-size:0.85em'>{status}</div>{picture}"
-                f"<pre style='white-space:pre-wrap;max-height:12em;overflow:auto'>{text}</pre></div>")
+        note = "" if getattr(trace, "calibrated", True) else UNCALIBRATED_NOTE
+        picture, alt, style = self._current_picture(done)
+        return str(macros("notebook.html").current(status, note, picture, alt, style, trace.text[-2000:]))
 
     def _table_html(self) -> str:
-        from ..viz.render import table_html, uncalibrated_banner_html
+        from markupsafe import Markup
+
+        from ..viz import table_html, uncalibrated_banner_html
+        from ..viz.templating import macros
 
         calibrated = getattr(self.trace, "calibrated", True)
         if not self._rows:
-            banner = "" if calibrated else uncalibrated_banner_html()
-            return f"<div class='vattr'>{banner}<i>finished steps appear here</i></div>"
+            return str(macros("notebook.html").no_steps(Markup("" if calibrated else uncalibrated_banner_html())))
         return table_html(self._rows, calibrated=calibrated)
 
     # ------------------------------------------------------------------ updates
@@ -107,7 +115,7 @@ class LiveView:
             self._seen = now  # tokens/s counts generation time, not the final redraw
         if not force and now - self._last < self._next_gap:
             return False
-        from ..viz.render import span_evidence, span_row_html
+        from ..viz import span_evidence, span_row_html
 
         began = time.perf_counter()
         while len(self._rows) < len(self.trace.spans):
