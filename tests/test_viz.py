@@ -269,6 +269,31 @@ def test_pictures_follow_objects_whose_ids_are_reused():
         assert picture.shape[0] == height * int(np.ceil(224 / height)) + 44, i
 
 
+def test_cached_pictures_equal_fresh_ones_and_follow_new_objects():
+    image = toy_image()
+    regions = regions_for(three_by_three())
+    scores = torch.arange(9, dtype=torch.float32)
+    first = np.asarray(step_overlay(regions, [image], scores, caption="step 1"))
+    again = np.asarray(step_overlay(regions, [image], scores, caption="step 1"))
+    clear_cache()
+    fresh = np.asarray(step_overlay(regions, [image], scores, caption="step 1"))
+    own = np.asarray(OverlayRenderer(regions, [image]).render(scores, caption="step 1"))
+    assert np.array_equal(first, again) and np.array_equal(first, fresh) and np.array_equal(first, own)
+    # a new PromptRegions over the same maps (what a streamer's trace holds) reuses the prepared panels
+    same_maps = PromptRegions(regions.layout, list(regions.maps))
+    assert overlay_renderer(same_maps, [image]).panels[0] is overlay_renderer(regions, [image]).panels[0]
+    assert np.array_equal(np.asarray(step_overlay(same_maps, [image], scores, caption="step 1")), first)
+    # another image object is drawn from its own pixels, never from the cache of the first
+    other = image.copy()
+    ImageDraw.Draw(other).rectangle([0, 0, 95, 40], fill=(0, 0, 255))
+    left = overlay_panels(step_overlay(regions, [other], scores, caption="step 1"), other)[0][18:]
+    assert (left[:60, 150:] == [0, 0, 255]).all(-1).mean() > 0.5
+    # prepare() computes every region's outline and location up front; pictures are unchanged
+    renderer = OverlayRenderer(regions, [image]).prepare()
+    assert len(renderer.panels[0]._outlines) == 9
+    assert np.array_equal(np.asarray(renderer.render(scores, caption="step 1")), first)
+
+
 # --------------------------------------------------------------------------- evidence
 
 
