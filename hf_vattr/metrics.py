@@ -281,13 +281,17 @@ def topk_drop(scores: Any, ablate: Callable[[np.ndarray], float], k: int) -> flo
     return _call_ablate(ablate, topk_mask(scores, k))
 
 
-def ablation_from_table(masks: Any, effects: Any) -> Callable[[np.ndarray], float]:
+def ablation_from_table(masks: Any, effects: Any, *, duplicates: str = "raise") -> Callable[[np.ndarray], float]:
     """An ``ablate`` function that looks a mask up in precomputed ablation results.
 
     Lets :func:`topk_drop` run offline against ground truth collected once (e.g. LDS
     subsets plus leave-one-out and top-k masks). A mask not in the table raises
-    ``KeyError`` naming the missing regions, rather than silently guessing.
+    ``KeyError`` naming the missing regions, rather than silently guessing. A mask listed twice
+    with different effects raises a ``ValueError`` (``duplicates="raise"``), or the later row wins
+    (``duplicates="last"``: e.g. leave-one-out rows listed after subsets that happen to ablate one region).
     """
+    if duplicates not in ("raise", "last"):
+        raise ValueError(f"duplicates must be 'raise' or 'last', got {duplicates!r}.")
     m = as_array(masks, dtype=None)
     if m.ndim != 2:
         raise ValueError(f"masks must be 2-D (subsets x regions); got shape {m.shape}.")
@@ -298,7 +302,7 @@ def ablation_from_table(masks: Any, effects: Any) -> Callable[[np.ndarray], floa
     table: dict[bytes, float] = {}
     for row, eff in zip(m, e):
         key = np.packbits(row).tobytes()
-        if key in table and table[key] != eff:
+        if duplicates == "raise" and key in table and table[key] != eff:
             raise ValueError(f"mask {np.flatnonzero(row).tolist()} appears twice with different effects.")
         table[key] = float(eff)
     num_regions = m.shape[1]

@@ -72,6 +72,19 @@ def config(**kw) -> CollectionConfig:
     return CollectionConfig(**base)
 
 
+def test_tags_collection_decodes_with_come_from_the_splitter_or_its_defaults():
+    from hf_vattr.reasoning.formats import DEFAULT_FORMAT, GLM4V_THINKING
+    from hf_vattr.reasoning.spans import ReasoningStepSplitter, tag_texts, think_tags
+
+    assert think_tags(EveryN()) == ("<think>", "</think>")  # a splitter that names no tags
+    assert tag_texts(EveryN(), GLM4V_THINKING) == ("<think>", "</think>", "<answer>", "</answer>",
+                                                   "<|begin_of_box|>", "<|end_of_box|>")
+    assert tag_texts(EveryN()) == ("<think>", "</think>")
+    own = ReasoningStepSplitter(think_open="<reason>", think_close="</reason>")
+    assert think_tags(own) == ("<reason>", "</reason>")
+    assert tag_texts(own, DEFAULT_FORMAT) == ("<reason>", "</reason>")  # the splitter's format wins over the fallback
+
+
 def test_collect_writes_documented_files(tmp_path):
     model, proc = get_tiny(FAMILY)
     result = collect(model, proc, dataset(3), tmp_path, config(), splitter_factory=EveryN, progress=False)

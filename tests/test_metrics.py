@@ -103,6 +103,17 @@ def test_topk_drop_against_table():
         M.topk_drop([2.0, 5.0, 1.0], ablate, 3)
 
 
+def test_table_duplicates_raise_or_the_later_row_wins():
+    masks = [[1, 0, 0], [0, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="twice"):
+        M.ablation_from_table(masks, [0.1, 0.5, 0.3])
+    ablate = M.ablation_from_table(masks, [0.1, 0.5, 0.3], duplicates="last")
+    assert ablate(np.array([True, False, False])) == 0.3
+    assert ablate(np.array([False, True, True])) == 0.5
+    with pytest.raises(ValueError, match="duplicates"):
+        M.ablation_from_table(masks, [0.1, 0.5, 0.3], duplicates="first")
+
+
 def test_topk_validation_errors():
     with pytest.raises(ValueError, match="out of range"):
         M.topk_regions([0.1, 0.2], 3)

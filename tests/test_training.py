@@ -169,6 +169,37 @@ def test_estimator_records_training_summary(tmp_path):
     json.dumps(report, default=float)  # the report is JSON-serialisable
 
 
+def _nnls_by_enumeration(x, y):
+    """Reference: least squares on every set of free columns, the best feasible one (two columns only)."""
+    best = None
+    for free in ([0, 1], [0], [1], []):
+        coef = np.zeros(2)
+        if free:
+            coef[free] = np.linalg.lstsq(x[:, free], y, rcond=None)[0]
+        if (coef >= -1e-12).all():
+            loss = float(((y - x @ coef) ** 2).sum())
+            if best is None or loss < best[0] - 1e-12:
+                best = (loss, coef.clip(min=0.0))
+    return best[1]
+
+
+def test_inheritance_slopes_are_non_negative_least_squares():
+    from hf_vattr.pipeline.training import _two_slopes
+
+    assert _two_slopes([]) == (1.0, 0.0)  # nothing to fit: answers keep their own scores
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randn(40, generator=g, dtype=torch.float64), torch.randn(40, generator=g, dtype=torch.float64)
+    a, b = _two_slopes([(x1[:20], x2[:20], 2 * x1[:20] + 3 * x2[:20]), (x1[20:], x2[20:], 2 * x1[20:] + 3 * x2[20:])])
+    assert (a, b) == pytest.approx((2.0, 3.0))
+    for trial in range(20):  # negative true slopes included: the constraint binds
+        coef = torch.randn(2, generator=g, dtype=torch.float64) * 2
+        y = coef[0] * x1 + coef[1] * x2 + 0.5 * torch.randn(40, generator=g, dtype=torch.float64)
+        got = _two_slopes([(x1, x2, y)])
+        assert min(got) >= 0
+        assert got == pytest.approx(tuple(_nnls_by_enumeration(torch.stack([x1, x2], 1).numpy(), y.numpy())),
+                                    abs=1e-9)
+
+
 def test_input_validation():
     records, _ = synthetic_examples(3, 2, 2, seed=10)
     no_subsets = [dataclasses.replace(r, subset_masks=r.subset_masks[:0], subset_effects=r.subset_effects[:, :0])

@@ -358,27 +358,13 @@ def _parse_methods(text: str | None, has_model: bool) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..pipeline.baselines import METHODS, make_method
-    from ..pipeline.collection import _build_inputs, check_ground_truth, load_collection
+    from ..pipeline.baselines import make_method
+    from ..pipeline.collection import check_ground_truth, load_collection
     from ..estimator import LinearEstimator
-    from ..pipeline.evaluation import evaluate, trajectory_report
+    from ..pipeline.evaluation import evaluate
 
     collection = Path(args.collection)
-    _check_device(args.device, "--device")
-    _check_quantization(args.quantization)
-    if args.device_map not in (None, "auto", "balanced", "sequential"):
-        _check_device(args.device_map, "--device-map")
-    known = ["estimator", *sorted(METHODS)]
-    names = _parse_methods(args.methods, bool(args.model or args.with_model))
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise UsageError(f"--methods {args.methods!r}: unknown method{'s' if len(unknown) > 1 else ''} "
-                         f"{', '.join(map(repr, unknown))}; choose from {', '.join(known)}." if unknown else
-                         f"--methods {args.methods!r} names no method; choose from {', '.join(known)}.")
-    if "estimator" in names and not args.estimator:
-        raise UsageError("method 'estimator' needs --estimator DIR.")
+    names = _check_eval_args(args)
     records = load_collection(collection)
     if not records:
         raise UsageError(f"{collection} holds no examples.")
@@ -386,20 +372,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     estimator = None
     if args.estimator:
         estimator = LinearEstimator.from_pretrained(args.estimator)
-    split = args.split
-    if split in ("auto", "val"):
-        report_path = Path(args.estimator) / TRAINING_REPORT if args.estimator and Path(args.estimator).is_dir() \
-            else None
-        val_ids = None
-        if report_path is not None and report_path.exists():
-            val_ids = set(json.loads(report_path.read_text()).get("split", {}).get("val") or [])
-        if val_ids:
-            records = [r for r in records if str(r.example_id) in val_ids]
-            split = "val"
-        elif split == "val":
-            raise UsageError("--split val: the estimator folder has no training_report.json with held-out ids.")
-        else:
-            split = "all"
+    records, split = _eval_split(args, records)
     if args.max_examples is not None:
         records = records[: args.max_examples]
 
@@ -407,29 +380,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = processor = None
     inputs_fn = None
     if args.model or (args.with_model and dataset is not None):
-        model_id = args.model or (dataset.params.get("model") if dataset else None)
-        toy = dataset is not None and dataset.kind == "toy" and model_id is None
-        model, processor, _ = _load_model(model_id, toy=toy, dtype=args.dtype, device_map=args.device_map,
-                                          attn=args.attn_implementation, device=args.device,
-                                          quantization=args.quantization)
-        if estimator is not None:
-            estimator.check_compatible(model)
-        if dataset is None:
-            raise UsageError(f"{collection / DATASET_FILE} is missing, so the prompts cannot be rebuilt for the model; "
-                             "evaluate without --model (stored ground truth only).")
-        def inputs_fn(record):
-            try:
-                images, prompt = dataset.get(record.example_id)
-            except KeyError:
-                raise UsageError(f"example {record.example_id} is not in the dataset described by {DATASET_FILE}.") \
-                    from None
-            inputs = _build_inputs(processor, images, prompt)
-            ids = record.sequence[: record.prompt_len]
-            if inputs["input_ids"].shape[-1] != record.prompt_len or not torch.equal(inputs["input_ids"][0], ids):
-                raise UsageError(f"example {record.example_id}: rebuilt prompt differs from the collected one "
-                                 "(different processor or dataset?).")
-            return inputs
-
+        model, processor, inputs_fn = _eval_model(args, collection, dataset, estimator)
     if not args.methods:  # the default list depends on whether a model was loaded
         names = _parse_methods(None, model is not None)
     methods = []
@@ -447,15 +398,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       auc_points=args.auc_points)
     report.info.update(split=split, collection=str(collection), estimator=args.estimator)
     if args.trajectories:
-        labels = correctness_labels(dataset, records)
-        if labels is None:
-            logger.warning("--trajectories: no correctness labels (toy dataset or JSONL 'answer'); skipped.")
-        else:
-            src = None
-            if estimator is not None:
-                src = [estimator.span_scores(torch.as_tensor(r.span_features), [sp.get("section") for sp in r.spans]).detach()
-                       for r in records]
-            report.info["trajectories"] = trajectory_report([r for r in records], labels, scores=src)
+        _add_trajectories(report, dataset, records, estimator)
     print(report.to_markdown())
     if "trajectories" in report.info:
         print("\n" + _trajectory_markdown(report.info["trajectories"]))
@@ -468,6 +411,94 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report.save(out)
     print(f"\nJSON report written to {out}")
     return 0
+
+
+def _check_eval_args(args: argparse.Namespace) -> list[str]:
+    """Refuse bad devices, quantization and method names before anything loads; returns the method names."""
+    from ..pipeline.baselines import METHODS
+
+    _check_device(args.device, "--device")
+    _check_quantization(args.quantization)
+    if args.device_map not in (None, "auto", "balanced", "sequential"):
+        _check_device(args.device_map, "--device-map")
+    known = ["estimator", *sorted(METHODS)]
+    names = _parse_methods(args.methods, bool(args.model or args.with_model))
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise UsageError(f"--methods {args.methods!r}: unknown method{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))}; choose from {', '.join(known)}." if unknown else
+                         f"--methods {args.methods!r} names no method; choose from {', '.join(known)}.")
+    if "estimator" in names and not args.estimator:
+        raise UsageError("method 'estimator' needs --estimator DIR.")
+    return names
+
+
+def _eval_split(args: argparse.Namespace, records: list) -> tuple[list, str]:
+    """``--split``: the estimator's held-out examples (from its training report) or all; returns them and the name."""
+    split = args.split
+    if split not in ("auto", "val"):
+        return records, split
+    report_path = Path(args.estimator) / TRAINING_REPORT if args.estimator and Path(args.estimator).is_dir() \
+        else None
+    val_ids = None
+    if report_path is not None and report_path.exists():
+        val_ids = set(json.loads(report_path.read_text()).get("split", {}).get("val") or [])
+    if val_ids:
+        return [r for r in records if str(r.example_id) in val_ids], "val"
+    if split == "val":
+        raise UsageError("--split val: the estimator folder has no training_report.json with held-out ids.")
+    return records, "all"
+
+
+def _eval_model(args: argparse.Namespace, collection: Path, dataset: DatasetSpec | None, estimator: Any
+                ) -> tuple[Any, Any, Any]:
+    """The model named by ``--model`` (or recorded by collect), its processor, and the prompt rebuilder for it."""
+    import torch
+
+    from ..pipeline.collection import _build_inputs
+
+    model_id = args.model or (dataset.params.get("model") if dataset else None)
+    toy = dataset is not None and dataset.kind == "toy" and model_id is None
+    model, processor, _ = _load_model(model_id, toy=toy, dtype=args.dtype, device_map=args.device_map,
+                                      attn=args.attn_implementation, device=args.device,
+                                      quantization=args.quantization)
+    if estimator is not None:
+        estimator.check_compatible(model)
+    if dataset is None:
+        raise UsageError(f"{collection / DATASET_FILE} is missing, so the prompts cannot be rebuilt for the model; "
+                         "evaluate without --model (stored ground truth only).")
+
+    def inputs_fn(record):
+        try:
+            images, prompt = dataset.get(record.example_id)
+        except KeyError:
+            raise UsageError(f"example {record.example_id} is not in the dataset described by {DATASET_FILE}.") \
+                from None
+        inputs = _build_inputs(processor, images, prompt)
+        ids = record.sequence[: record.prompt_len]
+        if inputs["input_ids"].shape[-1] != record.prompt_len or not torch.equal(inputs["input_ids"][0], ids):
+            raise UsageError(f"example {record.example_id}: rebuilt prompt differs from the collected one "
+                             "(different processor or dataset?).")
+        return inputs
+
+    return model, processor, inputs_fn
+
+
+def _add_trajectories(report: Any, dataset: DatasetSpec | None, records: list, estimator: Any) -> None:
+    """``--trajectories``: trajectory statistics and failure AUC into ``report.info`` (needs correctness labels)."""
+    import torch
+
+    from ..pipeline.evaluation import trajectory_report
+
+    labels = correctness_labels(dataset, records)
+    if labels is None:
+        logger.warning("--trajectories: no correctness labels (toy dataset or JSONL 'answer'); skipped.")
+        return
+    src = None
+    if estimator is not None:
+        src = [estimator.span_scores(torch.as_tensor(r.span_features), [sp.get("section") for sp in r.spans]).detach()
+               for r in records]
+    report.info["trajectories"] = trajectory_report([r for r in records], labels, scores=src)
 
 
 def _trajectory_markdown(traj: dict) -> str:
@@ -664,36 +695,47 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type, names:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-vattr`` parser (imports the config modules, hence torch, to read their fields)."""
-    from ..pipeline.collection import PROMPTS_FORMAT, CollectionConfig
-    from ..pipeline.training import TARGETS, TrainingConfig
-
     parser = _Parser(prog="hf-vattr", description="Live, faithful visual attribution for VLMs: "
                                      "collect ground truth, train, evaluate and push estimators.")
     parser.add_argument("-v", "--verbose", action="store_true", help="info-level logging")
     sub = parser.add_subparsers(dest="command", metavar="{collect,train,eval,push,demo,app}")
     sub.required = True
+    _add_collect_parser(sub)
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
+    _add_push_parser(sub)
+    _add_demo_parser(sub)
+    _add_app_parser(sub)
+    return parser
 
-    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
 
-    def model_args(p: argparse.ArgumentParser, model_help: str) -> None:
-        p.add_argument("--model", help=model_help)
-        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="dtype to load --model in (auto: as saved)")
-        p.add_argument("--device-map", default=None,
-                       help="from_pretrained device_map: auto / balanced / sequential (big models), "
-                            "or one device such as cuda:0")
-        p.add_argument("--device", default=None, help="move the model to this device (when no --device-map)")
-        p.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"],
-                       help="load --model (or the toy) quantized with bitsandbytes (needs `pip install bitsandbytes`)")
-        p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
-                       help="attention kernel to load the model with (attribution does not need eager)")
+def _subcommand(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
 
-    c = add_parser("collect", help="generate traces and record features + ablation ground truth",
-                   description="Generate a trace per example; record its attention features and its ablation\n"
-                               "ground truth (resumable; shards under `accelerate launch`).",
-                   epilog=JSONL_HELP.format(format=PROMPTS_FORMAT))
-    model_args(c, "model id or local folder (with --toy, default: the bundled toy model)")
+
+def _add_model_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype to load --model in (auto: as saved)")
+    p.add_argument("--device-map", default=None,
+                   help="from_pretrained device_map: auto / balanced / sequential (big models), "
+                        "or one device such as cuda:0")
+    p.add_argument("--device", default=None, help="move the model to this device (when no --device-map)")
+    p.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"],
+                   help="load --model (or the toy) quantized with bitsandbytes (needs `pip install bitsandbytes`)")
+    p.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
+                   help="attention kernel to load the model with (attribution does not need eager)")
+
+
+def _add_collect_parser(sub: Any) -> None:
+    """``hf-vattr collect``: options of the model, the dataset and CollectionConfig."""
+    from ..pipeline.collection import PROMPTS_FORMAT, CollectionConfig
+
+    c = _subcommand(sub, "collect", help="generate traces and record features + ablation ground truth",
+                    description="Generate a trace per example; record its attention features and its ablation\n"
+                                "ground truth (resumable; shards under `accelerate launch`).",
+                    epilog=JSONL_HELP.format(format=PROMPTS_FORMAT))
+    _add_model_args(c, "model id or local folder (with --toy, default: the bundled toy model)")
     c.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
     _ranged(c, "--toy", int, "[1, inf)", "use N examples of the built-in toy task (instead of --prompts)",
             default=None, metavar="N")
@@ -726,9 +768,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_collect)
 
-    t = add_parser("train", help="fit a LinearEstimator on a collection",
-                   description="Fit a LinearEstimator on a collection (negative-Pearson loss, examples held out\n"
-                               "for validation); writes the estimator and training_report.json.")
+
+def _add_train_parser(sub: Any) -> None:
+    """``hf-vattr train``: the collection, the output folder and TrainingConfig."""
+    from ..pipeline.training import TARGETS, TrainingConfig
+
+    t = _subcommand(sub, "train", help="fit a LinearEstimator on a collection",
+                    description="Fit a LinearEstimator on a collection (negative-Pearson loss, examples held out\n"
+                                "for validation); writes the estimator and training_report.json.")
     t.add_argument("collection", help="collection folder written by `hf-vattr collect`")
     t.add_argument("--out", required=True, help="estimator folder (config.json, model.safetensors, README.md)")
     add_config_options(t, TrainingConfig, TRAIN_OPTIONS, target={
@@ -742,12 +789,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
 
-    e = add_parser("eval", help="compare the estimator with baselines; prints a markdown table, writes JSON",
-                   description="Score the estimator and baselines against the collection's ablation ground\n"
-                               "truth (LDS, top-K drop, R^2); print a markdown table and write a JSON report.")
+
+def _add_eval_parser(sub: Any) -> None:
+    """``hf-vattr eval``: the collection, the estimator, the model and the metrics."""
+    e = _subcommand(sub, "eval", help="compare the estimator with baselines; prints a markdown table, writes JSON",
+                    description="Score the estimator and baselines against the collection's ablation ground\n"
+                                "truth (LDS, top-K drop, R^2); print a markdown table and write a JSON report.")
     e.add_argument("collection", help="collection folder written by `hf-vattr collect`")
     e.add_argument("--estimator", default=None, help="estimator folder or Hub id")
-    model_args(e, "model id or local folder to load, for the baselines that re-run it (leave-one-out, "
+    _add_model_args(e, "model id or local folder to load, for the baselines that re-run it (leave-one-out, "
                   "gradients) and measured top-K drops (see also --with-model)")
     e.add_argument("--with-model", action="store_true",
                    help="load the model recorded by collect (dataset.json) without naming it")
@@ -775,8 +825,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
-    p = add_parser("push", help="upload an estimator folder to the Hub",
-                   description="Upload an estimator folder (weights, config, model card) to a Hub repository.")
+
+def _add_push_parser(sub: Any) -> None:
+    """``hf-vattr push``: an estimator folder to a Hub repository."""
+    p = _subcommand(sub, "push", help="upload an estimator folder to the Hub",
+                    description="Upload an estimator folder (weights, config, model card) to a Hub repository.")
     p.add_argument("estimator", help="estimator folder written by `hf-vattr train`")
     p.add_argument("repo_id", help="Hub repository, e.g. your-name/qwen3-vl-8b-vattr (created if missing)")
     p.add_argument("--private", action="store_true", default=None, help="create the repository as private")
@@ -785,15 +838,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", default="Push hf_vattr LinearEstimator", help="commit message")
     p.set_defaults(func=cmd_push)
 
-    # Everything after `demo` is the demo's own (parsed by hf_vattr.commands.demo.main from args.demo_args).
+
+def _add_demo_parser(sub: Any) -> None:
+    """``hf-vattr demo``: everything after it is the demo's own (parsed by hf_vattr.commands.demo.main from
+    args.demo_args)."""
     d = sub.add_parser("demo", help="stream attributions from the bundled toy model and write an HTML report "
                                     "(`hf-vattr demo --help` lists its options)", add_help=False)
     d.set_defaults(func=cmd_demo, demo_args=[])
 
-    a = add_parser("app", help="serve the live web app (Gradio; pip install \"hf_vattr[app]\")",
-                   description="Serve a web page that streams the reasoning and, per step, the image regions it\n"
-                               "relies on. No arguments: the bundled toy model, offline, a toy example preloaded.")
-    model_args(a, "model id or local folder (default: the bundled toy model)")
+
+def _add_app_parser(sub: Any) -> None:
+    """``hf-vattr app``: the model, the estimator, the regions and the server."""
+    a = _subcommand(sub, "app", help="serve the live web app (Gradio; pip install \"hf_vattr[app]\")",
+                    description="Serve a web page that streams the reasoning and, per step, the image regions it\n"
+                                "relies on. No arguments: the bundled toy model, offline, a toy example preloaded.")
+    _add_model_args(a, "model id or local folder (default: the bundled toy model)")
     a.add_argument("--estimator", default=None, help="estimator folder or Hub id (default with the toy: its own)")
     a.add_argument("--regions", default=None,
                    help="region method: prefill, vlm, grid, color, slic, dinov3, dinov2, auto "
@@ -804,7 +863,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     _ranged(a, "--port", int, "[1, 65535]", "port (default: Gradio's, 7860 or the next free one)", default=None)
     a.set_defaults(func=cmd_app)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,7 +41,7 @@ from ..errors import AttributionError
 from ..layouts import inputs_on_device, text_dims, visual_layout
 from ..options import ConfigError, check_fields
 from ..reasoning.formats import FORMATS, ThinkingFormat, detect_format, resolve_format
-from ..reasoning.spans import ReasoningStepSplitter, SpanSplitter
+from ..reasoning.spans import ReasoningStepSplitter, SpanSplitter, splitter_format, tag_texts, think_tags
 
 logger = logging.get_logger(__name__)
 
@@ -426,11 +426,7 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
     costs nothing extra.
     """
     config = config or CollectionConfig()
-    if config.answer_effects not in ("direct", "total"):
-        raise CollectionError(f"answer_effects must be 'direct' or 'total', got {config.answer_effects!r}.")
-    if config.answer_effects == "total" and config.method != "attention":
-        raise CollectionError("answer_effects='total' regenerates the reasoning under attention ablation; it needs "
-                         f"method='attention', got method={config.method!r}.")
+    _check_answer_effects(config)
     if not isinstance(images, (list, tuple)):
         images = [images]
     images = [_load_image(im) for im in images]
@@ -439,36 +435,80 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
     prompt_len = int(inputs["input_ids"].shape[-1])
     layout = visual_layout(model, inputs["input_ids"], inputs.get("image_grid_thw"), images)
     regions = _regions_for(model, processor, layout, images, inputs, config)
-    num_regions = int(regions.num_regions)
+    sequence = _generate(model, inputs, config)
+    generated = sequence[0, prompt_len:].tolist()
 
+    splitter = splitter or ReasoningStepSplitter()
+    pieces, spans, fmt = _split_trace(processor, tokenizer, splitter, inputs, generated, config)
+    span_ranges = [(s["start"], s["end"]) for s in spans]
+    scored = len(generated) if config.keep_token_features else max([e for _, e in span_ranges] + [1])
+    engine, token_features = _engine_and_features(model, inputs, sequence, layout, regions, prompt_len, scored,
+                                                  config)
+    extra: dict = {"num_generated": len(generated), "format": splitter_format(splitter, fmt).name,
+                   "image_sizes": [list(im.original_size) if im.original_size else None for im in layout.images]}
+    subset_masks = random_subset_masks(int(regions.num_regions), config.num_subsets, config.keep_prob,
+                                       _example_generator(config.seed, example_id))
+    ground_truth = _span_ground_truth(engine, tokenizer, splitter, sequence, generated, spans, token_features,
+                                      subset_masks, text_dims(model), int(regions.num_regions), config, extra)
+    return ExampleRecord(
+        example_id=int(example_id),
+        **ground_truth,
+        subset_masks=subset_masks,
+        sequence=sequence[0],
+        prompt_len=prompt_len,
+        spans=spans,
+        text="".join(pieces),
+        num_regions=int(regions.num_regions),
+        model_type=str(model.config.model_type),
+        config={k: v for k, v in config.to_dict().items() if k not in CollectionConfig.RUNTIME_FIELDS},
+        regions=regions.to_dict() if hasattr(regions, "to_dict") else None,
+        token_features=token_features if config.keep_token_features else None,
+        extra=extra,
+    )
+
+
+def _check_answer_effects(config: CollectionConfig) -> None:
+    if config.answer_effects not in ("direct", "total"):
+        raise CollectionError(f"answer_effects must be 'direct' or 'total', got {config.answer_effects!r}.")
+    if config.answer_effects == "total" and config.method != "attention":
+        raise CollectionError("answer_effects='total' regenerates the reasoning under attention ablation; it needs "
+                         f"method='attention', got method={config.method!r}.")
+
+
+def _generate(model: Any, inputs: Any, config: CollectionConfig) -> torch.Tensor:
+    """The greedy generation ``(1, T)`` (prompt and generated ids) on CPU."""
     gen_kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=False)
     gen_kwargs.update(config.generate_kwargs)
     with torch.no_grad():
         sequence = model.generate(**inputs_on_device(model, inputs), **gen_kwargs)
     if not isinstance(sequence, torch.Tensor):
         sequence = sequence.sequences
-    sequence = sequence[:1].cpu()
-    generated = sequence[0, prompt_len:].tolist()
+    return sequence[:1].cpu()
 
-    splitter = splitter or ReasoningStepSplitter()
+
+def _split_trace(processor: Any, tokenizer: Any, splitter: SpanSplitter, inputs: Any, generated: list[int],
+                 config: CollectionConfig) -> tuple[list[str], list[dict], ThinkingFormat]:
+    """Decode the generated tokens and cut them into spans, as the streamer does; returns pieces, spans, format."""
     prompt_text = tokenizer.decode(inputs["input_ids"][0].tolist(), skip_special_tokens=False)
     fmt = config.format or detect_format(processor, prompt_text)  # as the streamer does
     if getattr(splitter, "auto_format", False):
         splitter.set_format(fmt)  # type: ignore[attr-defined]
     splitter.reset(prompt_text)
-    own = (getattr(splitter, "think_open", "<think>"), getattr(splitter, "think_close", "</think>"))
-    tags = tuple(dict.fromkeys((*(getattr(splitter, "format", None) or fmt).tags(), *own)))
-    pieces = decode_pieces(tokenizer, generated, tags)
+    pieces = decode_pieces(tokenizer, generated, tag_texts(splitter, fmt))
     closed = []
     for i, piece in enumerate(pieces):
         closed += splitter.push(i, piece)
     closed += splitter.flush()
     spans = [{"start": int(s.start), "end": int(s.end), "text": s.text, "section": s.section} for s in closed]
-    span_ranges = [(s["start"], s["end"]) for s in spans]
+    return pieces, spans, fmt
 
-    num_layers, num_heads = text_dims(model)
-    scored = len(generated) if config.keep_token_features else max([e for _, e in span_ranges] + [1])
-    # The engine's unablated forward runs with the capture on: one pass gives features and base log-probs.
+
+def _engine_and_features(model: Any, inputs: Any, sequence: torch.Tensor, layout: Any, regions: Any, prompt_len: int,
+                         scored: int, config: CollectionConfig) -> tuple[AblationEngine, torch.Tensor]:
+    """The ablation engine of the trace, and the region-pooled features ``(scored, L, H, K)`` of its tokens.
+
+    The engine's unablated forward runs with the capture on: one pass gives features and base log-probs.
+    """
     capture = AttentionCapture(model, layout.positions, regions.membership(), pooling=config.pooling,
                                feature_kind=config.feature_kind, rows="all",
                                first_row=prompt_len - 1)
@@ -477,51 +517,35 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
         token_features = capture.pop().float().cpu()  # (scored, L, H, K)
     if token_features.shape[0] != scored:
         raise RuntimeError(f"captured {token_features.shape[0]} feature rows for {scored} generated tokens.")
+    return engine, token_features
 
-    num_spans = len(spans)
-    extra: dict = {"num_generated": len(generated), "format": (getattr(splitter, "format", None) or fmt).name,
-                   "image_sizes": [list(im.original_size) if im.original_size else None for im in layout.images]}
-    subset_masks = random_subset_masks(num_regions, config.num_subsets, config.keep_prob,
-                                       _example_generator(config.seed, example_id))
-    if num_spans:
-        span_features = torch.stack([token_features[s:e].mean(0) for s, e in span_ranges])
-        masks = torch.cat([leave_one_out_masks(num_regions), subset_masks])
-        effects = engine.span_effects(span_ranges, masks, batch_size=config.batch_size, method=config.method,
-                                      pixel_fill=config.pixel_fill)  # (K + M, S)
-        if config.answer_effects == "total":
-            end = reasoning_end(tokenizer, splitter, generated, spans)
-            if end is not None:
-                extra.update(reasoning_end=end[0], reasoning_stop_token=end[1])
-                effects = _with_total_answer_effects(engine, sequence[0], spans, masks, effects, *end,
-                                                     config.to_dict(), config.batch_size)
-        loo_effects = effects[:num_regions].T.contiguous()
-        subset_effects = effects[num_regions:].T.contiguous()
-        base = engine.base_logprobs(span_ranges)
-    else:
-        span_features = torch.zeros(0, num_layers, num_heads, num_regions)
-        loo_effects = torch.zeros(0, num_regions)
-        subset_effects = torch.zeros(0, config.num_subsets)
-        base = torch.zeros(0)
 
-    regions_dict = regions.to_dict() if hasattr(regions, "to_dict") else None
-    return ExampleRecord(
-        example_id=int(example_id),
-        span_features=span_features,
-        loo_effects=loo_effects,
-        subset_masks=subset_masks,
-        subset_effects=subset_effects,
-        base_logprobs=base,
-        sequence=sequence[0],
-        prompt_len=prompt_len,
-        spans=spans,
-        text="".join(pieces),
-        num_regions=num_regions,
-        model_type=str(model.config.model_type),
-        config={k: v for k, v in config.to_dict().items() if k not in CollectionConfig.RUNTIME_FIELDS},
-        regions=regions_dict,
-        token_features=token_features if config.keep_token_features else None,
-        extra=extra,
-    )
+def _span_ground_truth(engine: AblationEngine, tokenizer: Any, splitter: SpanSplitter, sequence: torch.Tensor,
+                       generated: list[int], spans: list[dict], token_features: torch.Tensor,
+                       subset_masks: torch.Tensor, dims: tuple[int, int], num_regions: int,
+                       config: CollectionConfig, extra: dict) -> dict[str, torch.Tensor]:
+    """Per span: mean features, leave-one-out and subset effects, base log-probs (``ExampleRecord`` fields).
+
+    With total answer effects, where the reasoning ends goes into ``extra``.
+    """
+    if not spans:
+        num_layers, num_heads = dims
+        return {"span_features": torch.zeros(0, num_layers, num_heads, num_regions),
+                "loo_effects": torch.zeros(0, num_regions), "subset_effects": torch.zeros(0, config.num_subsets),
+                "base_logprobs": torch.zeros(0)}
+    span_ranges = [(s["start"], s["end"]) for s in spans]
+    span_features = torch.stack([token_features[s:e].mean(0) for s, e in span_ranges])
+    masks = torch.cat([leave_one_out_masks(num_regions), subset_masks])
+    effects = engine.span_effects(span_ranges, masks, batch_size=config.batch_size, method=config.method,
+                                  pixel_fill=config.pixel_fill)  # (K + M, S)
+    if config.answer_effects == "total":
+        end = reasoning_end(tokenizer, splitter, generated, spans)
+        if end is not None:
+            extra.update(reasoning_end=end[0], reasoning_stop_token=end[1])
+            effects = _with_total_answer_effects(engine, sequence[0], spans, masks, effects, *end,
+                                                 config.to_dict(), config.batch_size)
+    return {"span_features": span_features, "loo_effects": effects[:num_regions].T.contiguous(),
+            "subset_effects": effects[num_regions:].T.contiguous(), "base_logprobs": engine.base_logprobs(span_ranges)}
 
 
 def reasoning_end(tokenizer: Any, splitter: SpanSplitter, generated: Sequence[int], spans: Sequence[dict]
@@ -533,7 +557,7 @@ def reasoning_end(tokenizer: Any, splitter: SpanSplitter, generated: Sequence[in
     answer = [sp["start"] for sp in spans if sp["section"] == "answer"]
     if not answer:
         return None
-    close = getattr(splitter, "think_close", "</think>")
+    close = think_tags(splitter)[1]
     close_id = tokenizer.convert_tokens_to_ids(close)
     if not isinstance(close_id, int) or close_id == getattr(tokenizer, "unk_token_id", None):
         raise CollectionError(f"answer_effects='total' needs the end-of-reasoning tag {close!r} to be one token of the "
@@ -823,6 +847,28 @@ def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]]
     if hasattr(examples, "__len__"):
         n = len(examples)  # type: ignore[arg-type]  # a JSONL dataset parses (and checks) its rows here
         total = n // state.num_processes + (1 if state.process_index < n % state.num_processes else 0)
+    manifest = _manifest(model, config, dataset, fingerprint)
+    _check_resume(out_dir, manifest)
+    (out_dir / EXAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    if state.is_main_process and (not (out_dir / MANIFEST).exists() or not _has_examples(out_dir)):
+        _write_json(out_dir / MANIFEST, dict(manifest, examples=[], complete=False))
+
+    all_ids, written, skipped = _collect_shard(model, processor, examples, out_dir, config, state, total,
+                                               splitter_factory, callback, progress)
+    if skipped:
+        logger.info(f"process {state.process_index}: skipped {len(skipped)} examples already on disk.")
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        ids = sorted(int(p.stem) for p in (out_dir / EXAMPLES_DIR).glob("*.safetensors"))
+        expected = set(all_ids) if dataset_ids is None else {int(i) for i in dataset_ids} | set(all_ids)
+        _write_json(out_dir / MANIFEST, dict(manifest, examples=ids, complete=expected <= set(ids)))
+    return {"written": written, "skipped": skipped}
+
+
+def _manifest(model: Any, config: CollectionConfig, dataset: Mapping[str, Any] | None,
+              fingerprint: str | None) -> dict:
+    """``collection.json`` without its example list: what a resume must match."""
     num_layers, num_heads = text_dims(model)
     manifest = {
         "format": FORMAT_NAME,
@@ -835,11 +881,17 @@ def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]]
     }
     if dataset is not None:
         manifest.update(dataset=dict(dataset), dataset_fingerprint=fingerprint)
-    _check_resume(out_dir, manifest)
-    (out_dir / EXAMPLES_DIR).mkdir(parents=True, exist_ok=True)
-    if state.is_main_process and (not (out_dir / MANIFEST).exists() or not _has_examples(out_dir)):
-        _write_json(out_dir / MANIFEST, dict(manifest, examples=[], complete=False))
+    return manifest
 
+
+def _collect_shard(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]], out_dir: Path,
+                   config: CollectionConfig, state: Any, total: int | None,
+                   splitter_factory: Callable[[], SpanSplitter] | None, callback: Callable[[int, Path], None] | None,
+                   progress: bool) -> tuple[list[int], list[int], list[int]]:
+    """Collect this process's share of ``examples`` (item ``i`` when ``i % N`` is its index), skipping files on disk.
+
+    Returns every example id iterated, and the ids this process wrote and skipped.
+    """
     from tqdm.auto import tqdm
 
     all_ids: list[int] = []
@@ -864,15 +916,7 @@ def collect(model: Any, processor: Any, examples: Iterable[tuple[int, Any, Any]]
         if callback is not None:
             callback(int(example_id), path)
     bar.close()
-    if skipped:
-        logger.info(f"process {state.process_index}: skipped {len(skipped)} examples already on disk.")
-
-    state.wait_for_everyone()
-    if state.is_main_process:
-        ids = sorted(int(p.stem) for p in (out_dir / EXAMPLES_DIR).glob("*.safetensors"))
-        expected = set(all_ids) if dataset_ids is None else {int(i) for i in dataset_ids} | set(all_ids)
-        _write_json(out_dir / MANIFEST, dict(manifest, examples=ids, complete=expected <= set(ids)))
-    return {"written": written, "skipped": skipped}
+    return all_ids, written, skipped
 
 
 class GroundTruthError(CollectionError):

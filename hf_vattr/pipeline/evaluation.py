@@ -49,6 +49,7 @@ from transformers.utils import logging
 from .. import metrics as M
 from .collection import check_ground_truth
 from ..errors import AttributionError
+from ..serialization import to_jsonable
 
 if TYPE_CHECKING:
     from .collection import ExampleRecord
@@ -88,27 +89,6 @@ def _nan_to_none(v: Any) -> Any:
     return v
 
 
-def _table_lookup(loo: np.ndarray | None, masks: np.ndarray | None, subsets: np.ndarray | None):
-    """``ablate(mask) -> effect`` for one span over its stored LOO rows and subsets (LOO wins ties)."""
-    table: dict[bytes, float] = {}
-    if masks is not None and subsets is not None:
-        for row, eff in zip(masks.astype(bool), subsets):
-            table[np.packbits(row).tobytes()] = float(eff)
-    if loo is not None:
-        k = loo.shape[0]
-        eye = np.eye(k, dtype=bool)
-        for i in range(k):
-            table[np.packbits(eye[i]).tobytes()] = float(loo[i])
-
-    def ablate(mask: np.ndarray) -> float:
-        key = np.packbits(np.asarray(mask, dtype=bool)).tobytes()
-        if key not in table:
-            raise KeyError("not in table")
-        return table[key]
-
-    return ablate
-
-
 def span_level_metrics(scores: Sequence[Any], examples: Sequence[ExampleRecord], ks: Sequence[int] = DEFAULT_KS,
                        topk_effects: Sequence[Mapping[Any, Any]] | None = None) -> dict[str, np.ndarray]:
     """Per-span metric values of ``scores[e] (S_e, K_e)`` against the stored effects of ``examples[e]``.
@@ -146,7 +126,9 @@ def span_level_metrics(scores: Sequence[Any], examples: Sequence[ExampleRecord],
             out["loo_actual"].extend(loo[s].tolist())
             out["loo_span"].extend([span_index] * r.num_regions)
             span_index += 1
-            ablate = _table_lookup(loo[s], masks, subs[s])
+            # the stored subsets, then the leave-one-out rows (which win when a subset ablates one region)
+            ablate = M.ablation_from_table(np.concatenate([masks, np.eye(r.num_regions, dtype=bool)]),
+                                           np.concatenate([subs[s], loo[s]]), duplicates="last")
             for k in ks:
                 kk = min(k, r.num_regions)
                 if k in measured:
@@ -394,7 +376,7 @@ class EvalReport:
         return {"rows": self.rows, "per_span": self.per_span, "info": self.info}
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(_jsonable(self.to_dict()), indent=indent)
+        return json.dumps(to_jsonable(self.to_dict()), indent=indent)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -414,23 +396,6 @@ class EvalReport:
 
     def _repr_markdown_(self) -> str:  # notebooks
         return self.to_markdown()
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return [_jsonable(v) for v in x.tolist()]
-    if isinstance(x, (np.floating, float)):
-        v = float(x)
-        return None if math.isnan(v) or math.isinf(v) else v
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.detach().cpu().numpy())
-    return x
 
 
 # ----------------------------------------------------------------------------- estimator vs collection
@@ -513,11 +478,9 @@ def _measured_topk(record: ExampleRecord, model: Any, inputs: Mapping[str, Any],
     # answers of a total-effects collection are measured as collected: reasoning regenerated per mask
     eff = total_answer_effects(engine, record, masks, eff, batch_size=batch_size).numpy().astype(np.float64)
 
-    def lookup(s: int) -> Callable[[np.ndarray], float]:
-        def ablate(mask: np.ndarray) -> float:
-            return 0.0 if not mask.any() else eff[keys[np.packbits(mask).tobytes()], s]
-        return ablate
-
+    # per span: every measured mask, and the empty mask (the unablated run: drop 0 by definition)
+    measured = np.concatenate([np.zeros((1, k_regions), dtype=bool), masks.numpy()])
+    ablations = [M.ablation_from_table(measured, np.concatenate([[0.0], eff[:, s]])) for s in range(eff.shape[1])]
     out: dict[str, dict[Any, np.ndarray]] = {}
     for name, sc in arrays.items():
         res: dict[Any, np.ndarray] = {k: np.empty(sc.shape[0]) for k in ks}
@@ -525,7 +488,7 @@ def _measured_topk(record: ExampleRecord, model: Any, inputs: Mapping[str, Any],
             for key in ("deletion_auc", "insertion_auc", "all_drop"):
                 res[key] = np.empty(sc.shape[0])
         for s in range(sc.shape[0]):
-            ablate = lookup(s)
+            ablate = ablations[s]
             # through the metrics module so each definition stays in one place
             for k in ks:
                 res[k][s] = M.topk_drop(sc[s], ablate, min(k, k_regions))
@@ -583,6 +546,55 @@ def evaluate(
     Every row also carries the per-section metrics (``lds_thinking``, ``pearson_answer`` ...) and
     R^2 by generation-length quintile (``r2_q1`` ..) of :func:`breakdown_metrics`.
     """
+    runnable = _runnable_methods(methods, records, model, topk)
+    iterator = range(len(records))
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="evaluating", unit="example")
+    scored = _MethodScores(runnable)
+    for e in iterator:
+        scored.add(records[e], model, inputs_fn, ks=ks, topk=topk, batch_size=batch_size,
+                   ablation_method=ablation_method, auc_points=auc_points, auc_min_effect=auc_min_effect)
+    curves = scored.measured_any and (auc_points is None or auc_points > 0)
+    groups = span_groups(records, length_groups)
+    rows, per_span = scored.rows(records, ks, groups, curves)
+    info = _report_info(records, methods, runnable, ks, scored.measured_any, curves, auc_points, auc_min_effect, groups)
+    if keep_scores:
+        info["scores"] = {k: [s.tolist() for s in v] for k, v in scored.scores.items()}
+    return EvalReport(rows, per_span, info)
+
+
+def _report_info(records: Sequence[ExampleRecord], methods: Sequence[Any], runnable: Sequence[Any], ks: Sequence[int],
+                 measured: bool, curves: bool, auc_points: int | None, auc_min_effect: float,
+                 groups: Mapping[str, Any]) -> dict[str, Any]:
+    """What an evaluation covered: examples, spans, regions, how top-k drops and curves were measured, methods."""
+    ks_all = [r.num_regions for r in records]
+    info = {
+        "num_examples": len(records),
+        "num_spans": sum(r.num_spans for r in records),
+        "k_min": min(ks_all),
+        "k_max": max(ks_all),
+        "masks_per_example": sorted({r.num_subsets for r in records}),
+        "ks": list(ks),
+        "topk_source": ("measured (real ablation of the top-k regions)" if measured else
+                        "stored tables (LOO rows for k=1; a stored subset when one equals the top-k set)"),
+        "auc": ({"points": auc_points, "min_effect": auc_min_effect,
+                 "steps": "round(i*K/points) regions, i = 0..points" if auc_points is not None else "every region"}
+                if curves else None),
+        "length_quintiles": groups["quintiles"],
+        "sections": {sec: int((groups["section"] == sec).sum()) for sec in sorted(set(groups["section"].tolist()),
+                                                                                  reverse=True)},
+        "methods": [m.name for m in runnable],
+        "skipped_methods": [m.name for m in methods if m not in runnable],
+        "example_ids": [str(r.example_id) for r in records],
+        "model_type": records[0].model_type or None,
+    }
+    return info
+
+
+def _runnable_methods(methods: Sequence[Any], records: Sequence[ExampleRecord], model: Any, topk: str) -> list:
+    """The methods that can run (those that need the model are skipped without one), after checking the inputs."""
     from .baselines import AttributionMethod, EstimatorMethod
 
     names = [m.name for m in methods]
@@ -604,94 +616,70 @@ def evaluate(
     for m in runnable:
         if isinstance(m, EstimatorMethod):
             check_estimator(m.estimator, records)
+    return runnable
 
-    scores: dict[str, list[torch.Tensor]] = {m.name: [] for m in runnable}
-    seconds: dict[str, float] = {m.name: 0.0 for m in runnable}
-    measured: dict[str, list[dict[int, np.ndarray]]] = {m.name: [] for m in runnable}
-    topk_source = "stored tables (LOO rows for k=1; a stored subset when one equals the top-k set)"
-    iterator = range(len(records))
-    if progress:
-        from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="evaluating", unit="example")
-    measured_any = False
-    for e in iterator:
-        rec = records[e]
+class _MethodScores:
+    """Every method's scores of every example, the time each took, and the real ablations of their top regions."""
+
+    def __init__(self, methods: Sequence[Any]) -> None:
+        self.methods = list(methods)
+        self.scores: dict[str, list[torch.Tensor]] = {m.name: [] for m in methods}
+        self.seconds: dict[str, float] = {m.name: 0.0 for m in methods}
+        self.measured: dict[str, list[dict[Any, np.ndarray]]] = {m.name: [] for m in methods}
+        self.measured_any = False
+
+    def add(self, rec: ExampleRecord, model: Any, inputs_fn: Callable[[Any], Mapping] | None, *, ks: Sequence[int],
+            topk: str, batch_size: int, ablation_method: str, auc_points: int | None, auc_min_effect: float) -> None:
+        """Score one example with every method; measure top-k drops and curves when ``topk`` says so."""
         if rec.num_spans == 0:
-            for m in runnable:
-                scores[m.name].append(torch.zeros(0, rec.num_regions))
-                measured[m.name].append({})
-            continue
+            for m in self.methods:
+                self.scores[m.name].append(torch.zeros(0, rec.num_regions))
+                self.measured[m.name].append({})
+            return
         inputs = inputs_fn(rec) if inputs_fn is not None else None
-        if model is not None and inputs is None and any(m.requires_model for m in runnable):
+        if model is not None and inputs is None and any(m.requires_model for m in self.methods):
             raise EvaluationError(
                 f"example {rec.example_id}: records store no pixels; pass inputs_fn=... to rebuild the prompt "
                 "inputs for the model-running methods."
             )
         method = rec.config.get("method") or ablation_method
         per_example: dict[str, torch.Tensor] = {}
-        for m in runnable:
+        for m in self.methods:
             t0 = time.perf_counter()
             sc = m.span_scores(rec, model, inputs, batch_size=batch_size, ablation_method=method)
-            seconds[m.name] += time.perf_counter() - t0
+            self.seconds[m.name] += time.perf_counter() - t0
             sc = torch.as_tensor(sc).detach().float().cpu()
             if tuple(sc.shape) != (rec.num_spans, rec.num_regions):
                 raise EvaluationError(f"method {m.name!r} returned shape {tuple(sc.shape)} for example {rec.example_id}; "
                                  f"expected ({rec.num_spans}, {rec.num_regions}).")
-            scores[m.name].append(sc)
+            self.scores[m.name].append(sc)
             per_example[m.name] = sc
-        do_measure = topk == "measure" or (topk == "auto" and model is not None and inputs is not None
-                                           and rec.regions is not None)
-        if do_measure:
+        got: dict[str, dict[Any, np.ndarray]] = {}
+        if topk == "measure" or (topk == "auto" and model is not None and inputs is not None
+                                 and rec.regions is not None):
             if model is None or inputs is None or rec.regions is None:
                 raise EvaluationError("topk='measure' needs the model, inputs_fn and records with their regions.")
-            got = _measured_topk(rec, model, inputs, per_example, ks, batch_size, method, auc_points,
-                                 auc_min_effect)
-            measured_any = True
-            for m in runnable:
-                measured[m.name].append(got.get(m.name, {}))
-        else:
-            for m in runnable:
-                measured[m.name].append({})
-    if measured_any:
-        topk_source = "measured (real ablation of the top-k regions)"
-    curves = measured_any and (auc_points is None or auc_points > 0)
+            got = _measured_topk(rec, model, inputs, per_example, ks, batch_size, method, auc_points, auc_min_effect)
+            self.measured_any = True
+        for m in self.methods:
+            self.measured[m.name].append(got.get(m.name, {}))
 
-    total_spans = sum(r.num_spans for r in records)
-    rows: dict[str, dict[str, Any]] = {}
-    per_span_out: dict[str, dict[str, list]] = {}
-    groups = span_groups(records, length_groups)
-    for m in runnable:
-        per = span_level_metrics(scores[m.name], records, ks, topk_effects=measured[m.name])
-        agg = _aggregate(per, ks)
-        agg["time_per_span_ms"] = 1000.0 * seconds[m.name] / max(total_spans, 1)
-        agg.update(breakdown_metrics(per, groups, ks))
-        rows[m.name] = {k: _nan_to_none(v) for k, v in agg.items()}
-        per_span_out[m.name] = {k: v.tolist() for k, v in per.items() if k not in _POINT_KEYS
+    def rows(self, records: Sequence[ExampleRecord], ks: Sequence[int], groups: Mapping[str, Any],
+             curves: bool) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, list]]]:
+        """Per method: its row of means (with breakdowns and time per span) and its per-span values."""
+        total_spans = sum(r.num_spans for r in records)
+        rows: dict[str, dict[str, Any]] = {}
+        per_span: dict[str, dict[str, list]] = {}
+        for m in self.methods:
+            per = span_level_metrics(self.scores[m.name], records, ks, topk_effects=self.measured[m.name])
+            agg = _aggregate(per, ks)
+            agg["time_per_span_ms"] = 1000.0 * self.seconds[m.name] / max(total_spans, 1)
+            agg.update(breakdown_metrics(per, groups, ks))
+            rows[m.name] = {k: _nan_to_none(v) for k, v in agg.items()}
+            per_span[m.name] = {k: v.tolist() for k, v in per.items() if k not in _POINT_KEYS
                                 and not (k in ("deletion_auc", "insertion_auc", "all_drop") and not curves)}
-    ks_all = [r.num_regions for r in records]
-    info = {
-        "num_examples": len(records),
-        "num_spans": total_spans,
-        "k_min": min(ks_all),
-        "k_max": max(ks_all),
-        "masks_per_example": sorted({r.num_subsets for r in records}),
-        "ks": list(ks),
-        "topk_source": topk_source,
-        "auc": ({"points": auc_points, "min_effect": auc_min_effect,
-                 "steps": "round(i*K/points) regions, i = 0..points" if auc_points is not None else "every region"}
-                if curves else None),
-        "length_quintiles": groups["quintiles"],
-        "sections": {sec: int((groups["section"] == sec).sum()) for sec in sorted(set(groups["section"].tolist()),
-                                                                                  reverse=True)},
-        "methods": [m.name for m in runnable],
-        "skipped_methods": [m.name for m in methods if m not in runnable],
-        "example_ids": [str(r.example_id) for r in records],
-        "model_type": records[0].model_type or None,
-    }
-    if keep_scores:
-        info["scores"] = {k: [s.tolist() for s in v] for k, v in scores.items()}
-    return EvalReport(rows, per_span_out, info)
+        return rows, per_span
 
 
 # ----------------------------------------------------------------------------- trajectories
@@ -772,5 +760,5 @@ def trajectory_report(
         res = T.failure_auc_over_progress([trajs[i] for i in keep], [not correct[i] for i in keep], fr)
         auc = {"fraction": [float(x) for x in res["fraction"]], "auc": [_nan_to_none(float(x)) for x in res["auc"]],
                "n": [int(x) for x in res["n"]]}
-    return _jsonable({"per_trace": per_trace, "groups": groups, "failure_auc": auc, "num_traces": len(keep),
+    return to_jsonable({"per_trace": per_trace, "groups": groups, "failure_auc": auc, "num_traces": len(keep),
                       "source": "loo_effects" if scores is None else "scores"})

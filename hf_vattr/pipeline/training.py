@@ -49,9 +49,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import torch
+from scipy.optimize import nnls
 from transformers.utils import logging
 
 from .collection import check_ground_truth
@@ -430,15 +431,63 @@ def fit_estimator(
     """
     from ..estimator import LinearEstimator
 
-    from ..estimator import INHERITING_SECTIONS
-
     config = config or TrainingConfig()
     if not isinstance(config, TrainingConfig):
         raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}.")
     check_ground_truth(data)  # all-zero or non-finite effects would fit noise (and calibrate to a sign error)
     t0 = time.perf_counter()
-    inherit = config.inherit == "on" or (config.inherit == "auto" and bool(data) and all(
+    inherit = _inherits(data, config)
+    full = _training_spans(data, config, num_layers, num_heads, inherit)
+    l_, h_ = full.dims
+    first = full.records[0]
+    split = _Split.of(full, config)
+    device = torch.device(config.device or "cpu")
+    objective = _Objective(config, (l_, h_), device)
+    best, history = _optimise(objective, split.train.to(device),
+                              split.val.to(device) if split.val is not None else None, config, progress)
+    w, bias, calibration = _scaled_weights(objective.weight(best.theta), split.train, config)
+
+    estimator = LinearEstimator(
+        l_, h_, use_bias=config.use_bias, model_type=model_type or first.model_type or None,
+        base_model_id=base_model_id, base_model_revision=base_model_revision, pooling=pooling or first.pooling,
+        feature_kind=first.feature_kind, region_method=region_method, k_policy=k_policy,
+        nonnegative=config.nonnegative,
+    )
+    with torch.no_grad():
+        estimator.weight.copy_(w)
+        if estimator.bias is not None:
+            estimator.bias.fill_(bias)
+    estimator.eval()
+    inheritance = {"applied": False}
+    if inherit:
+        inheritance = _fit_inheritance(estimator, split.records(split.train_idx), split.records(split.val_idx), config)
+    summary, metrics = _record_training_info(estimator, split, config, best, extra_training_data)
+    report = {
+        "config": config.to_dict(),
+        "data": summary,
+        "split": {"train": [full.example_ids[i] for i in split.train_idx],
+                  "val": [full.example_ids[i] for i in split.val_idx]},
+        "best_step": best.step,
+        "history": history,
+        "calibration": calibration,
+        "inheritance": inheritance,
+        "metrics": metrics,
+        "seconds": time.perf_counter() - t0,
+    }
+    return estimator, report
+
+
+def _inherits(data: Sequence[ExampleRecord], config: TrainingConfig) -> bool:
+    """Whether answers inherit the steps' scores (``config.inherit``; auto: the collection measured total effects)."""
+    return config.inherit == "on" or (config.inherit == "auto" and bool(data) and all(
         r.config.get("answer_effects") == "total" for r in data))
+
+
+def _training_spans(data: Sequence[ExampleRecord], config: TrainingConfig, num_layers: int | None,
+                    num_heads: int | None, inherit: bool) -> _SpanTensors:
+    """The spans the loss correlates, checked against the given sizes and the target."""
+    from ..estimator import INHERITING_SECTIONS
+
     # With inheritance, answers are scored through the steps before them: their own features are not fit.
     full = _SpanTensors.from_records(data, exclude_sections=INHERITING_SECTIONS if inherit else ())
     l_, h_ = full.dims
@@ -447,106 +496,142 @@ def fit_estimator(
     if config.target in ("subsets", "both") and full.masks is None:
         raise TrainingError(f"target={config.target!r} needs random-subset effects but some examples have none "
                          "(collected with num_subsets=0); use target='loo'.")
-    first = full.records[0]
-    model_type = model_type or first.model_type or None
-    pooling = pooling or first.pooling
+    return full
 
-    data_records = full.records
-    n_ex = len(full.example_ids)
-    train_idx, val_idx = split_examples(n_ex, config.val_fraction, config.seed)
-    train = full.subset(train_idx)
-    val = full.subset(val_idx) if val_idx else None
-    device = torch.device(config.device or "cpu")
-    train_d = train.to(device)
-    val_d = val.to(device) if val is not None else None
 
-    uniform = torch.full((l_, h_), 1.0, device=device)
-    u_dir = _unit(uniform)
-    param_sq = config.nonnegative and config.optimizer == "lbfgs"
-    theta = (uniform.sqrt() if param_sq else u_dir).clone().requires_grad_(True)
+class _Objective:
+    """The fitted loss as a function of the optimised parameters ``theta``.
 
-    def weight_of(th: torch.Tensor) -> torch.Tensor:
-        return th * th if param_sq else th
+    ``weight = theta**2`` for non-negative L-BFGS (so the constraint needs no projection), else ``theta``.
+    The loss is minus the Pearson correlation plus ``weight_decay`` times the squared distance of the
+    weight direction from the uniform one (raw attention), where ``theta`` starts.
+    """
 
-    def objective(th: torch.Tensor, d: _SpanTensors, span_index=None) -> tuple[torch.Tensor, dict]:
-        w = weight_of(th)
-        loss, info = _pearson_loss(w, d, config.target, min_std=config.min_effect_std, span_index=span_index)
+    def __init__(self, config: TrainingConfig, dims: tuple[int, int], device: torch.device) -> None:
+        uniform = torch.full(dims, 1.0, device=device)
+        self.config = config
+        self.uniform_direction = _unit(uniform)
+        self.squared = config.nonnegative and config.optimizer == "lbfgs"
+        self.start = uniform.sqrt() if self.squared else self.uniform_direction
+
+    def weight(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta * theta if self.squared else theta
+
+    def __call__(self, theta: torch.Tensor, data: _SpanTensors,
+                 span_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        config = self.config
+        w = self.weight(theta)
+        loss, info = _pearson_loss(w, data, config.target, min_std=config.min_effect_std, span_index=span_index)
         if config.weight_decay:
-            loss = loss + config.weight_decay * (_unit(w) - u_dir).pow(2).sum()
+            loss = loss + config.weight_decay * (_unit(w) - self.uniform_direction).pow(2).sum()
         return loss, info
 
+
+class _Best(NamedTuple):
+    """The best parameters seen: their validation (else training) loss, ``theta`` and step."""
+
+    loss: float
+    theta: torch.Tensor
+    step: int
+
+
+def _optimise(objective: _Objective, train: _SpanTensors, val: _SpanTensors | None, config: TrainingConfig,
+              progress: bool) -> tuple[_Best, list[dict]]:
+    """Full-batch (or mini-batch) Adam or L-BFGS on the correlation loss; validates every ``eval_every`` steps.
+
+    Returns the best parameters by validation loss (training loss without a held-out split) and the loss curve.
+    """
+    theta = objective.start.clone().requires_grad_(True)
     gen = torch.Generator().manual_seed(int(config.seed))
     history: list[dict] = []
-    best = (math.inf, theta.detach().clone(), -1)
+    best = _Best(math.inf, theta.detach().clone(), -1)
     steps = int(config.epochs)
-    batch = config.batch_size
-
     if config.optimizer == "adam":
         opt = torch.optim.Adam([theta], lr=config.lr)
     else:
         opt = torch.optim.LBFGS([theta], lr=config.lr, max_iter=20, line_search_fn="strong_wolfe")
 
-    def evaluate_step(step: int, train_loss: float, info: dict) -> None:
+    def checkpoint(step: int) -> None:
         nonlocal best
-        entry = {"step": step, "train_loss": train_loss, **{f"train_{k}": v for k, v in info.items()}}
         with torch.no_grad():
-            if val_d is not None:
-                vl, vinfo = objective(theta, val_d)
-                entry["val_loss"] = float(vl)
-                entry.update({f"val_{k}": v for k, v in vinfo.items()})
-                score = float(vl)
-            else:
-                score = train_loss
+            train_loss, info = objective(theta, train)
+        entry, score = _validation_entry(objective, theta, val, step, float(train_loss), info)
         history.append(entry)
-        if score < best[0] - 1e-12:
-            best = (score, theta.detach().clone(), step)
+        if score < best.loss - 1e-12:
+            best = _Best(score, theta.detach().clone(), step)
 
     iterator = range(steps)
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="training estimator", unit="step")
-    with torch.no_grad():
-        loss0, info0 = objective(theta, train_d)
-    evaluate_step(0, float(loss0), info0)
+    checkpoint(0)
     for step in iterator:
-        if batch is None or batch >= train_d.num_spans:
-            orders = [None]
-        else:
-            perm = torch.randperm(train_d.num_spans, generator=gen).to(device)
-            orders = [perm[i:i + batch] for i in range(0, len(perm), batch)]
-        last_loss, last_info = float("nan"), {}
-        for idx in orders:
+        for idx in _batch_orders(train, config.batch_size, gen):
             if config.optimizer == "adam":
-                opt.zero_grad()
-                loss, last_info = objective(theta, train_d, idx)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    if config.nonnegative:
-                        theta.clamp_(min=0.0)
-                        if float(theta.sum()) == 0.0:  # projected onto the origin: restart from uniform
-                            theta.copy_(u_dir)
-                    theta.copy_(_unit(theta))
-                last_loss = float(loss.detach())
+                _adam_step(opt, objective, theta, train, idx)
             else:
-                def closure():
-                    opt.zero_grad()
-                    loss, _ = objective(theta, train_d, idx)
-                    loss.backward()
-                    return loss
-
-                opt.step(closure)
+                _lbfgs_step(opt, objective, theta, train, idx)
         if (step + 1) % config.eval_every == 0 or step + 1 == steps:
-            with torch.no_grad():
-                full_loss, info = objective(theta, train_d)
-            evaluate_step(step + 1, float(full_loss), info)
+            checkpoint(step + 1)
             if progress and hasattr(iterator, "set_postfix"):
-                iterator.set_postfix(train=f"{float(full_loss):.4f}",
+                iterator.set_postfix(train=f"{history[-1]['train_loss']:.4f}",
                                      val=f"{history[-1].get('val_loss', float('nan')):.4f}")
+    return best, history
 
+
+def _validation_entry(objective: _Objective, theta: torch.Tensor, val: _SpanTensors | None, step: int,
+                      train_loss: float, info: dict) -> tuple[dict, float]:
+    """One point of the loss curve, and the loss that picks the best weights (validation, else training)."""
+    entry = {"step": step, "train_loss": train_loss, **{f"train_{k}": v for k, v in info.items()}}
+    if val is None:
+        return entry, train_loss
     with torch.no_grad():
-        w = weight_of(best[1]).detach().float().cpu()
+        val_loss, val_info = objective(theta, val)
+    entry["val_loss"] = float(val_loss)
+    entry.update({f"val_{k}": v for k, v in val_info.items()})
+    return entry, float(val_loss)
+
+
+def _batch_orders(train: _SpanTensors, batch: int | None, gen: torch.Generator) -> list[torch.Tensor | None]:
+    """The span batches of one pass: ``[None]`` (every span) for full batch, else a seeded shuffle in batches."""
+    if batch is None or batch >= train.num_spans:
+        return [None]
+    perm = torch.randperm(train.num_spans, generator=gen).to(train.features.device)
+    return [perm[i:i + batch] for i in range(0, len(perm), batch)]
+
+
+def _adam_step(opt: torch.optim.Optimizer, objective: _Objective, theta: torch.Tensor, train: _SpanTensors,
+               idx: torch.Tensor | None) -> None:
+    """One Adam step, then back onto the unit sphere (and the non-negative orthant): the loss is scale-free."""
+    opt.zero_grad()
+    loss, _ = objective(theta, train, idx)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        if objective.config.nonnegative:
+            theta.clamp_(min=0.0)
+            if float(theta.sum()) == 0.0:  # projected onto the origin: restart from uniform
+                theta.copy_(objective.uniform_direction)
+        theta.copy_(_unit(theta))
+
+
+def _lbfgs_step(opt: torch.optim.Optimizer, objective: _Objective, theta: torch.Tensor, train: _SpanTensors,
+                idx: torch.Tensor | None) -> None:
+    def closure():
+        opt.zero_grad()
+        loss, _ = objective(theta, train, idx)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+def _scaled_weights(weight: torch.Tensor, train: _SpanTensors, config: TrainingConfig
+                    ) -> tuple[torch.Tensor, float, dict]:
+    """The fitted weights in their final units: calibrated to nats, or ``sum |w| = 1``; with the bias and what ran."""
+    with torch.no_grad():
+        w = weight.detach().float().cpu()
         if config.nonnegative:
             w = w.clamp_min(0.0)
         calibration: dict[str, Any] = {"applied": False}
@@ -564,30 +649,34 @@ def fit_estimator(
                 calibration = {"applied": False, "reason": f"non-positive scale {a:.4g}"}
         if not calibration["applied"]:
             scale = 1.0 / float(w.abs().sum().clamp_min(1e-12))
-        w = w * scale
+        return w * scale, bias, calibration
 
-    estimator = LinearEstimator(
-        l_, h_,
-        use_bias=config.use_bias,
-        model_type=model_type,
-        base_model_id=base_model_id,
-        base_model_revision=base_model_revision,
-        pooling=pooling,
-        feature_kind=first.feature_kind,
-        region_method=region_method,
-        k_policy=k_policy,
-        nonnegative=config.nonnegative,
-    )
-    with torch.no_grad():
-        estimator.weight.copy_(w)
-        if estimator.bias is not None:
-            estimator.bias.fill_(bias)
-    estimator.eval()
-    inheritance = {"applied": False}
-    if inherit:
-        inheritance = _fit_inheritance(estimator, [data_records[i] for i in train_idx],
-                                       [data_records[i] for i in val_idx], config)
 
+@dataclass
+class _Split:
+    """The held-out split, by example: indices into ``full.records`` and their spans."""
+
+    full: _SpanTensors
+    train_idx: list[int]
+    val_idx: list[int]
+    train: _SpanTensors
+    val: _SpanTensors | None
+
+    @classmethod
+    def of(cls, full: _SpanTensors, config: TrainingConfig) -> _Split:
+        train_idx, val_idx = split_examples(len(full.example_ids), config.val_fraction, config.seed)
+        return cls(full, train_idx, val_idx, full.subset(train_idx), full.subset(val_idx) if val_idx else None)
+
+    def records(self, indices: list[int]) -> list[ExampleRecord]:
+        return [self.full.records[i] for i in indices]
+
+
+def _record_training_info(estimator: Any, split: _Split, config: TrainingConfig, best: _Best,
+                          extra_training_data: dict | None) -> tuple[dict, dict]:
+    """Score the fitted estimator on both splits and record the held-out metrics and the data summary in it.
+
+    Returns the summary and ``{"train": metrics, "val": metrics or None}``.
+    """
     def metrics_on(records: list[ExampleRecord]) -> dict | None:
         if not records:
             return None
@@ -595,13 +684,13 @@ def fit_estimator(
             scores = [estimator.span_scores(r.span_features, [sp.get("section") for sp in r.spans]) for r in records]
         return stored_metrics(scores, records)
 
-    train_metrics = metrics_on([data_records[i] for i in train_idx])
-    val_metrics = metrics_on([data_records[i] for i in val_idx])
+    train_metrics = metrics_on(split.records(split.train_idx))
+    val_metrics = metrics_on(split.records(split.val_idx))
     held = val_metrics if val_metrics is not None else train_metrics
-    summary = full.summary()
+    summary = split.full.summary()
     summary.update(
-        num_train_examples=len(train_idx), num_val_examples=len(val_idx),
-        num_train_spans=train.num_spans, num_val_spans=0 if val is None else val.num_spans,
+        num_train_examples=len(split.train_idx), num_val_examples=len(split.val_idx),
+        num_train_spans=split.train.num_spans, num_val_spans=0 if split.val is None else split.val.num_spans,
         target=config.target, seed=config.seed, split="by example",
     )
     if extra_training_data:
@@ -610,22 +699,11 @@ def fit_estimator(
     training_metrics = {
         "split": "val" if val_metrics is not None else "train",
         **{k: held[k] for k in headline if isinstance(held.get(k), (int, float)) and not _isnan(held[k])},
-        "val_loss": float(best[0]) if val is not None else None,
+        "val_loss": float(best.loss) if split.val is not None else None,
     }
     training_metrics = {k: v for k, v in training_metrics.items() if v is not None}
     estimator.set_training_info(training_metrics=training_metrics, training_data=summary)
-    report = {
-        "config": config.to_dict(),
-        "data": summary,
-        "split": {"train": [full.example_ids[i] for i in train_idx], "val": [full.example_ids[i] for i in val_idx]},
-        "best_step": best[2],
-        "history": history,
-        "calibration": calibration,
-        "inheritance": inheritance,
-        "metrics": {"train": train_metrics, "val": val_metrics},
-        "seconds": time.perf_counter() - t0,
-    }
-    return estimator, report
+    return summary, {"train": train_metrics, "val": val_metrics}
 
 
 def _fit_inheritance(estimator: Any, train: Sequence[ExampleRecord], val: Sequence[ExampleRecord],
@@ -703,17 +781,8 @@ def _two_slopes(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> 
         return 1.0, 0.0
     x = torch.stack([torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])], 1).double()
     y = torch.cat([r[2] for r in rows]).double()
-
-    def single(col: int) -> float:
-        den = float((x[:, col] ** 2).sum())
-        return max(float((x[:, col] * y).sum()) / den, 0.0) if den > 0 else 0.0
-
-    solution = torch.linalg.lstsq(x, y[:, None]).solution.flatten()
-    a, b = float(solution[0]), float(solution[1])
-    if a >= 0 and b >= 0:
-        return a, b
-    candidates = [(single(0), 0.0), (0.0, single(1))]
-    return min(candidates, key=lambda ab: float(((y - ab[0] * x[:, 0] - ab[1] * x[:, 1]) ** 2).sum()))
+    (a, b), _ = nnls(x.numpy(), y.numpy())
+    return float(a), float(b)
 
 
 def _isnan(v: Any) -> bool:

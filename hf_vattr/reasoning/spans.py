@@ -14,10 +14,11 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from .formats import ANSWER, DEFAULT_FORMAT, TAG, THINKING, ThinkingFormat, resolve_format
 
-__all__ = ["SpanSplitter", "ReasoningStepSplitter", "ClosedSpan"]
+__all__ = ["SpanSplitter", "ReasoningStepSplitter", "ClosedSpan", "splitter_format", "think_tags", "tag_texts"]
 
 _SENTENCE_END = re.compile(r"[.!?;:][\"')\]]*$")
 # CJK sentence ends need no following space: the next piece starts a new sentence.
@@ -63,6 +64,30 @@ class SpanSplitter:
 class _Token:
     index: int
     parts: list = field(default_factory=list)  # ("text", str) | ("tag_start", tag) | ("tag_in",) | ("tag_end", tag)
+
+
+def think_tags(splitter: Any) -> tuple[str, str]:
+    """The ``(open, close)`` thinking tags a splitter cuts at; the default format's for a splitter that names none.
+
+    Any :class:`SpanSplitter` may be passed, also one that knows nothing of tags: collection and the
+    streamer read the tags through this one accessor.
+    """
+    return (getattr(splitter, "think_open", DEFAULT_FORMAT.think_open),
+            getattr(splitter, "think_close", DEFAULT_FORMAT.think_close))
+
+
+def splitter_format(splitter: Any, fallback: ThinkingFormat | None = None) -> ThinkingFormat | None:
+    """The :class:`ThinkingFormat` a splitter cuts by, else ``fallback`` (a splitter need not have one)."""
+    return getattr(splitter, "format", None) or fallback
+
+
+def tag_texts(splitter: Any, fallback: ThinkingFormat | None = None) -> tuple[str, ...]:
+    """Every tag text a trace is cut at: the splitter's format's tags (else ``fallback``'s), then its think tags.
+
+    Decoding keeps these texts even when they are special tokens, so the splitter sees them.
+    """
+    fmt = splitter_format(splitter, fallback)
+    return tuple(dict.fromkeys((*(fmt.tags() if fmt is not None else ()), *think_tags(splitter))))
 
 
 class ReasoningStepSplitter(SpanSplitter):

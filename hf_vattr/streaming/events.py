@@ -19,6 +19,7 @@ import torch
 
 from ..errors import AttributionError
 from ..regions import PromptRegions
+from ..serialization import to_jsonable
 
 __all__ = ["TokenAttribution", "SpanAttribution", "AttributionTrace", "NonFiniteScoresError", "TraceFileError",
            "TraceNotFoundError"]
@@ -193,7 +194,7 @@ class AttributionTrace:
         regions_meta = None
         if self.regions is not None:
             regions_meta = self.regions.to_dict()
-            regions_meta["layout"]["extras"] = _jsonable(self.regions.layout.extras)
+            regions_meta["layout"]["extras"] = to_jsonable(self.regions.layout.extras)
         meta = {
             "format": TRACE_FORMAT, "version": TRACE_FORMAT_VERSION,
             "prompt_text": self.prompt_text, "sequence": self.sequence,
@@ -356,21 +357,6 @@ def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 TRACE_FORMAT = "hf_vattr.trace"
 TRACE_FORMAT_VERSION = 1
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` if JSON can hold it exactly, else its JSON-able parts (tensors become lists)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value).tolist()
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
 
 
 def _save_image(image: Any, i: int, tensors: dict[str, torch.Tensor]) -> dict:

@@ -134,6 +134,37 @@ def make_hard_example(seed: int, kind: str | None = None, n_objects: int | None 
     (0..2; default 1 or 2) force the scene size (fewer objects are a training curriculum).
     """
     rng = np.random.default_rng([int(seed), 2])  # its own stream: never the default task's scenes
+    kind, n, d = _scene_size(rng, kind, n_objects, n_distractors)
+    colours = [list(HARD_COLOURS)[i] for i in rng.permutation(len(HARD_COLOURS))[:n]]
+    shapes = [SHAPES[int(rng.integers(len(SHAPES)))] for _ in range(n)]
+    cells, line = _object_cells(rng, kind, n)
+    free = [c for c in _ALL_CELLS if c not in cells]
+    d_cells = [free[int(i)] for i in rng.permutation(len(free))[:d]]
+    d_shapes = [SHAPES[int(rng.integers(len(SHAPES)))] for _ in range(d)]
+
+    image, objects, distractors = _render(rng, [(s, c, r, cc) for s, c, (r, cc) in zip(shapes, colours, cells)],
+                                          [(s, r, c) for s, (r, c) in zip(d_shapes, d_cells)])
+    if kind == "shape":
+        question, steps, step_objs, answer = _shape_question(rng, objects)
+    elif kind == "count":
+        question, steps, step_objs, answer = _count_question(objects, cells, *line)
+    else:
+        question, steps, step_objs, answer = _relation_question(rng, kind, objects, cells)
+
+    masks = [_union(objects, idx) for idx in step_objs]
+    return HardExample(
+        image=image, question=question, thinking_steps=steps, answer=answer, step_evidence_masks=masks,
+        objects=objects, seed=int(seed), kind=kind, step_objects=[tuple(s) for s in step_objs],
+        step_evidence_boxes=[_bbox(m) for m in masks], distractors=distractors,
+    )
+
+
+_ALL_CELLS = [(r, c) for r in range(GRID[0]) for c in range(GRID[1])]
+
+
+def _scene_size(rng: np.random.Generator, kind: str | None, n_objects: int | None,
+                n_distractors: int | None) -> tuple[str, int, int]:
+    """The question kind and the numbers of objects and distractors: drawn, or forced (and checked)."""
     kind_drawn = HARD_KINDS[int(rng.integers(len(HARD_KINDS)))]
     n = int(rng.integers(5, 7))
     d = int(rng.integers(1, 3))
@@ -151,71 +182,69 @@ def make_hard_example(seed: int, kind: str | None = None, n_objects: int | None 
         raise ValueError(f"kind must be one of {HARD_KINDS}, got {kind!r}")
     if kind in ("left", "above") and n < 2:
         raise ValueError(f"{kind!r} questions need at least 2 objects")
+    return kind, n, d
 
-    colours = [list(HARD_COLOURS)[i] for i in rng.permutation(len(HARD_COLOURS))[:n]]
-    shapes = [SHAPES[int(rng.integers(len(SHAPES)))] for _ in range(n)]
-    all_cells = [(r, c) for r in range(GRID[0]) for c in range(GRID[1])]
+
+def _object_cells(rng: np.random.Generator, kind: str, n: int) -> tuple[list[tuple[int, int]], tuple[int, int] | None]:
+    """The cells of the `n` small objects, and the counted line ``(axis, index)`` of a count question.
+
+    A count question puts 1..3 objects on its line; a left/above question needs two objects that differ
+    along its axis. Other kinds have no line (None).
+    """
     if kind == "count":
         line_axis = int(rng.integers(2))  # 0: a row, 1: a column
         line = int(rng.integers(3))
         k = int(rng.integers(1, min(3, n) + 1))
-        on_line = [c for c in all_cells if c[line_axis] == line]
-        off_line = [c for c in all_cells if c[line_axis] != line]
+        on_line = [c for c in _ALL_CELLS if c[line_axis] == line]
+        off_line = [c for c in _ALL_CELLS if c[line_axis] != line]
         chosen = [on_line[int(i)] for i in rng.permutation(3)[:k]]
         chosen += [off_line[int(i)] for i in rng.permutation(len(off_line))[:n - k]]
-        cells = [chosen[int(i)] for i in rng.permutation(n)]
-    else:
-        axis = {"left": 1, "above": 0}.get(kind)
-        while True:
-            cells = [all_cells[int(i)] for i in rng.permutation(len(all_cells))[:n]]
-            if axis is None or len({c[axis] for c in cells}) > 1:
-                break
-    free = [c for c in all_cells if c not in cells]
-    d_cells = [free[int(i)] for i in rng.permutation(len(free))[:d]]
-    d_shapes = [SHAPES[int(rng.integers(len(SHAPES)))] for _ in range(d)]
+        return [chosen[int(i)] for i in rng.permutation(n)], (line_axis, line)
+    axis = {"left": 1, "above": 0}.get(kind)
+    while True:
+        cells = [_ALL_CELLS[int(i)] for i in rng.permutation(len(_ALL_CELLS))[:n]]
+        if axis is None or len({c[axis] for c in cells}) > 1:
+            return cells, None
 
-    image, objects, distractors = _render(rng, [(s, c, r, cc) for s, c, (r, cc) in zip(shapes, colours, cells)],
-                                          [(s, r, c) for s, (r, c) in zip(d_shapes, d_cells)])
 
-    if kind == "shape":
-        t = int(rng.integers(n))
-        o = objects[t]
-        question = f"What shape is the {o.colour} object?"
-        steps = [f"The {o.colour} object is at the {o.position}.", f"The {o.colour} object is a {o.shape}."]
-        step_objs = [(t,), (t,)]
-        answer = o.shape
-    elif kind == "count":
-        other = 1 - line_axis  # order along the line: left to right in a row, top to bottom in a column
-        members = tuple(sorted((i for i in range(n) if cells[i][line_axis] == line), key=lambda i: cells[i][other]))
-        name = _line_name(line_axis, line)
-        question = f"How many small objects are in the {name}?"
-        steps = [f"The {name} has {_list_colours([objects[i].colour for i in members])}.",
-                 f"The {name} has {LINE_COUNT_WORDS[len(members)]} object{'s' if len(members) > 1 else ''}."]
-        step_objs = [members, members]
-        answer = LINE_COUNT_WORDS[len(members)]
-    else:
-        axis = 1 if kind == "left" else 0
-        pairs = [(i, j) for i in range(n) for j in range(n) if i < j and cells[i][axis] != cells[j][axis]]
-        i, j = pairs[int(rng.integers(len(pairs)))]
-        if cells[i][axis] > cells[j][axis]:
-            i, j = j, i  # now i is left of / above j
-        yes = bool(rng.integers(2))
-        a, b = (i, j) if yes else (j, i)
-        relation = "left of" if kind == "left" else "above"
-        ca, cb = objects[a].colour, objects[b].colour
-        question = f"Is the {ca} object {relation} the {cb} object?"
-        steps = [f"The {ca} object is at the {objects[a].position}.",
-                 f"The {cb} object is at the {objects[b].position}.",
-                 f"The {ca} object is {'' if yes else 'not '}{relation} the {cb} object."]
-        step_objs = [(a,), (b,), (a, b)]
-        answer = "yes" if yes else "no"
+def _shape_question(rng: np.random.Generator, objects: list[ToyObject]) -> tuple[str, list[str], list[tuple], str]:
+    """A shape question ("What shape is the red object?"): locate the object, read its shape."""
+    t = int(rng.integers(len(objects)))
+    o = objects[t]
+    steps = [f"The {o.colour} object is at the {o.position}.", f"The {o.colour} object is a {o.shape}."]
+    return f"What shape is the {o.colour} object?", steps, [(t,), (t,)], o.shape
 
-    masks = [_union(objects, idx) for idx in step_objs]
-    return HardExample(
-        image=image, question=question, thinking_steps=steps, answer=answer, step_evidence_masks=masks,
-        objects=objects, seed=int(seed), kind=kind, step_objects=[tuple(s) for s in step_objs],
-        step_evidence_boxes=[_bbox(m) for m in masks], distractors=distractors,
-    )
+
+def _count_question(objects: list[ToyObject], cells: list[tuple[int, int]], line_axis: int,
+                    line: int) -> tuple[str, list[str], list[tuple], str]:
+    """A count question ("How many small objects are in the top row?"): list the line's objects, count them."""
+    other = 1 - line_axis  # order along the line: left to right in a row, top to bottom in a column
+    members = tuple(sorted((i for i in range(len(objects)) if cells[i][line_axis] == line),
+                           key=lambda i: cells[i][other]))
+    name = _line_name(line_axis, line)
+    steps = [f"The {name} has {_list_colours([objects[i].colour for i in members])}.",
+             f"The {name} has {LINE_COUNT_WORDS[len(members)]} object{'s' if len(members) > 1 else ''}."]
+    return (f"How many small objects are in the {name}?", steps, [members, members],
+            LINE_COUNT_WORDS[len(members)])
+
+
+def _relation_question(rng: np.random.Generator, kind: str, objects: list[ToyObject],
+                       cells: list[tuple[int, int]]) -> tuple[str, list[str], list[tuple], str]:
+    """A left / above question ("Is the red object left of the blue object?"): locate each, compare."""
+    n = len(objects)
+    axis = 1 if kind == "left" else 0
+    pairs = [(i, j) for i in range(n) for j in range(n) if i < j and cells[i][axis] != cells[j][axis]]
+    i, j = pairs[int(rng.integers(len(pairs)))]
+    if cells[i][axis] > cells[j][axis]:
+        i, j = j, i  # now i is left of / above j
+    yes = bool(rng.integers(2))
+    a, b = (i, j) if yes else (j, i)
+    relation = "left of" if kind == "left" else "above"
+    ca, cb = objects[a].colour, objects[b].colour
+    steps = [f"The {ca} object is at the {objects[a].position}.",
+             f"The {cb} object is at the {objects[b].position}.",
+             f"The {ca} object is {'' if yes else 'not '}{relation} the {cb} object."]
+    return f"Is the {ca} object {relation} the {cb} object?", steps, [(a,), (b,), (a, b)], "yes" if yes else "no"
 
 
 def make_hard_examples(n: int, seed: int = 0, *, start: int = 0) -> list[HardExample]:
