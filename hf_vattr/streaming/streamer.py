@@ -48,7 +48,7 @@ from ..layouts import VisualLayout
 from ..regions import PromptRegions, RegionMap
 from .session import AttributionSession, StreamerInputError
 from ..reasoning.formats import ThinkingFormat, detect_format, resolve_format
-from ..reasoning.spans import ReasoningStepSplitter, SpanSplitter
+from ..reasoning.spans import ReasoningStepSplitter, SpanSplitter, tag_texts
 from ..reasoning.text import TokenTextDecoder
 
 logger = logging.get_logger(__name__)
@@ -521,9 +521,7 @@ class AttributionStreamer(TextStreamer):
 
     def _tag_texts(self) -> tuple[str, ...]:
         """Tag texts the decoder keeps even when they are special tokens: the format's and the splitter's."""
-        fmt = getattr(self._splitter, "format", None) or self.format
-        own = (getattr(self._splitter, "think_open", "<think>"), getattr(self._splitter, "think_close", "</think>"))
-        return tuple(dict.fromkeys((*(fmt.tags() if fmt is not None else ()), *own)))
+        return tag_texts(self._splitter, self.format)
 
     def end(self) -> None:
         with self._lock:
