@@ -670,27 +670,8 @@ def _grid_rows(grid_thw: Any) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in row) for row in torch.as_tensor(grid_thw).reshape(-1, 3).tolist()]
 
 
-def visual_layout(
-    model_or_config: Any,
-    input_ids: torch.Tensor,
-    image_grid_thw: torch.Tensor | None = None,
-    images: Sequence[Any] | None = None,
-    *,
-    video_grid_thw: torch.Tensor | None = None,
-    videos: Sequence[Any] | None = None,
-    video_metadata: Any = None,
-    second_per_grid_ts: Any = None,
-) -> VisualLayout:
-    """Locate every image's and video's visual tokens in ``input_ids`` (batch of one), in prompt order.
-
-    ``images`` (PIL images, arrays or ``(height, width)`` tuples, in prompt order) and ``videos`` (per video a
-    list of frames, a 4-D array, a path, or its frames' ``(height, width)``) are optional; without them boxes are
-    given in resized-image pixels only, and nothing checks the sizes. ``video_metadata`` (as given to the
-    processor: fps and, when the processor sampled frames, ``frames_indices``) and ``second_per_grid_ts`` (a
-    Qwen2.5-VL processor output) time the frame groups.
-    """
-    config = _config_of(model_or_config)
-    spec = architecture_spec(config)
+def _one_sequence(input_ids: torch.Tensor) -> torch.Tensor:
+    """The one row of ``input_ids`` (1-D), or a LayoutError for a batch."""
     if input_ids.dim() == 2:
         if input_ids.shape[0] != 1:
             raise LayoutError(
@@ -698,8 +679,13 @@ def visual_layout(
                 "Call it once per example (batching is not supported yet)."
             )
         input_ids = input_ids[0]
-    patch = int(_get_path(config, spec.patch_size))
-    merge = int(_get_path(config, spec.merge_size))
+    return input_ids
+
+
+def _visual_items(config: Any, spec: ArchitectureSpec, input_ids: torch.Tensor, image_grid_thw: Any,
+                  video_grid_thw: Any, merge: int) -> list[tuple[str, int, torch.Tensor, tuple[int, int, int]]]:
+    """``(kind, index within the kind, positions, token grid)`` of every image and video, in prompt order;
+    the token counts checked against the grids."""
     image_mask, video_mask = visual_token_masks(config, input_ids)
     kinds = {"image": (image_mask.nonzero().flatten().cpu(), _grid_rows(image_grid_thw)),
              "video": (video_mask.nonzero().flatten().cpu(), _grid_rows(video_grid_thw))}
@@ -726,6 +712,54 @@ def visual_layout(
         if int(a[2][-1]) > int(b[2][0]):
             raise LayoutError(f"The tokens of {a[0]} {a[1]} and {b[0]} {b[1]} interleave in input_ids. Were input_ids "
                               "and the grids produced by the same processor call?")
+    return items
+
+
+def _video_timing(index: int, grid: tuple[int, int, int], token_size: int, video: Any, per_group: int,
+                  metadata: dict | None, seconds_per_group: float | None
+                  ) -> tuple[tuple[int, int] | None, tuple[float, ...], float, str]:
+    """``(frame size or None, frame times, seconds per frame, where the times came from)`` of one video, its
+    frames (when given) checked against its token grid."""
+    t, h, w = grid
+    size, frames = None, None
+    if video is not None:
+        size, frames = _video_size(video, index)
+        check_image_size(index, size, (h, w), token_size, what="Video")
+        if frames is not None and not (t - 1) * per_group < frames <= t * per_group:
+            raise VideoInputError(
+                f"Video {index} has {frames} frames, but the prompt's video {index} has {t} frame group(s) of "
+                f"{per_group} frames ({(t - 1) * per_group + 1} to {t * per_group} frames; the processor "
+                "pads an odd count with the last frame). Pass the frames the processor used: after its own "
+                "sampling, processor(..., return_metadata=True) returns them as video_metadata frames_indices.")
+    times, step, source = _frame_times(index, t, per_group, frames, metadata, seconds_per_group)
+    return size, times, step, source
+
+
+def visual_layout(
+    model_or_config: Any,
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None = None,
+    images: Sequence[Any] | None = None,
+    *,
+    video_grid_thw: torch.Tensor | None = None,
+    videos: Sequence[Any] | None = None,
+    video_metadata: Any = None,
+    second_per_grid_ts: Any = None,
+) -> VisualLayout:
+    """Locate every image's and video's visual tokens in ``input_ids`` (batch of one), in prompt order.
+
+    ``images`` (PIL images, arrays or ``(height, width)`` tuples, in prompt order) and ``videos`` (per video a
+    list of frames, a 4-D array, a path, or its frames' ``(height, width)``) are optional; without them boxes are
+    given in resized-image pixels only, and nothing checks the sizes. ``video_metadata`` (as given to the
+    processor: fps and, when the processor sampled frames, ``frames_indices``) and ``second_per_grid_ts`` (a
+    Qwen2.5-VL processor output) time the frame groups.
+    """
+    config = _config_of(model_or_config)
+    spec = architecture_spec(config)
+    input_ids = _one_sequence(input_ids)
+    patch = int(_get_path(config, spec.patch_size))
+    merge = int(_get_path(config, spec.merge_size))
+    items = _visual_items(config, spec, input_ids, image_grid_thw, video_grid_thw, merge)
     image_items = [item for item in items if item[0] == "image"]
     video_items = [item for item in items if item[0] == "video"]
     sizes = _image_sizes(images)
@@ -750,17 +784,9 @@ def visual_layout(
             size = sizes[j]
             check_image_size(j, size, (h, w), patch * merge)
         elif kind == "video":
-            frames = None
-            if video_list is not None:
-                size, frames = _video_size(video_list[j], j)
-                check_image_size(j, size, (h, w), patch * merge, what="Video")
-                if frames is not None and not (t - 1) * per_group < frames <= t * per_group:
-                    raise VideoInputError(
-                        f"Video {j} has {frames} frames, but the prompt's video {j} has {t} frame group(s) of "
-                        f"{per_group} frames ({(t - 1) * per_group + 1} to {t * per_group} frames; the processor "
-                        "pads an odd count with the last frame). Pass the frames the processor used: after its own "
-                        "sampling, processor(..., return_metadata=True) returns them as video_metadata frames_indices.")
-            times, step, source = _frame_times(j, t, per_group, frames, metadata[j], spg[j])
+            size, times, step, source = _video_timing(j, (t, h, w), patch * merge,
+                                                      None if video_list is None else video_list[j], per_group,
+                                                      metadata[j], spg[j])
             sources.append(source)
         out.append(ImageTokens(image_index=order, positions=positions, grid_thw=(t, h, w), token_size=patch * merge,
                                original_size=size, kind=kind, kind_index=j, frame_times=times, frame_step=step))
