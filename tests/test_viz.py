@@ -315,18 +315,46 @@ def test_span_evidence_rule():
 # --------------------------------------------------------------------------- trajectory
 
 
-def test_pca_coordinates_match_an_svd_reference():
+def test_path_plot_coordinates_draw_the_reasoning_path_without_distortion():
+    """The trajectory plot's coordinates are a faithful picture of the steps' region scores: a path that moves
+    within a plane keeps every distance (so its length and tortuosity), steps that visit two different regions
+    stay in two separate groups, and a wider path is only ever shortened, never stretched."""
+    from scipy.spatial.distance import pdist
+
+    from hf_vattr.trajectory import path_length, tortuosity
+
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(7, 9))
-    coords, ratios = pca_coordinates(x, 2)
-    centred = x - x.mean(0)
-    u, sv, vt = np.linalg.svd(centred, full_matrices=False)
-    reference = centred @ vt[:2].T
-    for k in range(2):  # components are defined up to sign
-        assert np.allclose(np.abs(coords[:, k]), np.abs(reference[:, k]))
-    assert np.allclose(ratios, (sv ** 2 / (sv ** 2).sum())[:2])
-    one, _ = pca_coordinates(x[:1], 2)  # one step: no direction to find
-    assert np.array_equal(one, np.zeros((1, 2)))
+    plane = rng.normal(size=(8, 2)) @ rng.normal(size=(2, 9)) + rng.normal(size=9)  # 8 steps, 9 regions, rank 2
+    coords, ratios = pca_coordinates(plane, 2)
+    assert np.allclose(pdist(coords), pdist(plane))
+    assert path_length(coords) == pytest.approx(path_length(plane))
+    assert tortuosity(coords) == pytest.approx(tortuosity(plane))
+    assert ratios.sum() == pytest.approx(1.0)  # nothing of the path is left out of the picture
+
+    grounded = np.zeros((10, 9))
+    grounded[::2, 0], grounded[1::2, 5] = 10.0, 8.0  # steps alternate between two regions
+    grounded += rng.normal(scale=0.3, size=grounded.shape)
+    coords, _ = pca_coordinates(grounded, 2)
+    first, second = coords[::2], coords[1::2]
+    within = max(pdist(first).max(), pdist(second).max())
+    between = np.linalg.norm(first[:, None] - second[None], axis=-1).min()
+    assert between > 5 * within
+
+    wide = rng.normal(size=(12, 9))
+    coords, ratios = pca_coordinates(wide, 3)
+    assert np.all(np.linalg.norm(np.diff(coords, axis=0), axis=1) <= np.linalg.norm(np.diff(wide, axis=0), axis=1)
+                  + 1e-9)
+    assert ratios[0] >= ratios[1] >= ratios[2] > 0
+
+
+def test_path_plot_coordinates_of_a_path_that_never_moves():
+    one, ratios = pca_coordinates(np.ones((1, 9)), 2)  # one step: no direction to find
+    assert np.array_equal(one, np.zeros((1, 2))) and np.array_equal(ratios, np.zeros(2))
+    still, _ = pca_coordinates(np.tile(np.arange(9.0), (4, 1)), 3)  # the same scores at every step
+    assert np.array_equal(still, np.zeros((4, 3)))
+    two, _ = pca_coordinates(np.array([[0.0] * 9, [3.0, 4.0] + [0.0] * 7]), 3)  # one direction, the rest padded
+    assert two.shape == (2, 3) and np.array_equal(two[:, 1:], np.zeros((2, 2)))
+    assert abs(two[1, 0] - two[0, 0]) == pytest.approx(5.0)
 
 
 @pytest.mark.parametrize("dims", [2, 3])
