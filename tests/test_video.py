@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from hf_vattr.layouts import LayoutError, VideoInputError, visual_layout
-from hf_vattr.testing import example_image, example_video, example_video_inputs
+from hf_vattr import AttributionError, AttributionStreamer, AttributionTrace, LinearEstimator, TokenAttribution
+from hf_vattr.capture import capture_active
+from hf_vattr.layouts import LayoutError, VideoInputError, extend_inputs, visual_layout
+from hf_vattr.streaming.streamer import armed_on
+from hf_vattr.testing import example_image, example_inputs, example_video, example_video_inputs
 
-from conftest import get_tiny
+from conftest import consume, get_tiny
 
 FPS = 1.0  # one frame a second: group g of a 5-frame video starts at 2g seconds
+NEW_TOKENS = 6
 
 
 def _layout(model, inputs, images=None, videos=None, fps=FPS):
@@ -157,3 +161,225 @@ def test_two_videos_and_two_images_interleaved(family):
     assert [im.original_size for im in layout.images] == [(150, 210), (120, 160), (100, 140), (90, 150)]
     assert [im.num_frame_groups for im in layout.images] == [1, 2, 1, 3]
     assert layout.images[0].frame_group_span(0) is None  # images have no time
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _random_estimator(model, seed=0):
+    text = model.config.get_text_config()
+    est = LinearEstimator(text.num_hidden_layers, text.num_attention_heads, model_type=model.config.model_type)
+    with torch.no_grad():
+        est.weight.copy_(torch.randn(est.weight.shape, generator=torch.Generator().manual_seed(seed)))
+    return est
+
+
+def _video_prompt(family, proc, fps=2.0):
+    """A 6-frame video (and, where the model can mix them, an image after it) and the processor's outputs."""
+    video = example_video(6, seed=4)
+    # GLM writes video frames with the image token, and transformers' GLM cannot then tell an image's features
+    # from a video's in one prompt (its placeholder check counts both): GLM prompts hold the video alone.
+    images = [] if family.startswith("glm") else [example_image(100, 140, seed=5)]
+    return example_video_inputs(proc, [video], images, fps=fps), [video], images
+
+
+def _eager_token_features(family, inputs, sequence, streamer):
+    """Reference features: eager attention weights of each predicting row, pooled to the streamer's regions."""
+    eager, _ = get_tiny(family, attn_implementation="eager")
+    with torch.no_grad():
+        out = eager(**extend_inputs(inputs, sequence), output_attentions=True, use_cache=False)
+    att = torch.stack(out.attentions)[:, 0]  # (L, H, T, T)
+    prompt_len = inputs["input_ids"].shape[1]
+    rows = att[:, :, prompt_len - 1: sequence.shape[1] - 1]
+    pooled = rows[..., streamer.layout.positions] @ streamer.regions.membership()
+    return pooled.permute(2, 0, 1, 3)  # (T, L, H, K)
+
+
+def test_video_prompts_stream_features_equal_to_eager_attention(tiny, family):
+    model, proc = tiny
+    inputs, videos, images = _video_prompt(family, proc)
+    # random weights: keep the model from writing visual tokens, which a forward over the sequence would refuse
+    settings = dict(max_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=[
+        model.config.image_token_id, model.config.video_token_id])
+    reference = model.generate(**inputs, **settings)
+    estimator = _random_estimator(model)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, estimator=estimator, images=images, videos=videos,
+                                   video_metadata=[{"fps": 2.0}], grid_k=4, keep_features=True, timeout=60)
+    events = list(streamer.generate(**inputs, **settings))
+    tokens = [e for e in events if isinstance(e, TokenAttribution)]
+    assert [t.token_id for t in tokens] == reference[0, inputs["input_ids"].shape[1]:].tolist()
+    # every visual token, image and video, in exactly one region; a 4-cell grid per frame group of the video
+    membership = streamer.regions.membership()
+    assert membership.shape[0] == streamer.layout.num_visual_tokens
+    assert torch.equal(membership.sum(1), torch.ones(membership.shape[0])) and set(membership.unique().tolist()) <= {0, 1}
+    video_map = streamer.regions.maps[0]
+    assert video_map.image.is_video and video_map.num_regions == 4 * video_map.image.num_frame_groups
+    assert streamer.regions.region_time_span(0) == pytest.approx((0.0, 1.0))
+    assert streamer.regions.region_time_span(video_map.num_regions - 1) == pytest.approx((2.0, 3.0))
+    ref = _eager_token_features(family, inputs, reference, streamer)
+    torch.testing.assert_close(torch.stack([t.features for t in tokens]), ref, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.stack([t.region_scores for t in tokens]), estimator(ref), atol=1e-4,
+                                   rtol=1e-4)
+    # the trace keeps the video's frames as the tower's input order had them
+    assert isinstance(streamer.trace.images[0], np.ndarray) and streamer.trace.images[0].shape == (6, 120, 160, 3)
+    assert not capture_active() and not armed_on(model)
+
+
+def test_a_video_trace_saves_and_loads_with_its_frames_and_times(tmp_path):
+    model, proc = get_tiny("qwen3_vl")
+    inputs, videos, images = _video_prompt("qwen3_vl", proc)
+    frames = np.stack([np.asarray(f) for f in videos[0]])  # a (T, H, W, C) array, one video passed alone
+    streamer = AttributionStreamer(model, proc, videos=frames, images=images, video_metadata={"fps": 2.0},
+                                   grid_k=4)
+    events = list(streamer.generate(**inputs, max_new_tokens=4, do_sample=False))  # inputs taken from generate
+    assert events and streamer.layout.videos[0].frame_group_span(2) == pytest.approx((2.0, 3.0))
+    loaded = AttributionTrace.load(streamer.trace.save(tmp_path / "trace"))
+    item = loaded.regions.layout.images[0]
+    assert item.is_video and item.frame_times == streamer.layout.images[0].frame_times
+    assert np.array_equal(loaded.images[0], frames)
+    assert loaded.regions.region_time_span(5) == streamer.regions.region_time_span(5) == pytest.approx((1.0, 2.0))
+    torch.testing.assert_close(loaded.token_scores(), streamer.trace.token_scores())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _refused_before_any_work(model, build, error=VideoInputError, match=None):
+    """``build()`` raises ``error`` and leaves the model as it was: no wrapper, no capture, no hook."""
+    with pytest.raises(error, match=match) as info:
+        build()
+    assert isinstance(info.value, AttributionError)
+    assert not armed_on(model) and "generate" not in vars(model) and not capture_active()
+    assert not model.model.visual._forward_hooks
+    return info.value
+
+
+def test_a_one_frame_video_is_one_frame_group():
+    """Qwen2.5-VL's processor takes a one-frame video (it repeats the frame); Qwen3-VL's and GLM's refuse it."""
+    model, proc = get_tiny("qwen2_5_vl")
+    video = example_video(1)
+    inputs = example_video_inputs(proc, [video], fps=2.0)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, videos=[video], video_metadata=[{"fps": 2.0}],
+                                   grid_k=4)
+    events = list(streamer.generate(**inputs, max_new_tokens=3, do_sample=False))
+    item = streamer.layout.videos[0]
+    assert events and item.num_frame_groups == 1 and item.frame_group_span(0) == pytest.approx((0.0, 0.5))
+    assert streamer.regions.num_regions == 4
+    # a one-frame video for a prompt whose video has three groups is not that video
+    three = example_video_inputs(proc, [example_video(6)], fps=2.0)
+    _refused_before_any_work(model, lambda: AttributionStreamer(model, proc, inputs=three, videos=[video]),
+                             match="1 frames, but the prompt's video 0 has 3 frame group")
+
+
+def test_frames_of_different_sizes_are_refused():
+    model, proc = get_tiny("qwen3_vl")
+    inputs = example_video_inputs(proc, [example_video(4)], fps=2.0)
+    frames = example_video(4)
+    frames[2] = frames[2].resize((100, 90))
+    _refused_before_any_work(model, lambda: AttributionStreamer(model, proc, inputs=inputs, videos=[frames]),
+                             match="different sizes")
+
+
+def test_videos_that_do_not_match_the_prompts_placeholders_are_refused(family):
+    model, proc = get_tiny(family)
+    video = example_video(4)
+    inputs = example_video_inputs(proc, [video], fps=2.0)
+    _refused_before_any_work(model, lambda: AttributionStreamer(model, proc, inputs=inputs, videos=[video, video]),
+                             match="Got 2 videos but the prompt has 1")
+    images_only = example_inputs(proc)
+    _refused_before_any_work(model, lambda: AttributionStreamer(model, proc, inputs=images_only, videos=[video]),
+                             match="Got 1 videos but the prompt has 0")
+    _refused_before_any_work(model, lambda: AttributionStreamer(model, proc, inputs=inputs, videos=[video],
+                                                                video_metadata=[{"fps": 2.0}] * 2),
+                             match="video_metadata for 2 videos")
+    no_grid = {k: v for k, v in inputs.items() if k != "video_grid_thw"}
+    _refused_before_any_work(model, lambda: AttributionStreamer(model, proc, inputs=no_grid), error=LayoutError,
+                             match="video_grid_thw")
+
+
+def test_a_mismatch_found_at_generate_time_fails_the_call_and_undoes_everything():
+    """Without inputs= the streamer reads the prompt from generate: the same error there, nothing left patched."""
+    model, proc = get_tiny("qwen3_vl")
+    video = example_video(4)
+    inputs = example_video_inputs(proc, [video], fps=2.0)
+    streamer = AttributionStreamer(model, proc, videos=[video, video])
+    with pytest.raises(VideoInputError, match="Got 2 videos"):
+        model.generate(**inputs, streamer=streamer, max_new_tokens=3)
+    events, error = consume(streamer)
+    assert not events and isinstance(error.__cause__, VideoInputError)
+    assert not armed_on(model) and not capture_active()
+
+
+def test_fps_that_contradicts_second_per_grid_ts_is_refused():
+    model, proc = get_tiny("qwen2_5_vl")
+    video = example_video(4)
+    inputs = example_video_inputs(proc, [video], fps=2.0)
+    _refused_before_any_work(model, lambda: AttributionStreamer(model, proc, inputs=inputs, videos=[video],
+                                                                video_metadata=[{"fps": 4.0}]),
+                             match="second_per_grid_ts=1")
+
+
+def test_unreadable_and_corrupt_video_paths_are_refused(tmp_path, monkeypatch):
+    model, proc = get_tiny("qwen3_vl")
+    inputs = example_video_inputs(proc, [example_video(4)], fps=2.0)
+    missing = tmp_path / "missing.mp4"
+    _refused_before_any_work(model, lambda: AttributionStreamer(model, proc, inputs=inputs, videos=[str(missing)]),
+                             match="missing.mp4' is not a readable file")
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x01 not a video" * 100)
+    error = _refused_before_any_work(model, lambda: AttributionStreamer(model, proc, inputs=inputs,
+                                                                        videos=[corrupt]), match="corrupt.mp4")
+    assert "decoder" in str(error) or "could not be decoded" in str(error)
+    # with a decoder at hand, what it raises on the file is named, with the decoder's error as the cause
+    import transformers.utils
+    import transformers.video_utils
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("moov atom not found")
+
+    monkeypatch.setattr(transformers.utils, "is_torchcodec_usable", lambda decode: True, raising=False)
+    monkeypatch.setattr(transformers.video_utils, "load_video", refuse)
+    error = _refused_before_any_work(model, lambda: AttributionStreamer(model, proc, inputs=inputs,
+                                                                        videos=[str(corrupt)]),
+                                     match="could not be decoded .*moov atom not found")
+    assert isinstance(error.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "glm4v"])
+def test_a_left_padded_batch_of_video_prompts_equals_batch_one_runs(family):
+    """Row 0: a video and an image (GLM: the video alone); row 1: a shorter video. Videos per row, or flat."""
+    model, proc = get_tiny(family)
+    proc.tokenizer.padding_side = "left"
+    videos = [example_video(6, seed=1), example_video(4, 90, 150, seed=2)]
+    images = [[] if family.startswith("glm") else [example_image(100, 140, seed=3)], []]
+    prompts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}] + [{"type": "image"}] * len(
+        imgs) + [{"type": "text", "text": q}]}], add_generation_prompt=True, tokenize=False)
+        for imgs, q in zip(images, ["What moves?", "Where?"])]
+    metadata = [{"fps": 2.0, "total_num_frames": len(v), "frames_indices": list(range(len(v)))} for v in videos]
+    batch = proc(text=prompts, images=[im for imgs in images for im in imgs] or None, videos=videos,
+                 video_metadata=metadata, do_sample_frames=False, return_tensors="pt", padding=True)
+    assert (batch["attention_mask"] == 0).any(), "the test needs real left padding"
+    settings = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[model.config.image_token_id,
+                                                                         model.config.video_token_id])
+    estimator = _random_estimator(model)
+    streamer = AttributionStreamer(model, proc, inputs=batch, estimator=estimator, images=images,
+                                   videos=[[v] for v in videos], video_metadata=metadata, grid_k=4, keep_features=True)
+    events = [e for e in streamer.generate(**batch, **settings) if isinstance(e, TokenAttribution)]
+    flat = AttributionStreamer(model, proc, inputs=batch, videos=videos, video_metadata=metadata)
+    for s in range(2):
+        single = example_video_inputs(proc, [videos[s]], images[s], fps=2.0, text=["What moves?", "Where?"][s])
+        alone = AttributionStreamer(model, proc, inputs=single, estimator=estimator, images=images[s],
+                                    videos=[videos[s]], video_metadata=metadata[s], grid_k=4, keep_features=True)
+        alone_tokens = [e for e in alone.generate(**single, **settings) if isinstance(e, TokenAttribution)]
+        mine = [e for e in events if e.sequence == s]
+        assert [t.token_id for t in mine] == [t.token_id for t in alone_tokens]
+        torch.testing.assert_close(torch.stack([t.features for t in mine]),
+                                   torch.stack([t.features for t in alone_tokens]), atol=1e-5, rtol=1e-4)
+        pad = batch["input_ids"].shape[1] - single["input_ids"].shape[1]
+        for layout in (streamer.layouts[s], flat.layouts[s]):
+            assert [(im.kind, im.num_tokens) for im in layout.images] == [
+                (im.kind, im.num_tokens) for im in alone.layout.images]
+            assert torch.equal(layout.positions, alone.layout.positions + pad)
+        assert np.array_equal(streamer.traces[s].images[0], alone.trace.images[0])
+    assert not capture_active()

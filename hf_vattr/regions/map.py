@@ -1,10 +1,11 @@
 """The region map: which visual token belongs to which region, and where regions are in pixels.
 
-A :class:`RegionMap` partitions the visual tokens of *one* image into K
+A :class:`RegionMap` partitions the visual tokens of *one* image (or video) into K
 regions. Attribution is computed per region, so everything downstream (capture
 pooling, estimator scores, ablations, overlays) speaks in region indices.
-:class:`PromptRegions` stacks the maps of all images of a prompt into one
-global region index (image 0's regions first).
+:class:`PromptRegions` stacks the maps of all images and videos of a prompt into one
+global region index (item 0's regions first). A video's region may span several frame
+groups; :meth:`RegionMap.region_time_span` says which seconds it covers.
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ __all__ = ["RegionMap", "PromptRegions", "grid_regions", "prompt_regions"]
 
 
 def _image_to_dict(im: ImageTokens) -> dict:
-    return {
+    data = {
         "image_index": im.image_index,
         "positions": im.positions.tolist(),
         "grid_thw": list(im.grid_thw),
         "token_size": im.token_size,
         "original_size": None if im.original_size is None else list(im.original_size),
     }
+    if im.is_video or im.kind_index != im.image_index:  # images of image-only prompts keep their bytes
+        data.update(kind=im.kind, kind_index=im.kind_index,
+                    frame_times=None if im.frame_times is None else list(im.frame_times), frame_step=im.frame_step)
+    return data
 
 
 def _image_from_dict(im: dict) -> ImageTokens:
@@ -39,6 +44,10 @@ def _image_from_dict(im: dict) -> ImageTokens:
         grid_thw=tuple(int(v) for v in im["grid_thw"]),
         token_size=int(im["token_size"]),
         original_size=None if im["original_size"] is None else tuple(int(v) for v in im["original_size"]),
+        kind=im.get("kind", "image"),
+        kind_index=im.get("kind_index"),
+        frame_times=None if im.get("frame_times") is None else tuple(float(v) for v in im["frame_times"]),
+        frame_step=im.get("frame_step"),
     )
 
 
@@ -88,24 +97,39 @@ class RegionMap:
         """(N_tokens,) hard region index of each token."""
         return self.membership.argmax(1)
 
-    def token_grid(self) -> torch.Tensor:
-        """(h, w) region label of each token of frame 0, in the token grid."""
+    def token_grid(self, group: int = 0) -> torch.Tensor:
+        """(h, w) region label of each token of frame group ``group`` (an image has one), in the token grid."""
         h, w = self.image.grid_hw
-        return self.assignment[: h * w].reshape(h, w)
+        return self.assignment[self.image.frame_group_tokens(group)].reshape(h, w)
 
-    def pixel_labels(self) -> np.ndarray:
-        """(H, W) region label per pixel of the *original* image (resized image if the size is unknown)."""
-        grid = self.token_grid()
+    def pixel_labels(self, group: int = 0) -> np.ndarray:
+        """(H, W) region label per pixel of the *original* image or video frame (resized if the size is unknown),
+        in frame group ``group`` of a video."""
+        grid = self.token_grid(group)
         if self.image.original_size is None:
             u = self.image.token_size
             return grid.repeat_interleave(u, 0).repeat_interleave(u, 1).numpy()
         ys, xs = self.image.grid_to_original_index()
         return grid[ys][:, xs].numpy()
 
-    def pixel_masks(self) -> np.ndarray:
-        """(K, H, W) boolean masks at the original image resolution, for drawing."""
-        labels = self.pixel_labels()
+    def pixel_masks(self, group: int = 0) -> np.ndarray:
+        """(K, H, W) boolean masks at the original image resolution (of frame group ``group``), for drawing."""
+        labels = self.pixel_labels(group)
         return labels[None] == np.arange(self.num_regions)[:, None, None]
+
+    def region_groups(self, region: int) -> list[int]:
+        """The frame groups holding tokens of ``region`` (hard assignment); ``[0]`` for an image's regions."""
+        if not 0 <= int(region) < self.num_regions:
+            raise IndexError(f"region {region} out of range 0..{self.num_regions - 1}")
+        tokens = torch.nonzero(self.assignment == int(region)).flatten()
+        return sorted({int(t) // self.image.tokens_per_group for t in tokens.tolist()})
+
+    def region_time_span(self, region: int) -> tuple[float, float] | None:
+        """``(start, end)`` seconds of the frame groups ``region`` covers (a video's); ``None`` for an image."""
+        groups = self.region_groups(region)
+        if not self.image.is_video or not groups:
+            return None
+        return self.image.frame_group_span(groups[0])[0], self.image.frame_group_span(groups[-1])[1]
 
     @property
     def is_hard(self) -> bool:
@@ -148,7 +172,10 @@ class RegionMap:
 
 
 def grid_regions(image: ImageTokens, k: int = 16) -> RegionMap:
-    """A regular grid of exactly ``min(k, tokens)`` rectangular regions over the token grid.
+    """A regular grid of exactly ``min(k, tokens)`` rectangular regions over the token grid (per frame group).
+
+    A video gets the grid in each of its ``t`` frame groups: ``t * min(k, h * w)`` regions, group by group, each
+    a cell of one group (attribution then says where *and when*).
 
     A ``k`` above the token count is capped; ``info["requested_k"]`` and ``info["k_capped_by_tokens"]``
     then record it, as for every region method.
@@ -163,6 +190,7 @@ def grid_regions(image: ImageTokens, k: int = 16) -> RegionMap:
         raise ValueError(f"grid regions need k >= 1 regions per image, got k={k}; pass a positive k (e.g. 16).")
     requested = int(k)
     k = min(requested, h * w)
+    groups = image.num_frame_groups
     rows = int(round(np.sqrt(k * h / w)))
     rows = max(1, -(-k // w), min(h, rows, k))  # at least ceil(k / w) rows so no row needs more than w columns
     rows = min(rows, h)
@@ -181,10 +209,12 @@ def grid_regions(image: ImageTokens, k: int = 16) -> RegionMap:
         col_of = np.searchsorted(c_edges, np.arange(w), side="right") - 1
         labels[r_edges[i]:r_edges[i + 1]] = start + col_of[None, :]
         start += c
-    labels = np.tile(labels.reshape(-1), image.grid_thw[0])
+    labels = np.concatenate([labels.reshape(-1) + g * k for g in range(groups)])  # one grid per frame group
     uniform = len(set(cols_per_row)) == 1
     info = {"rows": rows, "cols": cols_per_row[0] if uniform else max(cols_per_row), "cols_per_row": cols_per_row,
             "k": k, "clustering": "grid"}
+    if image.is_video:
+        info.update(frame_groups=groups, k_per_group=k)
     if k < requested:  # recorded as every method records it (regions.policy.resolve_k)
         info.update(requested_k=requested, k_capped_by_tokens=True)
     return RegionMap.from_assignment(image, labels, method="grid", info=info)
@@ -192,7 +222,7 @@ def grid_regions(image: ImageTokens, k: int = 16) -> RegionMap:
 
 @dataclass
 class PromptRegions:
-    """The region maps of every image of a prompt, as one global region index."""
+    """The region maps of every image and video of a prompt, as one global region index."""
 
     layout: VisualLayout
     maps: list[RegionMap]
@@ -213,11 +243,16 @@ class PromptRegions:
         return offsets
 
     def region_owner(self, region: int) -> tuple[int, int]:
-        """(image index, local region index) of a global region index."""
+        """(item index: image or video, local region index) of a global region index."""
         for i, off in enumerate(self.region_offsets()):
             if off <= region < off + self.maps[i].num_regions:
                 return i, region - off
         raise IndexError(f"region {region} out of range 0..{self.num_regions - 1}")
+
+    def region_time_span(self, region: int) -> tuple[float, float] | None:
+        """``(start, end)`` seconds a global region covers when it is a video's; ``None`` for an image's region."""
+        item, local = self.region_owner(region)
+        return self.maps[item].region_time_span(local)
 
     def membership(self) -> torch.Tensor:
         """(N_visual, K_total) block-diagonal membership over all visual tokens of the prompt."""
@@ -255,7 +290,7 @@ class PromptRegions:
 
 
 def prompt_regions(layout: VisualLayout, maps: Sequence[RegionMap] | None = None, k: int = 16) -> PromptRegions:
-    """Region maps for every image; a ``k``-region grid where none is given."""
+    """Region maps for every image and video; a ``k``-region grid (per frame group) where none is given."""
     if maps is None:
         maps = [grid_regions(im, k) for im in layout.images]
     return PromptRegions(layout, list(maps))

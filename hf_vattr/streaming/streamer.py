@@ -66,7 +66,8 @@ __all__ = [
 
 _END = object()
 _POLL_INTERVAL = 0.01  # seconds the worker sleeps when it has nothing to do (events lag tokens by at most this)
-_INPUT_KEYS = ("input_ids", "attention_mask", "image_grid_thw", "pixel_values")
+_INPUT_KEYS = ("input_ids", "attention_mask", "image_grid_thw", "pixel_values", "video_grid_thw", "pixel_values_videos",
+               "second_per_grid_ts")
 
 
 class GenerationError(AttributionError, RuntimeError):
@@ -179,8 +180,8 @@ def _prompt_inputs(args: tuple, kwargs: dict) -> dict:
 
 
 def _same_prompt(built: Any, given: dict) -> bool:
-    """Whether generate's inputs are the ones the streamer was built with (token ids and image grids)."""
-    for key in ("input_ids", "image_grid_thw"):
+    """Whether generate's inputs are the ones the streamer was built with (token ids, image and video grids)."""
+    for key in ("input_ids", "image_grid_thw", "video_grid_thw"):
         a = built if (key == "input_ids" and isinstance(built, torch.Tensor)) else (
             None if isinstance(built, torch.Tensor) else built.get(key))
         b = given.get(key)
@@ -211,12 +212,20 @@ class AttributionStreamer(TextStreamer):
             attention (mean over layers and heads), which is *not* causal; a warning says so.
         images: the original images (or their ``(height, width)``), to map regions onto original pixels;
             for batches one list per row, or one flat list in batch order.
+        videos: the prompt's videos as the processor took them, in prompt order: per video a list of frames
+            (PIL images or arrays), a ``(T, H, W, C)`` array, a path (decoded as transformers decodes videos), or
+            its frames' ``(height, width)``; a single video may be passed alone. Batches as ``images``. Each
+            video's tokens are grouped by frame group (``temporal_patch_size`` frames each) with their seconds.
+        video_metadata: per video, the metadata the processor was given (``fps``, and ``total_num_frames`` /
+            ``frames_indices`` where it sampled frames; ``processor(..., return_metadata=True)`` returns it): it
+            times the frame groups as the processor did and picks the sampled frames out of ``videos``. Without
+            it, Qwen2.5-VL's ``second_per_grid_ts`` (in ``inputs``) times them, else the processors' 24 fps default.
         regions: region maps (a :class:`PromptRegions`, a list of :class:`RegionMap` per image, or one map),
             or a method name for :func:`hf_vattr.regions.build_regions` (``"auto"``, ``"vlm"``, ``"dinov3"``, ...);
-            default: a regular grid of ``grid_k`` regions per image. ``"prefill"``: the same regions as
-            ``"vlm"``, built from the vision tower's output of ``generate``'s own prefill (no extra vision
-            pass); ``streamer.regions`` is then set once generation has started. Batches: a method name,
-            or one region spec per row.
+            default: a regular grid of ``grid_k`` regions per image (per frame group of a video). ``"prefill"``:
+            the same regions as ``"vlm"``, built from the vision tower's output of ``generate``'s own prefill
+            (no extra vision pass); ``streamer.regions`` is then set once generation has started. Batches: a
+            method name, or one region spec per row.
         splitter: span splitter; default :class:`ReasoningStepSplitter` (one copy per sequence).
         format: the model family's :class:`~hf_vattr.reasoning.formats.ThinkingFormat` (or its name); default: detected
             from the processor and the prompt (:func:`~hf_vattr.reasoning.formats.detect_format`). ``streamer.format``
@@ -240,6 +249,8 @@ class AttributionStreamer(TextStreamer):
         inputs: Any = None,
         estimator: Any | None = None,
         images: Sequence[Any] | None = None,
+        videos: Any = None,
+        video_metadata: Any = None,
         regions: PromptRegions | Sequence[RegionMap] | RegionMap | str | None = None,
         grid_k: int = 16,
         splitter: SpanSplitter | None = None,
@@ -255,7 +266,8 @@ class AttributionStreamer(TextStreamer):
         self.model = model
         if estimator is not None:
             estimator.check_compatible(model)  # now, not at generate time
-        self._session_options = dict(estimator=estimator, images=images, regions=regions, grid_k=grid_k)
+        self._session_options = dict(estimator=estimator, images=images, videos=videos, video_metadata=video_metadata,
+                                     regions=regions, grid_k=grid_k)
         self._built_inputs = inputs
         self.session: AttributionSession | None = None
         if inputs is not None:
@@ -390,8 +402,8 @@ class AttributionStreamer(TextStreamer):
                 self.traces = self._row_traces()
             elif not _same_prompt(self._built_inputs, inputs):
                 raise StreamerInputError(
-                    "generate(...) received other inputs than the AttributionStreamer was built with (input_ids or "
-                    "image_grid_thw differ). Build the streamer without inputs= (it takes them from generate), or "
+                    "generate(...) received other inputs than the AttributionStreamer was built with (input_ids, "
+                    "image_grid_thw or video_grid_thw differ). Build the streamer without inputs= (it takes them from generate), or "
                     "with the very inputs you pass to generate.")
             self.session.attach()
             stop = _StopWhenClosed(self._closed)
