@@ -1,4 +1,4 @@
-"""Region unitization: partition each image's visual tokens into K regions.
+"""Region unitization: partition each image's (and video's) visual tokens into K regions.
 
 Start with :func:`build_regions` (``method="auto" | "vlm" | "dinov3" | "dinov2" |
 "slic" | "grid" | "masks" | "color" | "features"``); the lower-level pieces

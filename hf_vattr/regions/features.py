@@ -23,10 +23,14 @@ Sources:
   Weights come from a local file or the Hugging Face cache; when they are
   absent and the Hub is unreachable we fail in seconds with instructions,
   instead of huggingface_hub's retry loop (about 25 s offline).
-* :func:`vlm_token_features` - the VLM's own vision tower (``get_image_features``),
-  already 1:1 with the visual tokens; needs no extra model or weights.
+* :func:`vlm_token_features` - the VLM's own vision tower (``get_image_features``,
+  ``get_video_features``), already 1:1 with the visual tokens; needs no extra model or weights.
 * :class:`ColorFeatures` - mean CIE-Lab colour per token; weights-free, for
   tests and as a cheap baseline.
+
+Videos: the image extractors run on every frame the vision tower saw (the same boxes in
+every frame) and average the frames of each frame group, as the tower fuses them into one
+token group (:func:`per_frame_group`); the VLM's own features are per token group already.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttributionError
-from ..layouts import ImageTokens, channels_first
+from ..layouts import ImageTokens, VideoInputError, channels_first, video_frames
 
 __all__ = [
     "TokenFeatureExtractor",
@@ -59,6 +63,8 @@ __all__ = [
     "VisionFeatureRecorder",
     "image_to_tensor",
     "resize_to_token_grid",
+    "per_frame_group",
+    "VideoNotSupportedError",
 ]
 
 #: method name -> default timm architecture.
@@ -73,6 +79,10 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_mo
 
 class WeightsUnavailableError(AttributionError, FileNotFoundError):
     """Pretrained feature-extractor weights are neither local nor downloadable right now."""
+
+
+class VideoNotSupportedError(AttributionError, NotImplementedError):
+    """A region method that works on single images was asked for a video's regions."""
 
 
 @runtime_checkable
@@ -149,6 +159,35 @@ def resize_to_token_grid(image: Any, tokens: ImageTokens, px_per_token: int, *,
         return x
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=mode in ("bilinear", "bicubic")
                          ).clamp_(0.0, 1.0)
+
+
+def frame_tokens(tokens: ImageTokens) -> ImageTokens:
+    """One frame of a video item, as an image item with the same grid and boxes (what per-frame extractors take)."""
+    return ImageTokens(image_index=tokens.image_index, positions=tokens.positions[:tokens.tokens_per_group],
+                       grid_thw=(1, *tokens.grid_hw), token_size=tokens.token_size,
+                       original_size=tokens.original_size, kind_index=tokens.kind_index)
+
+
+def video_group_frames(video: Any, tokens: ImageTokens) -> list[list[Any]]:
+    """The frames of each frame group of a video item, padded as the processor pads (the last frame repeats)."""
+    frames = video_frames(video, tokens.kind_index)
+    t = tokens.num_frame_groups
+    p = tokens.frames_per_group if tokens.frame_times is not None else -(-len(frames) // t)
+    if not (t - 1) * p < len(frames) <= t * p:
+        raise VideoInputError(f"Video {tokens.kind_index} has {len(frames)} frames but its tokens have {t} frame "
+                              f"group(s) of {p} frames: pass the frames the processor used.")
+    padded = list(frames) + [frames[-1]] * (t * p - len(frames))
+    return [padded[g * p:(g + 1) * p] for g in range(t)]
+
+
+def per_frame_group(extract: Callable[[Any, ImageTokens], torch.Tensor], video: Any,
+                    tokens: ImageTokens) -> torch.Tensor:
+    """(t * h * w, D): ``extract(frame, frame tokens)`` on every frame the tower saw, averaged over each group's
+    frames (the tower fuses them into one token group), groups in order as the video's tokens are."""
+    frame = frame_tokens(tokens)
+    groups = [torch.stack([extract(f, frame) for f in group]).float().mean(0)
+              for group in video_group_frames(video, tokens)]
+    return torch.cat(groups)
 
 
 # --------------------------------------------------------------------------- weights
@@ -315,7 +354,7 @@ class TimmPatchFeatures:
 
     @torch.inference_mode()
     def patch_features(self, image: Any, tokens: ImageTokens) -> tuple[torch.Tensor, int]:
-        """((h*m, w*m, D) patch features, m) for frame 0 of ``tokens``."""
+        """((h*m, w*m, D) patch features, m) of one image (or video frame) on the token grid of ``tokens``."""
         model, _ = self._resolve()
         p = self.patch_size
         m = self.choose_m(tokens)
@@ -333,9 +372,9 @@ class TimmPatchFeatures:
         return patches[0].reshape(h * m, w * m, -1).float().cpu(), m
 
     def __call__(self, image: Any, tokens: ImageTokens) -> torch.Tensor:
-        """(N_tokens, D): each VLM token's mean over its m x m ViT patches."""
-        if tokens.grid_thw[0] != 1:
-            raise NotImplementedError("DINO features are per image; videos (t > 1) are not supported yet.")
+        """(N_tokens, D): each VLM token's mean over its m x m ViT patches (of its group's frames, for a video)."""
+        if tokens.is_video:
+            return per_frame_group(self, image, tokens)
         feats, m = self.patch_features(image, tokens)
         h, w = tokens.grid_hw
         d = feats.shape[-1]
@@ -370,8 +409,8 @@ class ColorFeatures:
     normalize: bool = False  # Lab distances are meaningful as they are
 
     def __call__(self, image: Any, tokens: ImageTokens) -> torch.Tensor:
-        if tokens.grid_thw[0] != 1:
-            raise NotImplementedError("Colour features are per image; videos (t > 1) are not supported yet.")
+        if tokens.is_video:
+            return per_frame_group(self, image, tokens)
         from skimage.color import rgb2lab
 
         f = self.px_per_token
@@ -401,19 +440,23 @@ def _vision_owner(model: Any) -> Any:
 
 
 @torch.inference_mode()
-def vlm_token_features(model: Any, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
-    """The VLM's own vision-tower output per image: a list of (N_tokens_i, D) float32 CPU tensors.
+def vlm_token_features(model: Any, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, *,
+                       kind: str = "image") -> list[torch.Tensor]:
+    """The VLM's own vision-tower output per image (``kind="video"``: per video): (N_tokens_i, D) float32 CPU tensors.
 
-    Uses ``model.model.get_image_features(pixel_values, image_grid_thw)``
-    (Qwen2.5-VL, Qwen3-VL, GLM-4.1V and their MoE variants in transformers 5):
-    its ``pooler_output`` holds the merged, projected token embeddings the LLM
-    receives, one per visual token, in the same row-major order as the image
-    tokens in ``input_ids``: aligned 1:1 by construction.
+    Uses ``model.model.get_image_features(pixel_values, image_grid_thw)`` (or
+    ``get_video_features(pixel_values_videos, video_grid_thw)``; Qwen2.5-VL, Qwen3-VL,
+    GLM-4.1V and their MoE variants in transformers 5): its ``pooler_output`` holds
+    the merged, projected token embeddings the LLM receives, one per visual token,
+    in the same order as the visual tokens in ``input_ids`` (a video's frame group
+    after frame group): aligned 1:1 by construction.
     """
+    if kind not in ("image", "video"):
+        raise ValueError(f"kind must be 'image' or 'video', got {kind!r}.")
     owner = _vision_owner(model)
     param = next(owner.parameters())
     grid = torch.as_tensor(image_grid_thw).to(param.device)
-    out = owner.get_image_features(pixel_values.to(param.device, param.dtype), grid)
+    out = getattr(owner, f"get_{kind}_features")(pixel_values.to(param.device, param.dtype), grid)
     pooled = getattr(out, "pooler_output", None)
     if pooled is None:
         pooled = out[0] if isinstance(out, tuple) and not isinstance(out[0], torch.Tensor) else out
@@ -430,11 +473,12 @@ class VisionFeatureRecorder:
     Why: with a real vision tower (0.4-0.7 B parameters) recomputing its output
     just for regions costs as much as the prefill's vision pass; recording it
     during that pass makes ``method="features"`` regions cost only the Ward
-    clustering. Use on prompts with images only (video calls are recorded too)::
+    clustering. Every tower call is recorded: the models encode a prompt's images in one call, then its
+    videos in another (for GLM, split per frame group: concatenate a video's groups)::
 
         with VisionFeatureRecorder(model) as rec:
             model(**inputs)          # or the prefill of generate
-        regions = build_regions(layout, "features", features=rec.features())
+        regions = build_regions(layout, "features", features=rec.features())   # an image-only prompt
     """
 
     def __init__(self, model: Any, on_record: Callable[[list[torch.Tensor]], None] | None = None) -> None:
@@ -467,7 +511,7 @@ class VisionFeatureRecorder:
             self._handle = None
 
     def features(self, call: int = 0) -> list[torch.Tensor]:
-        """(N_tokens_i, D) per image of the ``call``-th recorded tower call (the prompt's images)."""
+        """(N_tokens_i, D) per grid row of the ``call``-th recorded tower call (per image, or per video)."""
         if not self.calls:
             raise RuntimeError("No vision-tower call was recorded; run the model on inputs with pixel_values "
                                "inside the `with` block.")

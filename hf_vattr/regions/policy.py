@@ -6,6 +6,8 @@ varies by two orders of magnitude across models and image sizes (a 224 px
 thumbnail has 64 tokens, a 1000 px photo about 1000). The paper uses K in
 [16, 128]; we scale K with the token count inside that range, and never ask
 for more regions than there are visual tokens (a region must own a token).
+A video's K counts all its tokens (its regions may span frame groups); a grid
+resolves K per frame group.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..layouts import ImageTokens
-from .features import resize_to_token_grid
+from .features import VideoNotSupportedError, resize_to_token_grid
 from .map import RegionMap
 from .partition import merge_to_k, split_components
 from .policy import KPolicy, resolve_k
@@ -60,8 +60,9 @@ def slic_regions(tokens: ImageTokens, image: Any, k: int | None | Sequence[int |
     segmentation = require_skimage()
     from skimage.color import rgb2lab
 
-    if tokens.grid_thw[0] != 1:
-        raise NotImplementedError("SLIC regions are per image; videos (t > 1) are not supported yet.")
+    if tokens.is_video:
+        raise VideoNotSupportedError("SLIC regions are per image; for a video use method='vlm', 'dinov3', "
+                                     "'dinov2', 'color', 'grid' or 'masks' (regions across frames).")
     many = isinstance(k, (list, tuple, range))
     ks = list(k) if many else [k]
     h, w = tokens.grid_hw

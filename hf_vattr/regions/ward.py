@@ -1,7 +1,8 @@
 """Ward agglomerative clustering of token features on the token grid.
 
 Why Ward with a grid connectivity graph: merges are only allowed between
-clusters that touch on the token grid (4-neighbourhood), so every region is a
+clusters that touch on the token grid (4-neighbourhood; in a video also the
+same cell in the neighbouring frame groups), so every region is a
 contiguous patch of tokens by construction, and the result is a binary merge
 tree. Cutting that tree after ``N - K`` merges yields *exactly* K regions for
 any K <= N, so the tree is built once and serves every K the user asks for
