@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from hf_vattr import AttributionError, AttributionStreamer, AttributionTrace, LinearEstimator, TokenAttribution
-from hf_vattr.capture import capture_active
+from hf_vattr.capture import AttentionCapture, capture_active
 from hf_vattr.layouts import LayoutError, VideoInputError, extend_inputs, visual_layout
+from hf_vattr.regions import build_regions
 from hf_vattr.streaming.streamer import armed_on
 from hf_vattr.testing import example_image, example_inputs, example_video, example_video_inputs
 
@@ -224,6 +225,29 @@ def test_video_prompts_stream_features_equal_to_eager_attention(tiny, family):
     # the trace keeps the video's frames as the tower's input order had them
     assert isinstance(streamer.trace.images[0], np.ndarray) and streamer.trace.images[0].shape == (6, 120, 160, 3)
     assert not capture_active() and not armed_on(model)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_captured_rows_of_a_video_prompt_match_eager_attention_over_regions_across_time(tiny, family, pooling):
+    """The capture's last row, pooled over the VLM-feature regions of the video (regions that may span frame
+    groups) and the image, is eager attention pooled the same way."""
+    model, proc = tiny
+    inputs, videos, images = _video_prompt(family, proc)
+    layout = _layout(model, inputs, images, videos, fps=2.0)
+    regions = build_regions(layout, "vlm", k=5, model=model, inputs=inputs)
+    video_map = regions.maps[layout.videos[0].image_index]
+    assert any(len(video_map.region_groups(r)) > 1 for r in range(video_map.num_regions))
+    membership = regions.membership()
+    with AttentionCapture(model, layout.positions, membership, pooling=pooling) as cap:
+        with torch.no_grad():
+            model(**inputs)
+        feats = cap.pop()
+    eager, _ = get_tiny(family, attn_implementation="eager")
+    with torch.no_grad():
+        att = torch.stack(eager(**inputs, output_attentions=True, use_cache=False).attentions)[:, 0, :, -1]
+    weights = membership if pooling == "sum" else membership / membership.sum(0)
+    torch.testing.assert_close(feats, att[..., layout.positions] @ weights, atol=1e-5, rtol=0)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
 
 
 def test_a_video_trace_saves_and_loads_with_its_frames_and_times(tmp_path):
