@@ -407,3 +407,33 @@ def test_a_left_padded_batch_of_video_prompts_equals_batch_one_runs(family):
             assert torch.equal(layout.positions, alone.layout.positions + pad)
         assert np.array_equal(streamer.traces[s].images[0], alone.trace.images[0])
     assert not capture_active()
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "glm4v"])
+def test_frames_the_processor_sampled_are_picked_and_timed_from_its_metadata(family):
+    """The processor samples a longer video itself; with the metadata it returns, the streamer keeps the frames
+    the tower saw and times them as the processor wrote them."""
+    model, proc = get_tiny(family)
+    video = example_video(12, seed=6)
+    prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}]}], add_generation_prompt=True,
+                                      tokenize=False)
+    inputs = proc(text=[prompt], videos=[video], video_metadata=[{"fps": 4.0, "total_num_frames": 12}],
+                  return_metadata=True, return_tensors="pt")
+    metadata = inputs.pop("video_metadata")
+    picked = [int(i) for i in metadata[0].frames_indices]
+    assert len(picked) < 12  # the processor did sample
+    streamer = AttributionStreamer(model, proc, inputs=inputs, videos=[video], video_metadata=metadata)
+    item = streamer.layout.videos[0]
+    assert np.array_equal(streamer.trace.images[0], np.stack([np.asarray(video[i]) for i in picked]))
+    assert [item.frame_group_span(g)[0] for g in range(item.num_frame_groups)] == pytest.approx(
+        [picked[2 * g] / 4.0 for g in range(item.num_frame_groups)])
+    text = proc.tokenizer.decode(inputs["input_ids"][0])
+    if family == "qwen3_vl":
+        written = [float(x) for x in re.findall(r"<([0-9.]+) seconds>", text)]
+        assert written == [round((item.frame_times[2 * g] + item.frame_times[2 * g + 1]) / 2, 1)
+                           for g in range(item.num_frame_groups)]
+    else:
+        written = [int(x) for x in re.findall(r"<\|end_of_image\|>(\d+)", text)]
+        assert written == [int(item.frame_group_span(g)[0]) for g in range(item.num_frame_groups)]
+    streamer.close()
+    assert not armed_on(model)
