@@ -437,3 +437,15 @@ def test_frames_the_processor_sampled_are_picked_and_timed_from_its_metadata(fam
         assert written == [int(item.frame_group_span(g)[0]) for g in range(item.num_frame_groups)]
     streamer.close()
     assert not armed_on(model)
+
+
+def test_a_tuple_of_two_frames_is_a_video_and_a_tuple_of_two_ints_its_size():
+    model, proc = get_tiny("qwen3_vl")
+    video = example_video(2)
+    inputs = example_video_inputs(proc, [video], fps=2.0)
+    frames = AttributionStreamer(model, proc, inputs=inputs, videos=[tuple(np.asarray(f) for f in video)])
+    assert frames.trace.images[0].shape == (2, 120, 160, 3)
+    size = AttributionStreamer(model, proc, inputs=inputs, videos=[(120, 160)])
+    assert size.trace.images[0] == (120, 160) and size.layout.videos[0].original_size == (120, 160)
+    with pytest.raises(LayoutError, match="Video 0 is 160x120"):  # (width, height): the grid says otherwise
+        AttributionStreamer(model, proc, inputs=inputs, videos=[(160, 120)])

@@ -217,7 +217,7 @@ class AttributionSession:
         out = []
         for j, video in enumerate(videos):
             indices = None if metadata is None or metadata[j] is None else dict(metadata[j]).get("frames_indices")
-            out.append(video if isinstance(video, tuple) and len(video) == 2 else video_frames(video, j, indices))
+            out.append(video_frames(video, j, indices) if is_video(video) else video)  # a (height, width) stays
         return out
 
     # ------------------------------------------------------------------ regions
