@@ -17,6 +17,7 @@ from hf_vattr.viz import (
     WEAK_FRACTION,
     OverlayRenderer,
     clear_cache,
+    colour_bar,
     describe_location,
     overlay_renderer,
     render_html,
@@ -266,7 +267,7 @@ def test_pictures_follow_objects_whose_ids_are_reused():
     for i in range(80):
         picture, colour, height = draw(i)
         assert (picture[1, 1] == colour).all(), i
-        assert picture.shape[0] == height * int(np.ceil(224 / height)) + 44, i
+        assert picture.shape[0] == height * int(np.ceil(224 / height)) + colour_bar(0, 1, picture.shape[1]).height, i
 
 
 def test_cached_pictures_equal_fresh_ones_and_follow_new_objects():
@@ -415,3 +416,45 @@ def test_report_without_images_draws_grey_canvases():
     trace = AttributionTrace(regions, spans=[span(0, [1.0] * 9)])
     page = render_html(trace)
     assert page.count("data:image/png;base64,") == 2  # overlay and trajectory, no input image
+
+
+# --------------------------------------------------------------------------- colour bar
+
+
+def _ink_bands(bar: np.ndarray, first_row: int) -> list[tuple[int, int]]:
+    """Runs of rows (start, end-exclusive) from ``first_row`` down that hold any non-white pixel: lines of text."""
+    inked = (bar[first_row:] < 250).any(axis=(1, 2))
+    bands, start = [], None
+    for row, ink in enumerate(inked.tolist() + [False]):
+        if ink and start is None:
+            start = row
+        elif not ink and start is not None:
+            bands.append((first_row + start, first_row + row))
+            start = None
+    return bands
+
+
+@pytest.mark.parametrize("label, width", [
+    ("predicted log-prob drop (nats) if the region were removed; scores below 0 drawn as 0", 774),
+    ("uncalibrated score (raw value-norm attention, no estimator); scores below 0 drawn as 0", 320),
+    ("predicted log-prob drop (nats) if the region were removed", 582),
+])
+def test_colour_bar_caption_clears_the_tick_values_and_the_edges(label, width):
+    """Read on the pixels: below the ramp's tick marks, the tick values and each caption line are separate bands
+    of ink with at least 3 blank rows between them (so they stay apart when a browser shrinks the picture), the
+    last band ends 3 rows before the bar's edge (no clipped descenders), and no ink touches the sides."""
+    from hf_vattr.viz.colours import bar_layout
+
+    for vmax in (7.5, 20.4, 0.004, 123.0):
+        bar = np.asarray(colour_bar(0.0, vmax, width, label=label))
+        below_ticks = 16 + 3 + 1  # the ramp ends at row 16, its tick marks 3 rows lower
+        bands = _ink_bands(bar, below_ticks)
+        lines = bar_layout(width, label)[2]
+        assert len(bands) == 1 + len(lines), (bands, lines)  # the tick values, then one band per caption line
+        gaps = [b[0] - a[1] for a, b in zip(bands, bands[1:])]
+        assert all(g >= 3 for g in gaps), gaps
+        assert bands[0][0] - below_ticks >= 3
+        assert bar.shape[0] - bands[-1][1] >= 3
+        caption = bar[bands[1][0]:]
+        assert (caption[:, :2] >= 250).all() and (caption[:, -2:] >= 250).all()  # the caption is not cut at a side
+    assert [line for line, _ in lines] and " ".join(line for line, _ in lines) == label

@@ -176,7 +176,8 @@ class AttributionTrace:
 
         JSON holds the text and structure (token ids, pieces, sections, span ranges, the regions via
         ``PromptRegions.to_dict``, how each image is stored); safetensors holds every number: token and
-        span scores, token features when kept, and the images' pixels. :meth:`load` restores all of it.
+        span scores, token features when kept, and the images' pixels (a video's frames, as the trace keeps
+        them: one array, or a list of frames stacked). :meth:`load` restores all of it.
         """
         from safetensors.torch import save_file
 
@@ -359,29 +360,79 @@ TRACE_FORMAT = "hf_vattr.trace"
 TRACE_FORMAT_VERSION = 1
 
 
+_PIL_MODES = ("RGB", "RGBA", "L", "LA", "I", "F", "I;16")  # stored as they are; other modes converted
+
+
+def _storable_pil(image: Any) -> tuple[Any, bool]:
+    """(a PIL image whose pixels an array keeps, whether it had to be converted to RGB / RGBA)."""
+    if image.mode in _PIL_MODES:
+        return image, False
+    return image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB"), True
+
+
+def _is_frame_list(image: Any) -> bool:
+    """A video as a list of frames (PIL images, arrays or tensors), not a ``(h, w)`` size."""
+    return isinstance(image, (list, tuple)) and len(image) > 0 and all(
+        hasattr(f, "shape") or (hasattr(f, "mode") and hasattr(f, "size")) for f in image)
+
+
 def _save_image(image: Any, i: int, tensors: dict[str, torch.Tensor]) -> dict:
-    """Put one image's pixels into ``tensors`` and return how to rebuild it."""
+    """Put one image's (or one video's frames') pixels into ``tensors`` and return how to rebuild it.
+
+    A video kept as one array or tensor (``(T, H, W, C)``, as the streamer keeps the frames the vision tower saw)
+    is stored like an image array; a list of frames as one stacked tensor (``"kind": "frames"``), PIL frames
+    with their mode.
+    """
     key = f"image.{i}"
     if image is None:
         return {"kind": "none"}
     if isinstance(image, (tuple, list)) and len(image) == 2 and all(isinstance(v, (int, np.integer)) for v in image):
         return {"kind": "size", "size": [int(image[0]), int(image[1])]}
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - pillow is a dependency
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
-        mode = image.mode
-        if mode not in ("RGB", "RGBA", "L", "LA", "I", "F", "I;16"):
-            image, mode = image.convert("RGBA" if "A" in mode or "transparency" in image.info else "RGB"), None
-        tensors[key] = torch.from_numpy(np.array(image))
-        return {"kind": "pil", "mode": image.mode, "tensor": key, "converted": mode is None}
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        stored, converted = _storable_pil(image)
+        tensors[key] = torch.from_numpy(np.array(stored))
+        return {"kind": "pil", "mode": stored.mode, "tensor": key, "converted": converted}
+    if _is_frame_list(image):
+        return _save_frames(image, i, key, tensors)
     if isinstance(image, torch.Tensor):
         tensors[key] = image.detach().cpu().contiguous()
         return {"kind": "tensor", "tensor": key}
     arr = np.ascontiguousarray(np.asarray(image))
     tensors[key] = torch.from_numpy(arr.copy())
     return {"kind": "array", "tensor": key}
+
+
+def _save_frames(frames: Any, i: int, key: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """One video given as a list of frames: stacked into one ``(T, ...)`` tensor; PIL frames in one mode."""
+    from PIL import Image
+
+    if all(isinstance(f, Image.Image) for f in frames):
+        stored = [_storable_pil(f) for f in frames]
+        converted = any(c for _, c in stored)
+        modes = {f.mode for f, _ in stored}
+        if len(modes) > 1:  # one tensor holds one mode: bring them all to RGB(A)
+            alpha = any("A" in m for m in modes)
+            stored, converted = [(f.convert("RGBA" if alpha else "RGB"), True) for f, _ in stored], True
+        arrays, meta = [np.array(f) for f, _ in stored], {"pil": True, "mode": stored[0][0].mode,
+                                                           "converted": converted}
+    else:
+        arrays = [f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f) for f in frames]
+        meta = {"pil": False}
+    shapes = sorted({a.shape for a in arrays})
+    if len(shapes) > 1 or len({a.dtype for a in arrays}) > 1:
+        raise ValueError(f"Video {i} has frames of different shapes or dtypes {shapes}: a video's frames share one "
+                         "size and dtype (processors stack them), so they are stored as one tensor.")
+    tensors[key] = torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
+    return {"kind": "frames", "tensor": key, **meta}
+
+
+def _pil_of(arr: np.ndarray, mode: str) -> Any:
+    from PIL import Image
+
+    image = Image.fromarray(arr)  # the array's dtype and shape determine the mode
+    return image if image.mode == mode else image.convert(mode)
 
 
 def _load_image(meta: dict, tensors: dict[str, torch.Tensor]) -> Any:
@@ -397,8 +448,7 @@ def _load_image(meta: dict, tensors: dict[str, torch.Tensor]) -> Any:
     if kind == "array":
         return arr
     if kind == "pil":
-        from PIL import Image
-
-        image = Image.fromarray(arr)  # the array's dtype and shape determine the mode
-        return image if image.mode == meta["mode"] else image.convert(meta["mode"])
+        return _pil_of(arr, meta["mode"])
+    if kind == "frames":
+        return [_pil_of(frame, meta["mode"]) for frame in arr] if meta.get("pil") else list(arr)
     raise ValueError(f"Unknown stored image kind {kind!r}.")

@@ -1,5 +1,6 @@
 """The picture of one step's region scores: the original image with the top regions outlined, a heatmap over
-a grey copy, and a colour bar in the scores' units.
+a grey copy, and a colour bar in the scores' units. A video is drawn as a filmstrip: one panel per frame
+group, the group's first frame above its heatmap, with the outlines and the group's seconds above it.
 
 Overlays paint each region's score through ``RegionMap.pixel_labels()`` (exact token -> pixel geometry,
 separate y/x scales), so what is drawn is what the model saw. The original image is never tinted: the task
@@ -19,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from ..layouts import video_frames
 from ..regions import PromptRegions, RegionMap
 from .colours import colormap, colour_bar, rank_colour
 from .evidence import EVIDENCE_LEVELS, MUTED_EVIDENCE, evidence_wording
@@ -28,12 +30,15 @@ from .locations import clear_geometry, pixel_labels, region_geometry
 from .scores import SCORE_UNITS, ranked_regions, scores_array, top_positive_regions
 
 __all__ = ["OverlayRenderer", "overlay_renderer", "step_overlay", "clear_cache", "overlay", "span_overlays",
-           "mask_edges"]
+           "mask_edges", "group_frame"]
 
 _MIN_PANEL = 224  # small images are enlarged (nearest neighbour) so outlines and labels stay legible
 _CACHE_SIZE = 4  # (regions, images) pairs whose fixed drawing parts are kept (see overlay_renderer)
 _GAP = 6  # pixels between panels
 _HEADER = 18  # height of the caption strip
+_VIDEO_ROWS = (112, 224)  # a video frame's panel: enlarged below the first height, shrunk above the second
+_STRIP_COLUMNS = 6  # most frame-group panels in one row of a filmstrip; more groups wrap into balanced rows
+_TIME_LABEL = 16  # height of the strip above each frame-group panel that gives its seconds
 
 
 def mask_edges(mask: np.ndarray, width: int = 1) -> np.ndarray:
@@ -91,21 +96,34 @@ def _image_or_blank(image: Any, region_map: RegionMap) -> Image.Image:
 
 
 class _Panel:
-    """One image's fixed drawing parts: the (enlarged) original, its grey copy, the per-pixel region labels,
-    and, per region on first use, its outline pixels and tag corner."""
+    """One image's (or one frame group's) fixed drawing parts: the (resized) original, its grey copy, the
+    per-pixel region labels, and, per region on first use, its outline pixels and tag corner.
 
-    def __init__(self, image: Any, region_map: RegionMap, labels: np.ndarray | None = None) -> None:
+    An image smaller than ``_MIN_PANEL`` rows is enlarged by a whole factor (nearest neighbour). A video frame
+    is fitted to ``_VIDEO_ROWS`` (enlarged by a whole factor below it, shrunk above it) so that a filmstrip
+    of many groups stays a readable size.
+    """
+
+    def __init__(self, image: Any, region_map: RegionMap, labels: np.ndarray | None = None, *,
+                 video: bool = False) -> None:
         pil = _image_or_blank(image, region_map)
         labels = region_map.pixel_labels() if labels is None else labels
         if labels.shape != (pil.height, pil.width):
+            what = "video frame" if video else "image"
             raise ValueError(
-                f"Region map is for a {labels.shape[1]}x{labels.shape[0]} image but got {pil.width}x{pil.height}; "
-                "pass the original image the prompt was built from."
+                f"Region map is for a {labels.shape[1]}x{labels.shape[0]} {what} but got {pil.width}x{pil.height}; "
+                f"pass the original {what} the prompt was built from."
             )
-        scale = max(1, int(math.ceil(_MIN_PANEL / max(pil.height, 1)))) if pil.height < _MIN_PANEL else 1
+        low, high = _VIDEO_ROWS if video else (_MIN_PANEL, None)
+        scale = max(1, int(math.ceil(low / max(pil.height, 1)))) if pil.height < low else 1
         if scale > 1:
             pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
             labels = labels.repeat(scale, 0).repeat(scale, 1)
+        elif high is not None and pil.height > high:  # shrink: the frame by area, the labels at pixel centres
+            size = (max(1, round(pil.width * high / pil.height)), high)
+            ys = ((np.arange(size[1]) + 0.5) * pil.height / size[1]).astype(int)
+            xs = ((np.arange(size[0]) + 0.5) * pil.width / size[0]).astype(int)
+            pil, labels = pil.resize(size, Image.BOX), labels[ys][:, xs]
         self.k = max(region_map.num_regions, 1)
         self.labels = labels
         self.width = max(2, scale)  # outline thickness
@@ -200,14 +218,63 @@ class _Panel:
         return left, heat
 
 
+def group_frame(video: Any, group: int, frames_per_group: int) -> Any:
+    """The frame a video's panel of frame group ``group`` is drawn over: the group's first frame.
+
+    ``video`` is what a trace keeps (a ``(T, H, W, C)`` array, as the streamer stores the frames the vision tower
+    saw, a tensor, or a list of frames), or ``None`` / ``(h, w)`` (a grey canvas). The first frame is the one the
+    group's time label starts at; a group padded past the last frame (an odd count) shows the last frame.
+    """
+    if video is None or is_size(video):
+        return video
+    frames = video if isinstance(video, (list, tuple)) else video_frames(video)
+    return frames[min(int(group) * int(frames_per_group), len(frames) - 1)]
+
+
+class _Block:
+    """Where one item of the prompt is drawn: its panels and their tiles' offsets within the item's block.
+
+    An image has one panel and two tiles side by side (original, heatmap); a video one panel per frame group,
+    a column of its time label, the original frame and the heatmap, in balanced rows of at most
+    ``_STRIP_COLUMNS`` columns.
+    """
+
+    def __init__(self, image: Any, region_map: RegionMap, offset: int) -> None:
+        item = region_map.image
+        self.offset, self.video = offset, item.is_video
+        if not self.video:
+            panel = _panel(Identity(region_map), image_key(image))
+            h, w = panel.shape
+            self.panels = [panel]
+            self.tiles = [(0, 0), (w + _GAP, 0)]  # (x, y) of the original and of the heatmap
+            self.labels: list[tuple[int, int, str]] = []
+            self.width, self.height = 2 * w + _GAP, h
+            return
+        groups = item.num_frame_groups
+        self.panels = [_panel(Identity(region_map), image_key(image), group) for group in range(groups)]
+        h, w = self.panels[0].shape
+        rows = -(-groups // _STRIP_COLUMNS)
+        columns = -(-groups // rows)
+        self.tiles, self.labels = [], []
+        row_height = _TIME_LABEL + 2 * h + _GAP
+        for group in range(groups):
+            x = (group % columns) * (w + _GAP)
+            y = (group // columns) * (row_height + _GAP)
+            self.tiles += [(x, y + _TIME_LABEL), (x, y + _TIME_LABEL + h + _GAP)]
+            span = item.frame_group_span(group)
+            self.labels.append((x, y, f"{span[0]:.1f}-{span[1]:.1f} s" if span is not None else f"group {group + 1}"))
+        self.width = columns * w + (columns - 1) * _GAP
+        self.height = rows * row_height + (rows - 1) * _GAP
+
+
 class OverlayRenderer:
     """Draws :func:`step_overlay` pictures of one ``(regions, images)`` pair, fast enough for live views.
 
     Everything that does not depend on the scores is prepared once: the enlarged originals, their grey copies,
-    the per-pixel region labels, each region's outline pixels and tag position (on first use), the header and
-    the colour bar's ramp and units. A picture then costs a table lookup per (region, grey level), a gather,
-    a few hundred outline pixels and six short texts (a few ms at the toy's size). The output is the same,
-    pixel for pixel, as drawing from scratch.
+    the per-pixel region labels, each region's outline pixels and tag position (on first use), the header, the
+    time labels of a video's panels and the colour bar's ramp and units. A picture then costs a table lookup per
+    (region, grey level), a gather, a few hundred outline pixels and six short texts (a few ms at the toy's
+    size). The output is the same, pixel for pixel, as drawing from scratch.
 
     :func:`step_overlay` keeps one per ``(regions, images)`` for you (:func:`overlay_renderer`); build one
     yourself to hold it explicitly. Images are read once: a renderer does not see later in-place edits.
@@ -218,38 +285,58 @@ class OverlayRenderer:
             raise ValueError(f"Got {len(images)} images for {len(regions.maps)} region maps.")
         self.regions = regions
         self.images = list(images)
-        # panels are kept per (region map, image): a new PromptRegions over the same maps reuses them
-        self.panels = [_panel(Identity(m), image_key(image)) for image, m in zip(self.images, regions.maps)]
         self.offsets = regions.region_offsets()
+        # panels are kept per (region map, image[, frame group]): a new PromptRegions over the same maps reuses them
+        self.blocks = [_Block(image, m, offset) for image, m, offset in zip(self.images, regions.maps, self.offsets)]
+        self.panels = [panel for block in self.blocks for panel in block.panels]
         self.num_regions = regions.num_regions
-        self.width = sum(2 * p.shape[1] for p in self.panels) + _GAP * (2 * len(self.panels) - 1)
-        self.height = max(p.shape[0] for p in self.panels)
+        self.width = sum(block.width for block in self.blocks) + _GAP * (len(self.blocks) - 1)
+        self.height = max(block.height for block in self.blocks)
         self.bar_width = max(self.width, 320)
         self.canvas_width = max(self.width, self.bar_width)
         self._header: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
 
     def prepare(self) -> "OverlayRenderer":
         """Compute now what is otherwise computed on first use: every region's outline and tag position and its
         location in words (:func:`~hf_vattr.viz.locations.describe_location`). Call it before decoding starts,
         so that no picture drawn during decoding pays for it. Returns ``self``."""
-        for offset, panel in zip(self.offsets, self.panels):
-            for local in range(panel.k):
-                panel.outline(local)
-                region_geometry(self.regions, offset + local)
+        for block in self.blocks:
+            for panel in block.panels:
+                for local in range(panel.k):
+                    panel.outline(local)
+            for local in range(block.panels[0].k):
+                region_geometry(self.regions, block.offset + local)
         return self
 
     def _header_strip(self) -> np.ndarray:
-        """The white header, with "image n" over each image's panels when there are several."""
+        """The white header, with "image n" over each image's panels when there are several ("image n" and
+        "video n", counted apart, when a video is among them)."""
         if self._header is None:
             strip = Image.new("RGB", (self.canvas_width, _HEADER), "white")
-            if len(self.panels) > 1:
+            if len(self.blocks) > 1:
                 draw = ImageDraw.Draw(strip)
+                mixed = any(block.video for block in self.blocks)
                 x = 0
-                for i, panel in enumerate(self.panels):
-                    draw.text((x + 2, 2), f"image {i + 1}", fill=(40, 40, 40), font=font(12))
-                    x += 2 * (panel.shape[1] + _GAP)
+                for i, (block, m) in enumerate(zip(self.blocks, self.regions.maps)):
+                    name = f"{m.image.kind} {m.image.kind_index + 1}" if mixed else f"image {i + 1}"
+                    draw.text((x + 2, 2), name, fill=(40, 40, 40), font=font(12))
+                    x += block.width + _GAP
             self._header = np.asarray(strip)
         return self._header
+
+    def _time_labels(self) -> np.ndarray:
+        """The panels' area with every video panel's time label drawn on white (the tiles are pasted over it)."""
+        if self._labels is None:
+            area = Image.new("RGB", (self.canvas_width, self.height), "white")
+            draw = ImageDraw.Draw(area)
+            x = 0
+            for block in self.blocks:
+                for lx, ly, text in block.labels:
+                    draw.text((x + lx + 2, ly + 2), text, fill=(40, 40, 40), font=font(12))
+                x += block.width + _GAP
+            self._labels = np.asarray(area)
+        return self._labels
 
     def render(self, scores: torch.Tensor | np.ndarray, *, top: int = 3, vmax: float | None = None,
                caption: str | None = None, evidence: str = "grounded", units: str = SCORE_UNITS) -> Image.Image:
@@ -261,11 +348,13 @@ class OverlayRenderer:
         if not hi > 0:
             hi = 1e-6
         order = top_positive_regions(s, top) if top else []
-        header = _HEADER if (caption or muted or len(self.panels) > 1) else 0
+        header = _HEADER if (caption or muted or len(self.blocks) > 1) else 0
         bar = colour_bar(0.0, hi, self.bar_width, clipped_low=bool((s < 0).any()), label=units)
         canvas = np.full((header + self.height + bar.height, self.canvas_width, 3), 255, dtype=np.uint8)
         if header:
             canvas[:header] = self._header_strip()
+        if any(block.video for block in self.blocks):
+            canvas[header:header + self.height] = self._time_labels()
         self._paint_panels(canvas, header, s, order, hi, muted)
         canvas[header + self.height:, :bar.width] = np.asarray(bar)
         picture = Image.fromarray(canvas)
@@ -278,22 +367,31 @@ class OverlayRenderer:
 
     def _paint_panels(self, canvas: np.ndarray, header: int, s: np.ndarray, order: list[int], hi: float,
                       muted: bool) -> None:
-        """Each image's two panels, left to right, below the header; ``order``: the outlined regions, best first."""
+        """Each item's tiles, left to right, below the header; ``order``: the outlined regions, best first."""
         x = 0
-        for offset, panel in zip(self.offsets, self.panels):
-            local = s[offset:offset + panel.k]
-            # keep global ranks for colours: ranks held by another image's regions become -1 (nothing drawn)
-            ranked = [(r - offset) if offset <= r < offset + panel.k else -1 for r in order]
-            h, w = panel.shape
-            for tile in panel.draw(local, ranked, 0.0, hi, hatch=muted):
-                canvas[header:header + h, x:x + w] = tile
-                x += w + _GAP
+        for block in self.blocks:
+            offset, k = block.offset, block.panels[0].k
+            local = s[offset:offset + k]
+            # keep global ranks for colours: ranks held by another item's regions become -1 (nothing drawn)
+            ranked = [(r - offset) if offset <= r < offset + k else -1 for r in order]
+            tiles = iter(block.tiles)
+            for panel in block.panels:
+                h, w = panel.shape
+                for tile in panel.draw(local, ranked, 0.0, hi, hatch=muted):
+                    tx, ty = next(tiles)
+                    canvas[header + ty:header + ty + h, x + tx:x + tx + w] = tile
+            x += block.width + _GAP
 
 
-@functools.lru_cache(maxsize=2 * _CACHE_SIZE)
-def _panel(map_key: Identity, image: Any) -> _Panel:
-    """The panel of one (region map, image), kept for the 8 most recent pairs."""
-    return _Panel(image_of(image), map_key.obj, pixel_labels(map_key.obj))
+@functools.lru_cache(maxsize=8 * _CACHE_SIZE)
+def _panel(map_key: Identity, image: Any, group: int | None = None) -> _Panel:
+    """The panel of one (region map, image), or of one frame group of a (region map, video), kept for the 32 most
+    recent (a video has one per frame group)."""
+    region_map = map_key.obj
+    if group is None:
+        return _Panel(image_of(image), region_map, pixel_labels(region_map))
+    frame = group_frame(image_of(image), group, region_map.image.frames_per_group)
+    return _Panel(frame, region_map, pixel_labels(region_map, group), video=True)
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -330,6 +428,13 @@ def step_overlay(regions: PromptRegions, images: Sequence[Any], scores: torch.Te
     "indirect evidence". ``units`` labels the colour bar (:func:`~hf_vattr.viz.scores.score_units` of the
     trace: "uncalibrated ..." without an estimator). ``images`` entries may be PIL images, arrays, or
     ``None`` / ``(h, w)`` when only the size is known (a grey canvas is drawn).
+
+    A video (its entry: the frames the vision tower saw, a ``(T, H, W, C)`` array as the streamer keeps them or
+    a list of frames) is drawn as a filmstrip: one panel per frame group, left to right (more than
+    ``_STRIP_COLUMNS`` wrap into balanced rows), each a column under the group's seconds ("0.0-1.0 s"): the
+    group's *first* frame (:func:`group_frame`), colours untouched, above the heatmap over its grey copy, both
+    with the top regions outlined and numbered wherever they have pixels in that group. Every panel and image
+    shares the one colour bar.
 
     The parts that do not depend on the scores are prepared once per ``(regions, images)`` objects and
     reused (:class:`OverlayRenderer`, :func:`overlay_renderer`): the first picture of a pair costs tens of

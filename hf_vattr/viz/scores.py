@@ -2,12 +2,13 @@
 running step's scores and each step's concentration.
 
 The report, the notebook view, the web app and the demo's printout all call these, so a step's top regions
-and numbers agree wherever they are shown.
+and numbers agree wherever they are shown. :func:`frame_group_scores` reads a score vector along a video's
+time line (the web app's timeline).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ __all__ = [
     "top_positive_regions",
     "mean_scores",
     "step_concentrations",
+    "GroupScore",
+    "frame_group_scores",
 ]
 
 SCORE_UNITS = "predicted log-prob drop (nats) if the region were removed"
@@ -105,3 +108,39 @@ def step_concentrations(spans: Sequence[Any]) -> list[float]:
         except ValueError:
             values.append(float("nan"))
     return values
+
+
+class GroupScore(NamedTuple):
+    """One frame group of a video and how much a score vector relies on it."""
+
+    item: int  # index of the video among the prompt's items (images and videos, in prompt order)
+    video: int  # index among the prompt's videos
+    group: int  # frame group within the video
+    start: float  # seconds the group covers, [start, end)
+    end: float
+    score: float  # the positive scores of the video's regions, each shared out by its tokens in this group
+
+
+def frame_group_scores(regions: Any, scores: Any) -> list[GroupScore]:
+    """Per frame group of every video of the prompt, the positive score that falls on it: which moments a step
+    relies on.
+
+    A region's positive score (negative ones support nothing, as in the pictures) is shared among the frame
+    groups by the region's membership in each group's tokens (a grid cell lies in one group and gives it all;
+    a region spanning three groups evenly gives each a third), so a video's group scores add up to the sum of
+    its regions' positive scores. Images have no groups: an image-only prompt gives ``[]``.
+    """
+    s = scores_array(scores, regions.num_regions).astype(np.float64)
+    out = []
+    for item, (region_map, offset) in enumerate(zip(regions.maps, regions.region_offsets())):
+        tokens = region_map.image
+        if not tokens.is_video:
+            continue
+        positive = np.clip(s[offset:offset + region_map.num_regions], 0, None)
+        membership = region_map.membership.detach().cpu().double().numpy()  # (tokens, K)
+        per_group = membership.reshape(tokens.num_frame_groups, tokens.tokens_per_group, -1).sum(1)  # (t, K)
+        share = per_group / np.maximum(per_group.sum(0, keepdims=True), 1e-12)
+        for group, value in enumerate(share @ positive):
+            start, end = tokens.frame_group_span(group)
+            out.append(GroupScore(item, int(tokens.kind_index), group, start, end, float(value)))
+    return out
