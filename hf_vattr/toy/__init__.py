@@ -23,6 +23,16 @@ A harder family (more objects, salient distractors, multi-object steps) lives in
 
     model, processor = load_toy_model(task="hard")  # toy/assets/toy-qwen3-vl-hard
     ex = make_hard_examples(1, seed=123)[0]          # then as above
+
+A video family (short clips whose objects move, appear or disappear; each step names one object
+at the start or the end) lives in :mod:`hf_vattr.toy.video_task`::
+
+    from hf_vattr.toy import make_video_examples, video_prompt_messages
+
+    ex = make_video_examples(1, seed=123)[0]
+    prompt = processor.apply_chat_template(video_prompt_messages(ex), add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], videos=[ex.frames], video_metadata=[ex.video_metadata],
+                       do_sample_frames=False, return_tensors="pt")
 """
 
 from __future__ import annotations
@@ -50,6 +60,17 @@ from .task import (
     step_object,
     task_vocabulary,
 )
+from .video_task import (
+    VIDEO_FRAMES,
+    VIDEO_KINDS,
+    VideoExample,
+    VideoObject,
+    make_video_example,
+    make_video_examples,
+    video_evidence_for_step,
+    video_prompt_messages,
+    video_step_object,
+)
 
 __all__ = [
     "TASKS",
@@ -76,6 +97,15 @@ __all__ = [
     "region_on_evidence",
     "step_object",
     "task_vocabulary",
+    "VIDEO_FRAMES",
+    "VIDEO_KINDS",
+    "VideoExample",
+    "VideoObject",
+    "make_video_example",
+    "make_video_examples",
+    "video_evidence_for_step",
+    "video_prompt_messages",
+    "video_step_object",
 ]
 
 #: Seed of the held-out evaluation stream (training uses a different seed).
