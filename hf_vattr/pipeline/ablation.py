@@ -31,6 +31,11 @@ be cheap enough to compute for thousands of (span, mask) pairs:
   Gaussian blur of the image, then re-encodes the image (batched over masks).
   Since the vision tower mixes tokens, the restart point is the first visual
   token.
+* **Videos.** A video's tokens are ablated like an image's: its region's key
+  columns in every frame group (attention), or its rows of ``pixel_values_videos``
+  (pixels: the region's boxes in both frames of each of its frame groups, the
+  fill the video's mean or each frame blurred). Its embeddings come from the
+  tower's video call, handed over as ``mm_encoder_outputs["video"]``.
 """
 
 from __future__ import annotations
@@ -161,11 +166,15 @@ class _Knockout:
 
 
 def pixel_patch_rows(layout_images: Sequence[Any], image_grid_thw: torch.Tensor, merge: int) -> list[torch.Tensor]:
-    """Per visual token (prompt order), the rows of ``pixel_values`` holding its ``merge*merge`` patches.
+    """Per visual item, the rows of its pixel tensor holding each of its tokens' ``merge*merge`` patches.
 
-    Qwen2-VL-style processors (also GLM-4.1V's) flatten patches in merge-window order
-    ``(t, h/merge, w/merge, merge, merge)``, so token ``j`` of an image owns rows
-    ``offset + j*merge**2 ... offset + (j+1)*merge**2 - 1``.
+    ``layout_images`` and ``image_grid_thw`` are the items of one kind and their grids: the images with
+    ``pixel_values`` / ``image_grid_thw``, or the videos with ``pixel_values_videos`` / ``video_grid_thw``.
+    The image and video processors of Qwen2.5-VL, Qwen3-VL and GLM-4.1V all patchify as
+    ``(t, temporal, C, h/merge, merge, patch, w/merge, merge, patch)`` permuted to rows
+    ``(t, h/merge, w/merge, merge, merge)``, so token ``j`` of an item (a video's tokens group by group,
+    row-major inside a group, as the layout orders them) owns rows
+    ``offset + j*merge**2 ... offset + (j+1)*merge**2 - 1``: both frames of its frame group, its box in each.
     """
     out, offset = [], 0
     for im, (t, h, w) in zip(layout_images, torch.as_tensor(image_grid_thw).tolist()):
@@ -208,6 +217,16 @@ def _fill_values(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, patch
 
 
 # ----------------------------------------------------------------------------- engine
+
+#: The processor outputs of each kind of visual input: its pixels and its grid (``mm_encoder_outputs`` keys).
+VISUAL_INPUTS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
+
+
+def _token_kinds(items: Sequence[Any], device: Any) -> dict[str, torch.Tensor]:
+    """Per kind, a (Nv,) bool over the prompt's visual tokens (prompt order): which tokens are that kind's."""
+    kinds = [kind for item in items for kind in [getattr(item, "kind", "image")] * item.num_tokens]
+    return {kind: torch.tensor([k == kind for k in kinds], dtype=torch.bool, device=device) for kind in VISUAL_INPUTS}
+
 
 
 def _base_model(model: Any) -> Any:
@@ -259,13 +278,17 @@ class AblationEngine:
         full = extend_inputs(inputs, sequence[:, : self.prompt_len + self.num_generated].cpu())
         self.full_ids = full["input_ids"].to(self.device)  # (1, prompt_len + G): inputs + targets
         self.input_ids = self.full_ids[:, : self.length]
-        self.pixel_values = inputs.get("pixel_values")
-        self.image_grid_thw = inputs.get("image_grid_thw")
-        if self.pixel_values is None or self.image_grid_thw is None:
-            raise ValueError("inputs carry no image (pixel_values / image_grid_thw); nothing to ablate.")
+        # Pixels and grids per kind of visual input ("image", "video"), as the processor returned them.
+        self.visual_inputs = {kind: (inputs[pixels], inputs[grid]) for kind, (pixels, grid) in VISUAL_INPUTS.items()
+                              if inputs.get(pixels) is not None and inputs.get(grid) is not None}
+        if not self.visual_inputs:
+            raise ValueError("inputs carry no image or video (pixel_values / image_grid_thw, pixel_values_videos / "
+                             "video_grid_thw); nothing to ablate.")
+        self.pixel_values, self.image_grid_thw = self.visual_inputs.get("image", (None, None))
         self.regions = regions
         self.prompt_inputs = dict(inputs)  # for regenerating the reasoning
         self.positions = regions.layout.positions.to(self.device)  # (Nv,) absolute positions, increasing
+        self.token_kinds = _token_kinds(regions.layout.images, self.device)  # kind -> (Nv,) bool
         self.token_masks = regions.token_masks().to(self.device)  # (K, Nv)
         self.num_regions = int(self.token_masks.shape[0])
         if int(self.positions.max()) >= self.prompt_len:
@@ -273,7 +296,7 @@ class AblationEngine:
         self.first_visual = int(self.positions.min())
         self.position_ids = self._position_ids(full)
         with torch.no_grad():
-            self.encoder = self._encode(self.pixel_values, self.image_grid_thw)
+            self.encoder = {kind: self._encode(kind, pixels, grid) for kind, (pixels, grid) in self.visual_inputs.items()}
             self.base_token_logprobs, self._cache_kv = self._run(
                 torch.zeros(1, self.length, dtype=torch.bool, device=self.device), cut=0, encoder=self.encoder,
                 keep_cache=True, intervene=False)
@@ -302,35 +325,40 @@ class AblationEngine:
         pos = out[0] if isinstance(out, tuple) else out
         return pos.to(self.device)
 
-    def _encode(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> Any:
-        enc = self.model.get_image_features(pixel_values=pixel_values.to(self.device),
-                                            image_grid_thw=image_grid_thw.to(self.device), return_dict=True)
-        return enc
+    def _encode(self, kind: str, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Any:
+        """The vision tower's output for one kind of input, in the form ``mm_encoder_outputs[kind]`` takes."""
+        if kind == "video":
+            return self.model.get_video_features(pixel_values_videos=pixel_values.to(self.device),
+                                                 video_grid_thw=grid_thw.to(self.device), return_dict=True)
+        return self.model.get_image_features(pixel_values=pixel_values.to(self.device),
+                                             image_grid_thw=grid_thw.to(self.device), return_dict=True)
 
     # -- forward pieces
-    def _suffix_encoder(self, encoder: Any, batch: int, cut: int, per_row: bool) -> dict:
+    def _suffix_encoder(self, encoders: dict, batch: int, cut: int, per_row: bool) -> dict:
         """``mm_encoder_outputs`` for a forward over positions ``>= cut`` of ``batch`` rows.
 
-        ``per_row``: the encoder output already holds one copy of the images per row (pixel method).
-        The model scatters the concatenated embeddings over the image tokens in (row, position) order.
+        ``per_row``: each encoder output already holds one copy of its images (videos) per row (pixel method).
+        The model scatters each kind's concatenated embeddings over that kind's tokens in (row, position) order,
+        so each kind drops its own tokens before ``cut``.
         """
-        skip = int((self.positions < cut).sum())
-        out = copy.copy(encoder)
-        n_rows = 1 if per_row else batch
+        outputs = {}
+        for kind, encoder in encoders.items():
+            skip = int(((self.positions < cut) & self.token_kinds[kind]).sum())
+            out = copy.copy(encoder)
 
-        def tile(parts):
-            parts = list(parts)
-            if per_row:
-                per = len(parts) // batch
-                rows = [torch.cat(parts[b * per:(b + 1) * per], 0)[skip:] for b in range(batch)]
-                return tuple(rows)
-            return (torch.cat(parts, 0)[skip:],) * n_rows
+            def tile(parts):
+                parts = list(parts)
+                if per_row:
+                    per = len(parts) // batch
+                    return tuple(torch.cat(parts[b * per:(b + 1) * per], 0)[skip:] for b in range(batch))
+                return (torch.cat(parts, 0)[skip:],) * batch
 
-        out.pooler_output = tile(encoder.pooler_output)
-        deep = getattr(encoder, "deepstack_features", None)
-        if deep is not None:
-            out.deepstack_features = [tile(layer) for layer in deep]
-        return {"image": out}
+            out.pooler_output = tile(encoder.pooler_output)
+            deep = getattr(encoder, "deepstack_features", None)
+            if deep is not None:
+                out.deepstack_features = [tile(layer) for layer in deep]
+            outputs[kind] = out
+        return outputs
 
     def _run(self, key_ablated: torch.Tensor, cut: int, encoder: Any, *, keep_cache: bool = False,
              intervene: bool = True, per_row: bool = False):
@@ -465,25 +493,33 @@ class AblationEngine:
         return (diff @ mat).float()
 
     # -- pixel method
-    def _pixel_fills(self, fill: str, blur_sigma: float | None) -> torch.Tensor:
+    def _pixel_fills(self, fill: str, blur_sigma: float | None) -> dict[str, torch.Tensor]:
+        """Per kind, the replacement of every patch row (a video's mean and blur are over its frames)."""
         spec = architecture_spec(self.model)
         patch = int(_get_path(self.model.config, spec.patch_size))
         merge = int(_get_path(self.model.config, spec.merge_size))
         temporal = int(getattr(self.model.config.vision_config, "temporal_patch_size", 1))
         self._merge = merge
-        return _fill_values(self.pixel_values, self.image_grid_thw, patch, merge, temporal, fill, blur_sigma)
+        return {kind: _fill_values(pixels, grid, patch, merge, temporal, fill, blur_sigma)
+                for kind, (pixels, grid) in self.visual_inputs.items()}
 
-    def _pixel_encoder(self, masks: torch.Tensor, fills: torch.Tensor) -> Any:
-        rows_per_token = torch.cat(pixel_patch_rows(self.regions.layout.images, self.image_grid_thw, self._merge))
+    def _pixel_encoder(self, masks: torch.Tensor, fills: dict[str, torch.Tensor]) -> dict:
+        """Per kind, the tower's output on ``B`` copies of its pixels, each with its mask's regions filled."""
         tokens = (masks.float() @ self.token_masks.cpu().float()) > 0  # (B, Nv)
-        pv = []
-        for b in range(masks.shape[0]):
-            x = self.pixel_values.clone()
-            rows = rows_per_token[tokens[b]].flatten()
-            x[rows] = fills[rows]
-            pv.append(x)
-        grid = self.image_grid_thw.repeat(masks.shape[0], 1)
-        return self._encode(torch.cat(pv, 0), grid)
+        items = self.regions.layout.images
+        encoders = {}
+        for kind, (pixels, grid) in self.visual_inputs.items():
+            own = [item for item in items if item.kind == kind]
+            rows_per_token = torch.cat(pixel_patch_rows(own, grid, self._merge))
+            kind_tokens = tokens[:, self.token_kinds[kind].cpu()]  # (B, tokens of this kind), prompt order
+            pv = []
+            for b in range(masks.shape[0]):
+                x = pixels.clone()
+                rows = rows_per_token[kind_tokens[b]].flatten()
+                x[rows] = fills[kind][rows]
+                pv.append(x)
+            encoders[kind] = self._encode(kind, torch.cat(pv, 0), grid.repeat(masks.shape[0], 1))
+        return encoders
 
 
 def _progress(total: int, enabled: bool, desc: str):
