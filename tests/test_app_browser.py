@@ -307,3 +307,50 @@ def test_bad_input_is_refused_and_the_app_still_works(server: str, browser: Any,
     set_text(browser, "vattr-regions", "vlm")
     states = run_and_wait(browser)
     assert states[-1]["text"] == plain_text and len(states[-1]["steps"]) >= 2
+
+
+def upload_video(driver: Any, path: Path) -> None:
+    """Clear the preloaded image and upload ``path`` into the video field."""
+    driver.find_element(By.CSS_SELECTOR, "#vattr-image button[aria-label='Remove Image']").click()
+    wait_for("the image to clear", lambda: not driver.find_elements(By.CSS_SELECTOR, "#vattr-image img"))
+    driver.find_element(By.CSS_SELECTOR, "#vattr-video input[type=file]").send_keys(str(path))
+    wait_for("the video upload", lambda: driver.find_elements(By.CSS_SELECTOR, "#vattr-video video"), timeout=30)
+
+
+def test_a_video_streams_with_a_timeline_of_its_frame_groups(server: str, browser: Any, tmp_path: Path) -> None:
+    from test_app import write_video
+
+    clip = tmp_path / "clip.webm"
+    write_video(clip, frames=30, fps=10)  # 3 s: sampled at 2 frames/s, 6 frames, 3 frame groups
+    open_page(browser, server)
+    upload_video(browser, clip)
+    states = run_and_wait(browser, timeout=120)
+    assert len(states[-1]["steps"]) >= 1 and states[-1]["text"]
+    assert any(s["kind"] == "live" for s in states) and states[-1]["src"].startswith("data:image/png")
+    # the timeline: one bar per frame group, labelled with its seconds, the tallest at full height
+    bars = browser.find_elements(By.CSS_SELECTOR, "#vattr-timeline .vattr-bar")
+    assert [b.get_attribute("data-group") for b in bars] == ["0", "1", "2"]
+    times = browser.find_element(By.CSS_SELECTOR, "#vattr-timeline .vattr-times").text.split()
+    assert times == ["0.0-1.0", "s", "1.0-2.0", "s", "2.0-3.0", "s"]
+    heights = [b.value_of_css_property("height") for b in bars]
+    assert all(h.endswith("px") for h in heights) and max(float(h[:-2]) for h in heights) > 50
+    titles = [b.get_attribute("title") for b in bars]
+    assert all(t.endswith(" nats") and " s: " in t for t in titles), titles
+    # the top regions say when, then where; a pinned step keeps its timeline
+    assert " s, " in browser.find_element(By.ID, "vattr-top").text
+    browser.find_elements(By.CSS_SELECTOR, "#vattr-steps label")[0].click()
+    wait_for("step 0 pinned", lambda: browser.find_element(By.CSS_SELECTOR, "#vattr-overlay .vattr-ov")
+             .get_attribute("data-kind") == "pinned")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#vattr-timeline .vattr-bar")) == 3
+
+
+def test_a_video_that_cannot_be_decoded_is_refused_on_the_page(server: str, browser: Any, tmp_path: Path) -> None:
+    corrupt = tmp_path / "holiday.webm"
+    corrupt.write_bytes(b"\x1aE\xdf\xa3" + b"definitely not a video" * 40)
+    open_page(browser, server)
+    browser.find_element(By.CSS_SELECTOR, "#vattr-image button[aria-label='Remove Image']").click()
+    wait_for("the image to clear", lambda: not browser.find_elements(By.CSS_SELECTOR, "#vattr-image img"))
+    browser.find_element(By.CSS_SELECTOR, "#vattr-video input[type=file]").send_keys(str(corrupt))
+    time.sleep(1.0)  # the upload
+    _assert_refused(browser, "Could not read the video holiday.webm")
+    assert "Traceback" not in message(browser)

@@ -20,6 +20,7 @@ report. Nothing is loaded at import time: Gradio is imported by :meth:`LiveApp.b
 from __future__ import annotations
 
 import html
+import math
 import tempfile
 import threading
 import time
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..streaming.events import AttributionTrace, SpanAttribution
     from ..regions import PromptRegions
 
-__all__ = ["LiveApp", "Frame", "StepItem", "AppRequest", "InputError", "REGION_METHODS", "launch"]
+__all__ = ["LiveApp", "Frame", "StepItem", "AppRequest", "InputError", "REGION_METHODS", "launch", "read_video"]
 
 #: Region methods a user may type: "prefill" (free, from the vision tower's own output) and the
 #: ``build_regions`` methods that need nothing but the image and the model.
@@ -49,6 +50,13 @@ BEHIND_TOKENS = 2
 MAX_PIXELS = 4096 * 4096
 #: zlib level of the page's PNGs: level 1 takes about 4 ms for the toy's overlay instead of 8, for 1.5x the bytes.
 PNG_COMPRESS_LEVEL = 1
+#: An uploaded video is sampled at this many frames per second (what Qwen-VL processors sample by default)...
+VIDEO_FPS = 2.0
+#: ... and at most this many frames are kept (8 frame groups of 2): a longer video is sampled evenly over its whole
+#: length instead, so the prompt stays a few hundred visual tokens and the filmstrip one or two rows.
+MAX_VIDEO_FRAMES = 16
+#: A sampled frame's longer side is shrunk to this many pixels (the processor resizes again; this bounds memory).
+VIDEO_MAX_SIDE = 448
 
 
 class InputError(AttributionError, ValueError):
@@ -57,13 +65,81 @@ class InputError(AttributionError, ValueError):
 
 @dataclass
 class AppRequest:
-    """Checked inputs of one run: everything :meth:`LiveApp.stream` needs, nothing left to validate."""
+    """Checked inputs of one run: everything :meth:`LiveApp.stream` needs, nothing left to validate.
 
-    image: "Image.Image"
+    The prompt holds the video (when given), then the image (when given), then the question."""
+
+    image: "Image.Image | None"
     question: str
     estimator: Any | None
     regions: str
     max_new_tokens: int
+    video: Any = None  # (T, H, W, 3) uint8 frames sampled by read_video
+    video_metadata: dict | None = None  # their fps, total_num_frames and frames_indices, for the processor
+
+    def media(self) -> list[Any]:
+        """What the prompt shows, in prompt order (video first): the frames array and / or the image."""
+        return [m for m in (self.video, self.image) if m is not None]
+
+
+def read_video(path: str | Path, *, fps: float = VIDEO_FPS, max_frames: int = MAX_VIDEO_FRAMES,
+               max_side: int = VIDEO_MAX_SIDE) -> tuple[Any, dict]:
+    """Decode a video file with PyAV and sample its frames: ``((T, H, W, 3) uint8 frames, video_metadata)``.
+
+    Frames are taken at ``fps`` from the start; a video longer than ``max_frames / fps`` seconds (its length read
+    from the container) is sampled at ``max_frames`` evenly spaced times over its whole length instead. Each
+    frame is the first decoded at or after its time, shrunk so its longer side is at most ``max_side``. The
+    metadata is what a processor takes with pre-decoded frames (``do_sample_frames=False``): the stream's fps,
+    its frame count and the indices of the kept frames, so the frame groups are timed as in the file. A file
+    PyAV cannot decode, or one without a video stream or frames, raises :class:`InputError`.
+    """
+    import numpy as np
+    from PIL import Image
+
+    try:
+        import av
+    except ImportError:
+        raise InputError("Videos need PyAV to decode them: pip install av (or \"hf_vattr[app]\").") from None
+    name = Path(str(path)).name
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"Could not read the video {name}: the file has no video stream.")
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 0) or 24.0  # the processors' default
+            duration = (float(stream.duration * stream.time_base) if stream.duration else
+                        container.duration / av.time_base if container.duration else None)
+            if duration is not None and duration * fps > max_frames:
+                targets = np.arange(max_frames) * (duration / max_frames)
+            else:
+                count = max_frames if duration is None else max(1, min(max_frames, math.ceil(duration * fps)))
+                targets = np.arange(count) / fps
+            frames, indices, index = [], [], -1
+            for index, frame in enumerate(container.decode(stream)):
+                t = frame.time if frame.time is not None else index / rate
+                if t + 0.5 / rate < targets[len(frames)]:
+                    continue
+                picture = frame.to_image()  # RGB
+                if max(picture.size) > max_side:
+                    scale = max_side / max(picture.size)
+                    picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                                             Image.BOX)
+                frames.append(np.asarray(picture.convert("RGB")))
+                indices.append(index)
+                while len(frames) < len(targets) and targets[len(frames)] <= t + 0.5 / rate:
+                    targets = np.delete(targets, len(frames))  # a slow video: one frame stands for several times
+                if len(frames) == len(targets):
+                    break
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - av.FFmpegError (InvalidDataError, ...), OSError: all a bad upload
+        raise InputError(f"Could not read the video {name}: it is not a video file this app can decode "
+                         f"({type(err).__name__}).") from None
+    if not frames:
+        raise InputError(f"Could not read the video {name}: no frame could be decoded.")
+    total = max(index + 1, round(duration * rate) if duration else 0)
+    metadata = {"fps": rate, "total_num_frames": int(total), "frames_indices": indices}
+    return np.stack(frames), metadata
 
 
 @dataclass
@@ -103,6 +179,7 @@ class Frame:
     overlay_step: int | None = None  # span index the overlay shows (for "live": the step being written)
     overlay_title: str = ""  # the finished step's label, for the caption
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (region id, words, score)
+    timeline: list = field(default_factory=list)  # the overlay's viz.GroupScore per frame group of a video
     trajectory: "Image.Image | None" = None
     concentration: list[float] = field(default_factory=list)
     steps_changed: bool = False
@@ -204,37 +281,19 @@ class LiveApp:
         return estimator
 
     def check_inputs(self, image: Any, question: str | None, estimator_ref: str | None = None,
-                     regions: str | None = None, max_new_tokens: Any = None) -> AppRequest:
+                     regions: str | None = None, max_new_tokens: Any = None, video: Any = None) -> AppRequest:
         """Refuse bad input before anything runs: raise :class:`InputError` with a message for the page.
 
-        ``image`` is a path (what the page uploads) or a PIL image; ``estimator_ref`` a folder or Hub id
-        (``None``: the default estimator; ``""``: none, raw attention).
+        ``image`` is a path (what the page uploads) or a PIL image; ``video`` a video file's path (decoded and
+        sampled by :func:`read_video`); one of them, or both, must be given. ``estimator_ref`` is a folder or Hub
+        id (``None``: the default estimator; ``""``: none, raw attention).
         """
-        from PIL import Image, UnidentifiedImageError
-
-        if image is None or (isinstance(image, str) and not image.strip()):
-            raise InputError("No image: pick an example or upload an image first.")
-        if isinstance(image, Image.Image):
-            pil = image.convert("RGB")
-        else:
-            name = Path(str(image)).name
-            try:
-                with Image.open(image) as opened:
-                    opened.load()  # decode every byte now: a truncated file fails here, not mid-run
-                    if opened.width * opened.height > MAX_PIXELS:
-                        raise InputError(f"The image {name} is {opened.width}x{opened.height}; the app accepts at most "
-                                         f"{MAX_PIXELS} pixels.")
-                    pil = opened.convert("RGB")
-            except InputError:
-                raise
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-                raise InputError(f"Could not read the image {name}: it is not a valid image file "
-                                 f"({type(err).__name__}).") from None
-        if min(pil.size) < 1:
-            raise InputError("The image is empty.")
+        if _missing(image) and _missing(video):
+            raise InputError("No image or video: pick an example, or upload an image or a video first.")
+        pil = None if _missing(image) else _read_image(image)
         question = (question or "").strip()
         if not question:
-            raise InputError("No question: type what the model should answer about the image.")
+            raise InputError("No question: type what the model should answer about the image or video.")
         method = (regions or self.regions).strip()
         if method not in REGION_METHODS:
             raise InputError(_unknown_regions(method))
@@ -245,15 +304,35 @@ class LiveApp:
             raise InputError(f"Max new tokens must be a whole number, got {max_new_tokens!r}.") from None
         if not 1 <= budget <= 32768:
             raise InputError(f"Max new tokens must be between 1 and 32768, got {budget}.")
-        return AppRequest(image=pil, question=question, estimator=estimator, regions=method, max_new_tokens=budget)
+        frames, metadata = (None, None) if _missing(video) else self._read_video(video)
+        return AppRequest(image=pil, question=question, estimator=estimator, regions=method, max_new_tokens=budget,
+                          video=frames, video_metadata=metadata)
+
+    def _read_video(self, video: Any) -> tuple[Any, dict]:
+        """The video's sampled frames and metadata, once the model is known to take videos in its prompts."""
+        token = getattr(self.processor, "video_token", None)
+        if token is None or token not in self._prompt({"type": "video"}, "?"):
+            raise InputError("This model's processor or chat template takes no videos; upload an image instead.")
+        return read_video(video)
 
     # ------------------------------------------------------------------ the streaming loop
 
+    def _prompt(self, *parts: Any) -> str:
+        """The chat prompt of one user turn with ``parts`` (content dicts; a string is the question)."""
+        content = [{"type": "text", "text": p} if isinstance(p, str) else p for p in parts]
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
     def _inputs(self, request: AppRequest) -> Any:
-        messages = [{"role": "user", "content": [{"type": "image", "image": request.image},
-                                                 {"type": "text", "text": request.question}]}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = self.processor(text=[prompt], images=[request.image], return_tensors="pt")
+        if request.video is None:
+            prompt = self._prompt({"type": "image", "image": request.image}, request.question)
+            inputs = self.processor(text=[prompt], images=[request.image], return_tensors="pt")
+            return inputs.to(self.model.device)
+        image = [] if request.image is None else [{"type": "image", "image": request.image}]
+        prompt = self._prompt({"type": "video"}, *image, request.question)
+        inputs = self.processor(text=[prompt], images=None if request.image is None else [request.image],
+                                videos=[request.video], video_metadata=[request.video_metadata],
+                                do_sample_frames=False, return_tensors="pt")
         return inputs.to(self.model.device)
 
     def _regions(self, request: AppRequest, inputs: Any) -> Any:
@@ -269,8 +348,15 @@ class LiveApp:
             k = (getattr(est, "k_policy", None) or {}).get("k")
         if request.regions == "grid" and k is None:
             k = 16
-        layout = visual_layout(self.model, inputs["input_ids"], inputs["image_grid_thw"], [request.image])
-        return build_regions(layout, method=request.regions, k=k, images=[request.image], model=self.model,
+        if request.video is None:
+            layout = visual_layout(self.model, inputs["input_ids"], inputs["image_grid_thw"], [request.image])
+            return build_regions(layout, method=request.regions, k=k, images=[request.image], model=self.model,
+                                 inputs=inputs)
+        images = None if request.image is None else [request.image]
+        layout = visual_layout(self.model, inputs["input_ids"], inputs.get("image_grid_thw"), images,
+                               video_grid_thw=inputs["video_grid_thw"], videos=[request.video],
+                               video_metadata=[request.video_metadata])
+        return build_regions(layout, method=request.regions, k=k, images=request.media(), model=self.model,
                              inputs=inputs)
 
     def stream(self, request: AppRequest, live: _Live | None = None, **generate_kwargs: Any) -> Iterator[Frame]:
@@ -293,10 +379,12 @@ class LiveApp:
         live = live or _Live()
         start = self.clock()
         inputs = self._inputs(request)
-        images = [request.image]
+        images = request.media()  # per visual item, in prompt order: the video's frames, the image
         regions = self._regions(request, inputs)
+        video = {} if request.video is None else dict(videos=[request.video], video_metadata=[request.video_metadata])
         streamer = AttributionStreamer(self.model, self.processor, inputs=inputs, estimator=request.estimator,
-                                       images=images, regions=regions)
+                                       images=None if request.image is None else [request.image], regions=regions,
+                                       **video)
         if not isinstance(regions, str):  # known before decoding: prepare the pictures' fixed parts now
             viz.overlay_renderer(regions, images).prepare()
         with live.lock:
@@ -315,12 +403,15 @@ class LiveApp:
     @staticmethod
     def _finished_picture(frame: Frame, trace: "AttributionTrace", images: list[Any], item: StepItem,
                           span: "SpanAttribution", kind: str = "step") -> None:
-        """Put a finished step's picture, caption and top regions on ``frame``."""
+        """Put a finished step's picture, caption, top regions and (a video's) timeline on ``frame``."""
+        from ..viz import frame_group_scores
+
         head = "answer" if item.section == "answer" else f"step {item.index + 1}"
         # the same picture whether shown live or pinned: the page's caption says which
         frame.overlay = step_picture(trace, images, span.region_scores, evidence=item.evidence, caption=head)
         frame.overlay_kind, frame.overlay_step, frame.overlay_title = kind, item.index, item.label
         frame.top = top_regions(trace.regions, span.region_scores)
+        frame.timeline = frame_group_scores(trace.regions, span.region_scores)
 
     def pin(self, live: _Live, index: int | None) -> Frame | None:
         """The frame of step ``index`` pinned (``None``: follow the live step again); ``None`` if no such step."""
@@ -376,8 +467,8 @@ class LiveApp:
 
     def _layout(self, gr: Any, examples: list[list[str]]) -> SimpleNamespace:
         """The page's components, inputs on the left, pictures on the right (inside an open ``gr.Blocks``)."""
-        gr.Markdown(f"## {html.escape(self.title)}\nPick an example or upload an image, ask a question and "
-                    "press **Run**. The reasoning streams in; each finished step becomes an item you can click to "
+        gr.Markdown(f"## {html.escape(self.title)}\nPick an example or upload an image, a video or both, ask a "
+                    "question and press **Run**. The reasoning streams in; each finished step becomes an item you can click to "
                     "pin its heatmap. Colours are the estimator's prediction of how much each region's removal "
                     "would lower the step's log-probability (with no estimator: uncalibrated raw value-norm "
                     "attention, a ranking rather than a prediction, labelled so on the page).")
@@ -387,6 +478,9 @@ class LiveApp:
                 page.image = _unchecked_image(gr, type="filepath", label="Image", sources=["upload"],
                                               value=examples[0][0] if examples else None, elem_id="vattr-image",
                                               height=220)
+                page.video = _unchecked_video(gr, label=f"Video (optional: sampled at {VIDEO_FPS:g} frames/s, at "
+                                                        f"most {MAX_VIDEO_FRAMES} frames)",
+                                              sources=["upload"], elem_id="vattr-video", height=180)
                 page.question = gr.Textbox(label="Question", value=examples[0][1] if examples else "",
                                            elem_id="vattr-question")
                 with gr.Accordion("Options", open=False, elem_id="vattr-options"):
@@ -405,6 +499,7 @@ class LiveApp:
             with gr.Column(scale=3):
                 page.overlay = gr.HTML(_overlay_html(None), elem_id="vattr-overlay")
                 page.where = gr.HTML("", elem_id="vattr-top")
+                page.timeline = gr.HTML("", elem_id="vattr-timeline")
                 page.follow = gr.Button("Follow the live step", size="sm", elem_id="vattr-follow")
                 page.trajectory = gr.Image(label="Trajectory: region-effect path and concentration over steps",
                                            type="pil", format="png", interactive=False, elem_id="vattr-trajectory",
@@ -416,21 +511,23 @@ class LiveApp:
 
     def _connect(self, gr: Any, page: SimpleNamespace) -> None:
         """The handlers: Run streams frames into the page, a click on a step pins it, Follow unpins."""
-        outputs = [page.message, page.text, page.steps, page.overlay, page.where, page.trajectory,
+        outputs = [page.message, page.text, page.steps, page.overlay, page.where, page.timeline, page.trajectory,
                    page.trajectory_note]
 
         def on_run(image_path: Any, question_text: str, estimator_ref: str, region_method: str,
-                   max_tokens: Any, request: gr.Request) -> Iterator[tuple]:
+                   max_tokens: Any, video_path: Any, request: gr.Request) -> Iterator[tuple]:
             from ..streaming.streamer import GenerationError
 
             skip = gr.skip()
             try:
-                checked = self.check_inputs(image_path, question_text, estimator_ref, region_method, max_tokens)
+                checked = self.check_inputs(image_path, question_text, estimator_ref, region_method, max_tokens,
+                                            video=video_path)
             except InputError as err:
                 yield (_message(str(err), error=True), *([skip] * (len(outputs) - 1)))
                 return
             live = self.session(request.session_hash if request is not None else "default")
-            yield (_message("Running..."), "", gr.update(choices=[], value=None), _overlay_html(None), "", None, "")
+            yield (_message("Running..."), "", gr.update(choices=[], value=None), _overlay_html(None), "", "", None,
+                   "")
             try:
                 for frame in self.stream(checked, live):
                     yield self._frame_outputs(gr, frame, live)
@@ -441,8 +538,8 @@ class LiveApp:
             live = self.session(request.session_hash if request is not None else "default")
             frame = self.pin(live, None if value in (None, "") else int(value))
             if frame is None:
-                return gr.skip(), gr.skip()
-            return _overlay_html(frame), _top_html(frame)
+                return gr.skip(), gr.skip(), gr.skip()
+            return _overlay_html(frame), _top_html(frame), _timeline_html(frame)
 
         def on_follow(request: gr.Request) -> tuple:
             live = self.session(request.session_hash if request is not None else "default")
@@ -451,9 +548,9 @@ class LiveApp:
 
         for handler in (on_run, on_pin, on_follow):  # Gradio finds gr.Request by its (resolved) annotation
             handler.__annotations__["request"] = gr.Request
-        page.run.click(on_run, [page.image, page.question, page.estimator, page.regions, page.budget], outputs,
-                       concurrency_limit=1, concurrency_id="generate", show_progress="minimal")
-        page.steps.input(on_pin, [page.steps], [page.overlay, page.where])
+        page.run.click(on_run, [page.image, page.question, page.estimator, page.regions, page.budget, page.video],
+                       outputs, concurrency_limit=1, concurrency_id="generate", show_progress="minimal")
+        page.steps.input(on_pin, [page.steps], [page.overlay, page.where, page.timeline])
         page.follow.click(on_follow, None, [page.steps, page.message])
 
     def _frame_outputs(self, gr: Any, frame: Frame, live: _Live) -> tuple:
@@ -473,9 +570,10 @@ class LiveApp:
                               value=None if pinned is None else str(pinned))
         overlay = _overlay_html(frame) if frame.overlay is not None else skip
         where = _top_html(frame) if frame.overlay is not None else skip
+        timeline = _timeline_html(frame) if frame.overlay is not None else skip
         trajectory = frame.trajectory if frame.trajectory is not None else skip
         note = _concentration_html(frame.concentration) if frame.trajectory is not None else skip
-        return _message(status), frame.text, steps, overlay, where, trajectory, note
+        return _message(status), frame.text, steps, overlay, where, timeline, trajectory, note
 
     def launch(self, host: str = "127.0.0.1", port: int | None = None, **kwargs: Any) -> Any:
         """Build and serve the page (blocks unless ``prevent_thread_lock=True``)."""
@@ -542,6 +640,7 @@ class _Run:
             number = len(self.steps)
             frame.overlay = step_picture(trace, self.images, scores, caption=f"step {number + 1}, writing")
             frame.overlay_step, frame.top = number, top_regions(trace.regions, scores)
+            frame.timeline = viz.frame_group_scores(trace.regions, scores)
         return frame
 
     def step(self, span: "SpanAttribution") -> Frame:
@@ -581,6 +680,35 @@ class _Run:
         return final
 
 
+def _missing(upload: Any) -> bool:
+    return upload is None or (isinstance(upload, str) and not upload.strip())
+
+
+def _read_image(image: Any) -> "Image.Image":
+    """An uploaded image (a path, decoded in full now so a truncated file fails here) or a PIL image, as RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        pil = image.convert("RGB")
+    else:
+        name = Path(str(image)).name
+        try:
+            with Image.open(image) as opened:
+                opened.load()  # decode every byte now: a truncated file fails here, not mid-run
+                if opened.width * opened.height > MAX_PIXELS:
+                    raise InputError(f"The image {name} is {opened.width}x{opened.height}; the app accepts at most "
+                                     f"{MAX_PIXELS} pixels.")
+                pil = opened.convert("RGB")
+        except InputError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            raise InputError(f"Could not read the image {name}: it is not a valid image file "
+                             f"({type(err).__name__}).") from None
+    if min(pil.size) < 1:
+        raise InputError("The image is empty.")
+    return pil
+
+
 def _unknown_regions(method: str) -> str:
     return f"Unknown region method {method!r}; choose one of: {', '.join(REGION_METHODS)}."
 
@@ -601,6 +729,21 @@ def _unchecked_image(gr: Any, **kwargs: Any) -> Any:
     return image
 
 
+def _unchecked_video(gr: Any, **kwargs: Any) -> Any:
+    """``gr.Video`` that passes the uploaded file's path through untouched (no ffmpeg conversion, no check), so that
+    :func:`read_video` decodes it and a corrupt upload is named on the page (as :func:`_unchecked_image`)."""
+    video = gr.Video(**kwargs)
+
+    def preprocess(payload: Any) -> str | None:
+        if payload is None:
+            return None
+        data = getattr(payload, "video", payload)  # Gradio 5 wraps the file in VideoData, 6 passes FileData
+        return getattr(data, "path", None)
+
+    video.preprocess = preprocess
+    return video
+
+
 _CSS = """
 #vattr-message .vattr-error { background: #fdecea; color: #8a1c12; border: 1px solid #f3b5ab; padding: 8px 10px;
   border-radius: 6px; }
@@ -611,6 +754,11 @@ _CSS = """
 #vattr-top ol { margin: 4px 0 0 0; } #vattr-top .sw { display: inline-block; width: 10px; height: 10px;
   border: 1px solid #333; margin-right: 4px; vertical-align: middle; }
 #vattr-steps label { font-family: ui-monospace, monospace; }
+#vattr-timeline .vattr-bars { display: flex; align-items: flex-end; gap: 4px; height: 90px; margin-top: 6px;
+  border-bottom: 1px solid #999; }
+#vattr-timeline .vattr-bar { flex: 1; background: #c2410c; min-height: 1px; }
+#vattr-timeline .vattr-times { display: flex; gap: 4px; font-size: 0.75em; color: #555; }
+#vattr-timeline .vattr-times span { flex: 1; text-align: center; }
 """
 
 
@@ -653,6 +801,18 @@ def _top_html(frame: Frame) -> str:
 
     items = [(rank_colour_hex(i), words, rid, f"{score:.3g}") for i, (rid, words, score) in enumerate(frame.top)]
     return str(_fragments().top_regions(items, "nats" if frame.calibrated else "uncalibrated"))
+
+
+def _timeline_html(frame: Frame) -> str:
+    """Which moments of the video the shown step relies on: a bar per frame group, its height the group's share
+    of the step's positive scores (:func:`hf_vattr.viz.frame_group_scores`); nothing for an image-only prompt."""
+    from ..viz import format_score, format_seconds
+
+    top = max((g.score for g in frame.timeline), default=0.0)
+    unit = "nats" if frame.calibrated else "uncalibrated"
+    bars = [(g.group, format_seconds((g.start, g.end)), format_score(g.score),
+             f"{100 * g.score / top:.1f}" if top > 0 else "0") for g in frame.timeline]
+    return str(_fragments().timeline(bars, unit))
 
 
 def _concentration_html(values: Sequence[float]) -> str:
