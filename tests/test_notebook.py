@@ -164,3 +164,31 @@ def test_live_on_the_toy_model_returns_the_streamed_trace(shell):
     assert len(trace.spans) >= 2 and trace.images == [example.image]
     final_table = [o for o in shell.display_pub.outputs if o["update"]][-1]["data"]["text/html"]
     assert all(s.text.strip() in final_table for s in trace.spans)
+
+
+def test_the_live_view_of_a_video_draws_its_filmstrip(shell):
+    """The notebook's current picture of a video trace is the viz filmstrip of the step being written, and the
+    step table names regions by their seconds."""
+    import base64
+    import io
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from hf_vattr.viz import score_units, step_overlay
+    from test_video_viz import video_frames, video_trace
+
+    trace = video_trace([video_frames(), toy_image()])
+    running = trace.tokens[trace.spans[-1].token_range[1]:]
+    assert not running  # every token is in a finished step: the view shows the last step's scores
+    view = LiveView(trace, interval=0.0)
+    view.update(force=True)
+    html = [o for o in shell.display_pub.outputs if o["update"]][0]["data"]["text/html"]
+    uri = re.search(r"src='data:image/png;base64,([^']+)'", html).group(1)
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("RGB"))
+    expected = step_overlay(trace.regions, trace.images, trace.spans[-1].region_scores, caption="current step",
+                            units=score_units(trace))
+    assert np.array_equal(shown, np.asarray(expected))
+    table = [o for o in shell.display_pub.outputs if o["update"]][-1]["data"]["text/html"]
+    assert re.search(r"\d\.\d-\d\.\d s, ", table)
