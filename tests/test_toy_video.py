@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from hf_vattr.toy import IMAGE_SIZE, toy_checkpoint_path
 from hf_vattr.toy.task import COLOURS
@@ -208,3 +209,65 @@ def test_pointing_needs_the_right_object_in_the_right_frame_group(processor):
             other_region = int(region_map.pixel_labels(other)[y0, x0])
             assert other_region != token
             assert not region_on_evidence(regions, other_region, mask)
+
+
+# --------------------------------------------------------------------------- training script (scripts/toy)
+
+
+@pytest.mark.slow
+def test_the_video_model_starts_from_the_image_toy():
+    from safetensors.torch import load_file
+    from train_toy import build_toy_model, build_toy_processor, init_from_checkpoint  # scripts/toy (conftest.py)
+    from transformers import AutoTokenizer
+
+    processor = build_toy_processor(task="video")
+    model = build_toy_model(processor.tokenizer)
+    init_from_checkpoint(model, processor.tokenizer, toy_checkpoint_path())
+    image_state = load_file(str(toy_checkpoint_path() / "model.safetensors"))
+    state = model.state_dict()
+    embed = "model.language_model.embed_tokens.weight"
+    for name, value in image_state.items():
+        if name != embed:
+            assert torch.equal(state[name], value), name
+    old = AutoTokenizer.from_pretrained(toy_checkpoint_path()).get_vocab()
+    new = processor.tokenizer.get_vocab()
+    shared = [t for t in new if t in old]
+    assert {"Ġred", "Ġobject", "Ġtop", "Ġleft", "<think>", "<|video_pad|>"} <= set(shared)
+    for token in shared:
+        assert torch.equal(state[embed][new[token]], image_state[embed][old[token]]), token
+    assert len(new) > len(old)  # the video sentences' words are tokens of their own
+    assert processor.tokenizer.tokenize("At the start the red object is at the top left.") == [
+        "At", "Ġthe", "Ġstart", "Ġthe", "Ġred", "Ġobject", "Ġis", "Ġat", "Ġthe", "Ġtop", "Ġleft", "."]
+
+
+@pytest.mark.slow
+def test_train_toy_video_end_to_end(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+    from train_toy import main  # scripts/toy (conftest.py)
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    out = tmp_path / "toy-video"
+    code = main(["--task", "video", "--out", str(out), "--steps", "2", "--batch-size", "2", "--eval-examples", "2",
+                 "--threads", "1"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert code == (0 if metrics["meets_targets"] else 1)
+    assert metrics["task"] == "video" and metrics["held_out"]["n"] == 2
+    assert metrics["training"]["init"] == str(toy_checkpoint_path())
+    assert metrics["training"]["probe_weight"] == 0 and metrics["training"]["freeze_vision_frac"] == 1
+    # the tower stayed the image toy's: frozen the whole run
+    trained = load_file(str(out / "model.safetensors"))
+    image = load_file(str(toy_checkpoint_path() / "model.safetensors"))
+    tower = [k for k in image if k.startswith("model.visual.")]
+    assert tower and all(torch.equal(trained[k], image[k]) for k in tower)
+    # a Hub-shaped folder whose processor shows the tower a frame group as the image processor shows an image
+    model = Qwen3VLForConditionalGeneration.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    e = make_video_example(4, n_frames=6)
+    inputs = _inputs(processor, e)
+    assert inputs["video_grid_thw"].tolist() == [[3, 12, 12]]
+    picture = processor.image_processor(images=[e.frames[0]], return_tensors="pt")["pixel_values"]
+    assert torch.allclose(inputs["pixel_values_videos"][:len(picture)], picture, atol=1e-5)
+    generated = model.generate(**inputs, max_new_tokens=4)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]

@@ -2,6 +2,7 @@
 
     python scripts/toy/train_toy.py --out hf_vattr/toy/assets/toy-qwen3-vl
     python scripts/toy/train_toy.py --task hard --out hf_vattr/toy/assets/toy-qwen3-vl-hard
+    python scripts/toy/train_toy.py --task video --out hf_vattr/toy/assets/toy-qwen3-vl-video
 
 A development script (outside the wheel): it writes the checkpoint that ships in the package.
 
@@ -23,6 +24,13 @@ What it does, all offline and seeded:
 4. ``save_pretrained`` of model (safetensors), processor, tokenizer, chat
    template and a greedy generation config;
 5. greedy ``generate`` on held-out examples; ``metrics.json`` beside the checkpoint.
+
+``--task video`` trains on the clips of :mod:`hf_vattr.toy.video_task` instead, starting from the
+shipped image toy (``--init``): the same shapes, colours and cells, and both frames of a frame group
+are one picture, so its vision tower already sees every object. The tower stays frozen and the probe
+off; the decoder learns the new sentences and to pick the first or the last frame group. The
+tokenizer is retrained on both tasks' sentences, and every token the image toy knew keeps its
+embedding (mapped by its text).
 """
 
 from __future__ import annotations
@@ -42,6 +50,10 @@ from hf_vattr.toy import EVAL_SEED, toy_checkpoint_path
 from hf_vattr.toy.hard_task import HARD_COLOURS, hard_task_vocabulary, make_hard_example, make_hard_examples
 from hf_vattr.toy.task import (COLOURS, IMAGE_SIZE, SHAPES, TOKEN, ToyExample, check_answer, example_seed, make_example,
                    make_examples, prompt_messages, task_vocabulary)
+from hf_vattr.toy.video_task import (VIDEO_FRAMES, VideoExample, make_video_example, make_video_examples,
+                                     video_prompt_messages, video_task_vocabulary)
+
+TASK_NAMES = ("default", "hard", "video")
 
 FAMILY = FAMILIES["qwen3_vl"]
 TRAIN_SEED = 0
@@ -67,6 +79,18 @@ VISION_CONFIG = dict(
 )
 MAX_PIXELS = 192 * 192  # any image is resized to at most 6 x 6 visual tokens
 MIN_PIXELS = 2 * 2 * 32 * 32
+VIDEO_STEPS = 600  # fine-tuning from the image toy
+VIDEO_VOCAB_SIZE = 512  # room for the video sentences' words as single tokens, beside the image task's
+
+
+def video_vocabulary() -> list[str]:
+    """The video model's tokenizer corpus: the image task's sentences (its starting point) and the video task's."""
+    return task_vocabulary() + video_task_vocabulary()
+
+
+def video_checkpoint_path() -> Path:
+    """Where ``--task video`` writes by default: beside the shipped image toy."""
+    return toy_checkpoint_path().parent / "toy-qwen3-vl-video"
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -85,13 +109,22 @@ def build_toy_processor(tokenizer=None, task: str = "default"):
     import transformers
 
     if tokenizer is None:
-        tokenizer = build_toy_tokenizer(**({"vocabulary": hard_task_vocabulary} if task == "hard" else {}))
+        if task == "video":
+            tokenizer = build_toy_tokenizer(VIDEO_VOCAB_SIZE, video_vocabulary)
+        else:
+            tokenizer = build_toy_tokenizer(**({"vocabulary": hard_task_vocabulary} if task == "hard" else {}))
     image_processor = transformers.Qwen2VLImageProcessor(
         size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
         patch_size=FAMILY.patch_size, merge_size=2, temporal_patch_size=2,
     )
+    video_kwargs = {}
+    if task == "video":
+        # frames normalised as the image processor normalises images, so that the image toy's tower
+        # sees a frame group as it saw an image; at most 6 x 6 tokens per group of the longest clip
+        video_kwargs = dict(image_mean=image_processor.image_mean, image_std=image_processor.image_std,
+                            size={"shortest_edge": 2 * MIN_PIXELS, "longest_edge": max(VIDEO_FRAMES) * MAX_PIXELS})
     video_processor = transformers.Qwen3VLVideoProcessor(patch_size=FAMILY.patch_size, merge_size=2,
-                                                         temporal_patch_size=2)
+                                                         temporal_patch_size=2, **video_kwargs)
     return transformers.Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                          video_processor=video_processor, chat_template=FAMILY.chat_template)
 
@@ -126,8 +159,41 @@ def build_toy_model(tokenizer, seed: int = 0):
     return model
 
 
-def prompt_text(processor, example: ToyExample) -> str:
-    return processor.apply_chat_template(prompt_messages(example), add_generation_prompt=True, tokenize=False)
+def init_from_checkpoint(model, tokenizer, path: str | Path) -> None:
+    """Start `model` from the checkpoint at `path` (same architecture, possibly another tokenizer).
+
+    Every weight is copied except the token embeddings (tied to the output layer), which are copied row
+    by row for the tokens both tokenizers share, by their text; new tokens keep their fresh init.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    state = load_file(str(Path(path) / "model.safetensors"))
+    old_vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+    embed_key = "model.language_model.embed_tokens.weight"
+    old_embed = state.pop(embed_key)
+    state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {embed_key, "lm_head.weight"}:
+        raise ValueError(f"{path} does not match the toy architecture: missing {missing}, unexpected {unexpected}")
+    embed = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for token, new_id in tokenizer.get_vocab().items():
+            if token in old_vocab:
+                embed[new_id] = old_embed[old_vocab[token]]
+
+
+def prompt_text(processor, example: ToyExample | VideoExample) -> str:
+    messages = video_prompt_messages(example) if isinstance(example, VideoExample) else prompt_messages(example)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def vision_inputs(examples: list[ToyExample | VideoExample]) -> dict:
+    """The processor's visual arguments for `examples`: their images, or their clips with every frame kept."""
+    if all(isinstance(ex, VideoExample) for ex in examples):
+        return {"videos": [ex.frames for ex in examples], "video_metadata": [ex.video_metadata for ex in examples],
+                "do_sample_frames": False}
+    return {"images": [ex.image for ex in examples]}
 
 
 def collate(processor, examples: list[ToyExample]):
@@ -136,7 +202,7 @@ def collate(processor, examples: list[ToyExample]):
     prompts = [prompt_text(processor, ex) for ex in examples]
     texts = [p + ex.completion + END_OF_TURN for p, ex in zip(prompts, examples)]
     tok.padding_side = "right"
-    batch = processor(text=texts, images=[ex.image for ex in examples], return_tensors="pt", padding=True)
+    batch = processor(text=texts, **vision_inputs(examples), return_tensors="pt", padding=True)
     # prompt lengths after image-token expansion: count tokens of the completion instead
     comp_lens = [len(tok(ex.completion + END_OF_TURN, add_special_tokens=False)["input_ids"]) for ex in examples]
     labels = torch.full_like(batch["input_ids"], -100)
@@ -199,20 +265,22 @@ def _lr_at(step: int, total: int, warmup: int, peak: float, floor: float = 0.05)
 
 
 @torch.no_grad()
-def generate_texts(model, processor, examples: list[ToyExample], max_new_tokens: int = 64,
+def generate_texts(model, processor, examples: list[ToyExample | VideoExample], max_new_tokens: int = 64,
                    batch_size: int = 32) -> list[str]:
     """Greedy generations (decoded with special tokens kept), batched by equal prompt length (no padding)."""
     tok = processor.tokenizer
     prompts = [prompt_text(processor, ex) for ex in examples]
-    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    # a clip's prompt grows with its frame count once the processor expands its video tokens
+    lengths = [(len(tok(p, add_special_tokens=False)["input_ids"]), len(getattr(ex, "frames", ())))
+               for p, ex in zip(prompts, examples)]
     out: list[str | None] = [None] * len(examples)
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
     for i, n in enumerate(lengths):
         groups.setdefault(n, []).append(i)
     for idx in groups.values():
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
-            inputs = processor(text=[prompts[i] for i in chunk], images=[examples[i].image for i in chunk],
+            inputs = processor(text=[prompts[i] for i in chunk], **vision_inputs([examples[i] for i in chunk]),
                                return_tensors="pt")
             gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             new = gen[:, inputs["input_ids"].shape[1]:]
@@ -257,6 +325,8 @@ HARD_CURRICULUM = (
 
 def curriculum_examples(seed: int, step: int, steps: int, batch_size: int, task: str = "default") -> list[ToyExample]:
     """The training batch of `step`: deterministic from (seed, step)."""
+    if task == "video":  # no curriculum: the image toy already knows one object from four
+        return [make_video_example(example_seed(seed, step * batch_size + i)) for i in range(batch_size)]
     progress = step / max(1, steps)
     if task == "hard":
         _, p_obj, p_dis = next(row for row in HARD_CURRICULUM if progress < row[0] or row[0] >= 1.0)
@@ -322,7 +392,7 @@ class VisualProbe(torch.nn.Module):
 def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3, warmup: int = 50,
           weight_decay: float = 0.01, vision_lr_mult: float = 0.5, freeze_vision_frac: float = 0.0,
           probe_weight: float = 0.5, eval_examples: int = 400, seed: int = TRAIN_SEED, threads: int = 2,
-          log_every: int = 50, task: str = "default") -> dict:
+          log_every: int = 50, task: str = "default", init: str | Path | None = None) -> dict:
     """Train from scratch and save to `out`; returns the metrics written to ``metrics.json``.
 
     Schedule: AdamW, linear warmup then cosine decay. The vision tower trains at
@@ -331,7 +401,9 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
     the decoder learns to use it; ``probe_weight`` > 0 adds the :class:`VisualProbe` loss
     (what and where each visual token is), which prevents that. Images start with 1-2
     objects (see ``CURRICULUM``). ``task="hard"`` trains on :mod:`hf_vattr.toy.hard_task`
-    (``HARD_CURRICULUM``; the probe also learns a distractor class).
+    (``HARD_CURRICULUM``; the probe also learns a distractor class). ``task="video"`` trains on
+    :mod:`hf_vattr.toy.video_task` from the checkpoint at `init` (default: the shipped image toy); it
+    takes no probe (the tower already knows the objects; freeze it with ``freeze_vision_frac=1``).
     """
     from tqdm.auto import tqdm
 
@@ -343,15 +415,21 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    if task not in ("default", "hard"):
-        raise ValueError(f"task must be 'default' or 'hard', got {task!r}")
-    hard = task == "hard"
-    examples_of = make_hard_examples if hard else make_examples
+    if task not in TASK_NAMES:
+        raise ValueError(f"task must be one of {TASK_NAMES}, got {task!r}")
+    hard, video = task == "hard", task == "video"
+    if video and probe_weight > 0:
+        raise ValueError("the video task trains without the probe (probe_weight=0): its tower starts trained")
+    examples_of = make_hard_examples if hard else make_video_examples if video else make_examples
     probe_colours = tuple(HARD_COLOURS) if hard else tuple(COLOURS)
     processor = build_toy_processor(task=task)
     tokenizer = processor.tokenizer
     model = build_toy_model(tokenizer, seed=seed)
-    _init_for_grounding(model)
+    if video:
+        init = Path(init) if init is not None else toy_checkpoint_path()
+        init_from_checkpoint(model, tokenizer, init)
+    else:
+        _init_for_grounding(model)
     n_params = sum(p.numel() for p in model.parameters())
     _fast_patch_embed(model)
     model.train()
@@ -380,7 +458,8 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
     val_batch = collate(processor, val_examples)
     val_kinds = np.array([ex.kind for ex in val_examples])
     log = []
-    bar = tqdm(range(steps), desc="train toy-qwen3-vl" + ("-hard" if hard else ""), dynamic_ncols=True)
+    name = "toy-qwen3-vl" + ("" if task == "default" else f"-{task}")
+    bar = tqdm(range(steps), desc=f"train {name}", dynamic_ncols=True)
     ema = None
     probe_ema = None
     t_train = time.time()
@@ -453,7 +532,8 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
         "training": {"steps": steps, "batch_size": batch_size, "examples_seen": steps * batch_size, "lr": lr,
                      "warmup": warmup, "weight_decay": weight_decay, "vision_lr_mult": vision_lr_mult,
                      "freeze_vision_frac": freeze_vision_frac, "probe_weight": probe_weight,
-                     "curriculum": HARD_CURRICULUM if hard else CURRICULUM, "seed": seed,
+                     "curriculum": HARD_CURRICULUM if hard else None if video else CURRICULUM, "seed": seed,
+                     "init": str(init) if video else None,
                      "threads": threads,
                      "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
                      "total_seconds": round(time.time() - t_start, 1), "torch": torch.__version__,
@@ -472,24 +552,35 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("default", "hard"), default="default",
-                   help="task family: the default toy task, or the hard one (hf_vattr.toy.hard_task)")
+    p.add_argument("--task", choices=TASK_NAMES, default="default",
+                   help="task family: the default toy task, the hard one (hf_vattr.toy.hard_task) or the video one "
+                        "(hf_vattr.toy.video_task, trained from --init)")
+    p.add_argument("--init", default=None,
+                   help="--task video: the image checkpoint to start from (default: the shipped image toy)")
     p.add_argument("--out", default=None, help="checkpoint folder (default: the package's, for --task)")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=None, help=f"default: 3000 ({VIDEO_STEPS} for --task video)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--vision-lr-mult", type=float, default=0.5)
-    p.add_argument("--freeze-vision-frac", type=float, default=0.0)
-    p.add_argument("--probe-weight", type=float, default=0.5, help="VisualProbe auxiliary loss weight (0 = off)")
+    p.add_argument("--freeze-vision-frac", type=float, default=None, help="default: 0 (1, always, for --task video)")
+    p.add_argument("--probe-weight", type=float, default=None,
+                   help="VisualProbe auxiliary loss weight (0 = off); default: 0.5 (0 for --task video)")
     p.add_argument("--eval-examples", type=int, default=400)
     p.add_argument("--seed", type=int, default=TRAIN_SEED)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    args.out = args.out or str(toy_checkpoint_path(args.task))
+    video = args.task == "video"
+    args.out = args.out or str(video_checkpoint_path() if video else toy_checkpoint_path(args.task))
+    if args.steps is None:
+        args.steps = VIDEO_STEPS if video else 3000
+    if args.freeze_vision_frac is None:
+        args.freeze_vision_frac = 1.0 if video else 0.0
+    if args.probe_weight is None:
+        args.probe_weight = 0.0 if video else 0.5
     r = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
               vision_lr_mult=args.vision_lr_mult, freeze_vision_frac=args.freeze_vision_frac, probe_weight=args.probe_weight, eval_examples=args.eval_examples, seed=args.seed, threads=args.threads,
-              task=args.task)
+              task=args.task, init=args.init)
     h = r["held_out"]
     print(f"held-out ({h['n']}): answer accuracy {h['answer_accuracy']:.3f}, step accuracy {h['step_accuracy']:.3f}; "
           f"train {r['training']['train_seconds']:.0f}s, total {r['training']['total_seconds']:.0f}s; "
