@@ -6,6 +6,9 @@ boxes into the raw frames and diffing the processor's ``pixel_values_videos``, a
 knock-out is checked against the eager model with a hand-written ablating attention.
 """
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -167,3 +170,180 @@ def test_video_pixel_ablation(family):
             logits = model(**full, use_cache=False).logits[0]
         expected = _span_sums(logits, sequence, inputs["input_ids"].shape[1], spans)
         torch.testing.assert_close(got[m], expected, atol=TOLERANCE, rtol=0)
+
+
+# ----------------------------------------------------------------------------- collection, training, evaluation
+
+
+def _write_mp4(path, frames: list[np.ndarray], fps: int) -> None:
+    """An MPEG-4 file of ``frames`` (PyAV, the decoder transformers' load_video uses)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width, stream.pix_fmt = frames[0].shape[0], frames[0].shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _video_prompts(tmp_path) -> Path:
+    """Three short clips: an mp4 sampled at 2 fps (8 frames at 4 fps -> 4 frames), and two frame lists."""
+    clips = [[np.asarray(f) for f in example_video(n, 64, 96, seed=seed)] for n, seed in ((8, 0), (4, 1), (6, 2))]
+    _write_mp4(tmp_path / "clip0.mp4", clips[0], fps=4)
+    rows = [{"id": 0, "video": "clip0.mp4", "fps": 2, "prompt": "Where does the square go?"}]
+    for eid, clip in ((1, clips[1]), (2, clips[2])):
+        names = []
+        for f, frame in enumerate(clip):
+            names.append(f"clip{eid}_{f}.png")
+            Image.fromarray(frame).save(tmp_path / names[-1])
+        rows.append({"id": eid, "video": names, "fps": 1, "prompt": "What moves in the video?"})
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
+def test_collect_train_evaluate_on_video_prompts(family, tmp_path):
+    from hf_vattr.estimator import LinearEstimator
+    from hf_vattr.pipeline.baselines import (EstimatorMethod, GradientXInput, IntegratedGradients, LeaveOneOut,
+                                             RawAttention, RandomScores)
+    from hf_vattr.pipeline.collection import CollectionConfig, _build_inputs, collect, load_collection
+    from hf_vattr.pipeline.datasets import DatasetSpec
+    from hf_vattr.pipeline.evaluation import evaluate
+    from hf_vattr.pipeline.training import TrainingConfig, fit_estimator
+
+    model, processor = get_tiny(family)
+    spec = DatasetSpec("jsonl", path=str(_video_prompts(tmp_path)))
+    config = CollectionConfig(num_subsets=6, max_new_tokens=10, k=2,
+                              generate_kwargs={"suppress_tokens": _no_visual_tokens(model)})
+    out = tmp_path / "gt"
+    collect(model, processor, spec.items(), out, config, dataset=spec.to_dict(), progress=False)
+    records = load_collection(out)
+    assert [r.example_id for r in records] == [0, 1, 2] and all(r.num_spans for r in records)
+    # what the records say about each clip: the frames the model saw, and their times
+    videos = [r.extra["videos"][0] for r in records]
+    assert [v["num_frames"] for v in videos] == [4, 4, 6]
+    assert videos[0]["frames_indices"] == [0, 2, 4, 6] and videos[0]["fps"] == 4.0 and videos[1]["fps"] == 1.0
+    for record, frames in zip(records, (4, 4, 6)):
+        item = record.prompt_regions().layout.images[0]
+        assert item.is_video and item.num_frame_groups == frames // 2
+        assert record.num_regions == 2 * item.num_frame_groups  # grid: k cells per frame group
+    # the stored ground truth is what the engine measures on the rebuilt prompt
+    images, prompt = spec.get(1)
+    inputs = _build_inputs(processor, images, prompt)
+    assert torch.equal(inputs["input_ids"][0], records[1].sequence[: records[1].prompt_len])
+
+    L, H = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
+    estimator, report = fit_estimator(records, config=TrainingConfig(epochs=20, val_fraction=0.0))
+    assert estimator.weight.shape == (L, H) and torch.isfinite(estimator.weight).all()
+
+    def inputs_fn(record):
+        images, prompt = spec.get(record.example_id)
+        return _build_inputs(processor, images, prompt)
+
+    methods = [EstimatorMethod(estimator), RawAttention(), LeaveOneOut(), GradientXInput(),
+               IntegratedGradients(steps=3), RandomScores()]
+    result = evaluate(methods, records, model, processor, inputs_fn=inputs_fn, ks=(1, 2), progress=False,
+                      auc_points=2)
+    assert "measured" in result.info["topk_source"]
+    assert result.rows["leave_one_out"]["r2"] == pytest.approx(1.0, abs=1e-4)  # LOO re-measured on the rebuilt prompt
+    for name, row in result.rows.items():
+        for metric in ("lds", "top1_drop", "top2_drop", "deletion_auc", "insertion_auc", "r2", "pearson"):
+            assert row.get(metric) is not None and np.isfinite(row[metric]), (name, metric, row.get(metric))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _frames_on_disk(tmp_path, sizes) -> list[str]:
+    names = []
+    for f, (h, w) in enumerate(sizes):
+        names.append(f"f{f}.png")
+        Image.fromarray(np.full((h, w, 3), 40 * f, dtype=np.uint8)).save(tmp_path / names[-1])
+    return names
+
+
+@pytest.mark.parametrize("case,words", [
+    ("missing file", ["prompts.jsonl:1:", "nope.mp4", "not found"]),
+    ("corrupt file", ["prompts.jsonl:1:", "broken.mp4", "cannot be read"]),
+    ("one frame", ["prompts.jsonl:1:", "1 frame(s)", "at least 2"]),
+    ("frames of two sizes", ["prompts.jsonl:1:", "different sizes"]),
+    ("missing frame", ["prompts.jsonl:1:", "gone.png", "not found"]),
+    ("bad fps", ["prompts.jsonl:1:", "'fps'", "positive"]),
+    ("fps without video", ["prompts.jsonl:1:", "'fps' goes with 'video'"]),
+    ("video of a number", ["prompts.jsonl:1:", "'video' must be"]),
+])
+def test_collect_refuses_a_bad_video_row_before_the_model_loads(tmp_path, capsys, case, words, monkeypatch):
+    import hf_vattr.commands.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the prompts were checked")
+
+    monkeypatch.setattr(cli, "_load_model", refuse)
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x01 not a video" * 50)
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "pic.png")
+    row = {"missing file": lambda: {"video": "nope.mp4"},
+           "corrupt file": lambda: {"video": "broken.mp4"},
+           "one frame": lambda: {"video": _frames_on_disk(tmp_path, [(64, 64)])},
+           "frames of two sizes": lambda: {"video": _frames_on_disk(tmp_path, [(64, 64), (64, 96)])},
+           "missing frame": lambda: {"video": _frames_on_disk(tmp_path, [(64, 64)] * 2) + ["gone.png"]},
+           "bad fps": lambda: {"video": _frames_on_disk(tmp_path, [(64, 64)] * 2), "fps": -1},
+           "fps without video": lambda: {"image": "pic.png", "fps": 2},
+           "video of a number": lambda: {"video": 3}}[case]()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(dict(row, prompt="What happens?")) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["collect", "--model", "unused", "--prompts", str(prompts), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("hf-vattr collect: error:") and "Traceback" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+    assert not out.exists()
+
+
+def test_collect_says_which_video_the_processor_refused(tmp_path, tiny_model_dir, capsys):
+    """Frames the processor cannot resize (a 300:1 strip) pass the row checks; its refusal is one line naming
+    the video, and no example is written."""
+    from hf_vattr.commands.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"video": _frames_on_disk(tmp_path, [(2, 600)] * 2), "prompt": "What?"}) + "\n")
+    out = tmp_path / "out"
+    assert main(["collect", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out),
+                 "--quiet", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err  # the weights' loading bar, then the error
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("hf-vattr collect: error: the processor cannot take the video")
+    assert "f0.png" in last and "aspect ratio" in last, err
+    assert not list((out / "examples").glob("*.safetensors"))
+
+
+def test_a_datasets_video_column_of_files_and_frame_lists(tmp_path):
+    """``--dataset`` with a video column: a row's cell is a video file or a list of frame files; both collect,
+    and the prompts rebuild from the spec as collected."""
+    from hf_vattr.pipeline.collection import CollectionConfig, _build_inputs, collect, load_collection
+    from hf_vattr.pipeline.datasets import DatasetError, hf_dataset_spec
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    clip = [np.asarray(f) for f in example_video(4, 64, 96, seed=5)]
+    _write_mp4(folder / "clip.mp4", clip, fps=2)
+    frames = _frames_on_disk(folder, [(64, 96)] * 4)
+    rows = [{"clip": "clip.mp4", "question": "What moves?"}, {"clip": frames, "question": "What changes?"}]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DatasetError, match="--video-column nope"):
+        hf_dataset_spec(str(folder), "train", None, "question", video_column="nope")
+    spec = hf_dataset_spec(str(folder), "train", None, "question", video_column="clip", fps=2.0)
+    model, processor = get_tiny("qwen3_vl")
+    config = CollectionConfig(num_subsets=2, max_new_tokens=4, k=2,
+                              generate_kwargs={"suppress_tokens": _no_visual_tokens(model)})
+    collect(model, processor, spec.items(), tmp_path / "gt", config, dataset=spec.to_dict(), progress=False)
+    records = load_collection(tmp_path / "gt")
+    assert [r.extra["videos"][0]["num_frames"] for r in records] == [4, 4]
+    assert records[0].extra["videos"][0]["source"].endswith("clip.mp4")
+    for record in records:
+        images, prompt = spec.get(record.example_id)
+        ids = _build_inputs(processor, images, prompt)["input_ids"][0]
+        assert torch.equal(ids, record.sequence[: record.prompt_len])
+        assert (ids == model.config.video_token_id).sum() == record.prompt_regions().layout.images[0].num_tokens

@@ -207,6 +207,7 @@ def _dataset_spec(args: argparse.Namespace) -> DatasetSpec:
                          + (f" (got {' and '.join(chosen)})." if chosen else "."))
     hf_only = [flag for flag, value in (("--dataset-config", args.dataset_config), ("--split", args.split),
                                         ("--image-column", args.image_column),
+                                        ("--video-column", args.video_column), ("--fps", args.fps),
                                         ("--question-column", args.question_column), ("--id-column", args.id_column),
                                         ("--system-prompt", args.system_prompt)) if value is not None]
     if args.dataset is None and hf_only:
@@ -220,15 +221,20 @@ def _dataset_spec(args: argparse.Namespace) -> DatasetSpec:
     if args.prompts is not None:
         return DatasetSpec("jsonl", path=str(Path(args.prompts).resolve()),
                            images_dir=str(Path(args.images_dir).resolve()) if args.images_dir else None)
-    missing = [flag for flag, value in (("--split", args.split), ("--image-column", args.image_column),
-                                        ("--question-column", args.question_column)) if value is None]
+    missing = [flag for flag, value in (("--split", args.split), ("--question-column", args.question_column))
+               if value is None]
+    if args.image_column is None and args.video_column is None:
+        missing.append("--image-column or --video-column")
     if missing:
         raise UsageError(f"--dataset needs {', '.join(missing)} (e.g. --split train --image-column image "
                          "--question-column question).")
+    if args.fps is not None and args.video_column is None:
+        raise UsageError("--fps goes with --video-column (the frame rate of its videos).")
     from ..pipeline.datasets import hf_dataset_spec
 
     return hf_dataset_spec(args.dataset, args.split, args.image_column, args.question_column,
-                           config=args.dataset_config, id_column=args.id_column, system_prompt=args.system_prompt)
+                           config=args.dataset_config, id_column=args.id_column, system_prompt=args.system_prompt,
+                           video_column=args.video_column, fps=args.fps)
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -622,8 +628,9 @@ JSONL_HELP = """\
 --prompts FILE.jsonl. {format}
 
 "image" is one path, "images" a list of paths (relative ones are resolved against --images-dir when
-given). "prompt" is the user's question; "messages" instead gives a whole chat in the processor's
-format, with one {{"type": "image"}} per image. A trace counts as correct when the text after
+given), "video" a video file or a list of frame paths (resolved the same way). "prompt" is the user's
+question; "messages" instead gives a whole chat in the processor's format, with one {{"type": "image"}}
+per image and one {{"type": "video"}} per video. A trace counts as correct when the text after
 </think> contains "answer" (case-insensitively): the labels of `hf-vattr eval --trajectories`.
 
 collect writes <out>/dataset.json, which records how to rebuild these examples, so that
@@ -752,6 +759,11 @@ def _add_collect_parser(sub: Any) -> None:
     c.add_argument("--split", default=None, help="split of --dataset to collect (required with --dataset)")
     c.add_argument("--image-column", default=None, metavar="COL",
                    help="column of --dataset with the image(s): datasets.Image values, paths, bytes, or lists of them")
+    c.add_argument("--video-column", default=None, metavar="COL",
+                   help="column of --dataset with a video: a video file (a path or a datasets.Video value) or a list "
+                        "of frames (as image cells hold them); it comes before the row's images in the prompt")
+    _ranged(c, "--fps", float, "(0, inf)", "frame rate of --video-column's videos: files are sampled at it (default: "
+            "every frame), frame lists were taken at it (default 2)", default=None)
     c.add_argument("--question-column", default=None, metavar="COL", help="column of --dataset with the question")
     c.add_argument("--id-column", default=None, metavar="COL",
                    help="column of --dataset with non-negative integer example ids (default: row numbers)")

@@ -49,6 +49,7 @@ __all__ = [
     "CollectionConfig",
     "ExampleRecord",
     "PromptRow",
+    "Video",
     "collect_example",
     "total_answer_effects",
     "collect",
@@ -359,21 +360,35 @@ def _atomic_path(path: Path) -> Iterator[Path]:
 
 
 def _build_inputs(processor: Any, images: Sequence[Any], prompt: Any) -> Any:
-    """Processor outputs for (images, prompt): chat messages, raw question text, formatted text, or ready inputs."""
+    """Processor outputs for (images, prompt): chat messages, raw question text, formatted text, or ready inputs.
+
+    ``images`` are the prompt's visual items in prompt order: images, and videos as :class:`DecodedVideo`
+    (their frames go in as decoded, with their fps, as :func:`_load_video` made them).
+    """
     if hasattr(prompt, "keys") and "input_ids" in prompt:
         return prompt
-    images = list(images)
+    items = list(images)
+    pictures = [item for item in items if not isinstance(item, DecodedVideo)]
+    videos = [item for item in items if isinstance(item, DecodedVideo)]
     if isinstance(prompt, str):
-        image_token = getattr(processor, "image_token", None)
-        if image_token and image_token in prompt:
+        tokens = [getattr(processor, name, None) for name in ("image_token", "video_token")]
+        if any(token and token in prompt for token in tokens):
             text = prompt
         else:
-            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+            content = [{"type": "video" if isinstance(item, DecodedVideo) else "image"} for item in items]
+            content.append({"type": "text", "text": prompt})
             text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                  tokenize=False)
     else:
         text = processor.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
-    return processor(text=[text], images=images or None, return_tensors="pt")
+    if not videos:
+        return processor(text=[text], images=pictures or None, return_tensors="pt")
+    try:
+        return processor(text=[text], images=pictures or None, videos=[v.frames for v in videos],
+                         video_metadata=[v.metadata for v in videos], do_sample_frames=False, return_tensors="pt")
+    except (ValueError, TypeError, RuntimeError) as error:  # e.g. too few frames, or frames too small to patch
+        names = ", ".join(v.source for v in videos)
+        raise CollectionError(f"the processor cannot take the video ({names}): {_first_line(error)}") from error
 
 
 def _regions_for(model: Any, processor: Any, layout: Any, images: Sequence[Any], inputs: Any,
@@ -388,6 +403,85 @@ def _regions_for(model: Any, processor: Any, layout: Any, images: Sequence[Any],
 
     return build_regions(layout, method=config.region_method, k=config.k, images=list(images), model=model,
                          inputs=inputs)
+
+
+class Video(NamedTuple):
+    """One video of a prompt, as a dataset names it: a video file, or its frames in order.
+
+    ``source`` is a path to a video file (decoded by transformers' ``load_video``, sampled at ``fps`` frames
+    per second, or every frame when ``fps`` is None), or a list of frames (image paths, PIL images or arrays of
+    one size) taken at ``fps`` (default :data:`DEFAULT_FRAMES_FPS`), all of which go to the model.
+    """
+
+    source: Any
+    fps: float | None = None
+
+
+class DecodedVideo(NamedTuple):
+    """A video ready for the processor: its frames, the metadata that times them, and a name for messages."""
+
+    frames: Any  # (T, H, W, C) array or a list of PIL images
+    metadata: dict  # fps, total_num_frames, frames_indices (as transformers' VideoMetadata)
+    source: str
+
+
+#: frames per second of a video given as a list of frames without "fps" (Qwen3-VL's and GLM's sampling rate)
+DEFAULT_FRAMES_FPS = 2.0
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _load_video(video: Video) -> DecodedVideo:
+    """Decode one :class:`Video`: a file through transformers' ``load_video``, a frame list opened frame by frame.
+
+    Anything that makes it unusable (an unreadable file, fewer than two frames, frames of different sizes) is a
+    :class:`CollectionError` naming the video.
+    """
+    source = video.source
+    if isinstance(source, (str, os.PathLike)):
+        from transformers.video_utils import load_video
+
+        name = str(source)
+        try:
+            frames, meta = load_video(name, fps=video.fps)
+        except Exception as error:  # the decoder's own errors (no file, corrupt container, no video stream)
+            raise CollectionError(f"video {name} cannot be read ({_first_line(error)}).") from error
+        metadata = {"fps": float(meta.fps), "total_num_frames": int(meta.total_num_frames),
+                    "frames_indices": [int(i) for i in meta.frames_indices]}
+        _check_frames(name, [tuple(frames.shape[1:3])] * int(frames.shape[0]))
+        return DecodedVideo(frames, metadata, name)
+    frames = [_load_image(frame) for frame in source]
+    name = f"{source[0]}, ... ({len(source)} frames)" if source and isinstance(source[0], (str, os.PathLike)) \
+        else f"a video of {len(frames)} frames"
+    _check_frames(name, [_frame_size(frame) for frame in frames])
+    fps = float(video.fps) if video.fps is not None else DEFAULT_FRAMES_FPS
+    metadata = {"fps": fps, "total_num_frames": len(frames), "frames_indices": list(range(len(frames)))}
+    return DecodedVideo(frames, metadata, name)
+
+
+def _frame_size(frame: Any) -> tuple[int, int]:
+    """``(height, width)`` of a PIL image or an ``(H, W, C)`` array."""
+    if hasattr(frame, "size") and not hasattr(frame, "shape"):
+        return int(frame.size[1]), int(frame.size[0])
+    return int(frame.shape[0]), int(frame.shape[1])
+
+
+def _check_frames(name: str, sizes: Sequence[tuple[int, int]]) -> None:
+    """A video needs at least one frame group (two frames), all of one size."""
+    if len(sizes) < 2:
+        raise CollectionError(f"video {name} has {len(sizes)} frame(s); a video needs at least 2 (one frame group "
+                              "of the vision tower).")
+    if len(set(sizes)) > 1:
+        raise CollectionError(f"video {name}: its frames have different sizes ({sorted(set(sizes))}); a video's "
+                              "frames share one size.")
+
+
+def _load_visual(item: Any) -> Any:
+    """A dataset's visual item opened for the model: an image (see :func:`_load_image`) or a :class:`Video`."""
+    return _load_video(item) if isinstance(item, Video) else _load_image(item)
 
 
 def _load_image(image: Any) -> Any:
@@ -414,9 +508,10 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
     """Generate greedily, split spans, and record span features and ablation effects for one example.
 
     Args:
-        images: one image or a list (PIL, arrays, or file paths), in prompt order.
-        prompt: chat messages, a question (wrapped in a user turn with the images), chat-formatted
-            text containing the image token, or ready processor outputs.
+        images: one image or a list (PIL, arrays, or file paths), in prompt order; a :class:`Video` entry is a
+            video (a file, or its frames, at its fps).
+        prompt: chat messages, a question (wrapped in a user turn with the images and videos), chat-formatted
+            text containing the image (video) token, or ready processor outputs.
         splitter: span splitter; default :class:`~hf_vattr.reasoning.spans.ReasoningStepSplitter`.
         example_id: recorded, and seeds the random subsets together with ``config.seed``.
 
@@ -427,13 +522,13 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
     """
     config = config or CollectionConfig()
     _check_answer_effects(config)
-    if not isinstance(images, (list, tuple)):
+    if isinstance(images, Video) or not isinstance(images, (list, tuple)):
         images = [images]
-    images = [_load_image(im) for im in images]
+    items = [_load_visual(item) for item in images]
     tokenizer = getattr(processor, "tokenizer", processor)
-    inputs = _build_inputs(processor, images, prompt)
+    inputs = _build_inputs(processor, items, prompt)
     prompt_len = int(inputs["input_ids"].shape[-1])
-    layout = visual_layout(model, inputs["input_ids"], inputs.get("image_grid_thw"), images)
+    layout, images = _prompt_layout(model, inputs, items)
     regions = _regions_for(model, processor, layout, images, inputs, config)
     sequence = _generate(model, inputs, config)
     generated = sequence[0, prompt_len:].tolist()
@@ -446,6 +541,9 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
                                                   config)
     extra: dict = {"num_generated": len(generated), "format": splitter_format(splitter, fmt).name,
                    "image_sizes": [list(im.original_size) if im.original_size else None for im in layout.images]}
+    videos = [item for item in items if isinstance(item, DecodedVideo)]
+    if videos:  # what a video's regions and times are read against: its frames' count, times and source
+        extra["videos"] = [{"source": v.source, "num_frames": len(v.frames), **v.metadata} for v in videos]
     subset_masks = random_subset_masks(int(regions.num_regions), config.num_subsets, config.keep_prob,
                                        _example_generator(config.seed, example_id))
     ground_truth = _span_ground_truth(engine, tokenizer, splitter, sequence, generated, spans, token_features,
@@ -465,6 +563,24 @@ def collect_example(model: Any, processor: Any, images: Sequence[Any] | Any, pro
         token_features=token_features if config.keep_token_features else None,
         extra=extra,
     )
+
+
+def _prompt_layout(model: Any, inputs: Any, items: Sequence[Any]) -> tuple[Any, list[Any]]:
+    """The prompt's visual layout, and its items' pixels in prompt order (a video's entry: its frames).
+
+    The processor takes images and videos apart, so the prompt order comes from the layout (each item's kind and
+    index among its kind), whatever order the dataset listed them in.
+    """
+    pictures = [item for item in items if not isinstance(item, DecodedVideo)]
+    videos = [item for item in items if isinstance(item, DecodedVideo)]
+    if not videos:
+        return visual_layout(model, inputs["input_ids"], inputs.get("image_grid_thw"), pictures), pictures
+    layout = visual_layout(model, inputs["input_ids"], inputs.get("image_grid_thw"), pictures,
+                           video_grid_thw=inputs.get("video_grid_thw"), videos=[v.frames for v in videos],
+                           video_metadata=[v.metadata for v in videos],
+                           second_per_grid_ts=inputs.get("second_per_grid_ts"))
+    by_kind = {"image": pictures, "video": [v.frames for v in videos]}
+    return layout, [by_kind[item.kind][item.kind_index] for item in layout.images]
 
 
 def _check_answer_effects(config: CollectionConfig) -> None:
@@ -598,10 +714,10 @@ def _with_total_answer_effects(engine: AblationEngine, sequence: torch.Tensor, s
 
 
 class PromptRow(NamedTuple):
-    """One validated row of a JSON-lines prompts file (image paths resolved, not opened)."""
+    """One validated row of a JSON-lines prompts file (image paths resolved, not opened; a video as a :class:`Video`)."""
 
     example_id: int
-    images: list[str]
+    images: list[Any]  # image paths and Video entries, in prompt order
     prompt: Any  # a question (str) or chat messages (list of dicts)
     answer: Any = None
 
@@ -609,8 +725,13 @@ class PromptRow(NamedTuple):
 PROMPTS_FORMAT = """One JSON object per line:
     {"id": 0, "image": "cat.png", "prompt": "What is the cat doing?", "answer": "sleeping"}
     {"id": 1, "images": ["a.png", "b.png"], "messages": [{"role": "user", "content": [...]}]}
+    {"id": 2, "video": "clip.mp4", "fps": 2, "prompt": "What happens?"}
+    {"id": 3, "video": ["f0.png", "f1.png", "f2.png", "f3.png"], "fps": 1, "prompt": "What moves?"}
 "id" (an integer) defaults to the line number (0-based); image paths are relative to the images folder,
-else to the file's folder; "answer" (optional) labels traces for trajectory analysis."""
+else to the file's folder; "answer" (optional) labels traces for trajectory analysis.
+"video" is a video file (decoded by transformers' load_video, sampled at "fps" frames per second, or every
+frame without "fps") or a list of at least 2 frame images of one size, all shown to the model, taken at
+"fps" (default 2). A row may have a video and images; with "prompt" the video comes first."""
 
 
 def _row_error(path: Path, line: int, message: str) -> ValueError:
@@ -648,6 +769,7 @@ def read_prompts(path: str | os.PathLike, images_dir: str | os.PathLike | None =
         if eid in seen:
             raise _row_error(path, n, f"duplicate id {eid}; ids must be unique.")
         seen.add(eid)
+        names: list[str] = []
         if "images" in row:
             names = row["images"]
             if not isinstance(names, list) or not names or not all(isinstance(x, str) and x for x in names):
@@ -656,12 +778,19 @@ def read_prompts(path: str | os.PathLike, images_dir: str | os.PathLike | None =
             if not isinstance(row["image"], str) or not row["image"]:
                 raise _row_error(path, n, f"'image' must be a file name (a string), got {row['image']!r}.")
             names = [row["image"]]
-        else:
-            raise _row_error(path, n, "no 'image' / 'images' given.")
-        images = [str(Path(x) if os.path.isabs(x) else base / x) for x in names]
+        elif "video" not in row:
+            raise _row_error(path, n, "no 'image' / 'images' / 'video' given.")
+        images: list[Any] = [str(Path(x) if os.path.isabs(x) else base / x) for x in names]
         for im in images:
             if not Path(im).is_file():
                 raise _row_error(path, n, f"image {im} not found.")
+        if "video" in row:
+            try:
+                images.insert(0, _row_video(row, base))
+            except CollectionError as error:
+                raise _row_error(path, n, str(error)) from None
+        elif "fps" in row:
+            raise _row_error(path, n, "'fps' goes with 'video' (a row without a video has no frame rate).")
         if "messages" in row:
             prompt = row["messages"]
             if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
@@ -678,6 +807,59 @@ def read_prompts(path: str | os.PathLike, images_dir: str | os.PathLike | None =
             raise _row_error(path, n, f"'answer' must be a string or a number, got {answer!r}.")
         rows.append(PromptRow(eid, images, prompt, answer))
     return rows
+
+
+def _row_video(row: Mapping[str, Any], base: Path) -> Video:
+    """The row's ``"video"`` (and ``"fps"``), checked without decoding: files exist, a file opens as a video,
+    a frame list has at least two frames of one size."""
+    value, fps = row["video"], row.get("fps")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < float("inf")):
+        raise CollectionError(f"'fps' must be a positive number, got {fps!r}.")
+    fps = None if fps is None else float(fps)
+
+    def resolve(name: str) -> str:
+        return str(Path(name) if os.path.isabs(name) else base / name)
+
+    if isinstance(value, str) and value:
+        file = resolve(value)
+        if not Path(file).is_file():
+            raise CollectionError(f"video {file} not found.")
+        _probe_video(file)
+        return Video(file, fps)
+    if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+        raise CollectionError(f"'video' must be a video file name or a list of frame file names, got {value!r}.")
+    frames = [resolve(x) for x in value]
+    for frame in frames:
+        if not Path(frame).is_file():
+            raise CollectionError(f"video frame {frame} not found.")
+    from PIL import Image, UnidentifiedImageError
+
+    sizes = []
+    for frame in frames:
+        try:
+            with Image.open(frame) as im:  # reads the header only
+                sizes.append((int(im.size[1]), int(im.size[0])))
+        except (OSError, UnidentifiedImageError) as error:
+            raise CollectionError(f"video frame {frame} cannot be read ({_first_line(error)}).") from None
+    _check_frames(f"{frames[0]}, ... ({len(frames)} frames)" if frames else "[]", sizes)
+    return Video(frames, fps)
+
+
+def _probe_video(file: str) -> None:
+    """Open a video file's container and find a video stream in it, without decoding (PyAV, the backend
+    transformers' ``load_video`` uses by default; skipped when it is not installed)."""
+    try:
+        import av
+    except ImportError:
+        return
+    try:
+        with av.open(file) as container:
+            if not container.streams.video:
+                raise CollectionError(f"video {file} holds no video stream.")
+    except CollectionError:
+        raise
+    except Exception as error:  # av.error.InvalidDataError and friends: not a video container
+        raise CollectionError(f"video {file} cannot be read ({_first_line(error)}).") from None
 
 
 def dataset_fingerprint(dataset: Mapping[str, Any]) -> str:

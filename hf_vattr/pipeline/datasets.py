@@ -8,7 +8,10 @@ without importing the command line.
 The JSON-lines format is :data:`hf_vattr.pipeline.collection.PROMPTS_FORMAT` (``hf-vattr collect --help``).
 Kind ``"datasets"`` reads anything ``datasets.load_dataset`` reads (a Hub id, or a local folder of
 parquet / json / imagefolder files; streamed) or a folder written by ``save_to_disk`` (memory-mapped),
-one split, with an image column and a question column (:func:`open_hf_dataset` checks them).
+one split, with an image column and / or a video column, and a question column (:func:`open_hf_dataset`
+checks them). A video cell is a video file (a path, or a ``datasets.Video`` value read undecoded) or a list
+of frames (images as an image cell holds them); it becomes a :class:`~hf_vattr.pipeline.collection.Video`
+at the spec's ``fps``, placed before the row's images in the prompt.
 """
 
 from __future__ import annotations
@@ -65,19 +68,20 @@ class DatasetSpec:
         return _Items(self, limit, shard)
 
     def get(self, example_id: int) -> tuple[list[Any], Any]:
-        """``(images, prompt)`` of one example, images opened (for rebuilding model inputs)."""
-        from .collection import _load_image
+        """``(images, prompt)`` of one example, images opened and videos decoded (for rebuilding model inputs)."""
+        from .collection import _load_visual
 
         if self.kind == "toy":
             ex = self._toy(int(example_id))
             return [ex.image], self._toy_prompt(ex)
         if self.kind == "datasets":
-            return self._hf().get(int(example_id))
+            images, prompt = self._hf().get(int(example_id))
+            return [_load_visual(im) for im in images], prompt
         rows = {eid: (images, prompt) for eid, images, prompt, _ in self._jsonl_rows()}
         if int(example_id) not in rows:
             raise KeyError(example_id)
         images, prompt = rows[int(example_id)]
-        return [_load_image(im) for im in images], prompt
+        return [_load_visual(im) for im in images], prompt
 
     def answers(self) -> dict[int, Any]:
         """Example id -> the toy example (for ``check_answer``) or the JSONL ``answer``."""
@@ -206,9 +210,10 @@ def correctness_labels(dataset: DatasetSpec | None, records: Sequence[Any]) -> l
 # ----------------------------------------------------------------------------- `datasets` datasets
 
 
-def hf_dataset_spec(dataset: str, split: str, image_column: str, question_column: str, *,
+def hf_dataset_spec(dataset: str, split: str, image_column: str | None, question_column: str, *,
                     config: str | None = None, id_column: str | None = None,
-                    system_prompt: str | None = None) -> DatasetSpec:
+                    system_prompt: str | None = None, video_column: str | None = None,
+                    fps: float | None = None) -> DatasetSpec:
     """A :class:`DatasetSpec` of kind ``"datasets"``, opened and checked now (a :class:`DatasetError` otherwise).
 
     ``dataset`` is a Hub id or a local folder (of parquet / json / imagefolder files, or written by
@@ -221,6 +226,8 @@ def hf_dataset_spec(dataset: str, split: str, image_column: str, question_column
     name = str(local.resolve()) if local.exists() else dataset
     params = {"dataset": name, "config": config, "split": split, "image_column": image_column,
               "question_column": question_column, "id_column": id_column, "system_prompt": system_prompt}
+    if video_column is not None:  # recorded only for video datasets: image datasets keep their fingerprints
+        params.update(video_column=video_column, fps=fps)
     spec = DatasetSpec("datasets", **params)
     spec.params["content"] = spec._hf().content_fingerprint()
     return spec
@@ -262,6 +269,10 @@ class _HFSource:
         self.split = str(params["split"])
         self.config = params.get("config")
         self.image_column, self.question_column = params["image_column"], params["question_column"]
+        self.video_column, self.fps = params.get("video_column"), params.get("fps")
+        if self.image_column is None and self.video_column is None:
+            raise DatasetError("a `datasets` dataset needs an image column or a video column (--image-column, "
+                               "--video-column).")
         self.id_column = params.get("id_column")
         self.system_prompt = params.get("system_prompt")
         path = Path(self.name)
@@ -334,28 +345,37 @@ class _HFSource:
             columns = list(features)
         listed = ", ".join(columns) or "(none)"
         for option, col in (("--image-column", self.image_column), ("--question-column", self.question_column),
-                            ("--id-column", self.id_column)):
+                            ("--id-column", self.id_column), ("--video-column", self.video_column)):
             if col is not None and col not in columns:
                 raise DatasetError(f"{option} {col}: split {self.split} of {self.name} has no column {col!r}; its "
                                    f"columns: {listed}.")
-        feature = features.get(self.image_column) if features is not None else None
-        if feature is not None and _is_image_feature(feature):
-            self.ds = self.ds.cast_column(self.image_column, _undecoded(feature))  # decoded per row, own shard only
+        for column in (self.image_column, self.video_column):
+            feature = features.get(column) if features is not None and column is not None else None
+            if feature is not None and _is_image_feature(feature):
+                self.ds = self.ds.cast_column(column, _undecoded(feature))  # decoded per row, own shard only
+            elif feature is not None and isinstance(feature, hfd.Video):
+                self.ds = self.ds.cast_column(column, hfd.Video(decode=False))  # its path; decoded by collection
         if first is None:
             first = next(iter(self.ds), None) if self.streaming else (self.ds[0] if len(self.ds) else None)
         if first is None:
             raise DatasetError(f"--split {self.split}: split {self.split} of {self.name} is empty (0 rows); pick "
                                "another split.")
-        try:
-            images = self._images(first[self.image_column], 0)
-        except DatasetError as e:
-            image_cols = [c for c, f in (features or {}).items() if _is_image_feature(f)]
-            hint = f"columns holding images: {', '.join(image_cols)}" if image_cols else "no column is typed as images"
-            raise DatasetError(f"--image-column {self.image_column} holds no images: {e} ({hint}; all columns: "
-                               f"{listed}).") from None
-        if not images:
-            raise DatasetError(f"--image-column {self.image_column}: the first row holds no image (an empty list); "
-                               f"columns: {listed}.")
+        if self.image_column is not None:
+            try:
+                images = self._images(first[self.image_column], 0)
+            except DatasetError as e:
+                image_cols = [c for c, f in (features or {}).items() if _is_image_feature(f)]
+                hint = f"columns holding images: {', '.join(image_cols)}" if image_cols else "no column is typed as images"
+                raise DatasetError(f"--image-column {self.image_column} holds no images: {e} ({hint}; all columns: "
+                                   f"{listed}).") from None
+            if not images:
+                raise DatasetError(f"--image-column {self.image_column}: the first row holds no image (an empty "
+                                   f"list); columns: {listed}.")
+        if self.video_column is not None:
+            try:
+                self._video(first[self.video_column], 0)
+            except DatasetError as e:
+                raise DatasetError(f"--video-column {self.video_column}: {e}; columns: {listed}.") from None
         question = first[self.question_column]
         if not isinstance(question, str) or not question.strip():
             raise DatasetError(f"--question-column {self.question_column}: the first row holds {question!r}, not a "
@@ -413,23 +433,57 @@ class _HFSource:
                                    f"({type(e).__name__}: {_first_line(e)})") from None
         return out
 
-    def prompt(self, question: str, num_images: int) -> list[dict]:
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+    def _video(self, value: Any, index: int) -> Any:
+        """The :class:`~hf_vattr.pipeline.collection.Video` of one cell: a video file's path (a string or an
+        undecoded ``datasets.Video`` value), or a list of frames (opened here, as image cells are)."""
+        from .collection import CollectionError, Video, _row_video
+
+        if isinstance(value, dict) and value.get("path"):
+            value = value["path"]
+        if isinstance(value, str) and value:
+            path = Path(value)
+            if not path.is_absolute() and self.local:
+                path = self.base / path
+            try:
+                _row_video({"video": str(path), "fps": self.fps}, self.base)  # exists and opens as a video
+            except CollectionError as e:
+                raise DatasetError(f"row {index}: {e}") from None
+            return Video(str(path), self.fps)
+        if isinstance(value, (list, tuple)) and value:
+            frames = self._images(value, index)
+            sizes = {im.size for im in frames}
+            if len(frames) < 2 or len(sizes) > 1:
+                raise DatasetError(f"row {index} holds {len(frames)} frame(s) of sizes {sorted(sizes)}; a video needs "
+                                   "at least 2 frames of one size")
+            return Video(frames, self.fps)
+        raise DatasetError(f"row {index} holds {type(value).__name__} {str(value)[:40]!r}, not a video (a video "
+                           "file path, a datasets.Video value, or a list of at least 2 frames)")
+
+    def prompt(self, question: str, num_images: int, num_videos: int = 0) -> list[dict]:
+        content = [{"type": "video"} for _ in range(num_videos)] + [{"type": "image"} for _ in range(num_images)]
+        content.append({"type": "text", "text": question})
         messages = [{"role": "user", "content": content}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         return messages
 
     def example(self, row: dict, index: int) -> tuple[list[Any], Any]:
-        try:
-            images = self._images(row[self.image_column], index)
-        except DatasetError as e:
-            raise DatasetError(f"--image-column {self.image_column}: {e}.") from None
+        images, videos = [], []
+        if self.image_column is not None:
+            try:
+                images = self._images(row[self.image_column], index)
+            except DatasetError as e:
+                raise DatasetError(f"--image-column {self.image_column}: {e}.") from None
+        if self.video_column is not None:
+            try:
+                videos = [self._video(row[self.video_column], index)]
+            except DatasetError as e:
+                raise DatasetError(f"--video-column {self.video_column}: {e}.") from None
         question = row[self.question_column]
         if not isinstance(question, str):
             raise DatasetError(f"--question-column {self.question_column}: row {index} holds {question!r}, not a "
                                "string.")
-        return images, self.prompt(question, len(images))
+        return videos + images, self.prompt(question, len(images), len(videos))
 
     def rows(self, shard: tuple[int, int] | None = None) -> Iterator[tuple[int, list[Any], Any]]:
         """``(example_id, images, prompt)`` per row; rows of other shards as ``(example_id, [], None)``."""
