@@ -16,7 +16,7 @@ from PIL import Image
 
 from hf_vattr.layouts import extend_inputs, visual_layout
 from hf_vattr.pipeline.ablation import AblationEngine, leave_one_out_masks, pixel_patch_rows, random_subset_masks
-from hf_vattr.regions import build_regions
+from hf_vattr.regions import build_regions, prompt_regions
 from hf_vattr.testing import example_video, example_video_inputs, video_metadata
 
 from conftest import get_tiny
@@ -97,6 +97,41 @@ def test_video_attention_ablation_matches_reference(family, monkeypatch):
     assert (got[masks.any(1)] - got[0]).abs().amax(1).min() > 1e-5  # every ablation moves something
     for reuse in ("prompt", "none"):
         torch.testing.assert_close(engine.span_logprobs(spans, masks, reuse_prefix=reuse), got, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family,video_first", [("qwen3_vl", True), ("qwen2_5_vl", False)])
+def test_ablation_of_a_prompt_with_an_image_and_a_video(family, video_first, monkeypatch):
+    """Each kind's embeddings skip that kind's tokens before the restart point: knock-out and pixel ablation
+    of regions in either item, restarting inside the second item, match full forwards."""
+    from hf_vattr.testing import example_image
+
+    model, proc = get_tiny(family)
+    videos, images = [example_video(4, 64, 96, seed=6)], [example_image(64, 96, seed=7)]
+    inputs = example_video_inputs(proc, videos, images=images, video_first=video_first)
+    layout = visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], images,
+                           video_grid_thw=inputs["video_grid_thw"], videos=videos,
+                           video_metadata=[video_metadata(v) for v in videos])
+    assert [item.kind for item in layout.images] == (["video", "image"] if video_first else ["image", "video"])
+    regions = prompt_regions(layout, k=2)
+    with torch.no_grad():
+        sequence = model.generate(**inputs, max_new_tokens=6, do_sample=False, suppress_tokens=_no_visual_tokens(model))
+    spans = [(0, 3), (2, 6)]
+    k = regions.num_regions
+    masks = torch.cat([torch.zeros(1, k, dtype=torch.bool), leave_one_out_masks(k),
+                       random_subset_masks(k, 2, generator=torch.Generator().manual_seed(8))])
+    engine = AblationEngine(model, inputs, sequence, regions)
+    expected = _reference(family, inputs, sequence, regions, spans, masks, monkeypatch)
+    torch.testing.assert_close(engine.span_logprobs(spans, masks, batch_size=2), expected, atol=TOLERANCE, rtol=0)
+    pixel = engine.span_logprobs(spans, masks[-1:].logical_or(torch.ones(1, k, dtype=torch.bool)), method="pixel")
+    filled = {}
+    for name in ("pixel_values", "pixel_values_videos"):
+        pv = inputs[name]
+        means = pv.reshape(pv.shape[0], 3, -1).mean(dim=(0, 2))
+        filled[name] = means[None, :, None].expand(pv.shape[0], 3, pv.shape[1] // 3).reshape(pv.shape)
+    with torch.no_grad():
+        logits = model(**dict(extend_inputs(inputs, sequence), **filled), use_cache=False).logits[0]
+    torch.testing.assert_close(pixel[0], _span_sums(logits, sequence, inputs["input_ids"].shape[1], spans),
+                               atol=TOLERANCE, rtol=0)
 
 
 def _unpadded_frames(family: str, groups: int, rows: int, cols: int) -> tuple[int, list[np.ndarray]]:
