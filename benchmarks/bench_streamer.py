@@ -1,7 +1,10 @@
 """Streaming overhead against context length, in float32 and bfloat16, end to end and per layer.
 
 Model: random weights at Qwen3-VL-2B text dims (hidden 2048, 16 heads, 8 KV heads, head_dim 128,
-intermediate 6144), 2 decoder layers by default, sdpa; one 544x512 image = 272 visual tokens.
+intermediate 6144), 2 decoder layers by default, sdpa; one 544x512 image = 272 visual tokens, or with
+``--video N`` a video of N 512x512 frames (N/2 frame groups of 16x16 tokens: 2048 visual tokens for 16
+frames, what Qwen3-VL's processor makes of a 16-frame clip at its default resolution), streamed with its
+frames and fps like any video prompt.
 
 Context length C: a real prefill of the image prompt, then the KV cache is extended with random
 keys and values up to C tokens (their content does not change the cost). Each decode step is a
@@ -20,6 +23,7 @@ Memory: bytes the capture allocates per decode step (every tensor an op creates 
 streamer minus baseline, counted with a TorchDispatchMode), against context length.
 
     python benchmarks/bench_streamer.py --threads 1 --write docs/benchmarks.md
+    python benchmarks/bench_streamer.py --threads 1 --video 16 --dtypes float32 --write docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from torch.utils._pytree import tree_leaves
 
 from hf_vattr import AttributionStreamer, LinearEstimator
 from hf_vattr.capture.pooling import _features_from_lse, _scaled_keys_t, _visual_keys, attention_row_features
-from hf_vattr.testing import build_model, build_processor, example_inputs
+from hf_vattr.testing import build_model, build_processor, example_inputs, example_video_inputs, video_metadata
 
 QWEN3_VL_2B_TEXT = dict(
     num_attention_heads=16, num_key_value_heads=8, hidden_size=2048, intermediate_size=6144, head_dim=128,
@@ -48,6 +52,8 @@ QWEN3_VL_2B_TEXT = dict(
                      "rope_theta": 5000000.0},
 )
 MARKER = "<!-- bench_streamer -->"
+VIDEO_MARKER = "<!-- bench_streamer_video -->"
+VIDEO_SIDE = 512  # pixels: 16 x 16 tokens of 32 pixels per frame group, no resize by the processor
 
 
 class AllocationCounter(TorchDispatchMode):
@@ -67,16 +73,29 @@ class AllocationCounter(TorchDispatchMode):
 
 
 class Bench:
-    def __init__(self, layers: int, dtype: torch.dtype, device: str = "cpu", attn: str = "sdpa") -> None:
-        self.proc = build_processor("qwen3_vl", max_pixels=2_000_000)
+    def __init__(self, layers: int, dtype: torch.dtype, device: str = "cpu", attn: str = "sdpa",
+                 video_frames: int = 0) -> None:
+        # Qwen3-VL's video processor caps a clip's pixels over all its frames: room for every frame unresized
+        self.proc = build_processor("qwen3_vl", max_pixels=max(2_000_000, video_frames * VIDEO_SIDE * VIDEO_SIDE))
         self.model = build_model("qwen3_vl", self.proc.tokenizer, attn_implementation=attn,
                                  text_overrides=dict(QWEN3_VL_2B_TEXT, num_hidden_layers=layers)).to(device, dtype)
         self.device, self.attn = device, attn
-        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (544, 512, 3), dtype=np.uint8))
-        self.inputs = example_inputs(self.proc, [image], text="Describe the image step by step.")
+        rng = np.random.default_rng(0)
+        if video_frames:
+            frames = [Image.fromarray(rng.integers(0, 255, (VIDEO_SIDE, VIDEO_SIDE, 3), dtype=np.uint8))
+                      for _ in range(video_frames)]
+            self.streamer_kwargs = dict(videos=[frames], video_metadata=[video_metadata(frames)])
+            self.inputs = example_video_inputs(self.proc, [frames], text="Describe the video step by step.")
+            pixels, token_id = "pixel_values_videos", self.model.config.video_token_id
+        else:
+            image = Image.fromarray(rng.integers(0, 255, (544, 512, 3), dtype=np.uint8))
+            self.streamer_kwargs = {}
+            self.inputs = example_inputs(self.proc, [image], text="Describe the image step by step.")
+            pixels, token_id = "pixel_values", self.model.config.image_token_id
         self.inputs = {k: v.to(device) for k, v in self.inputs.items()}
-        self.inputs["pixel_values"] = self.inputs["pixel_values"].to(dtype)
-        self.visual = int((self.inputs["input_ids"] == self.model.config.image_token_id).sum())
+        self.inputs[pixels] = self.inputs[pixels].to(dtype)
+        self.visual = int((self.inputs["input_ids"] == token_id).sum())
+        self.video_frames = video_frames
         self.estimator = LinearEstimator(layers, 16, model_type="qwen3_vl")
         self.dtype = dtype
         self.layers = layers
@@ -101,7 +120,8 @@ class Bench:
             cache.crop(context - cache.get_seq_length())  # negative: tokens to drop from the end
         streamer, consumer = None, None
         if route != "baseline":
-            streamer = AttributionStreamer(self.model, self.proc, inputs=self.inputs, estimator=self.estimator)
+            streamer = AttributionStreamer(self.model, self.proc, inputs=self.inputs, estimator=self.estimator,
+                                           **self.streamer_kwargs)
             consumer = threading.Thread(target=lambda: sum(1 for _ in streamer), daemon=True)
             consumer.start()
             streamer._start_by_hand()  # what the generate wrapper does, around this hand-written decode loop
@@ -144,7 +164,8 @@ class Bench:
         tokens = {route: self.token for route in models}
         streamers, consumers = {}, []
         for route in ("streamer", "full-row"):
-            streamer = AttributionStreamer(models[route], self.proc, inputs=self.inputs, estimator=self.estimator)
+            streamer = AttributionStreamer(models[route], self.proc, inputs=self.inputs, estimator=self.estimator,
+                                           **self.streamer_kwargs)
             consumer = threading.Thread(target=lambda s=streamer: sum(1 for _ in s), daemon=True)
             consumer.start()
             streamer._start_by_hand()  # what the generate wrapper does, around this hand-written decode loop
@@ -229,13 +250,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu.sh)")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, flash_attention_2, eager")
+    parser.add_argument("--video", type=int, default=0, metavar="FRAMES",
+                        help="a video prompt of FRAMES 512x512 frames instead of the image (16: 2048 visual tokens); "
+                             "its tables go to their own section of --write")
     parser.add_argument("--write", default=None, help="markdown file whose streaming section to replace")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     rows_e2e, rows_layer, rows_mem = [], [], []
     for dtype_name in args.dtypes:
-        bench = Bench(args.layers, getattr(torch, dtype_name), args.device, args.attn)
+        bench = Bench(args.layers, getattr(torch, dtype_name), args.device, args.attn, args.video)
         for context in args.contexts:
             per_token, cpu = bench.paired(context, args.steps)
             med = {route: statistics.median(v) for route, v in per_token.items()}
@@ -261,14 +285,20 @@ def main() -> None:
     machine = f"{platform.machine()}, {args.threads} torch thread(s), torch {torch.__version__}, {args.device}, {args.attn}"
     if args.device != "cpu":
         machine += f" ({torch.cuda.get_device_name(0)})"
+    marker, prompt, title, options = MARKER, "image", "## Streaming overhead against context length", ""
+    if args.video:
+        marker, prompt = VIDEO_MARKER, f"video ({args.video} frames of {VIDEO_SIDE}x{VIDEO_SIDE}, 2 fps)"
+        title = "## Streaming overhead on a video prompt"
+        options = (f" --video {args.video} --contexts {' '.join(map(str, args.contexts))} "
+                   f"--dtypes {' '.join(args.dtypes)}")
     lines = [
-        MARKER,
-        "## Streaming overhead against context length",
+        marker,
+        title,
         "",
         f"`python benchmarks/bench_streamer.py --threads {args.threads} --steps {args.steps} "
-        f"--layers {args.layers}`. Random weights at Qwen3-VL-2B text dims (hidden 2048, "
+        f"--layers {args.layers}{options}`. Random weights at Qwen3-VL-2B text dims (hidden 2048, "
         f"16 heads, 8 KV heads, head_dim 128, intermediate 6144), {args.layers} decoder layers, sdpa, "
-        f"{bench.visual} visual tokens; the KV cache is a real prefill of the image prompt extended with random "
+        f"{bench.visual} visual tokens; the KV cache is a real prefill of the {prompt} prompt extended with random "
         f"keys/values to the context length. {args.steps} cached decode steps per route, the three routes "
         f"alternating step by step on their own copies of the model and cache (rotating order, two warm-up "
         f"steps); ratio = median over steps of (route step time / the same step's baseline time); {machine}.",
@@ -313,10 +343,10 @@ def main() -> None:
     if args.write:
         with open(args.write) as fh:
             text = fh.read()
-        head = text.split(MARKER)[0].rstrip() + "\n\n"
-        tail = text.split(MARKER)[2] if text.count(MARKER) >= 2 else ""
+        head = text.split(marker)[0].rstrip() + "\n\n"
+        tail = text.split(marker)[2] if text.count(marker) >= 2 else ""
         with open(args.write, "w") as fh:
-            fh.write(head + table + MARKER + tail)
+            fh.write(head + table + marker + tail)
 
 
 if __name__ == "__main__":
