@@ -1,5 +1,7 @@
-"""Shared fixtures: tiny offline models of every supported family (built once per session)."""
+"""Shared fixtures: tiny offline models of every supported family (built once per session, read only) and a
+consumer that drains a streamer under a deadline. The Hub fixtures are a plugin of their own (hub_fixture.py)."""
 
+import gc
 import os
 import sys
 import threading
@@ -16,21 +18,90 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "toy"))
 
 from hf_vattr.testing import FAMILIES, tiny_vlm  # noqa: E402
 
-_CACHE: dict = {}
+pytest_plugins = ["hub_fixture"]
 
 
-def get_tiny(family: str, attn_implementation: str = "sdpa"):
-    key = (family, attn_implementation)
-    if key not in _CACHE:
-        _CACHE[key] = tiny_vlm(family, attn_implementation=attn_implementation)
-    return _CACHE[key]
+_GENERATE_BOOKKEEPING = {"_cache", "_previous_max_cache_length"}  # what transformers' generate keeps on a model
+
+
+def _state(model, processor) -> dict:
+    """What a test could change on a shared pair and leave changed for the next test."""
+    return {
+        "dtype": model.dtype, "device": model.device, "training": model.training,
+        "attention implementation": (model.config._attn_implementation,
+                                     model.config.get_text_config()._attn_implementation),
+        "instance attributes": sorted(set(vars(model)) - _GENERATE_BOOKKEEPING),  # e.g. a generate wrapper left armed
+        "parameters": [(name, p.data_ptr(), p._version, p.requires_grad) for name, p in model.named_parameters()],
+        "buffers": [(name, b.data_ptr(), b._version) for name, b in model.named_buffers()],
+        "hooks": sorted((name, getattr(hook, "__qualname__", repr(hook))) for name, module in model.named_modules()
+                        for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values(),
+                                     *module._backward_hooks.values())
+                        if not getattr(hook, "__module__", "").startswith("transformers.")),  # its own: lazy, kept
+        "tokenizer": (processor.tokenizer.padding_side, processor.tokenizer.truncation_side, len(processor.tokenizer)),
+    }
+
+
+class TinyModels:
+    """``(model, processor)`` per family and attention implementation, built on first use and shared.
+
+    Shared pairs are read only: a test that changes one (weights, dtype, attention implementation, hooks, an
+    instance attribute, the tokenizer's padding side) must work on a ``copy.deepcopy`` or undo the change
+    with ``monkeypatch``. :meth:`changed` finds the pairs a test left changed and drops them, so the next
+    test gets a fresh build.
+    """
+
+    def __init__(self):
+        self._pairs: dict[tuple[str, str], tuple] = {}  # key -> (model, processor, state when built)
+
+    def __call__(self, family: str, attn_implementation: str = "sdpa"):
+        key = (family, attn_implementation)
+        if key not in self._pairs:
+            model, processor = tiny_vlm(family, attn_implementation=attn_implementation)
+            self._pairs[key] = (model, processor, _state(model, processor))
+        model, processor, _ = self._pairs[key]
+        return model, processor
+
+    def _changes(self) -> dict[tuple[str, str], list[str]]:
+        changes = {}
+        for key, (model, processor, built) in self._pairs.items():
+            now = _state(model, processor)
+            fields = [name for name in built if now[name] != built[name]]
+            if fields:
+                changes[key] = fields
+        return changes
+
+    def changed(self) -> list[str]:
+        """The pairs changed since they were built (``"family (attention): fields"``), dropped from the cache."""
+        changes = self._changes()
+        if changes:  # a dropped streamer's generate wrapper goes when the streamer is collected
+            gc.collect()
+            changes = self._changes()
+        for key in changes:
+            del self._pairs[key]
+        return [f"{family} ({attn}): {', '.join(fields)}" for (family, attn), fields in changes.items()]
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
+def get_tiny() -> TinyModels:
+    """``get_tiny(family, attn_implementation="sdpa") -> (model, processor)``: the session's shared tiny pair."""
+    return TinyModels()
+
+
+@pytest.fixture(autouse=True)
+def _shared_tiny_models_stay_unchanged(get_tiny):
+    """Fails the test that leaves a shared tiny model or processor changed (the next test would inherit it)."""
+    yield
+    changed = get_tiny.changed()
+    if changed:
+        pytest.fail(f"the test changed the shared tiny model(s) {'; '.join(changed)}: work on a copy.deepcopy "
+                    "or undo the change (monkeypatch)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, get_tiny):
     """A tiny Qwen3-VL saved as a model folder, for commands that load ``--model`` from disk (read only)."""
     path = tmp_path_factory.mktemp("tiny-qwen3-vl")
-    model, processor = tiny_vlm("qwen3_vl")
+    model, processor = get_tiny("qwen3_vl")
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
@@ -42,13 +113,11 @@ def family(request):
 
 
 @pytest.fixture
-def tiny(family):
+def tiny(family, get_tiny):
     return get_tiny(family)
 
 
-def consume(streamer, deadline: float = 20.0):
-    """Iterate a streamer in a helper thread; return ``(events, error)``. A consumer still waiting after
-    ``deadline`` seconds fails the test instead of stalling CI."""
+def _consume(streamer, deadline: float = 20.0):
     box = {"events": [], "error": None}
 
     def run():
@@ -63,3 +132,10 @@ def consume(streamer, deadline: float = 20.0):
     thread.join(deadline)
     assert not thread.is_alive(), "the consumer hung"
     return box["events"], box["error"]
+
+
+@pytest.fixture(scope="session")
+def consume():
+    """``consume(streamer, deadline=20.0) -> (events, error)``: iterate a streamer in a helper thread. A consumer
+    still waiting after ``deadline`` seconds fails the test instead of stalling CI."""
+    return _consume

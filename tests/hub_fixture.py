@@ -1,6 +1,7 @@
 """Hub repos for tests, as real files in huggingface_hub's cache layout; no server, no network.
 
-``cache_repo`` writes ``models--org--name/{blobs,snapshots/<commit>,refs/<branch>}`` the way a
+A pytest plugin (``pytest_plugins`` in conftest.py): tests request its fixtures by name. ``cache_repo``
+writes ``models--org--name/{blobs,snapshots/<commit>,refs/<branch>}`` the way a
 download leaves it, so ``from_pretrained("org/name")`` runs huggingface_hub's own offline
 lookup. Pushing needs a server, so the ``local_hub`` fixture patches the two ``HfApi`` calls
 that ``push_to_hub`` makes (``create_repo``, ``upload_folder``) to commit the uploaded folder
@@ -17,7 +18,7 @@ import pytest
 from huggingface_hub import CommitInfo, HfApi, RepoUrl, constants
 
 
-def cache_repo(cache_dir: str | Path, repo_id: str, files: dict[str, bytes], *, branch: str = "main") -> str:
+def commit_to_cache(cache_dir: str | Path, repo_id: str, files: dict[str, bytes], *, branch: str = "main") -> str:
     """Commit ``files`` (name -> bytes) on ``branch`` of ``repo_id`` in the cache; returns the commit hash.
 
     Files of the branch's previous commit are kept unless overwritten, as an upload does.
@@ -64,15 +65,24 @@ class LocalHub:
 
     def upload_folder(self, repo_id: str, folder_path: str | Path, commit_message: str, revision: str | None) -> CommitInfo:
         files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir() if p.is_file()}
-        commit = cache_repo(self.cache_dir, repo_id, files, branch=revision or "main")
+        commit = commit_to_cache(self.cache_dir, repo_id, files, branch=revision or "main")
         self.commits.append((repo_id, commit_message))
         return CommitInfo(commit_url=f"{self.endpoint}/{repo_id}/commit/{commit}", commit_message=commit_message,
                           commit_description="", oid=commit)
 
 
+@pytest.fixture(scope="session")
+def cache_repo():
+    """``cache_repo(cache_dir, repo_id, files, branch="main") -> commit``: :func:`commit_to_cache`."""
+    return commit_to_cache
+
+
 @pytest.fixture
 def local_hub(tmp_path, monkeypatch) -> LocalHub:
-    """A :class:`LocalHub` in ``tmp_path``, active as the offline Hub cache for the test."""
+    """A :class:`LocalHub` in ``tmp_path``, active as the offline Hub cache for the test.
+
+    Per test, not per session: it patches ``HfApi`` and the Hub cache constants, and what one test pushes
+    must not be there for the next; building it is only a folder and four patches."""
     hub = LocalHub(tmp_path / "hub_cache")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub.cache_dir))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

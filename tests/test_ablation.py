@@ -28,14 +28,12 @@ from hf_vattr.layouts import attention_modules, extend_inputs, visual_layout
 from hf_vattr.regions import prompt_regions
 from hf_vattr.testing import example_image, example_inputs
 
-from conftest import get_tiny
-
 TOLERANCE = 1e-4
 REFERENCE_FAMILIES = ["qwen3_vl", "qwen2_5_vl", "glm4v"]
 _EXAMPLES: dict = {}
 
 
-def _example(family: str, k: int = 4):
+def _example(get_tiny, family: str, k: int = 4):
     """(model, processor, inputs, sequence, regions, spans): two images, 2k regions, a short greedy trace."""
     key = (family, k)
     if key not in _EXAMPLES:
@@ -67,7 +65,7 @@ def _span_sums(logits: torch.Tensor, sequence: torch.Tensor, prompt_len: int, sp
     return torch.stack([lp[s:e].sum() for s, e in spans]).float()
 
 
-def _reference(family, inputs, sequence, regions, spans, masks, monkeypatch) -> torch.Tensor:
+def _reference(get_tiny, family, inputs, sequence, regions, spans, masks, monkeypatch) -> torch.Tensor:
     """Span log-probs per mask from the eager model with a hand-written ablating attention."""
     eager, _ = get_tiny(family, attn_implementation="eager")
     module = sys.modules[type(eager).__module__]
@@ -110,8 +108,8 @@ def _reference(family, inputs, sequence, regions, spans, masks, monkeypatch) -> 
     return torch.stack(out)
 
 
-def test_unablated_equals_plain_forward(family):
-    model, _, inputs, sequence, regions, spans = _example(family)
+def test_unablated_equals_plain_forward(family, get_tiny):
+    model, _, inputs, sequence, regions, spans = _example(get_tiny, family)
     with torch.no_grad():
         logits = model(**extend_inputs(inputs, sequence), use_cache=False).logits[0]
     expected = _span_sums(logits, sequence, inputs["input_ids"].shape[1], spans)
@@ -125,10 +123,10 @@ def test_unablated_equals_plain_forward(family):
 
 
 @pytest.mark.parametrize("family", REFERENCE_FAMILIES)
-def test_attention_ablation_matches_reference(family, monkeypatch):
-    model, _, inputs, sequence, regions, spans = _example(family)
+def test_attention_ablation_matches_reference(family, monkeypatch, get_tiny):
+    model, _, inputs, sequence, regions, spans = _example(get_tiny, family)
     masks = _masks(regions.num_regions)
-    expected = _reference(family, inputs, sequence, regions, spans, masks, monkeypatch)
+    expected = _reference(get_tiny, family, inputs, sequence, regions, spans, masks, monkeypatch)
     # the masks really matter on this model (the test could fail)
     assert (expected - expected[0]).abs().max() > 1e-3
     engine = AblationEngine(model, inputs, sequence, regions)
@@ -139,20 +137,20 @@ def test_attention_ablation_matches_reference(family, monkeypatch):
                                        msg=lambda m: f"batch_size={batch_size} reuse={reuse}: {m}")
 
 
-def test_engine_on_eager_model_matches_reference(monkeypatch):
+def test_engine_on_eager_model_matches_reference(monkeypatch, get_tiny):
     """The intervention also speaks the eager implementation's additive float masks."""
     family = "qwen2_5_vl"
-    _, proc, inputs, sequence, regions, spans = _example(family)
+    _, proc, inputs, sequence, regions, spans = _example(get_tiny, family)
     eager, _ = get_tiny(family, attn_implementation="eager")
     masks = _masks(regions.num_regions)
     got = span_logprobs(eager, inputs, sequence, spans, masks, regions, batch_size=4)
-    expected = _reference(family, inputs, sequence, regions, spans, masks, monkeypatch)
+    expected = _reference(get_tiny, family, inputs, sequence, regions, spans, masks, monkeypatch)
     torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl_moe", "glm4v_moe"])
-def test_prefix_reuse_and_batching_change_nothing(family):
-    model, _, inputs, sequence, regions, spans = _example(family)
+def test_prefix_reuse_and_batching_change_nothing(family, get_tiny):
+    model, _, inputs, sequence, regions, spans = _example(get_tiny, family)
     masks = _masks(regions.num_regions)
     engine = AblationEngine(model, inputs, sequence, regions)
     full = engine.span_logprobs(spans, masks, batch_size=1, reuse_prefix="none")
@@ -162,7 +160,7 @@ def test_prefix_reuse_and_batching_change_nothing(family):
     assert (full - full[0]).abs().max() > 1e-3
 
 
-def test_pixel_patch_rows_match_the_processor():
+def test_pixel_patch_rows_match_the_processor(get_tiny):
     """Token -> pixel_values rows mapping, checked by painting one token's box in an image."""
     from PIL import Image
     import numpy as np
@@ -183,8 +181,8 @@ def test_pixel_patch_rows_match_the_processor():
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "glm4v"])
-def test_pixel_ablation(family):
-    model, _, inputs, sequence, regions, spans = _example(family)
+def test_pixel_ablation(family, get_tiny):
+    model, _, inputs, sequence, regions, spans = _example(get_tiny, family)
     k = regions.num_regions
     masks = _masks(k)
     engine = AblationEngine(model, inputs, sequence, regions)
@@ -225,8 +223,8 @@ def test_masks_helpers():
     assert torch.equal(sub, again)
 
 
-def test_bad_arguments():
-    model, _, inputs, sequence, regions, spans = _example("qwen2_5_vl")
+def test_bad_arguments(get_tiny):
+    model, _, inputs, sequence, regions, spans = _example(get_tiny, "qwen2_5_vl")
     with pytest.raises(ValueError, match="ablation_masks"):
         span_logprobs(model, inputs, sequence, spans, torch.zeros(2, regions.num_regions + 1, dtype=torch.bool),
                       regions)

@@ -439,9 +439,7 @@ def test_collection_files_missing_a_tensor_name_it(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen():
-    from conftest import get_tiny
-
+def tiny_qwen(get_tiny):
     return get_tiny("qwen3_vl")
 
 
@@ -468,14 +466,14 @@ def test_a_size_that_contradicts_the_token_grid_is_refused(tiny_qwen):
         visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"], [Image.new("RGB", (40, 300))])
 
 
-def test_a_batch_with_its_images_in_swapped_row_order_is_refused(tiny_qwen):
+def test_a_batch_with_its_images_in_swapped_row_order_is_refused(tiny_qwen, monkeypatch):
     """Case 5: rows' images swapped: each row's image must fit its own token grid."""
     from hf_vattr import AttributionStreamer
     from hf_vattr.layouts import LayoutError
     from hf_vattr.testing import example_image
 
     model, processor = tiny_qwen
-    processor.tokenizer.padding_side = "left"
+    monkeypatch.setattr(processor.tokenizer, "padding_side", "left")  # the shared processor
     images = [example_image(96, 224, seed=1), example_image(224, 96, seed=2)]  # wide, then tall
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}],

@@ -104,11 +104,10 @@ def test_odd_option_values(seed, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed{s}")
-def test_swapped_or_foreign_image_sizes(seed):
+def test_swapped_or_foreign_image_sizes(seed, get_tiny):
     """The processor's own size always passes; a swapped or foreign size of a clearly oblong grid is refused."""
     from PIL import Image
 
-    from conftest import get_tiny
     from hf_vattr.layouts import LayoutError, visual_layout
     from hf_vattr.testing import example_inputs
 

@@ -24,8 +24,6 @@ from hf_vattr.layouts import text_dims, visual_layout
 from hf_vattr.regions import prompt_regions
 from hf_vattr.testing import example_inputs
 
-from conftest import get_tiny
-
 SPANS = [(0, 3), (3, 8)]
 _CTX: dict = {}
 
@@ -61,7 +59,7 @@ class Ctx:
         return self.record, self.model, self.inputs
 
 
-def make_context(family: str, *, double: bool = False, k: int = 6, features: bool = False) -> Ctx:
+def make_context(get_tiny, family: str, *, double: bool = False, k: int = 6, features: bool = False) -> Ctx:
     key = (family, double, k)
     if key not in _CTX:
         model, processor = get_tiny(family)
@@ -103,8 +101,8 @@ def _layer0_scaled_logprobs(ctx: Ctx, region: int, eps, grad: bool = False) -> t
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl", "glm4v"])
-def test_grad_x_input_matches_independent_references(family):
-    ctx = make_context(family, double=True)
+def test_grad_x_input_matches_independent_references(family, get_tiny):
+    ctx = make_context(get_tiny, family, double=True)
     scores = GradientXInput().span_scores(*ctx.args)
     assert scores.shape == (len(SPANS), ctx.num_regions)
     region = 2
@@ -128,16 +126,16 @@ def _completeness_gap(ctx: Ctx) -> torch.Tensor:
     return full - zero
 
 
-def test_integrated_gradients_completeness_uniform_grid():
-    ctx = make_context("glm4v")
+def test_integrated_gradients_completeness_uniform_grid(get_tiny):
+    ctx = make_context(get_tiny, "glm4v")
     ig = IntegratedGradients(steps=16).span_scores(*ctx.args)
     torch.testing.assert_close(ig.sum(1), _completeness_gap(ctx).float(), rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.slow
-def test_integrated_gradients_completeness_geometric_grid():
+def test_integrated_gradients_completeness_geometric_grid(get_tiny):
     """On the tiny Qwen models most of the path integral sits near alpha = 0 (RMSNorm): a geometric grid."""
-    ctx = make_context("qwen2_5_vl")
+    ctx = make_context(get_tiny, "qwen2_5_vl")
     grid = IntegratedGradients.geometric_breakpoints(32, smallest=1e-5)
     ig = IntegratedGradients(breakpoints=grid).span_scores(*ctx.args)
     torch.testing.assert_close(ig.sum(1), _completeness_gap(ctx).float(), rtol=3e-2, atol=1e-3)
@@ -145,8 +143,8 @@ def test_integrated_gradients_completeness_geometric_grid():
         IntegratedGradients(breakpoints=[0.0, 0.5, 0.4, 1.0])
 
 
-def test_gradient_methods_leave_model_untouched():
-    ctx = make_context("qwen3_vl")
+def test_gradient_methods_leave_model_untouched(get_tiny):
+    ctx = make_context(get_tiny, "qwen3_vl")
     flags = [p.requires_grad for p in ctx.model.parameters()]
     hooks = len(ctx.model.model.language_model._forward_pre_hooks)
     GradientXInput().span_scores(*ctx.args)
@@ -155,10 +153,10 @@ def test_gradient_methods_leave_model_untouched():
     assert all(p.grad is None for p in ctx.model.parameters())
 
 
-def test_leave_one_out_equals_single_mask_span_effects():
+def test_leave_one_out_equals_single_mask_span_effects(get_tiny):
     from hf_vattr.pipeline.ablation import leave_one_out_masks, span_effects, span_logprobs
 
-    ctx = make_context("qwen3_vl")
+    ctx = make_context(get_tiny, "qwen3_vl")
     loo = LeaveOneOut().span_scores(*ctx.args)
     k = ctx.num_regions
     assert loo.shape == (len(SPANS), k)
@@ -173,8 +171,8 @@ def test_leave_one_out_equals_single_mask_span_effects():
     torch.testing.assert_close(loo, (lp[0:1] - lp[1:]).T, rtol=1e-5, atol=1e-5)
 
 
-def test_features_raw_attention_and_estimator_agree():
-    ctx = make_context("qwen2_5_vl", features=True)
+def test_features_raw_attention_and_estimator_agree(get_tiny):
+    ctx = make_context(get_tiny, "qwen2_5_vl", features=True)
     feats = ctx.record.span_features
     model = ctx.model
     num_layers, num_heads = model.config.text_config.num_hidden_layers, model.config.text_config.num_attention_heads
@@ -189,7 +187,7 @@ def test_features_raw_attention_and_estimator_agree():
     torch.testing.assert_close(again, feats)
 
 
-def test_features_match_collection():
+def test_features_match_collection(get_tiny):
     collection = pytest.importorskip("hf_vattr.pipeline.collection")
     model, processor = get_tiny("qwen3_vl")
     from hf_vattr.testing import example_image
@@ -204,8 +202,8 @@ def test_features_match_collection():
     torch.testing.assert_close(feats, rec.span_features, rtol=1e-4, atol=1e-6)
 
 
-def test_random_scores_and_registry():
-    ctx = make_context("glm4v")
+def test_random_scores_and_registry(get_tiny):
+    ctx = make_context(get_tiny, "glm4v")
     a = RandomScores(seed=3).span_scores(*ctx.args)
     assert a.shape == (len(SPANS), ctx.num_regions)
     torch.testing.assert_close(a, RandomScores(seed=3).span_scores(ctx.record))  # offline: no model needed
@@ -220,8 +218,8 @@ def test_random_scores_and_registry():
         make_method("saliency")
 
 
-def test_bad_spans_and_missing_model():
-    ctx = make_context("glm4v")
+def test_bad_spans_and_missing_model(get_tiny):
+    ctx = make_context(get_tiny, "glm4v")
     feats = torch.zeros(1, *ctx.record.dims, ctx.num_regions)
     bad = make_record(ctx.sequence, [(5, 99)], ctx.regions, feats)
     with pytest.raises(ValueError, match="generated tokens"):

@@ -11,13 +11,11 @@ from hf_vattr.layouts import extend_inputs, visual_layout
 from hf_vattr.regions import prompt_regions
 from hf_vattr.testing import build_model, example_image, example_inputs
 
-from conftest import get_tiny
-
 # float32 models: captured rows agree with eager weights to ~1e-7; we assert 1e-5 absolute.
 TOLERANCE = 1e-5
 
 
-def _eager_reference(family, inputs, positions, membership):
+def _eager_reference(get_tiny, family, inputs, positions, membership):
     eager_model, _ = get_tiny(family, attn_implementation="eager")
     with torch.no_grad():
         out = eager_model(**inputs, output_attentions=True, use_cache=False)
@@ -34,7 +32,7 @@ def _layout_and_membership(model, proc, images=None, k=8):
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
-def test_last_row_matches_eager_attention(family, pooling):
+def test_last_row_matches_eager_attention(family, pooling, get_tiny):
     model, proc = get_tiny(family)
     assert model.config._attn_implementation == "sdpa"
     inputs, layout, membership = _layout_and_membership(model, proc)
@@ -43,7 +41,7 @@ def test_last_row_matches_eager_attention(family, pooling):
             model(**inputs)
         feats = cap.pop()
     ref_membership = membership if pooling == "sum" else membership / membership.sum(0)
-    ref = _eager_reference(family, inputs, layout.positions, ref_membership)[:, :, -1]
+    ref = _eager_reference(get_tiny, family, inputs, layout.positions, ref_membership)[:, :, -1]
     assert feats.shape == ref.shape == (2, 4, membership.shape[1])
     torch.testing.assert_close(feats, ref, atol=TOLERANCE, rtol=0)
     # the model was never switched to eager
@@ -51,7 +49,7 @@ def test_last_row_matches_eager_attention(family, pooling):
     assert model.config.get_text_config()._attn_implementation == "sdpa"
 
 
-def test_all_rows_match_eager_attention(family):
+def test_all_rows_match_eager_attention(family, get_tiny):
     model, proc = get_tiny(family)
     inputs, layout, membership = _layout_and_membership(model, proc)
     first = int(layout.positions[-1]) + 1
@@ -59,11 +57,11 @@ def test_all_rows_match_eager_attention(family):
         with torch.no_grad():
             model(**inputs, use_cache=False)
         feats = cap.pop()  # (T', L, H, K)
-    ref = _eager_reference(family, inputs, layout.positions, membership)[:, :, first:].permute(2, 0, 1, 3)
+    ref = _eager_reference(get_tiny, family, inputs, layout.positions, membership)[:, :, first:].permute(2, 0, 1, 3)
     torch.testing.assert_close(feats, ref, atol=TOLERANCE, rtol=0)
 
 
-def test_decode_steps_match_eager_rows():
+def test_decode_steps_match_eager_rows(get_tiny):
     """During cached decoding each step's row equals the eager row of the same position."""
     model, proc = get_tiny("qwen2_5_vl")
     inputs, layout, membership = _layout_and_membership(model, proc)
@@ -75,11 +73,11 @@ def test_decode_steps_match_eager_rows():
         rows.append(cap.pop())
     seq = out.sequences
     full = extend_inputs(inputs, seq)
-    ref = _eager_reference("qwen2_5_vl", full, layout.positions, membership)
+    ref = _eager_reference(get_tiny, "qwen2_5_vl", full, layout.positions, membership)
     torch.testing.assert_close(rows[-1], ref[:, :, seq.shape[1] - 2], atol=TOLERANCE, rtol=0)
 
 
-def test_only_this_models_text_attention_is_switched_and_restored_also_on_error():
+def test_only_this_models_text_attention_is_switched_and_restored_also_on_error(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     other, _ = get_tiny("glm4v")
     inputs, layout, membership = _layout_and_membership(model, proc)
@@ -101,7 +99,7 @@ def test_only_this_models_text_attention_is_switched_and_restored_also_on_error(
     assert dict(vars(AttentionInterface)) == class_attributes  # no class-level patch, ever
 
 
-def test_same_model_cannot_be_captured_twice():
+def test_same_model_cannot_be_captured_twice(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     _, layout, membership = _layout_and_membership(model, proc)
     with AttentionCapture(model, layout.positions, membership):
@@ -110,7 +108,7 @@ def test_same_model_cannot_be_captured_twice():
     assert not capture_active()
 
 
-def test_two_models_in_two_threads_do_not_mix():
+def test_two_models_in_two_threads_do_not_mix(get_tiny):
     """Two different models capture concurrently; each gets exactly what it gets alone."""
     _, proc = get_tiny("qwen3_vl")
     models = [build_model("qwen3_vl", proc.tokenizer, seed=s) for s in (1, 2)]
@@ -141,7 +139,7 @@ def test_two_models_in_two_threads_do_not_mix():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash_attention_2 needs a CUDA GPU")
-def test_flash_attention_2_matches_eager_when_installed():
+def test_flash_attention_2_matches_eager_when_installed(get_tiny):
     pytest.importorskip("flash_attn", reason="flash-attn not installed")
     _, proc = get_tiny("qwen3_vl")
     flash = build_model("qwen3_vl", proc.tokenizer, attn_implementation="flash_attention_2").to("cuda", torch.bfloat16)
@@ -152,5 +150,5 @@ def test_flash_attention_2_matches_eager_when_installed():
         with torch.no_grad():
             flash(**cuda_inputs)
         feats = cap.pop().cpu()
-    ref = _eager_reference("qwen3_vl", inputs, layout.positions, membership)[:, :, -1]
+    ref = _eager_reference(get_tiny, "qwen3_vl", inputs, layout.positions, membership)[:, :, -1]
     torch.testing.assert_close(feats, ref, atol=2e-2, rtol=0)  # bf16 weights vs float32 reference

@@ -14,7 +14,6 @@ import torch
 
 from hf_vattr.commands.cli import build_parser, main
 from hf_vattr.estimator import LinearEstimator
-from hub_fixture import local_hub  # noqa: F401  (pytest fixture)
 from hf_vattr.pipeline.training import synthetic_examples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +82,7 @@ def test_train_auto_target_falls_back_to_loo_without_subsets(tmp_path):
     assert report["config"]["target"] == "loo"
 
 
-def test_collect_train_eval_push_end_to_end(tmp_path, tiny_model_dir, capsys, local_hub):  # noqa: F811
+def test_collect_train_eval_push_end_to_end(tmp_path, tiny_model_dir, capsys, local_hub):
     gt, est_dir = tmp_path / "gt", tmp_path / "est"
     assert main(["collect", "--model", str(tiny_model_dir), "--toy", "4", "--out", str(gt), "--max-new-tokens", "10",
                  "--k", "4", "--num-subsets", "6", "--quiet"]) == 0

@@ -30,8 +30,6 @@ from hf_vattr.regions import prompt_regions
 from hf_vattr.reasoning.spans import ClosedSpan, SpanSplitter
 from hf_vattr.testing import example_image
 
-from conftest import get_tiny
-
 FAMILY = "qwen2_5_vl"
 HERE = Path(__file__).resolve().parent
 
@@ -85,7 +83,7 @@ def test_tags_collection_decodes_with_come_from_the_splitter_or_its_defaults():
     assert tag_texts(own, DEFAULT_FORMAT) == ("<reason>", "</reason>")  # the splitter's format wins over the fallback
 
 
-def test_collect_writes_documented_files(tmp_path):
+def test_collect_writes_documented_files(tmp_path, get_tiny):
     model, proc = get_tiny(FAMILY)
     result = collect(model, proc, dataset(3), tmp_path, config(), splitter_factory=EveryN, progress=False)
     assert result == {"written": [10, 11, 12], "skipped": []}
@@ -113,7 +111,7 @@ def test_collect_writes_documented_files(tmp_path):
     assert not torch.equal(records[0].subset_masks, records[1].subset_masks)
 
 
-def test_stored_effects_equal_recomputed(tmp_path):
+def test_stored_effects_equal_recomputed(tmp_path, get_tiny):
     model, proc = get_tiny(FAMILY)
     example_id, images, prompt = dataset(1)[0]
     cfg = config()
@@ -136,7 +134,7 @@ def test_stored_effects_equal_recomputed(tmp_path):
     assert rec.loo_effects.abs().max() > 1e-4  # the numbers are not trivially zero
 
 
-def test_features_equal_what_generation_sees():
+def test_features_equal_what_generation_sees(get_tiny):
     """Stored per-token features (teacher-forced) equal the rows captured step by step inside generate."""
     from transformers.generation.streamers import BaseStreamer
 
@@ -176,7 +174,7 @@ def test_features_equal_what_generation_sees():
 
 
 @pytest.mark.parametrize("make_splitter", [None, lambda: EveryN(5)], ids=["default", "every5"])
-def test_spans_match_the_streamer(make_splitter):
+def test_spans_match_the_streamer(make_splitter, get_tiny):
     """Collection decodes pieces and splits spans exactly as the streamer does."""
     from hf_vattr.streaming.streamer import AttributionStreamer
 
@@ -200,7 +198,7 @@ def test_spans_match_the_streamer(make_splitter):
     assert rec.text == streamer.trace.text
 
 
-def test_image_paths_are_opened(tmp_path):
+def test_image_paths_are_opened(tmp_path, get_tiny):
     model, proc = get_tiny(FAMILY)
     example_id, images, prompt = dataset(1)[0]
     images[0].save(tmp_path / "img.png")
@@ -216,7 +214,7 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((folder / "examples").glob("*.safetensors"))}
 
 
-def test_resume_after_interruption_is_byte_identical(tmp_path):
+def test_resume_after_interruption_is_byte_identical(tmp_path, get_tiny):
     model, proc = get_tiny(FAMILY)
     data = dataset(4)
     full, broken = tmp_path / "full", tmp_path / "broken"
@@ -243,7 +241,7 @@ def test_resume_after_interruption_is_byte_identical(tmp_path):
     assert not list((broken / "examples").glob(".*"))  # no temporary files left behind
 
 
-def test_resume_refuses_different_settings(tmp_path):
+def test_resume_refuses_different_settings(tmp_path, get_tiny):
     model, proc = get_tiny(FAMILY)
     collect(model, proc, dataset(1), tmp_path, config(), splitter_factory=EveryN, progress=False)
     # batch size is a runtime setting: resuming with another one is allowed
@@ -252,7 +250,7 @@ def test_resume_refuses_different_settings(tmp_path):
         collect(model, proc, dataset(2), tmp_path, config(num_subsets=3), splitter_factory=EveryN, progress=False)
 
 
-def test_files_get_the_usual_permissions(tmp_path):
+def test_files_get_the_usual_permissions(tmp_path, get_tiny):
     """Collection files are for sharing: mode 0666 minus the umask, not mkstemp's 0600."""
     model, proc = get_tiny(FAMILY)
     old = os.umask(0o022)
@@ -271,7 +269,7 @@ def _prompts(folder: Path, name: str, rows: list) -> Path:
     return path
 
 
-def test_resume_refuses_another_dataset(tmp_path):
+def test_resume_refuses_another_dataset(tmp_path, get_tiny):
     """The same settings with another prompts file (or toy seed) must not mix two datasets in one folder."""
     model, proc = get_tiny(FAMILY)
     a = _prompts(tmp_path, "a.jsonl", [{"id": 10, "image": "img.png", "prompt": "Where is the shape?"}])
@@ -296,7 +294,7 @@ def test_resume_refuses_another_dataset(tmp_path):
     assert dataset_fingerprint(toy) != dataset_fingerprint(dict(toy, n=8))
 
 
-def test_missing_prompts_file_leaves_nothing_behind(tmp_path):
+def test_missing_prompts_file_leaves_nothing_behind(tmp_path, get_tiny):
     model, proc = get_tiny(FAMILY)
     out = tmp_path / "gt"
     with pytest.raises(FileNotFoundError, match="prompts file .*missing.jsonl not found"):
@@ -345,7 +343,7 @@ os.write(1, f"RESULT {{state.process_index}} {{state.num_processes}} {{sorted(re
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, get_tiny):
     script = tmp_path / "collect_script.py"
     script.write_text(SCRIPT.format(tests=str(HERE), family=FAMILY))
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")

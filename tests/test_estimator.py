@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hub_fixture import cache_repo, local_hub  # noqa: F401  (pytest fixture)
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 from transformers.testing_utils import CaptureLogger
@@ -221,7 +220,7 @@ def test_load_names_the_common_mistakes(tmp_path):
 # --------------------------------------------------------- Hub: real cache layout
 
 
-def test_load_by_repo_id_from_the_hub_cache(tmp_path, monkeypatch):
+def test_load_by_repo_id_from_the_hub_cache(tmp_path, monkeypatch, cache_repo):
     est = make_estimator(3, 4, use_bias=True, training_metrics=METRICS)
     est.save_pretrained(tmp_path / "saved")
     cache = tmp_path / "hub"
@@ -249,7 +248,7 @@ def test_load_by_repo_id_from_the_hub_cache(tmp_path, monkeypatch):
         LinearEstimator.from_pretrained("org/no-weights")
 
 
-def test_push_to_hub_then_load_by_repo_id(local_hub):  # noqa: F811
+def test_push_to_hub_then_load_by_repo_id(local_hub):
     est = make_estimator(3, 4, use_bias=True, base_model_id="org/tiny-qwen3-vl", training_metrics=METRICS)
     commit_url = est.push_to_hub("vattr-estimator", model_card_kwargs={"repo_id": "local-user/vattr-estimator"})
     repo_id = f"{local_hub.user}/vattr-estimator"  # no namespace given -> the token's user, as on the Hub

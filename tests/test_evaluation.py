@@ -99,11 +99,9 @@ def test_offline_evaluate_ranks_methods_sensibly():
 
 
 @pytest.fixture(scope="module")
-def tiny_glm_run():
+def tiny_glm_run(get_tiny):
     """Two examples collected on the tiny GLM-4.1V (6 regions each), with the prompt rebuilder."""
     collection = pytest.importorskip("hf_vattr.pipeline.collection")
-    from conftest import get_tiny
-
     from hf_vattr.testing import example_image
 
     model, processor = get_tiny("glm4v")

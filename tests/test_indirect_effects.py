@@ -12,7 +12,6 @@ import json
 import pytest
 import torch
 
-from conftest import consume
 from hf_vattr import AttributionStreamer, LinearEstimator, SpanAttribution
 from hf_vattr.pipeline.ablation import _Knockout, span_logprobs_naive
 from hf_vattr.capture import attention_intervention
@@ -182,7 +181,7 @@ def test_training_recovers_a_planted_inheritance():
 # ----------------------------------------------------------------------------- streaming
 
 
-def test_streamed_answers_inherit_exactly_what_span_scores_gives_on_collected_features(toy):
+def test_streamed_answers_inherit_exactly_what_span_scores_gives_on_collected_features(toy, consume):
     model, processor = toy
     estimator = LinearEstimator.from_pretrained(str(toy_estimator_path()))
     estimator.set_inheritance(0.9, 0.5)

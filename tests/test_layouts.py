@@ -4,8 +4,6 @@ import transformers
 from hf_vattr.layouts import UnsupportedModelError, architecture_spec, text_dims, visual_layout
 from hf_vattr.testing import example_image, example_inputs
 
-from conftest import get_tiny
-
 
 def test_positions_and_grid_match_processor(tiny, family):
     model, proc = tiny
@@ -53,21 +51,21 @@ def test_unsupported_model_names_what_is_missing():
     assert "llama" in str(err.value)
 
 
-def test_prompt_without_image_is_refused():
+def test_prompt_without_image_is_refused(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs = proc(text=["no image here"], return_tensors="pt")
     with pytest.raises(ValueError, match="no image"):
         visual_layout(model, inputs["input_ids"], inputs.get("image_grid_thw"))
 
 
-def test_batch_of_two_is_refused():
+def test_batch_of_two_is_refused(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc)
     with pytest.raises(ValueError, match="batch of 2"):
         visual_layout(model, inputs["input_ids"].repeat(2, 1), inputs["image_grid_thw"])
 
 
-def test_mismatched_grid_is_refused():
+def test_mismatched_grid_is_refused(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc)
     grid = inputs["image_grid_thw"].clone()

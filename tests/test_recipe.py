@@ -14,8 +14,6 @@ from hf_vattr.commands import cli
 from hf_vattr.commands.cli import main
 from hf_vattr.estimator import LinearEstimator
 from hf_vattr.toy import toy_estimator_path
-from hub_fixture import local_hub  # noqa: F401  (pytest fixture)
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -28,7 +26,7 @@ def no_model(monkeypatch):
 
 
 @pytest.mark.slow
-def test_recipe_from_a_dataset_to_a_pushed_estimator(tmp_path, monkeypatch, capsys, local_hub,  # noqa: F811
+def test_recipe_from_a_dataset_to_a_pushed_estimator(tmp_path, monkeypatch, capsys, local_hub,
                                                      tiny_model_dir):
     datasets = pytest.importorskip("datasets")
     from hf_vattr.testing import example_image

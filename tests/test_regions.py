@@ -546,10 +546,8 @@ def test_grid_k_must_be_positive():
             grid_regions(tok, k)
 
 
-def test_channel_first_array_is_sized_as_the_processor_reads_it():
+def test_channel_first_array_is_sized_as_the_processor_reads_it(get_tiny):
     """A (3, H, W) numpy image is channel-first to the processor; the layout must not read it as H=3."""
-    from conftest import get_tiny
-
     from hf_vattr.layouts import array_image_size
     from hf_vattr.testing import example_inputs
 

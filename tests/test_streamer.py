@@ -15,8 +15,6 @@ from hf_vattr.layouts import extend_inputs
 from hf_vattr.streaming.streamer import AttributionTimeout, GenerationError, StreamerInputError, armed_on
 from hf_vattr.testing import example_image, example_inputs
 
-from conftest import consume, get_tiny
-
 NEW_TOKENS = 12
 
 
@@ -28,7 +26,7 @@ def _random_estimator(model, seed=0):
     return est
 
 
-def _eager_token_features(family, inputs, sequence, streamer):
+def _eager_token_features(get_tiny, family, inputs, sequence, streamer):
     """Reference features: eager attention weights of each predicting row, pooled to regions."""
     eager, _ = get_tiny(family, attn_implementation="eager")
     with torch.no_grad():
@@ -40,7 +38,7 @@ def _eager_token_features(family, inputs, sequence, streamer):
     return pooled.permute(2, 0, 1, 3)  # (T, L, H, K)
 
 
-def test_streams_every_token_with_scores_matching_eager(tiny, family):
+def test_streams_every_token_with_scores_matching_eager(tiny, family, get_tiny):
     model, proc = tiny
     images = [example_image(), example_image(100, 140, seed=2)]
     inputs = example_inputs(proc, images)
@@ -61,7 +59,7 @@ def test_streams_every_token_with_scores_matching_eager(tiny, family):
     K = streamer.regions.num_regions
     assert all(t.region_scores.shape == (K,) for t in tokens)
     # scores are the estimator applied to the model's real attention (eager reference)
-    ref_feats = _eager_token_features(family, inputs, reference, streamer)
+    ref_feats = _eager_token_features(get_tiny, family, inputs, reference, streamer)
     got_feats = torch.stack([t.features for t in tokens])
     torch.testing.assert_close(got_feats, ref_feats, atol=1e-5, rtol=0)
     with torch.no_grad():
@@ -91,7 +89,7 @@ def test_works_without_consumer_and_restores(tiny):
     assert not capture_active()
 
 
-def test_is_a_text_streamer_that_prints_what_text_streamer_prints(capsys):
+def test_is_a_text_streamer_that_prints_what_text_streamer_prints(capsys, get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc)
     model.generate(**inputs, streamer=TextStreamer(proc.tokenizer, skip_prompt=True), max_new_tokens=8,
@@ -120,7 +118,7 @@ class RecordingAttributionStreamer(_Recorder, AttributionStreamer):
 
 
 @pytest.mark.parametrize("decode_kwargs", [{}, {"skip_special_tokens": True}], ids=["default", "skip-special"])
-def test_subclass_overriding_on_finalized_text_gets_text_streamers_text(decode_kwargs):
+def test_subclass_overriding_on_finalized_text_gets_text_streamers_text(decode_kwargs, get_tiny):
     """Same calls, same pieces, same stream_end as a plain TextStreamer(skip_prompt=True), printing off."""
     model, proc = get_tiny("glm4v")
     inputs = example_inputs(proc)
@@ -155,7 +153,7 @@ def _break_layer(model, after_calls):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the generate thread raises on purpose
-def test_exception_in_generation_reaches_consumer_and_restores():
+def test_exception_in_generation_reaches_consumer_and_restores(get_tiny):
     model, proc = get_tiny("glm4v")
     inputs = example_inputs(proc)
     streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False, timeout=30)
@@ -189,7 +187,7 @@ class _RaiseAt(LogitsProcessor):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the generate thread raises on purpose
-def test_exception_outside_forward_is_not_a_hang():
+def test_exception_outside_forward_is_not_a_hang(get_tiny):
     model, proc = get_tiny("qwen2_5_vl")
     inputs = example_inputs(proc)
     streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False, timeout=30)
@@ -206,7 +204,7 @@ def test_exception_outside_forward_is_not_a_hang():
     assert not capture_active()
 
 
-def test_consumer_timeout_is_distinguishable_from_end():
+def test_consumer_timeout_is_distinguishable_from_end(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc)
     streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False, timeout=0.3)
@@ -224,7 +222,7 @@ def test_consumer_timeout_is_distinguishable_from_end():
     assert sum(isinstance(e, TokenAttribution) for e in events) == 4
 
 
-def test_async_iteration():
+def test_async_iteration(get_tiny):
     model, proc = get_tiny("qwen3_vl_moe")
     inputs = example_inputs(proc)
     streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False, timeout=60)
@@ -237,14 +235,14 @@ def test_async_iteration():
     assert sum(isinstance(e, TokenAttribution) for e in events) == 5
 
 
-def test_prompt_without_image_is_refused():
+def test_prompt_without_image_is_refused(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs = proc(text=["just text"], return_tensors="pt")
     with pytest.raises(ValueError, match="no image"):
         AttributionStreamer(model, proc, inputs=inputs)
 
 
-def test_mismatched_estimator_is_refused():
+def test_mismatched_estimator_is_refused(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc)
     wrong = LinearEstimator(num_layers=28, num_heads=16, model_type="qwen3_vl")
@@ -255,7 +253,7 @@ def test_mismatched_estimator_is_refused():
         AttributionStreamer(model, proc, inputs=inputs, estimator=other_family)
 
 
-def test_beam_search_is_refused_and_nothing_stays_patched():
+def test_beam_search_is_refused_and_nothing_stays_patched(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc)
     streamer = AttributionStreamer(model, proc, inputs=inputs, print_text=False)
@@ -265,7 +263,7 @@ def test_beam_search_is_refused_and_nothing_stays_patched():
     assert not model._forward_hooks
 
 
-def test_semantic_regions_by_method_name():
+def test_semantic_regions_by_method_name(get_tiny):
     """The streamer takes any region method; here the VLM's own vision features + Ward."""
     model, proc = get_tiny("qwen2_5_vl")
     images = [example_image(), example_image(100, 140, seed=2)]
@@ -277,7 +275,7 @@ def test_semantic_regions_by_method_name():
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl", "glm4v"])
-def test_prefill_regions_equal_vlm_regions_without_an_extra_vision_pass(family):
+def test_prefill_regions_equal_vlm_regions_without_an_extra_vision_pass(family, get_tiny):
     """regions="prefill" clusters the vision tower output of generate's own prefill: the same regions
     and scores as regions="vlm" (which runs the tower once more up front), and one tower call in all."""
     model, proc = get_tiny(family)
@@ -305,7 +303,7 @@ def test_prefill_regions_equal_vlm_regions_without_an_extra_vision_pass(family):
     assert not visual._forward_hooks and not capture_active()
 
 
-def test_an_unused_streamer_hooks_nothing_and_its_wrapper_goes_with_it():
+def test_an_unused_streamer_hooks_nothing_and_its_wrapper_goes_with_it(get_tiny):
     import gc
 
     model, proc = get_tiny("qwen3_vl")
@@ -318,7 +316,7 @@ def test_an_unused_streamer_hooks_nothing_and_its_wrapper_goes_with_it():
     assert not armed_on(model) and "generate" not in vars(model)
 
 
-def test_forwards_outside_the_streamers_generate_pass_through_and_other_inputs_are_refused():
+def test_forwards_outside_the_streamers_generate_pass_through_and_other_inputs_are_refused(get_tiny, consume):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc, [example_image()])
     other = example_inputs(proc, [example_image(100, 140, seed=2)])
@@ -333,7 +331,7 @@ def test_forwards_outside_the_streamers_generate_pass_through_and_other_inputs_a
     assert not events and not armed_on(model) and not capture_active(model)
 
 
-def test_prefill_regions_are_refused_without_pixel_values():
+def test_prefill_regions_are_refused_without_pixel_values(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc)
     no_pixels = {k: v for k, v in inputs.items() if k != "pixel_values"}  # e.g. a caller that embeds images itself
@@ -341,7 +339,7 @@ def test_prefill_regions_are_refused_without_pixel_values():
         AttributionStreamer(model, proc, inputs=no_pixels, regions="prefill", print_text=False)
 
 
-def test_two_models_stream_concurrently_without_mixing():
+def test_two_models_stream_concurrently_without_mixing(get_tiny):
     from hf_vattr.testing import build_model
 
     _, proc = get_tiny("qwen3_vl")

@@ -8,8 +8,6 @@ from hf_vattr.capture import capture_active
 from hf_vattr.streaming.streamer import GenerationError
 from hf_vattr.testing import example_image
 
-from conftest import consume, get_tiny
-
 NEW = 6
 
 
@@ -26,7 +24,7 @@ def _prompt(proc, question):
                                     add_generation_prompt=True, tokenize=False)
 
 
-def _events(streamer, deadline=60):
+def _events(consume, streamer, deadline=60):
     events, error = consume(streamer, deadline)
     if error is not None:
         raise error
@@ -40,9 +38,9 @@ def _by_sequence(events, n):
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "glm4v"])
-def test_left_padded_batch_equals_batch_one_runs(family):
+def test_left_padded_batch_equals_batch_one_runs(family, get_tiny, consume, monkeypatch):
     model, proc = get_tiny(family)
-    proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(proc.tokenizer, "padding_side", "left")  # the shared processor
     images = [example_image(150, 210, seed=1), example_image(120, 100, seed=2)]
     questions = ["What colour is the circle?", "Where?"]
     batch = proc(text=[_prompt(proc, q) for q in questions], images=images, return_tensors="pt", padding=True)
@@ -50,7 +48,7 @@ def test_left_padded_batch_equals_batch_one_runs(family):
     estimator = _estimator(model)
     streamer = AttributionStreamer(model, proc, inputs=batch, estimator=estimator, images=images, grid_k=4,
                                    keep_features=True)
-    events = _events(streamer.generate(**batch, max_new_tokens=NEW, do_sample=False))
+    events = _events(consume, streamer.generate(**batch, max_new_tokens=NEW, do_sample=False))
     output = streamer.join()
     tokens, spans = _by_sequence(events, 2)
     prompt_len = batch["input_ids"].shape[1]
@@ -58,7 +56,7 @@ def test_left_padded_batch_equals_batch_one_runs(family):
         single = proc(text=[_prompt(proc, question)], images=[image], return_tensors="pt")
         alone = AttributionStreamer(model, proc, inputs=single, estimator=estimator, images=[image], grid_k=4,
                                     keep_features=True)
-        alone_events = _events(alone.generate(**single, max_new_tokens=NEW, do_sample=False))
+        alone_events = _events(consume, alone.generate(**single, max_new_tokens=NEW, do_sample=False))
         alone_tokens, alone_spans = _by_sequence(alone_events, 1)
         assert [t.token_id for t in tokens[s]] == [t.token_id for t in alone_tokens[0]]
         assert [t.token_id for t in tokens[s]] == output[s, prompt_len:prompt_len + len(tokens[s])].tolist()
@@ -72,12 +70,12 @@ def test_left_padded_batch_equals_batch_one_runs(family):
     assert not capture_active()
 
 
-def test_num_return_sequences_streams_every_sequence():
+def test_num_return_sequences_streams_every_sequence(get_tiny, consume):
     model, proc = get_tiny("qwen2_5_vl")
     single = proc(text=[_prompt(proc, "Describe it.")], images=[example_image()], return_tensors="pt")
     torch.manual_seed(0)
     streamer = AttributionStreamer(model, proc, inputs=single)
-    events = _events(streamer.generate(**single, max_new_tokens=NEW, do_sample=True, num_return_sequences=3))
+    events = _events(consume, streamer.generate(**single, max_new_tokens=NEW, do_sample=True, num_return_sequences=3))
     output = streamer.join()
     tokens, _ = _by_sequence(events, 3)
     prompt_len = single["input_ids"].shape[1]
@@ -87,29 +85,29 @@ def test_num_return_sequences_streams_every_sequence():
     assert len(streamer.traces) == 3
 
 
-def test_beam_search_stays_refused_with_a_clear_error():
+def test_beam_search_stays_refused_with_a_clear_error(get_tiny, consume):
     model, proc = get_tiny("qwen3_vl")
     single = proc(text=[_prompt(proc, "Describe it.")], images=[example_image()], return_tensors="pt")
     streamer = AttributionStreamer(model, proc, inputs=single)
     with pytest.raises(GenerationError, match="beam") as err:
-        _events(streamer.generate(**single, max_new_tokens=NEW, num_beams=2))
+        _events(consume, streamer.generate(**single, max_new_tokens=NEW, num_beams=2))
     assert isinstance(err.value.__cause__, ValueError)
 
 
-def test_prefill_regions_per_row_of_a_batch():
+def test_prefill_regions_per_row_of_a_batch(get_tiny, consume, monkeypatch):
     """regions="prefill" in a batch: each row's regions equal a batch-1 prefill run of that row."""
     model, proc = get_tiny("qwen3_vl")
-    proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(proc.tokenizer, "padding_side", "left")  # the shared processor
     images = [example_image(150, 210, seed=1), example_image(120, 100, seed=2)]
     questions = ["What colour is the circle?", "Where?"]
     batch = proc(text=[_prompt(proc, q) for q in questions], images=images, return_tensors="pt", padding=True)
     streamer = AttributionStreamer(model, proc, inputs=batch, images=images, regions="prefill")
-    events = _events(streamer.generate(**batch, max_new_tokens=3, do_sample=False))
+    events = _events(consume, streamer.generate(**batch, max_new_tokens=3, do_sample=False))
     tokens, _ = _by_sequence(events, 2)
     for s, (question, image) in enumerate(zip(questions, images)):
         single = proc(text=[_prompt(proc, question)], images=[image], return_tensors="pt")
         alone = AttributionStreamer(model, proc, inputs=single, images=[image], regions="prefill")
-        _events(alone.generate(**single, max_new_tokens=3, do_sample=False))
+        _events(consume, alone.generate(**single, max_new_tokens=3, do_sample=False))
         assert torch.equal(streamer.traces[s].regions.membership(), alone.regions.membership())
         assert all(t.region_scores.shape == (alone.regions.num_regions,) for t in tokens[s])
     assert not capture_active()

@@ -20,8 +20,6 @@ from hf_vattr.layouts import extend_inputs
 from hf_vattr.streaming.streamer import GenerationError
 from hf_vattr.testing import FAMILIES, example_image, example_inputs
 
-from conftest import get_tiny
-
 NEW_TOKENS = 6
 DEADLINE = 30.0
 # bfloat16: max |got - ref| over all tokens, layers, heads and regions, relative to max |ref|. Measured on
@@ -32,7 +30,7 @@ BF16_RELATIVE_BOUND = 0.03
 _EAGER: dict = {}
 
 
-def _eager_reference_model(family):
+def _eager_reference_model(get_tiny, family):
     """A float32 eager copy of the shared tiny model: the same weights, attention returned as weights."""
     if family not in _EAGER:
         base, _ = get_tiny(family)
@@ -42,7 +40,7 @@ def _eager_reference_model(family):
     return _EAGER[family]
 
 
-def _model_in(family, dtype):
+def _model_in(get_tiny, family, dtype):
     base, proc = get_tiny(family)
     if dtype == torch.float32:
         return base, proc  # read-only use of the shared model
@@ -57,9 +55,9 @@ def _inputs(proc, dtype):
     return inputs, cast
 
 
-def _eager_features(family, inputs, sequence, streamer):
+def _eager_features(get_tiny, family, inputs, sequence, streamer):
     """(T, L, H, K) float32: eager attention of each row that predicts a generated token, pooled to regions."""
-    eager = _eager_reference_model(family)
+    eager = _eager_reference_model(get_tiny, family)
     with torch.no_grad():
         out = eager(**extend_inputs(inputs, sequence), output_attentions=True, use_cache=False)
     att = torch.stack(out.attentions)[:, 0].float()  # (L, H, T, T)
@@ -97,16 +95,16 @@ def _attention_estimator(model):
     return estimator
 
 
-def run(family, dtype):
+def run(get_tiny, family, dtype):
     """Generate without and with the streamer; returns what the checks need, and the eager reference."""
-    model, proc = _model_in(family, dtype)
+    model, proc = _model_in(get_tiny, family, dtype)
     inputs32, inputs = _inputs(proc, dtype)
     plain = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     streamer = AttributionStreamer(model, proc, inputs=inputs, estimator=_attention_estimator(model),
                                    keep_features=True)
     tokens, output = _stream(streamer, **inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert not capture_active() and not model._forward_hooks
-    reference = _eager_features(family, inputs32, output, streamer)
+    reference = _eager_features(get_tiny, family, inputs32, output, streamer)
     return model, streamer, inputs["input_ids"].shape[1], tokens, plain, output, reference
 
 
@@ -116,8 +114,8 @@ def relative_error(got, ref):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_generation_unchanged_and_features_match_eager(family, dtype):
-    model, streamer, prompt_len, tokens, plain, output, ref = run(family, dtype)
+def test_generation_unchanged_and_features_match_eager(family, dtype, get_tiny):
+    model, streamer, prompt_len, tokens, plain, output, ref = run(get_tiny, family, dtype)
     assert next(model.parameters()).dtype == dtype
     # generation is bitwise identical with the streamer attached, one event per generated token
     assert torch.equal(output, plain)
@@ -139,7 +137,7 @@ def test_generation_unchanged_and_features_match_eager(family, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("route", ["weights", "full-row"])
-def test_other_routes_keep_generation_and_features(family, dtype, route, monkeypatch):
+def test_other_routes_keep_generation_and_features(family, dtype, route, monkeypatch, get_tiny):
     """The eager route (weights returned by the attention function) and the full-row fallback (any kernel
     without a log-sum-exp) also leave generation bitwise unchanged and match the eager reference."""
     import hf_vattr.capture.dispatch as capture_module
@@ -158,7 +156,7 @@ def test_other_routes_keep_generation_and_features(family, dtype, route, monkeyp
     assert torch.equal(output, plain)
     assert streamer.capture.path == route
     got = torch.stack([t.features for t in tokens]).float()
-    ref = _eager_features(family, inputs32, output, streamer)
+    ref = _eager_features(get_tiny, family, inputs32, output, streamer)
     if dtype == torch.float32:
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     else:
@@ -168,7 +166,7 @@ def test_other_routes_keep_generation_and_features(family, dtype, route, monkeyp
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_cuda_generation_unchanged_and_route_reported(dtype):
+def test_cuda_generation_unchanged_and_route_reported(dtype, get_tiny):
     """On CUDA the LSE kernels are used only where they reproduce sdpa bitwise; generation never changes."""
     base, proc = get_tiny("qwen3_vl")
     model = copy.deepcopy(base).to("cuda", dtype)

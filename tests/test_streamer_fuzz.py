@@ -27,8 +27,6 @@ from hf_vattr.streaming.streamer import armed_on
 from hf_vattr.streaming.streamer import GenerationError
 from hf_vattr.testing import FAMILIES, example_image, example_inputs
 
-from conftest import consume, get_tiny
-
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 
 # 4 seeds x 10 cases by default (~30 s on a 2-core CPU); HF_VATTR_FUZZ_SEEDS=200 fuzzes longer.
@@ -81,7 +79,7 @@ def _wait_restored(model):
     assert not armed_on(model), "model.generate stayed wrapped"
 
 
-def _run_case(case):
+def _run_case(get_tiny, consume, case):
     model, proc = get_tiny(case["family"])
     images = [example_image(h, w, seed=s) for h, w, s in case["images"]]
     inputs = example_inputs(proc, images)
@@ -180,11 +178,11 @@ def _run_case(case):
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
-def test_streamer_fuzz(seed):
+def test_streamer_fuzz(seed, get_tiny, consume):
     rng = random.Random(seed)
     for iteration in range(ITERATIONS):
         case = _draw_case(rng, seed, iteration)
         try:
-            _run_case(case)
+            _run_case(get_tiny, consume, case)
         except AssertionError as err:
             raise AssertionError(f"fuzz case failed: {case}") from err

@@ -14,8 +14,6 @@ from hf_vattr.capture import CaptureError, capture_active
 from hf_vattr.streaming.streamer import GenerationError, StreamerInputError, StreamerStateError, armed_on
 from hf_vattr.testing import example_image, example_inputs
 
-from conftest import consume, get_tiny
-
 DEADLINE = 20.0  # seconds; a hang fails here (failures arrive within a second in practice)
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -25,15 +23,19 @@ class Boom(Exception):
     pass
 
 
-def assert_restored(model):
-    """A new streamer streams on the same model right away; then nothing stays patched or hooked."""
-    _, proc = get_tiny(model.config.model_type)
-    inputs = example_inputs(proc)
-    fresh = AttributionStreamer(model, proc, inputs=inputs)
-    events, error = consume(fresh.generate(**inputs, max_new_tokens=2, do_sample=False))
-    assert error is None and sum(isinstance(e, TokenAttribution) for e in events) == 2
-    fresh.join()
-    assert_nothing_installed(model)
+@pytest.fixture
+def assert_restored(get_tiny, consume):
+    """``assert_restored(model)``: a new streamer streams on the same model right away; then nothing stays
+    patched or hooked."""
+    def check(model):
+        _, proc = get_tiny(model.config.model_type)
+        inputs = example_inputs(proc)
+        fresh = AttributionStreamer(model, proc, inputs=inputs)
+        events, error = consume(fresh.generate(**inputs, max_new_tokens=2, do_sample=False))
+        assert error is None and sum(isinstance(e, TokenAttribution) for e in events) == 2
+        fresh.join()
+        assert_nothing_installed(model)
+    return check
 
 
 def assert_nothing_installed(model):
@@ -50,10 +52,14 @@ def generate_in_thread(model, **kwargs):
     return thread
 
 
-def setup(family="qwen3_vl", **streamer_kwargs):
-    model, proc = get_tiny(family)
-    inputs = example_inputs(proc)
-    return model, proc, inputs, AttributionStreamer(model, proc, inputs=inputs, **streamer_kwargs)
+@pytest.fixture
+def setup(get_tiny):
+    """``setup(family="qwen3_vl", **streamer_kwargs) -> (model, processor, inputs, streamer)`` on the shared model."""
+    def build(family="qwen3_vl", **streamer_kwargs):
+        model, proc = get_tiny(family)
+        inputs = example_inputs(proc)
+        return model, proc, inputs, AttributionStreamer(model, proc, inputs=inputs, **streamer_kwargs)
+    return build
 
 
 @pytest.mark.parametrize("safe_way", [True, False], ids=["streamer.generate", "own-thread"])
@@ -62,7 +68,7 @@ def setup(family="qwen3_vl", **streamer_kwargs):
     (dict(max_new_token=3), ValueError, "max_new_token"),
     (dict(num_return_sequences=2, do_sample=False), ValueError, "num_return_sequences"),
 ])
-def test_argument_mistakes_reach_the_consumer(safe_way, mistake, cause, match):
+def test_argument_mistakes_reach_the_consumer(safe_way, mistake, cause, match, consume, assert_restored, setup):
     model, _, inputs, streamer = setup()
     kwargs = dict(**inputs, max_new_tokens=3, **mistake)
     if safe_way:
@@ -75,7 +81,7 @@ def test_argument_mistakes_reach_the_consumer(safe_way, mistake, cause, match):
     assert_restored(model)
 
 
-def test_failure_in_the_vision_tower_reaches_the_consumer():
+def test_failure_in_the_vision_tower_reaches_the_consumer(consume, assert_restored, setup):
     model, _, inputs, streamer = setup("glm4v")
     visual = model.model.visual
     handle = visual.register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(Boom("vision tower OOM")))
@@ -88,7 +94,7 @@ def test_failure_in_the_vision_tower_reaches_the_consumer():
     assert_restored(model)
 
 
-def test_busy_model_is_a_clear_error_not_a_hang():
+def test_busy_model_is_a_clear_error_not_a_hang(consume, assert_restored, setup):
     model, proc, inputs, first = setup("qwen2_5_vl")
     gate = threading.Event()
     handle = model.register_forward_pre_hook(lambda *a: None if gate.wait(DEADLINE) else None)
@@ -108,7 +114,7 @@ def test_busy_model_is_a_clear_error_not_a_hang():
     assert_restored(model)
 
 
-def test_prefill_region_mismatch_reaches_the_consumer():
+def test_prefill_region_mismatch_reaches_the_consumer(get_tiny, consume, assert_restored):
     model, proc = get_tiny("qwen3_vl")
     small = example_inputs(proc, [example_image(120, 120)])
     large = example_inputs(proc, [example_image(200, 260)])
@@ -138,7 +144,7 @@ class StopBoom(StoppingCriteria):
 
 
 @pytest.mark.parametrize("where", ["logits_processor", "stopping_criteria"])
-def test_failure_outside_a_forward_in_the_callers_thread(where):
+def test_failure_outside_a_forward_in_the_callers_thread(where, consume, assert_restored, setup):
     """generate runs in the caller's thread and raises between forwards: the consumer (another thread)
     gets the original exception, and everything is restored without anyone consuming."""
     model, _, inputs, streamer = setup("qwen3_vl_moe")
@@ -159,7 +165,7 @@ def test_failure_outside_a_forward_in_the_callers_thread(where):
     assert_restored(model)
 
 
-def test_keyboard_interrupt_in_the_callers_thread_leaves_nothing_behind():
+def test_keyboard_interrupt_in_the_callers_thread_leaves_nothing_behind(consume, assert_restored, setup):
     model, _, inputs, streamer = setup("glm4v_moe")
     with pytest.raises(KeyboardInterrupt):
         model.generate(**inputs, streamer=streamer, max_new_tokens=10,
@@ -169,7 +175,7 @@ def test_keyboard_interrupt_in_the_callers_thread_leaves_nothing_behind():
     assert isinstance(error, GenerationError)
 
 
-def test_failure_in_a_forward_keeps_its_cause_even_with_a_consumer_timeout():
+def test_failure_in_a_forward_keeps_its_cause_even_with_a_consumer_timeout(consume, assert_restored, setup):
     model, _, inputs, streamer = setup("glm4v", timeout=0.5)
     mlp = model.model.language_model.layers[1].mlp
     calls = {"n": 0}
@@ -188,7 +194,7 @@ def test_failure_in_a_forward_keeps_its_cause_even_with_a_consumer_timeout():
     assert_restored(model)
 
 
-def test_reusing_a_finished_streamer_is_a_clear_error():
+def test_reusing_a_finished_streamer_is_a_clear_error(consume, assert_restored, setup):
     model, _, inputs, streamer = setup()
     events, error = consume(streamer.generate(**inputs, max_new_tokens=2))
     assert error is None
@@ -201,13 +207,13 @@ def test_reusing_a_finished_streamer_is_a_clear_error():
     assert_restored(model)
 
 
-def test_a_streamer_nobody_generates_with_does_not_hang():
+def test_a_streamer_nobody_generates_with_does_not_hang(consume, setup):
     model, _, _, streamer = setup(start_timeout=0.5)
     _, error = consume(streamer)
     assert isinstance(error, GenerationError) and "No generate() call" in str(error)
 
 
-def test_two_prefill_streamers_built_early_do_not_cross():
+def test_two_prefill_streamers_built_early_do_not_cross(get_tiny, consume, assert_restored):
     model, proc = get_tiny("qwen3_vl")
     images_a, images_b = [example_image(seed=1)], [example_image(seed=7)]
     inputs_a, inputs_b = example_inputs(proc, images_a), example_inputs(proc, images_b)
@@ -224,7 +230,7 @@ def test_two_prefill_streamers_built_early_do_not_cross():
     assert_restored(model)
 
 
-def test_close_after_break_frees_the_model():
+def test_close_after_break_frees_the_model(assert_restored, setup):
     model, _, inputs, streamer = setup("qwen2_5_vl")
     with streamer:
         for event in streamer.generate(**inputs, max_new_tokens=30, do_sample=False):

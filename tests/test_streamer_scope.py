@@ -18,7 +18,6 @@ from hf_vattr.capture import capture_active
 from hf_vattr.streaming.streamer import armed_on
 from hf_vattr.testing import example_image, example_inputs
 
-from conftest import consume, get_tiny
 from test_streamer import _eager_token_features, _random_estimator
 from test_streamer_lifecycle import Boom, RaiseAt
 
@@ -39,7 +38,7 @@ def failure_already_queued(streamer) -> bool:
 
 
 @pytest.mark.parametrize("error", [Boom, KeyboardInterrupt])
-def test_logits_processor_error_in_the_callers_thread_is_cleaned_up_before_except_runs(error):
+def test_logits_processor_error_in_the_callers_thread_is_cleaned_up_before_except_runs(error, get_tiny, consume):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc)
     streamer = AttributionStreamer(model, proc)
@@ -55,7 +54,7 @@ def test_logits_processor_error_in_the_callers_thread_is_cleaned_up_before_excep
     assert sum(isinstance(e, TokenAttribution) for e in events) == 2
 
 
-def test_vision_tower_error_in_the_callers_thread_is_cleaned_up_before_except_runs():
+def test_vision_tower_error_in_the_callers_thread_is_cleaned_up_before_except_runs(get_tiny, consume):
     model, proc = get_tiny("glm4v")
     inputs = example_inputs(proc)
     streamer = AttributionStreamer(model, proc, regions="prefill", start_timeout=30)
@@ -72,7 +71,7 @@ def test_vision_tower_error_in_the_callers_thread_is_cleaned_up_before_except_ru
 
 
 @pytest.mark.parametrize("other", ["generate", "forward"])
-def test_another_threads_calls_on_the_same_model_are_not_recorded(other):
+def test_another_threads_calls_on_the_same_model_are_not_recorded(other, get_tiny):
     """A plain generate (or forward) of the same model in another thread, mid-stream: the streamer's
     scores equal a solo run's exactly, and the other call's output equals its own solo run."""
     model, proc = get_tiny("qwen2_5_vl")
@@ -120,7 +119,7 @@ def test_another_threads_calls_on_the_same_model_are_not_recorded(other):
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "glm4v", "qwen2_5_vl"])
-def test_static_cache_gives_the_same_attribution_as_the_dynamic_cache_and_eager(family):
+def test_static_cache_gives_the_same_attribution_as_the_dynamic_cache_and_eager(family, get_tiny):
     model, proc = get_tiny(family)
     inputs = example_inputs(proc)
     estimator = _random_estimator(model)
@@ -135,13 +134,13 @@ def test_static_cache_gives_the_same_attribution_as_the_dynamic_cache_and_eager(
         assert_nothing_installed(model)
     (f_dyn, s_dyn, out_dyn, streamer), (f_static, s_static, out_static, _) = runs["dynamic"], runs["static"]
     assert torch.equal(out_dyn, out_static)
-    reference = _eager_token_features(family, inputs, out_dyn, streamer)  # the prefill row included
+    reference = _eager_token_features(get_tiny, family, inputs, out_dyn, streamer)  # the prefill row included
     torch.testing.assert_close(f_static, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(f_dyn, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(s_static, s_dyn, atol=1e-5, rtol=1e-5)
 
 
-def test_inputs_are_taken_from_generate_and_a_pipeline_streams():
+def test_inputs_are_taken_from_generate_and_a_pipeline_streams(get_tiny, consume, monkeypatch):
     from transformers import pipeline
 
     model, proc = get_tiny("qwen3_vl")
@@ -154,6 +153,7 @@ def test_inputs_are_taken_from_generate_and_a_pipeline_streams():
     expected = [e for e in by_hand.generate(**inputs, max_new_tokens=4, do_sample=False)
                 if isinstance(e, TokenAttribution)]
 
+    monkeypatch.setattr(proc.tokenizer, "padding_side", proc.tokenizer.padding_side)  # the pipeline sets "left"
     pipe = pipeline("image-text-to-text", model=model, processor=proc)
     streamer = AttributionStreamer(model, proc, images=[image])
     box = {}
@@ -171,7 +171,7 @@ def test_inputs_are_taken_from_generate_and_a_pipeline_streams():
     assert_nothing_installed(model)
 
 
-def test_close_and_break_stop_generation_at_the_next_token():
+def test_close_and_break_stop_generation_at_the_next_token(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc)
     streamer = AttributionStreamer(model, proc)
@@ -184,12 +184,9 @@ def test_close_and_break_stop_generation_at_the_next_token():
 
 
 _SCRIPT = """
-import sys
-sys.path.insert(0, {tests!r})
-from conftest import get_tiny
 from hf_vattr import AttributionStreamer
-from hf_vattr.testing import example_inputs
-model, proc = get_tiny("qwen3_vl")
+from hf_vattr.testing import example_inputs, tiny_vlm
+model, proc = tiny_vlm("qwen3_vl")
 inputs = example_inputs(proc)
 streamer = AttributionStreamer(model, proc)
 events = streamer.generate(**inputs, max_new_tokens=2000, min_new_tokens=2000, do_sample=False)
@@ -202,17 +199,15 @@ print("END OF SCRIPT", flush=True)
 @pytest.mark.parametrize("leave", ["for e in events:\n    break", "next(events)", "it = iter(streamer); next(it)"],
                          ids=["break", "loop-left-open", "streamer-iterated"])
 def test_script_that_leaves_the_loop_and_ends_exits_cleanly(leave, tmp_path):
-    from pathlib import Path
-
     script = tmp_path / "leave.py"
-    script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent), leave=textwrap.dedent(leave)))
+    script.write_text(_SCRIPT.format(leave=textwrap.dedent(leave)))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "END OF SCRIPT" in done.stdout
 
 
-def test_regions_accept_an_int_as_k_and_list_the_accepted_forms_otherwise():
+def test_regions_accept_an_int_as_k_and_list_the_accepted_forms_otherwise(get_tiny):
     import numpy as np
 
     from hf_vattr import StreamerInputError, build_regions
@@ -228,20 +223,20 @@ def test_regions_accept_an_int_as_k_and_list_the_accepted_forms_otherwise():
             AttributionStreamer(model, proc, inputs=inputs, regions=wrong)
 
 
-def test_a_batch_given_too_few_images_names_each_rows_count():
+def test_a_batch_given_too_few_images_names_each_rows_count(get_tiny, monkeypatch):
     from hf_vattr import StreamerInputError
 
     model, proc = get_tiny("qwen3_vl")
     images = [example_image(), example_image(seed=4)]
     prompts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
                                         add_generation_prompt=True, tokenize=False) for t in ("a?", "b?")]
-    proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(proc.tokenizer, "padding_side", "left")  # the shared processor
     inputs = proc(text=prompts, images=images, return_tensors="pt", padding=True)
     with pytest.raises(StreamerInputError, match=r"Got 1 image\(s\) for a batch of 2 rows holding row 0: 1 image\(s\), row 1: 1 image\(s\)"):
         AttributionStreamer(model, proc, inputs=inputs, images=images[:1])
 
 
-def test_a_finalizer_running_inside_arm_neither_deadlocks_nor_leaves_the_streamer_unarmed(monkeypatch):
+def test_a_finalizer_running_inside_arm_neither_deadlocks_nor_leaves_the_streamer_unarmed(monkeypatch, get_tiny):
     """Garbage collection can run a dropped streamer's finalizer (which disarms) at any allocation, also while
     a new streamer is being armed on the same thread: that must neither deadlock nor lose the new wrapper."""
     import weakref
@@ -272,7 +267,7 @@ def test_a_finalizer_running_inside_arm_neither_deadlocks_nor_leaves_the_streame
     assert_nothing_installed(model)
 
 
-def test_a_streamer_passed_to_another_generate_is_refused_there_and_its_own_stream_goes_on():
+def test_a_streamer_passed_to_another_generate_is_refused_there_and_its_own_stream_goes_on(get_tiny, consume):
     from hf_vattr import StreamerStateError
 
     model, proc = get_tiny("qwen2_5_vl")

@@ -4,10 +4,8 @@ import torch
 
 from hf_vattr.reasoning.text import TokenTextDecoder, decode_pieces
 
-from conftest import get_tiny
 
-
-def test_pieces_join_to_the_tokenizers_own_decode(family):
+def test_pieces_join_to_the_tokenizers_own_decode(family, get_tiny):
     _, proc = get_tiny(family)
     tok = proc.tokenizer
     tags = ("<think>", "</think>")
@@ -25,7 +23,7 @@ def test_pieces_join_to_the_tokenizers_own_decode(family):
     assert reference.startswith(joined) and len(reference) - len(joined) <= 4
 
 
-def test_think_tags_are_shown():
+def test_think_tags_are_shown(get_tiny):
     _, proc = get_tiny("qwen3_vl")
     tok = proc.tokenizer
     decoder = TokenTextDecoder(tok)

@@ -11,10 +11,8 @@ from hf_vattr.layouts import extend_inputs, visual_layout
 from hf_vattr.regions import prompt_regions
 from hf_vattr.testing import FAMILIES, example_image, example_inputs
 
-from conftest import get_tiny
 
-
-def _reference(family, inputs, positions, membership):
+def _reference(get_tiny, family, inputs, positions, membership):
     """(L, H, T, K): eager attention weights times the norm of each visual token's output contribution,
     from v_proj outputs and o_proj weights taken directly (a per-head product, no Gram matrix)."""
     base, _ = get_tiny(family)
@@ -45,7 +43,7 @@ def _reference(family, inputs, positions, membership):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_all_rows_match_the_reference(family):
+def test_all_rows_match_the_reference(family, get_tiny):
     model, proc = get_tiny(family)
     inputs = example_inputs(proc, [example_image()])
     layout = visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"])
@@ -54,7 +52,7 @@ def test_all_rows_match_the_reference(family):
         with torch.no_grad():
             model(**inputs, use_cache=False)
         got = cap.pop()  # (T, L, H, K)
-    ref = _reference(family, inputs, layout.positions, membership).permute(2, 0, 1, 3)
+    ref = _reference(get_tiny, family, inputs, layout.positions, membership).permute(2, 0, 1, 3)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     # and it is not plain attention
     with AttentionCapture(model, layout.positions, membership, rows="all") as cap:
@@ -64,7 +62,7 @@ def test_all_rows_match_the_reference(family):
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "glm4v"])
-def test_streamed_decode_steps_match_the_reference(family):
+def test_streamed_decode_steps_match_the_reference(family, get_tiny):
     model, proc = get_tiny(family)
     inputs = example_inputs(proc, [example_image()])
     plain = model.generate(**inputs, max_new_tokens=5, do_sample=False)
@@ -76,13 +74,14 @@ def test_streamed_decode_steps_match_the_reference(family):
               if isinstance(e, TokenAttribution)]
     output = streamer.join()
     assert torch.equal(output, plain) and streamer.capture.path == "lse"
-    ref = _reference(family, extend_inputs(inputs, output), streamer.layout.positions, streamer.regions.membership())
+    ref = _reference(get_tiny, family, extend_inputs(inputs, output), streamer.layout.positions,
+                     streamer.regions.membership())
     prompt_len = inputs["input_ids"].shape[1]
     rows = ref[:, :, prompt_len - 1: output.shape[1] - 1].permute(2, 0, 1, 3)  # (T, L, H, K)
     torch.testing.assert_close(torch.stack([t.features for t in tokens]), rows, atol=1e-5, rtol=1e-4)
 
 
-def test_unknown_feature_kind_is_refused():
+def test_unknown_feature_kind_is_refused(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_inputs(proc)
     layout = visual_layout(model, inputs["input_ids"], inputs["image_grid_thw"])
@@ -102,7 +101,7 @@ def test_estimator_records_its_feature_kind(tmp_path):
         LinearEstimator(2, 4, feature_kind="norms")
 
 
-def test_collection_and_training_carry_the_feature_kind(tmp_path):
+def test_collection_and_training_carry_the_feature_kind(tmp_path, get_tiny):
     """A value_norm collection stores value_norm features (equal to the reference) and trains a value_norm estimator."""
     from test_collection import EveryN, config, dataset
 

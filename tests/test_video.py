@@ -15,8 +15,6 @@ from hf_vattr.regions import build_regions
 from hf_vattr.streaming.streamer import armed_on
 from hf_vattr.testing import example_image, example_inputs, example_video, example_video_inputs
 
-from conftest import consume, get_tiny
-
 FPS = 1.0  # one frame a second: group g of a 5-frame video starts at 2g seconds
 NEW_TOKENS = 6
 
@@ -132,7 +130,7 @@ def test_group_times_are_the_processors_timestamps(tiny, family):
         assert sizes_only.frame_group_span(2) == pytest.approx((2 * spg, 3 * spg))
 
 
-def test_without_fps_times_follow_the_processors_24_fps_default():
+def test_without_fps_times_follow_the_processors_24_fps_default(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     video = example_video(4)
     inputs = proc(text=[proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}]}],
@@ -144,7 +142,7 @@ def test_without_fps_times_follow_the_processors_24_fps_default():
     assert written == [round((0 + 1 / 24) / 2, 1), round((2 / 24 + 3 / 24) / 2, 1)]
 
 
-def test_two_videos_and_two_images_interleaved(family):
+def test_two_videos_and_two_images_interleaved(family, get_tiny):
     model, proc = get_tiny(family)
     videos = [example_video(4, seed=1), example_video(6, 90, 150, seed=2)]
     images = [example_image(), example_image(100, 140, seed=3)]
@@ -184,7 +182,7 @@ def _video_prompt(family, proc, fps=2.0):
     return example_video_inputs(proc, [video], images, fps=fps), [video], images
 
 
-def _eager_token_features(family, inputs, sequence, streamer):
+def _eager_token_features(get_tiny, family, inputs, sequence, streamer):
     """Reference features: eager attention weights of each predicting row, pooled to the streamer's regions."""
     eager, _ = get_tiny(family, attn_implementation="eager")
     with torch.no_grad():
@@ -196,7 +194,7 @@ def _eager_token_features(family, inputs, sequence, streamer):
     return pooled.permute(2, 0, 1, 3)  # (T, L, H, K)
 
 
-def test_video_prompts_stream_features_equal_to_eager_attention(tiny, family):
+def test_video_prompts_stream_features_equal_to_eager_attention(tiny, family, get_tiny):
     model, proc = tiny
     inputs, videos, images = _video_prompt(family, proc)
     # random weights: keep the model from writing visual tokens, which a forward over the sequence would refuse
@@ -217,7 +215,7 @@ def test_video_prompts_stream_features_equal_to_eager_attention(tiny, family):
     assert video_map.image.is_video and video_map.num_regions == 4 * video_map.image.num_frame_groups
     assert streamer.regions.region_time_span(0) == pytest.approx((0.0, 1.0))
     assert streamer.regions.region_time_span(video_map.num_regions - 1) == pytest.approx((2.0, 3.0))
-    ref = _eager_token_features(family, inputs, reference, streamer)
+    ref = _eager_token_features(get_tiny, family, inputs, reference, streamer)
     torch.testing.assert_close(torch.stack([t.features for t in tokens]), ref, atol=1e-5, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(torch.stack([t.region_scores for t in tokens]), estimator(ref), atol=1e-4,
@@ -228,7 +226,8 @@ def test_video_prompts_stream_features_equal_to_eager_attention(tiny, family):
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
-def test_captured_rows_of_a_video_prompt_match_eager_attention_over_regions_across_time(tiny, family, pooling):
+def test_captured_rows_of_a_video_prompt_match_eager_attention_over_regions_across_time(tiny, family, pooling,
+                                                                                       get_tiny):
     """The capture's last row, pooled over the VLM-feature regions of the video (regions that may span frame
     groups) and the image, is eager attention pooled the same way."""
     model, proc = tiny
@@ -250,7 +249,7 @@ def test_captured_rows_of_a_video_prompt_match_eager_attention_over_regions_acro
     assert model.config.get_text_config()._attn_implementation == "sdpa"
 
 
-def test_a_video_trace_saves_and_loads_with_its_frames_and_times(tmp_path):
+def test_a_video_trace_saves_and_loads_with_its_frames_and_times(tmp_path, get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs, videos, images = _video_prompt("qwen3_vl", proc)
     frames = np.stack([np.asarray(f) for f in videos[0]])  # a (T, H, W, C) array, one video passed alone
@@ -279,7 +278,7 @@ def _refused_before_any_work(model, build, error=VideoInputError, match=None):
     return info.value
 
 
-def test_a_one_frame_video_is_one_frame_group():
+def test_a_one_frame_video_is_one_frame_group(get_tiny):
     """Qwen2.5-VL's processor takes a one-frame video (it repeats the frame); Qwen3-VL's and GLM's refuse it."""
     model, proc = get_tiny("qwen2_5_vl")
     video = example_video(1)
@@ -296,7 +295,7 @@ def test_a_one_frame_video_is_one_frame_group():
                              match="1 frames, but the prompt's video 0 has 3 frame group")
 
 
-def test_frames_of_different_sizes_are_refused():
+def test_frames_of_different_sizes_are_refused(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_video_inputs(proc, [example_video(4)], fps=2.0)
     frames = example_video(4)
@@ -305,7 +304,7 @@ def test_frames_of_different_sizes_are_refused():
                              match="different sizes")
 
 
-def test_videos_that_do_not_match_the_prompts_placeholders_are_refused(family):
+def test_videos_that_do_not_match_the_prompts_placeholders_are_refused(family, get_tiny):
     model, proc = get_tiny(family)
     video = example_video(4)
     inputs = example_video_inputs(proc, [video], fps=2.0)
@@ -322,7 +321,7 @@ def test_videos_that_do_not_match_the_prompts_placeholders_are_refused(family):
                              match="video_grid_thw")
 
 
-def test_a_mismatch_found_at_generate_time_fails_the_call_and_undoes_everything():
+def test_a_mismatch_found_at_generate_time_fails_the_call_and_undoes_everything(get_tiny, consume):
     """Without inputs= the streamer reads the prompt from generate: the same error there, nothing left patched."""
     model, proc = get_tiny("qwen3_vl")
     video = example_video(4)
@@ -335,7 +334,7 @@ def test_a_mismatch_found_at_generate_time_fails_the_call_and_undoes_everything(
     assert not armed_on(model) and not capture_active()
 
 
-def test_fps_that_contradicts_second_per_grid_ts_is_refused():
+def test_fps_that_contradicts_second_per_grid_ts_is_refused(get_tiny):
     model, proc = get_tiny("qwen2_5_vl")
     video = example_video(4)
     inputs = example_video_inputs(proc, [video], fps=2.0)
@@ -344,7 +343,7 @@ def test_fps_that_contradicts_second_per_grid_ts_is_refused():
                              match="second_per_grid_ts=1")
 
 
-def test_unreadable_and_corrupt_video_paths_are_refused(tmp_path, monkeypatch):
+def test_unreadable_and_corrupt_video_paths_are_refused(tmp_path, monkeypatch, get_tiny):
     model, proc = get_tiny("qwen3_vl")
     inputs = example_video_inputs(proc, [example_video(4)], fps=2.0)
     missing = tmp_path / "missing.mp4"
@@ -371,10 +370,10 @@ def test_unreadable_and_corrupt_video_paths_are_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "glm4v"])
-def test_a_left_padded_batch_of_video_prompts_equals_batch_one_runs(family):
+def test_a_left_padded_batch_of_video_prompts_equals_batch_one_runs(family, get_tiny, monkeypatch):
     """Row 0: a video and an image (GLM: the video alone); row 1: a shorter video. Videos per row, or flat."""
     model, proc = get_tiny(family)
-    proc.tokenizer.padding_side = "left"
+    monkeypatch.setattr(proc.tokenizer, "padding_side", "left")  # the shared processor
     videos = [example_video(6, seed=1), example_video(4, 90, 150, seed=2)]
     images = [[] if family.startswith("glm") else [example_image(100, 140, seed=3)], []]
     prompts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}] + [{"type": "image"}] * len(
@@ -410,7 +409,7 @@ def test_a_left_padded_batch_of_video_prompts_equals_batch_one_runs(family):
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "glm4v"])
-def test_frames_the_processor_sampled_are_picked_and_timed_from_its_metadata(family):
+def test_frames_the_processor_sampled_are_picked_and_timed_from_its_metadata(family, get_tiny):
     """The processor samples a longer video itself; with the metadata it returns, the streamer keeps the frames
     the tower saw and times them as the processor wrote them."""
     model, proc = get_tiny(family)
@@ -439,7 +438,7 @@ def test_frames_the_processor_sampled_are_picked_and_timed_from_its_metadata(fam
     assert not armed_on(model)
 
 
-def test_a_tuple_of_two_frames_is_a_video_and_a_tuple_of_two_ints_its_size():
+def test_a_tuple_of_two_frames_is_a_video_and_a_tuple_of_two_ints_its_size(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     video = example_video(2)
     inputs = example_video_inputs(proc, [video], fps=2.0)

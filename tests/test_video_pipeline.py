@@ -19,7 +19,6 @@ from hf_vattr.pipeline.ablation import AblationEngine, leave_one_out_masks, pixe
 from hf_vattr.regions import build_regions, prompt_regions
 from hf_vattr.testing import example_video, example_video_inputs, video_metadata
 
-from conftest import get_tiny
 from test_ablation import TOLERANCE, _reference, _span_sums
 
 VIDEO_FAMILIES = ["qwen3_vl", "qwen2_5_vl", "glm4v"]
@@ -39,7 +38,7 @@ def _no_visual_tokens(model) -> list[int]:
             if getattr(model.config, name, None) is not None]
 
 
-def _video_example(family: str):
+def _video_example(get_tiny, family: str):
     """(model, inputs, videos, sequence, regions, spans): one 6-frame clip (3 groups), Ward regions across groups."""
     if family not in _EXAMPLES:
         model, proc = get_tiny(family)
@@ -64,17 +63,17 @@ def _video_token_positions(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_regions_span_frame_groups(family):
+def test_regions_span_frame_groups(family, get_tiny):
     """The fixture is what the other tests need: some region covers tokens of more than one frame group."""
-    _, _, _, _, regions, _ = _video_example(family)
+    _, _, _, _, regions, _ = _video_example(get_tiny, family)
     item = regions.layout.images[0]
     groups = [{item.token_frame_group(int(k)) for k in mask.nonzero().flatten()} for mask in regions.token_masks()]
     assert item.num_frame_groups == 3 and max(len(g) for g in groups) > 1
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_knocked_out_positions_are_the_regions_video_tokens(family):
-    model, inputs, _, sequence, regions, _ = _video_example(family)
+def test_knocked_out_positions_are_the_regions_video_tokens(family, get_tiny):
+    model, inputs, _, sequence, regions, _ = _video_example(get_tiny, family)
     engine = AblationEngine(model, inputs, sequence, regions)
     placeholders = _video_token_positions(model, inputs["input_ids"])
     masks = torch.cat([leave_one_out_masks(regions.num_regions), random_subset_masks(regions.num_regions, 3)])
@@ -86,13 +85,13 @@ def test_knocked_out_positions_are_the_regions_video_tokens(family):
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_video_attention_ablation_matches_reference(family, monkeypatch):
-    model, inputs, _, sequence, regions, spans = _video_example(family)
+def test_video_attention_ablation_matches_reference(family, monkeypatch, get_tiny):
+    model, inputs, _, sequence, regions, spans = _video_example(get_tiny, family)
     masks = torch.cat([torch.zeros(1, regions.num_regions, dtype=torch.bool), leave_one_out_masks(regions.num_regions),
                        random_subset_masks(regions.num_regions, 2, generator=torch.Generator().manual_seed(3))])
     engine = AblationEngine(model, inputs, sequence, regions)
     got = engine.span_logprobs(spans, masks, batch_size=3)
-    expected = _reference(family, inputs, sequence, regions, spans, masks, monkeypatch)
+    expected = _reference(get_tiny, family, inputs, sequence, regions, spans, masks, monkeypatch)
     torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=0)
     assert (got[masks.any(1)] - got[0]).abs().amax(1).min() > 1e-5  # every ablation moves something
     for reuse in ("prompt", "none"):
@@ -100,7 +99,7 @@ def test_video_attention_ablation_matches_reference(family, monkeypatch):
 
 
 @pytest.mark.parametrize("family,video_first", [("qwen3_vl", True), ("qwen2_5_vl", False)])
-def test_ablation_of_a_prompt_with_an_image_and_a_video(family, video_first, monkeypatch):
+def test_ablation_of_a_prompt_with_an_image_and_a_video(family, video_first, monkeypatch, get_tiny):
     """Each kind's embeddings skip that kind's tokens before the restart point: knock-out and pixel ablation
     of regions in either item, restarting inside the second item, match full forwards."""
     from hf_vattr.testing import example_image
@@ -120,7 +119,7 @@ def test_ablation_of_a_prompt_with_an_image_and_a_video(family, video_first, mon
     masks = torch.cat([torch.zeros(1, k, dtype=torch.bool), leave_one_out_masks(k),
                        random_subset_masks(k, 2, generator=torch.Generator().manual_seed(8))])
     engine = AblationEngine(model, inputs, sequence, regions)
-    expected = _reference(family, inputs, sequence, regions, spans, masks, monkeypatch)
+    expected = _reference(get_tiny, family, inputs, sequence, regions, spans, masks, monkeypatch)
     torch.testing.assert_close(engine.span_logprobs(spans, masks, batch_size=2), expected, atol=TOLERANCE, rtol=0)
     pixel = engine.span_logprobs(spans, masks[-1:].logical_or(torch.ones(1, k, dtype=torch.bool)), method="pixel")
     filled = {}
@@ -134,7 +133,7 @@ def test_ablation_of_a_prompt_with_an_image_and_a_video(family, video_first, mon
                                atol=TOLERANCE, rtol=0)
 
 
-def _unpadded_frames(family: str, groups: int, rows: int, cols: int) -> tuple[int, list[np.ndarray]]:
+def _unpadded_frames(get_tiny, family: str, groups: int, rows: int, cols: int) -> tuple[int, list[np.ndarray]]:
     """Black frames the processor takes as they are (sides multiples of one token, no resize)."""
     model, _ = get_tiny(family)
     vision = model.config.vision_config
@@ -143,12 +142,12 @@ def _unpadded_frames(family: str, groups: int, rows: int, cols: int) -> tuple[in
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_pixel_patch_rows_of_a_video_against_painted_frames(family):
+def test_pixel_patch_rows_of_a_video_against_painted_frames(family, get_tiny):
     """Paint a region's boxes in the frames of its frame groups: exactly its tokens' rows of
     ``pixel_values_videos`` change, in every family's video processor."""
     model, proc = get_tiny(family)
     groups, rows, cols = 3, 2, 3
-    unit, frames = _unpadded_frames(family, groups, rows, cols)
+    unit, frames = _unpadded_frames(get_tiny, family, groups, rows, cols)
     plain = example_video_inputs(proc, [frames])
     merge = model.config.vision_config.spatial_merge_size
     assert plain["video_grid_thw"].tolist() == [[groups, rows * merge, cols * merge]]
@@ -167,12 +166,12 @@ def test_pixel_patch_rows_of_a_video_against_painted_frames(family):
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_video_pixel_ablation(family):
+def test_video_pixel_ablation(family, get_tiny):
     """Pixel ablation of a video's region equals a plain forward whose region rows (found by painting its
     boxes into the frames) hold the video's per-channel mean."""
     model, proc = get_tiny(family)
     groups, rows, cols = 2, 2, 3
-    _, frames = _unpadded_frames(family, groups, rows, cols)
+    _, frames = _unpadded_frames(get_tiny, family, groups, rows, cols)
     frames = [np.asarray(f) for f in example_video(2 * groups, frames[0].shape[0], frames[0].shape[1], seed=4)]
     inputs = example_video_inputs(proc, [frames])
     layout = _layout(model, inputs, [frames])
@@ -239,7 +238,7 @@ def _video_prompts(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
-def test_collect_train_evaluate_on_video_prompts(family, tmp_path):
+def test_collect_train_evaluate_on_video_prompts(family, tmp_path, get_tiny):
     from hf_vattr.estimator import LinearEstimator
     from hf_vattr.pipeline.baselines import (EstimatorMethod, GradientXInput, IntegratedGradients, LeaveOneOut,
                                              RawAttention, RandomScores)
@@ -354,7 +353,7 @@ def test_collect_says_which_video_the_processor_refused(tmp_path, tiny_model_dir
     assert not list((out / "examples").glob("*.safetensors"))
 
 
-def test_a_datasets_video_column_of_files_and_frame_lists(tmp_path):
+def test_a_datasets_video_column_of_files_and_frame_lists(tmp_path, get_tiny):
     """``--dataset`` with a video column: a row's cell is a video file or a list of frame files; both collect,
     and the prompts rebuild from the spec as collected."""
     from hf_vattr.pipeline.collection import CollectionConfig, _build_inputs, collect, load_collection

@@ -13,8 +13,6 @@ from hf_vattr.regions import ColorFeatures, build_regions, grid_regions, vlm_tok
 from hf_vattr.regions.features import VideoNotSupportedError, dino_features
 from hf_vattr.testing import example_image, example_video, example_video_inputs
 
-from conftest import get_tiny
-
 
 def _video_tokens(t=3, h=4, w=5, size=(120, 150), fps=2.0):
     frames = 2 * t
@@ -43,7 +41,7 @@ def _connected_in_space_time(labels, grid_thw):
     return True
 
 
-def _video_prompt(family, frames=6):
+def _video_prompt(get_tiny, family, frames=6):
     model, proc = get_tiny(family)
     video = example_video(frames, seed=4)
     images = [] if family.startswith("glm") else [example_image(100, 140, seed=5)]
@@ -87,8 +85,8 @@ def test_ward_regions_span_time_where_the_features_do():
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "glm4v"])
-def test_vlm_features_of_a_video_are_its_embeddings_and_cluster_in_space_time(family):
-    model, _, inputs, layout, _, _ = _video_prompt(family)
+def test_vlm_features_of_a_video_are_its_embeddings_and_cluster_in_space_time(family, get_tiny):
+    model, _, inputs, layout, _, _ = _video_prompt(get_tiny, family)
     video = layout.videos[0]
     feats = vlm_token_features(model, inputs["pixel_values_videos"], inputs["video_grid_thw"], kind="video")
     seen = {}
@@ -109,8 +107,8 @@ def test_vlm_features_of_a_video_are_its_embeddings_and_cluster_in_space_time(fa
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "glm4v"])
-def test_prefill_regions_of_a_video_prompt_equal_vlm_regions(family):
-    model, proc, inputs, _, videos, images = _video_prompt(family)
+def test_prefill_regions_of_a_video_prompt_equal_vlm_regions(family, get_tiny):
+    model, proc, inputs, _, videos, images = _video_prompt(get_tiny, family)
     visual = model.model.visual
     calls = []
     handle = visual.register_forward_hook(lambda *args: calls.append(1))
