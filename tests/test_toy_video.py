@@ -271,3 +271,34 @@ def test_train_toy_video_end_to_end(tmp_path):
     assert torch.allclose(inputs["pixel_values_videos"][:len(picture)], picture, atol=1e-5)
     generated = model.generate(**inputs, max_new_tokens=4)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+# --------------------------------------------------------------------------- the shipped model
+
+
+def test_shipped_video_model_answers_held_out_clips():
+    import json
+
+    from hf_vattr import toy
+
+    folder = toy.toy_checkpoint_path("video")
+    if not (folder / "model.safetensors").exists():
+        pytest.fail("the shipped video toy checkpoint is missing: run python scripts/toy/train_toy.py --task video")
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 10e6
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["task"] == "video" and metrics["held_out"]["n"] >= 200
+    assert metrics["held_out"]["answer_accuracy"] >= 0.95 and metrics["held_out"]["step_accuracy"] >= 0.95
+    model, processor = toy.load_toy_model(task="video")
+    exs = make_video_examples(12, seed=toy.EVAL_SEED, start=5000)  # never scored in training
+    assert {len(e.frames) for e in exs} == set(VIDEO_FRAMES)
+    prompts = [processor.apply_chat_template(video_prompt_messages(e), add_generation_prompt=True, tokenize=False)
+               for e in exs]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=prompts, videos=[e.frames for e in exs], video_metadata=[e.video_metadata for e in exs],
+                       do_sample_frames=False, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=64)
+    texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    scores = [check_answer(e, t) for e, t in zip(exs, texts)]
+    assert sum(a for a, _ in scores) >= len(exs) - 1, list(zip([e.completion for e in exs], texts))
+    assert sum(s for _, s in scores) >= len(exs) - 1

@@ -25,10 +25,11 @@ A harder family (more objects, salient distractors, multi-object steps) lives in
     ex = make_hard_examples(1, seed=123)[0]          # then as above
 
 A video family (short clips whose objects move, appear or disappear; each step names one object
-at the start or the end) lives in :mod:`hf_vattr.toy.video_task`::
+at the start or the end) lives in :mod:`hf_vattr.toy.video_task`, with its own model::
 
     from hf_vattr.toy import make_video_examples, video_prompt_messages
 
+    model, processor = load_toy_model(task="video")  # toy/assets/toy-qwen3-vl-video
     ex = make_video_examples(1, seed=123)[0]
     prompt = processor.apply_chat_template(video_prompt_messages(ex), add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[prompt], videos=[ex.frames], video_metadata=[ex.video_metadata],
@@ -113,11 +114,11 @@ EVAL_SEED = 1_000_001
 
 
 #: Task family -> folder name of its shipped checkpoint under ``toy/assets``.
-TASKS = {"default": "toy-qwen3-vl", "hard": "toy-qwen3-vl-hard"}
+TASKS = {"default": "toy-qwen3-vl", "hard": "toy-qwen3-vl-hard", "video": "toy-qwen3-vl-video"}
 
 
 def toy_checkpoint_path(task: str = "default") -> Path:
-    """Folder of the shipped checkpoint of `task` ("default" or "hard"): config, safetensors, processor."""
+    """Folder of the shipped checkpoint of `task` ("default", "hard" or "video"): config, safetensors, processor."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     return Path(__file__).resolve().parent / "assets" / TASKS[task]
@@ -126,7 +127,8 @@ def toy_checkpoint_path(task: str = "default") -> Path:
 def load_toy_model(attn_implementation: str = "sdpa", *, path: str | Path | None = None, task: str = "default"):
     """(model, processor) of the shipped toy thinking VLM, via the public ``from_pretrained`` API.
 
-    `task` picks the checkpoint ("default", or "hard" for :mod:`hf_vattr.toy.hard_task`); `path`
+    `task` picks the checkpoint ("default", "hard" for :mod:`hf_vattr.toy.hard_task`, "video" for
+    :mod:`hf_vattr.toy.video_task`); `path`
     overrides it. The model is in eval mode, float32, on CPU; its generation config decodes
     greedily and stops at ``<|im_end|>``.
     """
@@ -134,7 +136,7 @@ def load_toy_model(attn_implementation: str = "sdpa", *, path: str | Path | None
 
     folder = Path(path) if path is not None else toy_checkpoint_path(task)
     if not (folder / "config.json").exists():
-        flag = " --task hard" if task == "hard" and path is None else ""
+        flag = f" --task {task}" if task != "default" and path is None else ""
         raise FileNotFoundError(
             f"No toy checkpoint at {folder}. Reinstall hf_vattr, or rebuild it from a source checkout "
             f"with `python scripts/toy/train_toy.py{flag} --out {folder}`."

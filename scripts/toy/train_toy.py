@@ -88,11 +88,6 @@ def video_vocabulary() -> list[str]:
     return task_vocabulary() + video_task_vocabulary()
 
 
-def video_checkpoint_path() -> Path:
-    """Where ``--task video`` writes by default: beside the shipped image toy."""
-    return toy_checkpoint_path().parent / "toy-qwen3-vl-video"
-
-
 # ----------------------------------------------------------------------------- building blocks
 
 
@@ -571,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     video = args.task == "video"
-    args.out = args.out or str(video_checkpoint_path() if video else toy_checkpoint_path(args.task))
+    args.out = args.out or str(toy_checkpoint_path(args.task))
     if args.steps is None:
         args.steps = VIDEO_STEPS if video else 3000
     if args.freeze_vision_frac is None:
