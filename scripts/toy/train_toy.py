@@ -81,6 +81,13 @@ MAX_PIXELS = 192 * 192  # any image is resized to at most 6 x 6 visual tokens
 MIN_PIXELS = 2 * 2 * 32 * 32
 VIDEO_STEPS = 600  # fine-tuning from the image toy
 VIDEO_VOCAB_SIZE = 512  # room for the video sentences' words as single tokens, beside the image task's
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def repo_relative(path: str | Path) -> str:
+    """`path` relative to the repository when it lies inside it (metrics.json then reads the same on any machine)."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(REPO_ROOT).as_posix() if resolved.is_relative_to(REPO_ROOT) else str(path)
 
 
 def video_vocabulary() -> list[str]:
@@ -528,7 +535,7 @@ def train(out: str | Path, *, steps: int = 3000, batch_size: int = 32, lr: float
                      "warmup": warmup, "weight_decay": weight_decay, "vision_lr_mult": vision_lr_mult,
                      "freeze_vision_frac": freeze_vision_frac, "probe_weight": probe_weight,
                      "curriculum": HARD_CURRICULUM if hard else None if video else CURRICULUM, "seed": seed,
-                     "init": str(init) if video else None,
+                     "init": repo_relative(init) if video else None,
                      "threads": threads,
                      "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
                      "total_seconds": round(time.time() - t_start, 1), "torch": torch.__version__,
