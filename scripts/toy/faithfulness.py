@@ -3,6 +3,7 @@
 One command reproduces both the shipped estimator and ``docs/faithfulness.md``:
 
     python scripts/toy/faithfulness.py            # collect -> train -> ship -> evaluate -> report
+    python scripts/toy/faithfulness.py --task video   # the video toy: toy-estimator-video, faithfulness-video.md
 
 A development script (outside the wheel): it overwrites the estimator that ships in the package.
 
@@ -30,21 +31,49 @@ import numpy as np
 import torch
 
 from hf_vattr.pipeline.baselines import make_method
-from hf_vattr.pipeline.collection import CollectionConfig, _build_inputs, collect, load_collection
+from hf_vattr.pipeline.collection import CollectionConfig, DecodedVideo, _build_inputs, collect, load_collection
 from hf_vattr.pipeline.datasets import DatasetSpec
 from hf_vattr.pipeline.evaluation import evaluate
 from hf_vattr.regions import PromptRegions
 from hf_vattr.toy import (evidence_for_step, example_seed, load_toy_model, make_example, region_on_evidence,
                           toy_checkpoint_path)
-from hf_vattr.toy import hard_task
+from hf_vattr.toy import hard_task, video_task
 from hf_vattr.pipeline.training import TrainingConfig, fit_estimator
 
 __all__ = ["main", "pointing_accuracy", "metrics_by_section"]
 
 TRAIN_SEED = 7001
 TEST_SEED = 7002
-REGION_METHOD = "vlm"
-MIN_EFFECT = 1e-3  # nats: spans below it have no measurable effect (see metrics_by_section)  # the VLM's own vision features + Ward: semantic regions, no extra weights
+REGION_METHOD = "vlm"  # the VLM's own vision features + Ward: semantic regions, no extra weights
+#: Video clips: a 3 x 3 grid per frame group, one region per cell and group. Every toy object sits in one
+#: cell, so a region is "this cell at this time"; untrained, grid regions pointed better than prefill Ward.
+VIDEO_REGION_METHOD, VIDEO_K = "grid", 9
+MIN_EFFECT = 1e-3  # nats: spans below it have no measurable effect (see metrics_by_section)
+
+
+class VideoClips:
+    """The video toy's clips as collection items ``(id, [video], messages)``, built lazily.
+
+    The CLI's toy dataset has image families only; this is the same idea for clips, each going to the
+    processor as its frames with their metadata (every frame kept).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+
+    def get(self, example_id: int) -> tuple[list, list[dict]]:
+        ex = video_task.make_video_example(example_seed(self.seed, int(example_id)))
+        video = DecodedVideo(ex.frames, ex.video_metadata, f"toy clip {example_id} (seed {self.seed})")
+        return [video], video_task.video_prompt_messages(ex)
+
+    def items(self) -> "VideoClips":
+        return self
+
+    def __iter__(self):
+        return ((i, *self.get(i)) for i in range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def pointing_accuracy(records: list, scores: dict[str, list[torch.Tensor]], seed: int,
@@ -52,10 +81,12 @@ def pointing_accuracy(records: list, scores: dict[str, list[torch.Tensor]], seed
     """Per method: fraction of thinking steps with known evidence whose top-1 region overlaps it.
 
     A step's evidence is the object it names, or (hard task) the union of every object it covers:
-    the top region must lie on one of them.
+    the top region must lie on one of them. On a video the object must be there in the step's frame group.
     """
-    build, evidence_of = ((hard_task.make_hard_example, hard_task.evidence_for_step) if task == "hard"
-                          else (make_example, evidence_for_step))
+    build, evidence_of, on_evidence = {
+        "hard": (hard_task.make_hard_example, hard_task.evidence_for_step, region_on_evidence),
+        "video": (video_task.make_video_example, video_task.video_evidence_for_step, video_task.region_on_evidence),
+    }.get(task, (make_example, evidence_for_step, region_on_evidence))
 
     hits: dict[str, list[bool]] = {name: [] for name in scores}
     measurable: list[bool] = []  # the step's largest single-region effect is >= MIN_EFFECT nats
@@ -71,7 +102,7 @@ def pointing_accuracy(records: list, scores: dict[str, list[torch.Tensor]], seed
             measurable.append(float(record.loo_effects[s].abs().max()) >= MIN_EFFECT)
             for name, per_example in scores.items():
                 top = int(torch.argmax(torch.as_tensor(per_example[index][s])))
-                hits[name].append(region_on_evidence(regions, top, evidence))
+                hits[name].append(on_evidence(regions, top, evidence))
     keep = np.asarray(measurable, dtype=bool)
     out = {}
     for name, h in hits.items():
@@ -115,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", type=int, default=400, help="toy examples for estimator training")
     p.add_argument("--test", type=int, default=100, help="fresh toy examples for the report")
-    p.add_argument("--task", default="default", choices=("default", "hard"),
-                   help="toy task family (hard: more objects, salient distractors, multi-object steps)")
+    p.add_argument("--task", default="default", choices=("default", "hard", "video"),
+                   help="toy task family (hard: more objects, salient distractors, multi-object steps; video: "
+                        "clips whose objects move, appear or disappear)")
     p.add_argument("--work", default=None, help="collections go here (default: runs/toy-faithfulness[-hard])")
     p.add_argument("--model", default=None, help="toy checkpoint folder (default: the shipped one of --task)")
     p.add_argument("--estimator-out", default=None,
@@ -126,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ground truth of answer spans (CollectionConfig.answer_effects): total regenerates the "
                         "reasoning under each ablation")
     p.add_argument("--num-subsets", type=int, default=32)
-    p.add_argument("--k", type=int, default=16, help="regions per image")
+    p.add_argument("--k", type=int, default=None,
+                   help="regions per image (default 16), or per frame group of a video (default 9: its 3 x 3 cells)")
     p.add_argument("--ig-steps", type=int, default=16, help="integrated-gradients steps (the costliest baseline)")
     p.add_argument("--feature-kind", default="value_norm", choices=("attention", "value_norm"),
                    help="what the estimator's features pool (CollectionConfig.feature_kind)")
@@ -147,12 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model, processor = load_toy_model(task=args.task)
     work = Path(args.work)
-    config = CollectionConfig(num_subsets=args.num_subsets, max_new_tokens=96, region_method=REGION_METHOD,
-                              k=args.k, seed=0, feature_kind=args.feature_kind, answer_effects=args.answer_effects)
-    task = {} if args.task == "default" else {"task": args.task}
-    test_set = DatasetSpec("toy", n=args.test, seed=TEST_SEED, **task)  # the CLI's toy dataset: same examples
-    written = collect(model, processor, DatasetSpec("toy", n=args.train, seed=TRAIN_SEED, **task).items(),
-                      work / "train", config)["written"]
+    video = args.task == "video"
+    region_method = VIDEO_REGION_METHOD if video else REGION_METHOD
+    k = args.k or (VIDEO_K if video else 16)
+    config = CollectionConfig(num_subsets=args.num_subsets, max_new_tokens=96, region_method=region_method,
+                              k=k, seed=0, feature_kind=args.feature_kind, answer_effects=args.answer_effects)
+    if video:
+        train_set, test_set = VideoClips(args.train, TRAIN_SEED), VideoClips(args.test, TEST_SEED)
+    else:
+        task = {} if args.task == "default" else {"task": args.task}
+        train_set = DatasetSpec("toy", n=args.train, seed=TRAIN_SEED, **task)
+        test_set = DatasetSpec("toy", n=args.test, seed=TEST_SEED, **task)  # the CLI's toy dataset: same examples
+    written = collect(model, processor, train_set.items(), work / "train", config)["written"]
     written += collect(model, processor, test_set.items(), work / "test", config)["written"]
     t_collect = time.perf_counter() - t0
 
@@ -160,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     estimator, report = fit_estimator(
         train_records, config=TrainingConfig(target="both", val_fraction=0.2, seed=0),
         model_type=model.config.model_type, base_model_id=f"hf_vattr/toy-qwen3-vl{suffix} (bundled)",
-        region_method=REGION_METHOD, k_policy={"k": args.k},
+        region_method=region_method, k_policy={"k": k},
         extra_training_data={"dataset": f"hf_vattr toy task ({args.task}), seed {TRAIN_SEED}, {args.train} examples",
                              "answer_effects": args.answer_effects},
     )
@@ -230,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
          f"{fmt(est.get('pointing'))} ({fmt(pointing.get('estimator', {}).get('pointing_measurable'))} on steps "
          "with an effect)"),
         ("estimator LDS above raw attention and integrated gradients",
-         est.get("lds") is not None and all(row.get("lds") is not None and est["lds"] > row["lds"] for row in (raw, ig)),
+         est.get("lds") is not None and all(row.get("lds") is not None and est["lds"] > row["lds"]
+                                            for row in (raw, ig) if row or args.task != "video"),
          f"{fmt(est.get('lds'))} vs {fmt(raw.get('lds'))} / {fmt(ig.get('lds'))}"),
         ("... at < 1% of the cost of leave-one-out and integrated gradients", cheap,
           ", ".join(f"{n} {cost[n]:.3g} ms" for n in ("estimator", "leave_one_out", "integrated_gradients")
@@ -254,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         inherit_md = "Answers are scored by their own attention only (no inheritance was fit)."
     elapsed = time.perf_counter() - t0
     reproduce = "python scripts/toy/faithfulness.py" + ("" if args.task == "default" else f" --task {args.task}")
+    for name in ("train", "test", "methods"):  # sizes and methods that differ from the defaults
+        value = getattr(args, name)
+        if value != p.get_default(name):
+            reproduce += f" --{name} " + (" ".join(value) if isinstance(value, list) else str(value))
     answers_md = (
         "Answer spans are measured with **total** effects: each ablation's reasoning is regenerated under the "
         "ablation and the original answer is scored after it, so the path from the image through the thinking "
@@ -264,12 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     reused = ("" if len(written) == args.train + args.test else
               f"; {args.train + args.test - len(written)} examples were already collected in the work folder")
     md = [
-        f"# Faithfulness on the toy thinking VLM{' (hard task)' if args.task == 'hard' else ''}",
+        f"# Faithfulness on the toy thinking VLM{ {'hard': ' (hard task)', 'video': ' (video task)'}.get(args.task, '')}",
         "",
         f"Reproduce (rebuilds the shipped estimator too): `{reproduce}`",
         "",
-        f"Model: the bundled toy Qwen3-VL (`hf_vattr/toy/assets/toy-qwen3-vl{suffix}`). Regions: `{REGION_METHOD}` "
-        f"(the model's own vision features + Ward, K = {args.k}). Estimator (`{args.feature_kind}` features) "
+        f"Model: the bundled toy Qwen3-VL (`hf_vattr/toy/assets/toy-qwen3-vl{suffix}`). Regions: "
+        + (f"`{region_method}` (K = {k} per frame group: one region per cell of the 3 x 3 layout and frame group)."
+           if video else f"`{region_method}` (the model's own vision features + Ward, K = {k}).")
+        + f" Estimator (`{args.feature_kind}` features) "
         f"trained on {args.train} toy examples (seed {TRAIN_SEED}; 20% of them held out for early metrics), "
         f"evaluated on {args.test} fresh examples (seed {TEST_SEED}), {args.num_subsets} random ablation subsets per "
         "example (keep probability 0.5), ablation = knocking the region's visual tokens out of attention. "
