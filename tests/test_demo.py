@@ -54,3 +54,44 @@ def test_cli_demo_entry_point(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "r.html"), "--quiet", "--top", "2"]) == 0
     assert (tmp_path / "r.html").exists()
     assert "Top region on the step's object" in capsys.readouterr().out
+
+
+def _top_region_holds_step_object(regions, span, example, step: int) -> bool:
+    """Does the span's top region hold the task's own evidence for `step` (its object, in its frame group)?"""
+    top = int(torch.argmax(span.region_scores))
+    item, local = regions.region_owner(top)
+    mask = example.step_evidence_masks[step]  # (groups, H, W): the object's pixels in the step's group only
+    labels = regions.maps[item]
+    return any(bool((labels.pixel_labels(g)[mask[g]] == local).any()) for g in range(mask.shape[0]) if mask[g].any())
+
+
+def test_video_demo_streams_a_clip_and_draws_filmstrips(tmp_path, capsys):
+    out = tmp_path / "video.html"
+    summary = run_demo(out=out, quiet=True, video=True)
+    printed = capsys.readouterr().out
+    example, trace = summary["example"], summary["trace"]
+    assert f"Question: {example.question}" in printed
+    thinking = [s for s in trace.spans if s.section == "thinking"]
+    # the video toy reasons right on held-out clips: one step per ground-truth step, in order
+    assert [s.text.strip() for s in thinking] == example.thinking_steps
+    # every step is printed with its top regions named where and when (seconds of a frame group)
+    step_lines = [line for line in printed.splitlines() if line.strip().startswith("-> step")]
+    assert len(step_lines) == len(thinking)
+    assert all("top regions #" in line and " s, " in line for line in step_lines)
+    # the pointing verdicts printed and returned are those of the task's own evidence
+    regions = trace.regions
+    expected = [_top_region_holds_step_object(regions, span, example, i) for i, span in enumerate(thinking)]
+    assert summary["hits"] == expected
+    assert [("[top region on the object: yes]" in line) for line in step_lines] == expected
+    # the report draws the clip as filmstrips, one overlay per span, self-contained
+    html = out.read_text()
+    assert html.startswith("<!doctype html>") and "filmstrip" in html and "data:image/png;base64," in html
+    assert "http://" not in html and "https://" not in html
+    assert len(summary["pngs"]) == summary["spans"] and all(p.stat().st_size > 0 for p in summary["pngs"])
+    assert any(m.image.is_video for m in regions.maps)
+
+
+def test_cli_demo_video(tmp_path, capsys):
+    assert main(["demo", "--video", "--out", str(tmp_path / "v.html"), "--quiet", "--index", "1"]) == 0
+    assert (tmp_path / "v.html").exists()
+    assert "Top region on the step's object in the step's frame group" in capsys.readouterr().out

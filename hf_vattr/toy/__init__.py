@@ -147,9 +147,14 @@ def load_toy_model(attn_implementation: str = "sdpa", *, path: str | Path | None
     return model, processor
 
 
-def toy_estimator_path() -> Path:
-    """Folder of the estimator trained for the toy model by hf_vattr's own pipeline."""
-    return Path(toy_checkpoint_path()).parent / "toy-estimator"
+def toy_estimator_path(task: str = "default") -> Path:
+    """Folder of the estimator trained for the toy model of `task` by hf_vattr's own pipeline.
+
+    ``scripts/toy/faithfulness.py --task TASK`` writes it; the folder may be absent where no estimator
+    has been trained for a task yet.
+    """
+    suffix = "" if task == "default" else f"-{task}"
+    return toy_checkpoint_path(task).parent / f"toy-estimator{suffix}"
 
 
 def toy_regions(model, inputs, images, estimator=None):
