@@ -8,17 +8,23 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; hub tests point HF_ENDPOINT at a local server
-torch.set_num_threads(2)
+# One intra-op thread, here and in the subprocesses the tests start (they inherit OMP_NUM_THREADS): the tiny
+# models' ops are too small to gain from a second thread, and on a busy 2-core machine threads that wait for
+# each other at every op made test_ablation + test_streamer take 74 s instead of 13 s. Set the variable to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # The toy's development scripts (trainer, faithfulness report) live outside the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "toy"))
 
 from hf_vattr.testing import FAMILIES, tiny_vlm  # noqa: E402
 
-pytest_plugins = ["hub_fixture"]
+pytest_plugins = ["hub_fixture", "pytester"]  # pytester: test_markers runs pytest on small examples
 
 
 _GENERATE_BOOKKEEPING = {"_cache", "_previous_max_cache_length"}  # what transformers' generate keeps on a model

@@ -122,6 +122,7 @@ def test_unablated_equals_plain_forward(family, get_tiny):
     assert span_effects(model, inputs, sequence, spans, masks, regions).abs().max() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", REFERENCE_FAMILIES)
 def test_attention_ablation_matches_reference(family, monkeypatch, get_tiny):
     model, _, inputs, sequence, regions, spans = _example(get_tiny, family)
@@ -137,6 +138,7 @@ def test_attention_ablation_matches_reference(family, monkeypatch, get_tiny):
                                        msg=lambda m: f"batch_size={batch_size} reuse={reuse}: {m}")
 
 
+@pytest.mark.slow
 def test_engine_on_eager_model_matches_reference(monkeypatch, get_tiny):
     """The intervention also speaks the eager implementation's additive float masks."""
     family = "qwen2_5_vl"
@@ -148,6 +150,7 @@ def test_engine_on_eager_model_matches_reference(monkeypatch, get_tiny):
     torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen3_vl_moe", "glm4v_moe"])
 def test_prefix_reuse_and_batching_change_nothing(family, get_tiny):
     model, _, inputs, sequence, regions, spans = _example(get_tiny, family)
@@ -180,6 +183,7 @@ def test_pixel_patch_rows_match_the_processor(get_tiny):
         assert bright.tolist() == rows[r * w_tok + c].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen3_vl", "glm4v"])
 def test_pixel_ablation(family, get_tiny):
     model, _, inputs, sequence, regions, spans = _example(get_tiny, family)

@@ -197,6 +197,7 @@ def test_ground_truth_check_passes_real_effects():
 COLLECT = ["--max-new-tokens", "6", "--k", "4", "--num-subsets", "2", "--quiet"]
 
 
+@pytest.mark.slow
 def test_limit_leaves_the_collection_incomplete_until_the_rest_is_collected(tmp_path, tiny_model_dir, capsys):
     """Case 8: ``--toy 3 --limit 2`` is not a complete collection of the 3-example dataset."""
     gt = tmp_path / "gt"

@@ -100,6 +100,7 @@ def _layer0_scaled_logprobs(ctx: Ctx, region: int, eps, grad: bool = False) -> t
         handle.remove()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl", "glm4v"])
 def test_grad_x_input_matches_independent_references(family, get_tiny):
     ctx = make_context(get_tiny, family, double=True)
@@ -126,6 +127,7 @@ def _completeness_gap(ctx: Ctx) -> torch.Tensor:
     return full - zero
 
 
+@pytest.mark.slow
 def test_integrated_gradients_completeness_uniform_grid(get_tiny):
     ctx = make_context(get_tiny, "glm4v")
     ig = IntegratedGradients(steps=16).span_scores(*ctx.args)
@@ -153,6 +155,7 @@ def test_gradient_methods_leave_model_untouched(get_tiny):
     assert all(p.grad is None for p in ctx.model.parameters())
 
 
+@pytest.mark.slow
 def test_leave_one_out_equals_single_mask_span_effects(get_tiny):
     from hf_vattr.pipeline.ablation import leave_one_out_masks, span_effects, span_logprobs
 

@@ -38,6 +38,7 @@ def write_synthetic_collection(folder: Path, n: int = 15, seed: int = 0):
     return w
 
 
+@pytest.mark.slow
 def test_train_and_eval_on_a_synthetic_collection(tmp_path, capsys):
     gt, est_dir = tmp_path / "gt", tmp_path / "est"
     w_true = write_synthetic_collection(gt)
@@ -82,6 +83,7 @@ def test_train_auto_target_falls_back_to_loo_without_subsets(tmp_path):
     assert report["config"]["target"] == "loo"
 
 
+@pytest.mark.slow
 def test_collect_train_eval_push_end_to_end(tmp_path, tiny_model_dir, capsys, local_hub):
     gt, est_dir = tmp_path / "gt", tmp_path / "est"
     assert main(["collect", "--model", str(tiny_model_dir), "--toy", "4", "--out", str(gt), "--max-new-tokens", "10",
@@ -119,6 +121,7 @@ def test_collect_train_eval_push_end_to_end(tmp_path, tiny_model_dir, capsys, lo
     assert torch.equal(pulled.weight, est.weight) and pulled.training_data == est.training_data
 
 
+@pytest.mark.slow
 def test_collect_from_a_jsonl_dataset_and_eval_rebuilds_prompts(tmp_path, tiny_model_dir, capsys):
     from hf_vattr.testing import example_image
 
@@ -220,6 +223,7 @@ def test_help_texts_document_the_jsonl_format_and_say_what_exists(capsys):
     assert exit_info.value.code == 0 and "--seed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_module_entry_point():
     env = dict(os.environ, PYTHONPATH=str(REPO))
     res = subprocess.run([sys.executable, "-m", "hf_vattr.commands.cli", "train", "--help"], capture_output=True, text=True,

@@ -83,6 +83,7 @@ def test_tags_collection_decodes_with_come_from_the_splitter_or_its_defaults():
     assert tag_texts(own, DEFAULT_FORMAT) == ("<reason>", "</reason>")  # the splitter's format wins over the fallback
 
 
+@pytest.mark.slow
 def test_collect_writes_documented_files(tmp_path, get_tiny):
     model, proc = get_tiny(FAMILY)
     result = collect(model, proc, dataset(3), tmp_path, config(), splitter_factory=EveryN, progress=False)
@@ -173,6 +174,7 @@ def test_features_equal_what_generation_sees(get_tiny):
     torch.testing.assert_close(rec.span_features[1], live[4:8].mean(0), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_splitter", [None, lambda: EveryN(5)], ids=["default", "every5"])
 def test_spans_match_the_streamer(make_splitter, get_tiny):
     """Collection decodes pieces and splits spans exactly as the streamer does."""
@@ -214,6 +216,7 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((folder / "examples").glob("*.safetensors"))}
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_is_byte_identical(tmp_path, get_tiny):
     model, proc = get_tiny(FAMILY)
     data = dataset(4)

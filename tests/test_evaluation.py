@@ -117,6 +117,7 @@ def tiny_glm_run(get_tiny):
     return model, processor, records, inputs_fn
 
 
+@pytest.mark.slow
 def test_evaluate_with_model_measures_topk_and_runs_every_baseline(tiny_glm_run):
     from hf_vattr.pipeline.baselines import GradientXInput, IntegratedGradients
 
@@ -217,6 +218,7 @@ def test_evaluate_refuses_an_estimator_made_for_another_collection(field, estima
 # ----------------------------------------------------------------------------- deletion / insertion AUC, breakdowns
 
 
+@pytest.mark.slow
 def test_deletion_insertion_auc_match_an_independent_ablation_on_a_tiny_model(tiny_glm_run):
     """The AUC columns exist and are finite, and equal curves rebuilt by hand from the functional ablation API."""
     from hf_vattr.pipeline.ablation import span_effects

@@ -30,6 +30,7 @@ def _run_script(path: Path, argv: list[str], tmp_path: Path, monkeypatch) -> Non
     runpy.run_path(str(path), run_name="__main__")
 
 
+@pytest.mark.slow
 def test_stream_attributions_example(tmp_path, monkeypatch, capsys):
     _run_script(EXAMPLES / "stream_attributions.py", ["--html", "report.html"], tmp_path, monkeypatch)
     out = capsys.readouterr().out

@@ -17,6 +17,8 @@ from hf_vattr.toy import evidence_for_step, example_seed, make_example
 
 from faithfulness import TEST_SEED, main, metrics_by_section, pointing_accuracy  # scripts/toy (conftest.py)
 
+pytestmark = pytest.mark.slow  # every test reads one small run of the whole report
+
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):

@@ -65,6 +65,7 @@ def _reference_total_effect(model, processor, record, mask: torch.Tensor) -> flo
     return float(original[0, 0] - ablated[0, 0]), new != generated[:close]
 
 
+@pytest.mark.slow
 def test_total_answer_effects_equal_a_batch_of_one_regeneration_scored_by_full_forwards(toy, total_record):
     model, processor = toy
     record = total_record
@@ -81,6 +82,7 @@ def test_total_answer_effects_equal_a_batch_of_one_regeneration_scored_by_full_f
     assert record.config["answer_effects"] == "total"
 
 
+@pytest.mark.slow
 def test_thinking_spans_keep_their_teacher_forced_effects(toy, total_record):
     model, processor = toy
     images, prompt = SPEC.get(0)
@@ -154,6 +156,7 @@ def test_inheritance_is_saved_checked_and_omitted_at_its_defaults(tmp_path):
             LinearEstimator(2, 2, **bad)
 
 
+@pytest.mark.slow
 def test_training_recovers_a_planted_inheritance():
     records, _ = synthetic_examples(num_examples=60, spans=(3, 5), noise=0.02, seed=3,
                                     weight=torch.rand(3, 4, generator=torch.Generator().manual_seed(3)) + 0.1)
@@ -205,6 +208,7 @@ def test_streamed_answers_inherit_exactly_what_span_scores_gives_on_collected_fe
     assert not torch.allclose(answer.region_scores, own, atol=1e-3)  # the inherited part is really there
 
 
+@pytest.mark.slow
 def test_evaluation_measures_answer_topk_drops_with_the_reasoning_regenerated(toy, total_record):
     from hf_vattr.pipeline.baselines import make_method
     from hf_vattr.pipeline.evaluation import evaluate

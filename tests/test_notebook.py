@@ -144,6 +144,7 @@ def test_show_displays_html_in_a_kernel_and_prints_elsewhere(shell, capsys):
     assert trace._repr_html_().count("<tr class=") == 2
 
 
+@pytest.mark.slow
 def test_live_on_the_toy_model_returns_the_streamed_trace(shell):
     from hf_vattr import AttributionStreamer, LinearEstimator
     from hf_vattr.toy import toy_estimator_path, toy_regions

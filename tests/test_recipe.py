@@ -81,6 +81,7 @@ def test_like_refuses_contradicting_options_before_the_model(tmp_path, capsys, n
     assert not (tmp_path / "gt").exists()
 
 
+@pytest.mark.slow
 def test_like_takes_the_settings_and_the_toy_estimator_evaluates_the_fresh_collection(tmp_path, capsys):
     gt = tmp_path / "gt"
     # --k 16 agrees with the estimator: accepted; everything else comes from it

@@ -122,6 +122,7 @@ def test_grid_regions_hit_exactly_k_and_are_contiguous(hw):
 # --------------------------------------------------------------------------- Ward tree
 
 
+@pytest.mark.slow
 def test_ward_tree_built_once_serves_every_k_with_guarantees():
     img = photo("astronaut")  # 512 x 512
     tok = fake_tokens(23, 32, 32, img.shape[:2])

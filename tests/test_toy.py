@@ -177,6 +177,7 @@ def _generate(model, processor, examples) -> list[str]:
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_shipped_model_answers_held_out_questions(toy_model):
     model, processor = toy_model
     exs = make_examples(40, seed=toy.EVAL_SEED, start=5000)  # held out: never seen in training
@@ -188,6 +189,7 @@ def test_shipped_model_answers_held_out_questions(toy_model):
     assert np.mean(steps) >= 0.95, (np.mean(answers), np.mean(steps))
 
 
+@pytest.mark.slow
 def test_model_looks_at_the_image(toy_model):
     """Same question, different image -> the model's answer follows the image."""
     model, processor = toy_model

@@ -43,6 +43,7 @@ def _uniform(estimator, feature_kind):
     return uniform
 
 
+@pytest.mark.slow
 def test_streamed_estimator_points_at_each_steps_object_and_raw_attention_does_not(toy):
     model, processor, estimator = toy
     examples = make_examples(12, seed=EVAL_SEED, start=7000)  # held out from training and from the estimator's data

@@ -143,6 +143,7 @@ def test_check_answer_on_correct_and_wrong_traces():
 # --------------------------------------------------------------------------- the shipped model
 
 
+@pytest.mark.slow
 def test_hard_checkpoint_loads_and_answers_held_out_questions():
     folder = toy.toy_checkpoint_path("hard")
     if not (folder / "model.safetensors").exists():

@@ -125,6 +125,7 @@ def test_prefill_regions_of_a_video_prompt_equal_vlm_regions(family, get_tiny):
     assert not visual._forward_hooks
 
 
+@pytest.mark.slow
 def test_colour_and_dino_features_average_each_groups_frames():
     """Per-frame image features, averaged over the frames the tower fuses; the 5th frame pads the last group."""
     video = _video_tokens(t=3, h=4, w=5, size=(120, 150))
