@@ -78,3 +78,58 @@ def test_sections_of_the_ground_truth_itself(small_run):
     assert sum(row["spans"] for row in by["leave_one_out"].values()) == n_spans
     assert by["leave_one_out"]["thinking"]["pearson"] == pytest.approx(1.0)
     assert by["negated"]["thinking"]["pearson"] == pytest.approx(-1.0)
+
+
+@pytest.fixture(scope="module")
+def small_video_run(tmp_path_factory):
+    """The video task's run at the smallest scale (no gradient baselines: the report's own choice)."""
+    work = tmp_path_factory.mktemp("faith-video")
+    argv = ["--task", "video", "--train", "3", "--test", "2", "--num-subsets", "4",
+            "--methods", "estimator", "raw_attention", "leave_one_out", "random",
+            "--work", str(work / "runs"), "--estimator-out", str(work / "estimator"),
+            "--report", str(work / "faithfulness-video.md")]
+    assert main(argv) == 0
+    return work
+
+
+def _video_overlap(regions, evidence: np.ndarray) -> torch.Tensor:
+    """Per region: how many of the evidence's pixels it holds, counted in each frame group."""
+    video = regions.maps[0]
+    counts = np.zeros(regions.num_regions)
+    for g in range(evidence.shape[0]):
+        labels = video.pixel_labels(g)
+        for r in range(video.num_regions):
+            counts[r] += (evidence[g] & (labels == r)).sum()
+    return torch.tensor(counts, dtype=torch.float32)
+
+
+def test_video_run_regions_estimator_and_pointing_in_time(small_video_run):
+    from hf_vattr.toy import make_video_example
+
+    report = (small_video_run / "faithfulness-video.md").read_text()
+    assert report.startswith("# Faithfulness on the toy thinking VLM (video task)")
+    assert "--task video --train 3 --test 2 --methods estimator raw_attention leave_one_out random" in report
+    est = LinearEstimator.from_pretrained(str(small_video_run / "estimator"))
+    assert est.region_method == "grid" and est.k_policy == {"k": 9}
+    records = load_collection(small_video_run / "runs" / "test")
+    oracle, wrong_time = [], []
+    for record in records:
+        example = make_video_example(example_seed(TEST_SEED, int(record.example_id)))
+        regions = PromptRegions.from_dict(record.regions)
+        assert regions.num_regions == 9 * example.num_groups  # one region per cell and frame group
+        rows, shifted = [], []
+        steps = iter(range(len(example.thinking_steps)))
+        for span in record.spans:
+            if span["section"] != "thinking":
+                rows.append(torch.zeros(regions.num_regions))
+                shifted.append(torch.zeros(regions.num_regions))
+                continue
+            evidence = example.step_evidence_masks[next(steps)]  # the task's own: the object in its group
+            rows.append(_video_overlap(regions, evidence))
+            shifted.append(_video_overlap(regions, np.roll(evidence, 1, axis=0)))  # same pixels, another group
+        oracle.append(torch.stack(rows))
+        wrong_time.append(torch.stack(shifted))
+    result = pointing_accuracy(records, {"oracle": oracle, "wrong_time": wrong_time}, TEST_SEED, task="video")
+    assert result["oracle"]["steps"] == 2 * len(records)
+    assert result["oracle"]["pointing"] == 1.0
+    assert result["wrong_time"]["pointing"] == 0.0  # the right place at the wrong time is a miss
