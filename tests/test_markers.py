@@ -21,7 +21,7 @@ def test_light():
 def _outcomes(pytester, *args) -> dict:
     """Passed and deselected counts of an in-process run under the project's own pytest settings."""
     pytester.makefile(".cfg", setup=(REPO / "setup.cfg").read_text())
-    result = pytester.runpytest_inprocess(*args)
+    result = pytester.runpytest_inprocess("-p", "no:hypothesispytest", *args)  # its summary costs seconds a run
     counts = result.parseoutcomes()
     return {key: counts.get(key, 0) for key in ("passed", "deselected", "errors")}
 
