@@ -83,6 +83,8 @@ def test_video_demo_streams_a_clip_and_draws_filmstrips(tmp_path, capsys):
     expected = [_top_region_holds_step_object(regions, span, example, i) for i, span in enumerate(thinking)]
     assert summary["hits"] == expected
     assert [("[top region on the object: yes]" in line) for line in step_lines] == expected
+    # scored by the shipped video estimator (docs/faithfulness-video.md: it points right on every held-out step)
+    assert trace.calibrated and "(uncalibrated)" not in printed and all(expected)
     # the report draws the clip as filmstrips, one overlay per span, self-contained
     html = out.read_text()
     assert html.startswith("<!doctype html>") and "filmstrip" in html and "data:image/png;base64," in html

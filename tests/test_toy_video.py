@@ -302,3 +302,37 @@ def test_shipped_video_model_answers_held_out_clips():
     scores = [check_answer(e, t) for e, t in zip(exs, texts)]
     assert sum(a for a, _ in scores) >= len(exs) - 1, list(zip([e.completion for e in exs], texts))
     assert sum(s for _, s in scores) >= len(exs) - 1
+
+
+def test_shipped_video_estimator_points_at_the_step_object_in_its_frame_group():
+    """The estimator `scripts/toy/faithfulness.py --task video` ships: streamed on held-out clips, each step's
+    top region holds the pixels of the object the task says the step is about, in the step's frame group."""
+    from hf_vattr import LinearEstimator, toy
+    from hf_vattr.streaming.streamer import AttributionStreamer, SpanAttribution
+
+    folder = toy.toy_estimator_path("video")
+    if not (folder / "config.json").exists():
+        pytest.fail("the shipped video estimator is missing: run python scripts/toy/faithfulness.py --task video")
+    estimator = LinearEstimator.from_pretrained(str(folder))
+    model, processor = toy.load_toy_model(task="video")
+    estimator.check_compatible(model)
+    assert estimator.region_method == "grid"
+    k = estimator.k_policy["k"]
+    hits = []
+    for ex in make_video_examples(4, seed=toy.EVAL_SEED, start=6000):  # clips no run has trained or tested on
+        prompt = processor.apply_chat_template(video_prompt_messages(ex), add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[prompt], videos=[ex.frames], video_metadata=[ex.video_metadata],
+                           do_sample_frames=False, return_tensors="pt")
+        streamer = AttributionStreamer(model, processor, inputs=inputs, estimator=estimator, videos=[ex.frames],
+                                       video_metadata=[ex.video_metadata], regions="grid", grid_k=k)
+        steps = [e for e in streamer.generate(**inputs, max_new_tokens=64, do_sample=False)
+                 if isinstance(e, SpanAttribution) and e.section == "thinking"]
+        streamer.join()
+        assert [s.text.strip() for s in steps] == ex.thinking_steps and all(s.calibrated for s in steps)
+        video = streamer.regions.maps[0]
+        for i, span in enumerate(steps):
+            item, local = streamer.regions.region_owner(int(torch.argmax(span.region_scores)))
+            evidence = ex.step_evidence_masks[i]  # (groups, H, W): the object's pixels in the step's group only
+            hits.append(item == 0 and any(bool((video.pixel_labels(g)[evidence[g]] == local).any())
+                                          for g in range(evidence.shape[0]) if evidence[g].any()))
+    assert len(hits) == 8 and all(hits), hits
