@@ -254,7 +254,7 @@ def test_train_toy_video_end_to_end(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert code == (0 if metrics["meets_targets"] else 1)
     assert metrics["task"] == "video" and metrics["held_out"]["n"] == 2
-    assert metrics["training"]["init"] == str(toy_checkpoint_path())
+    assert metrics["training"]["init"] == "hf_vattr/toy/assets/toy-qwen3-vl"  # relative to the repository
     assert metrics["training"]["probe_weight"] == 0 and metrics["training"]["freeze_vision_frac"] == 1
     # the tower stayed the image toy's: frozen the whole run
     trained = load_file(str(out / "model.safetensors"))
