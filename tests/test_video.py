@@ -448,3 +448,26 @@ def test_a_tuple_of_two_frames_is_a_video_and_a_tuple_of_two_ints_its_size(get_t
     assert size.trace.images[0] == (120, 160) and size.layout.videos[0].original_size == (120, 160)
     with pytest.raises(LayoutError, match="Video 0 is 160x120"):  # (width, height): the grid says otherwise
         AttributionStreamer(model, proc, inputs=inputs, videos=[(160, 120)])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "glm4v"])
+def test_a_video_over_the_processors_pixel_budget_is_resized_and_mapped_back(family, get_tiny):
+    """Frames larger than the processor lets through are shrunk by the processor; the streamer follows its
+    grid and maps every token back onto the frames the user passed (boxes inside the frame, covering it)."""
+    model, proc = get_tiny(family)
+    video = example_video(4, height=720, width=1280)
+    inputs = example_video_inputs(proc, [video], fps=2.0)
+    streamer = AttributionStreamer(model, proc, inputs=inputs, videos=[video], video_metadata=[{"fps": 2.0}],
+                                   grid_k=4)
+    events = list(streamer.generate(**inputs, max_new_tokens=3, do_sample=False))
+    item = streamer.layout.videos[0]
+    t, h, w = (int(v) for v in inputs["video_grid_thw"][0])
+    merge = model.config.vision_config.spatial_merge_size
+    assert item.grid_hw == (h // merge, w // merge) and item.original_size == (720, 1280)
+    assert item.resized_size[0] * item.resized_size[1] < 720 * 1280  # the processor did shrink it
+    last = item.token_box_original(item.num_tokens - 1)
+    assert last[2] == pytest.approx(720) and last[3] == pytest.approx(1280)
+    assert item.token_box_original(0)[:2] == (0.0, 0.0)
+    members = streamer.regions.membership()
+    assert events and tuple(members.shape) == (streamer.layout.num_visual_tokens, streamer.regions.num_regions)
+    assert torch.all(members.sum(1) == 1)  # every token of the shrunk video in exactly one region
