@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from hf_vattr import AttributionError, AttributionStreamer, AttributionTrace, LinearEstimator, TokenAttribution
+from hf_vattr import AttributionError, AttributionStreamer, AttributionTrace, TokenAttribution
 from hf_vattr.capture import AttentionCapture, capture_active
-from hf_vattr.layouts import LayoutError, VideoInputError, extend_inputs, visual_layout
+from hf_vattr.layouts import LayoutError, VideoInputError, visual_layout
 from hf_vattr.regions import build_regions
 from hf_vattr.streaming.streamer import armed_on
 from hf_vattr.testing import example_image, example_inputs, example_video, example_video_inputs
+from test_streamer import _eager_token_features, _random_estimator  # the image tests' reference, reused
 
 FPS = 1.0  # one frame a second: group g of a 5-frame video starts at 2g seconds
 NEW_TOKENS = 6
@@ -165,14 +166,6 @@ def test_two_videos_and_two_images_interleaved(family, get_tiny):
 # ----------------------------------------------------------------------------- streaming
 
 
-def _random_estimator(model, seed=0):
-    text = model.config.get_text_config()
-    est = LinearEstimator(text.num_hidden_layers, text.num_attention_heads, model_type=model.config.model_type)
-    with torch.no_grad():
-        est.weight.copy_(torch.randn(est.weight.shape, generator=torch.Generator().manual_seed(seed)))
-    return est
-
-
 def _video_prompt(family, proc, fps=2.0):
     """A 6-frame video (and, where the model can mix them, an image after it) and the processor's outputs."""
     video = example_video(6, seed=4)
@@ -180,18 +173,6 @@ def _video_prompt(family, proc, fps=2.0):
     # from a video's in one prompt (its placeholder check counts both): GLM prompts hold the video alone.
     images = [] if family.startswith("glm") else [example_image(100, 140, seed=5)]
     return example_video_inputs(proc, [video], images, fps=fps), [video], images
-
-
-def _eager_token_features(get_tiny, family, inputs, sequence, streamer):
-    """Reference features: eager attention weights of each predicting row, pooled to the streamer's regions."""
-    eager, _ = get_tiny(family, attn_implementation="eager")
-    with torch.no_grad():
-        out = eager(**extend_inputs(inputs, sequence), output_attentions=True, use_cache=False)
-    att = torch.stack(out.attentions)[:, 0]  # (L, H, T, T)
-    prompt_len = inputs["input_ids"].shape[1]
-    rows = att[:, :, prompt_len - 1: sequence.shape[1] - 1]
-    pooled = rows[..., streamer.layout.positions] @ streamer.regions.membership()
-    return pooled.permute(2, 0, 1, 3)  # (T, L, H, K)
 
 
 def test_video_prompts_stream_features_equal_to_eager_attention(tiny, family, get_tiny):

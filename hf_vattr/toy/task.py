@@ -105,8 +105,30 @@ class ToyObject:
         return position_name(self.row, self.col)
 
 
+class ThinkingTarget:
+    """The target text of a toy example (image or video), from its ``thinking_steps`` and ``answer``."""
+
+    thinking_steps: list[str]
+    answer: str
+
+    @property
+    def thinking(self) -> str:
+        """The thinking block's body: one step per line."""
+        return "\n".join(self.thinking_steps)
+
+    @property
+    def completion(self) -> str:
+        """What the model writes after the chat prompt (which already ends with ``<think>\\n``)."""
+        return f"{self.thinking}\n</think>\n{self.answer}"
+
+    @property
+    def trace(self) -> str:
+        """The full target assistant text: ``<think>\\n`` steps ``\\n</think>\\n`` answer."""
+        return f"<think>\n{self.completion}"
+
+
 @dataclass
-class ToyExample:
+class ToyExample(ThinkingTarget):
     """One image + question + target thinking trace, with per-step evidence.
 
     ``thinking_steps[i]`` names object ``objects[step_objects[i]]`` whose pixels are
@@ -124,20 +146,6 @@ class ToyExample:
     step_objects: list[int] = field(default_factory=list)
     step_evidence_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
 
-    @property
-    def thinking(self) -> str:
-        """The thinking block's body: one step per line."""
-        return "\n".join(self.thinking_steps)
-
-    @property
-    def completion(self) -> str:
-        """What the model writes after the chat prompt (which already ends with ``<think>\\n``)."""
-        return f"{self.thinking}\n</think>\n{self.answer}"
-
-    @property
-    def trace(self) -> str:
-        """The full target assistant text: ``<think>\\n`` steps ``\\n</think>\\n`` answer."""
-        return f"<think>\n{self.completion}"
 
 
 # ----------------------------------------------------------------------------- drawing

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .task import (CELL, COLOURS, GRID, IMAGE_SIZE, OBJECT_SIZE, SHAPES, TOKEN, _bbox,
+from .task import (CELL, COLOURS, GRID, IMAGE_SIZE, OBJECT_SIZE, SHAPES, TOKEN, ThinkingTarget, _bbox,
                    _draw_mask, _jitter_rgb, check_answer, example_seed, parse_trace, position_name)
 
 __all__ = [
@@ -94,7 +94,7 @@ class VideoObject:
 
 
 @dataclass
-class VideoExample:
+class VideoExample(ThinkingTarget):
     """One clip + question + target thinking trace, with per-step evidence in space and time."""
 
     frames: list["PIL.Image.Image"]  # noqa: F821  (T frames, T in VIDEO_FRAMES)
@@ -123,19 +123,6 @@ class VideoExample:
     def frame_array(self) -> np.ndarray:
         """The clip as one (T, H, W, 3) uint8 array."""
         return np.stack([np.asarray(f) for f in self.frames])
-
-    @property
-    def thinking(self) -> str:
-        return "\n".join(self.thinking_steps)
-
-    @property
-    def completion(self) -> str:
-        """What the model writes after the chat prompt (which already ends with ``<think>\\n``)."""
-        return f"{self.thinking}\n</think>\n{self.answer}"
-
-    @property
-    def trace(self) -> str:
-        return f"<think>\n{self.completion}"
 
 
 # ----------------------------------------------------------------------------- tracks
