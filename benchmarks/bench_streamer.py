@@ -13,12 +13,16 @@ own copy of the model and cache and alternate step by step (rotating order), so 
 machine hit all of them alike; the ratio is the median over steps of the paired step-time ratio:
 
   baseline   forward only
-  streamer   forward + AttributionStreamer.put (capture, estimator, queue) with a consumer thread
-             reading every event: the log-sum-exp route ("lse", the default on CPU sdpa)
+  streamer   forward + AttributionStreamer.put with a consumer thread reading every event: the
+             log-sum-exp route ("lse", the default on CPU sdpa); the decode step records each layer's
+             query row and normaliser, and the streamer's worker thread computes the product over
+             the visual keys and the estimator's scores beside the decode loop
   full-row   the same, forced onto the fallback route that recomputes the row over all keys
 
-Per layer: the capture's own work for one layer and step (LSE route: a product over the visual
-keys; full-row: over all keys) against one layer's share of the baseline decode step.
+Per layer: the features' own work for one layer and step (LSE route: the worker's product over the
+visual keys; full-row: the decode loop's product over all keys) against one layer's share of the
+baseline decode step. Total work: process CPU seconds of every thread, streamer over baseline, each
+route run on its own until its worker is done: what attribution costs in all, wherever it runs.
 Memory: bytes the capture allocates per decode step (every tensor an op creates during a step,
 streamer minus baseline, counted with a TorchDispatchMode), against context length.
 
@@ -114,8 +118,14 @@ class Bench:
         self.token = out.logits[:, -1].argmax(-1, keepdim=True)
         return cache
 
-    def steps(self, cache, context: int, steps: int, route: str, counter: AllocationCounter | None = None) -> list[float]:
-        """Per-step wall times of ``steps`` cached decode steps from ``context`` tokens."""
+    def steps(self, cache, context: int, steps: int, route: str, counter: AllocationCounter | None = None,
+              cpu: list[float] | None = None) -> list[float]:
+        """Per-step wall times of ``steps`` cached decode steps from ``context`` tokens.
+
+        ``cpu``: gets the CPU seconds of the whole process (every thread: the decode loop, the streamer's worker
+        and the consumer) from the third step (after the per-stream set-up) until the streamer's worker has
+        finished the last one.
+        """
         if cache.get_seq_length() > context:
             cache.crop(context - cache.get_seq_length())  # negative: tokens to drop from the end
         streamer, consumer = None, None
@@ -129,9 +139,12 @@ class Bench:
             if route == "full-row":
                 streamer.capture.path = "full-row"
         token, times = self.token, []
+        cpu_start = time.process_time()
         try:
             with torch.no_grad():
                 for step in range(steps):
+                    if step == 2:
+                        cpu_start = time.process_time()
                     start = time.perf_counter()
                     if counter is not None and step > 0:  # the first step also builds per-stream state
                         with counter:
@@ -150,10 +163,12 @@ class Bench:
                     times.append(time.perf_counter() - start)
         finally:
             if streamer is not None:
-                streamer._finish_by_hand()
+                streamer._finish_by_hand()  # joins the worker: every step's features and scores are computed
                 consumer.join()
                 if self.device == "cpu" and self.attn == "sdpa":
                     assert streamer.capture.path == ("full-row" if route == "full-row" else "lse"), streamer.capture.path
+        if cpu is not None:
+            cpu.append(time.process_time() - cpu_start)
         return times
 
     def paired(self, context: int, steps: int) -> dict[str, list[float]]:
@@ -238,6 +253,10 @@ class Bench:
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - start)
                 out[name] = statistics.median(times)
+            counter = AllocationCounter()
+            with counter:
+                _features_from_lse(query, lse, keys_t, pooling)
+            out["lse bytes"] = counter.bytes
         return out
 
 
@@ -257,7 +276,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    rows_e2e, rows_layer, rows_mem = [], [], []
+    rows_e2e, rows_layer, rows_mem, rows_cpu = [], [], [], []
     for dtype_name in args.dtypes:
         bench = Bench(args.layers, getattr(torch, dtype_name), args.device, args.attn, args.video)
         for context in args.contexts:
@@ -272,14 +291,18 @@ def main() -> None:
             layer = bench.per_layer(cache) if args.device == "cpu" else {"lse": float("nan"), "full-row": float("nan")}
             layer_time = med["baseline"] / args.layers
             rows_layer.append((dtype_name, context, layer["lse"], layer["lse, value_norm"], layer["full-row"], layer_time))
-            allocated = {}
+            allocated, process_cpu = {}, {}
             for route in per_token:
                 counter = AllocationCounter()
                 bench.steps(cache, context, 5, route, counter)
                 allocated[route] = counter.bytes / 4  # steps 2-5
+            for route in ("baseline", "streamer") * 3:  # total CPU work, every thread, alternating
+                bench.steps(cache, context, args.steps, route, cpu=process_cpu.setdefault(route, []))
+            rows_cpu.append((dtype_name, context, statistics.median(
+                [s / b for s, b in zip(process_cpu["streamer"], process_cpu["baseline"])])))
             rows_mem.append((dtype_name, context, (allocated["streamer"] - allocated["baseline"]) / args.layers,
-                             (allocated["full-row"] - allocated["baseline"]) / args.layers))
-            print(rows_e2e[-1], rows_layer[-1], rows_mem[-1], flush=True)
+                             layer["lse bytes"], (allocated["full-row"] - allocated["baseline"]) / args.layers))
+            print(rows_e2e[-1], rows_layer[-1], rows_mem[-1], rows_cpu[-1], flush=True)
             del cache
 
     machine = f"{platform.machine()}, {args.threads} torch thread(s), torch {torch.__version__}, {args.device}, {args.attn}"
@@ -313,13 +336,24 @@ def main() -> None:
     lines += [f"| {d} | {c} | {b * 1000:.1f} | **{s:.3f}** | {f:.3f} | {sc:.3f} | {fc:.3f} |"
               for d, c, b, s, f, sc, fc in rows_e2e]
     lines += ["", "Wall: what a user waits for per token. Decode-thread CPU: the CPU time of the thread running the "
-              "model alone (`time.thread_time`), insensitive to other processes on a shared machine; the worker and "
-              "consumer threads run beside it."]
+              "model alone (`time.thread_time`), insensitive to other processes on a shared machine; the worker "
+              "(which computes the features from what the decode step recorded, and the scores) and the consumer "
+              "run beside it.",
+              "",
+              "Total work: CPU seconds of the whole process, every thread, from the first decode step until the "
+              f"worker has finished the last (steps 3 to {args.steps}; each route run three times on its own, "
+              "alternating; the median of the three ratios), streamer over baseline. This is what the attribution "
+              "costs in all, wherever it runs:",
+              "",
+              "| dtype | context | streamer / baseline, process CPU |",
+              "|---|---:|---:|"]
+    lines += [f"| {d} | {c} | {r:.3f} |" for d, c, r in rows_cpu]
     lines += [
         "",
-        "Per layer and decode step: the capture's own work, timed right after the layer's attention kernel as in "
-        "decoding (cold caches: the same ops cost about 0.07 ms in a warm loop), against one layer's share of "
-        "the baseline step:",
+        "Per layer and decode step: the features' own work (on the lse route, what the worker computes from the "
+        "decode step's record: the product over the visual keys), timed right after the layer's attention kernel "
+        "as in decoding (cold caches: the same ops cost about 0.07 ms in a warm loop), against one layer's share "
+        "of the baseline step:",
         "",
         "| dtype | context | lse route ms | lse route, value_norm ms | full-row ms | layer decode ms | lse / layer "
         "| full-row / layer |",
@@ -329,15 +363,17 @@ def main() -> None:
               f"| {f / t:.3f} |" for d, c, a, v, f, t in rows_layer]
     lines += [
         "",
-        "Added memory: bytes the capture allocates per layer and decode step (temporaries, streamer minus baseline, "
-        "steady state). Besides, the lse route keeps one float32 copy of the visual keys per layer, made at the "
+        "Added memory: bytes the capture allocates per layer and decode step (temporaries, steady state): in the "
+        "decode thread (streamer minus baseline) and, on the lse route, in the worker (the product, counted on its "
+        "own). Besides, the lse route keeps one float32 copy of the visual keys per layer, made at the "
         f"first decode step: {8 * bench.visual * 128 * 4 / 2**20:.2f} MiB per layer here (KV heads x visual tokens "
         "x head_dim x 4 bytes), whatever the trace length.",
         "",
-        "| dtype | context | lse route | full-row route |",
-        "|---|---:|---:|---:|",
+        "| dtype | context | lse route, decode thread | lse route, worker | full-row route |",
+        "|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {d} | {c} | {s / 1024:.1f} KiB | {f / 1024:.1f} KiB |" for d, c, s, f in rows_mem]
+    lines += [f"| {d} | {c} | {s / 1024:.1f} KiB | {w / 1024:.1f} KiB | {f / 1024:.1f} KiB |"
+              for d, c, s, w, f in rows_mem]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.write:

@@ -77,6 +77,38 @@ def test_decode_steps_match_eager_rows(get_tiny):
     torch.testing.assert_close(rows[-1], ref[:, :, seq.shape[1] - 2], atol=TOLERANCE, rtol=0)
 
 
+class _PopEveryStep:
+    """A logits processor: runs after each forward of generate, and takes that forward's features as a pending call."""
+
+    def __init__(self, capture):
+        self.capture, self.pending = capture, []
+
+    def __call__(self, input_ids, scores):
+        self.pending.append(self.capture.pop_pending())
+        return scores
+
+
+def test_pending_decode_rows_computed_after_generation_match_eager(get_tiny):
+    """A decode step's features can be computed later (the streamer's worker does): after more forwards,
+    and after the capture stopped, they still equal the eager rows of their own positions."""
+    from transformers import LogitsProcessorList
+
+    model, proc = get_tiny("qwen3_vl")
+    inputs, layout, membership = _layout_and_membership(model, proc)
+    with AttentionCapture(model, layout.positions, membership) as cap:
+        popper = _PopEveryStep(cap)
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False, logits_processor=LogitsProcessorList([popper]),
+                             return_dict_in_generate=True)
+        assert cap.path == "lse"
+    assert not capture_active(model)
+    rows = torch.stack([pending() for pending in popper.pending])  # computed only now
+    seq, prompt_len = out.sequences, inputs["input_ids"].shape[1]
+    ref = _eager_reference(get_tiny, "qwen3_vl", extend_inputs(inputs, seq), layout.positions, membership)
+    expected = ref[:, :, prompt_len - 1: seq.shape[1] - 1].permute(2, 0, 1, 3)  # (T, L, H, K)
+    assert rows.shape == expected.shape and rows.shape[0] == 5
+    torch.testing.assert_close(rows, expected, atol=TOLERANCE, rtol=0)
+
+
 def test_only_this_models_text_attention_is_switched_and_restored_also_on_error(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     other, _ = get_tiny("glm4v")
@@ -152,3 +184,25 @@ def test_flash_attention_2_matches_eager_when_installed(get_tiny):
         feats = cap.pop().cpu()
     ref = _eager_reference(get_tiny, "qwen3_vl", inputs, layout.positions, membership)[:, :, -1]
     torch.testing.assert_close(feats, ref, atol=2e-2, rtol=0)  # bf16 weights vs float32 reference
+
+
+def test_region_index_pools_like_the_dense_table():
+    """Regions partition the tokens, so the decode step pools by a scatter: the same sums as the dense table,
+    for sum and mean pooling and a batch's padding entries; a token in two regions keeps the dense table."""
+    from hf_vattr.capture.pooling import _pool, region_index
+
+    g = torch.Generator().manual_seed(0)
+    batch, visual, k, heads = 2, 50, 7, 4
+    region = torch.randint(0, k, (batch, visual), generator=g)
+    table = torch.zeros(batch, visual, k).scatter_(-1, region[..., None], 1.0)
+    table[1, -5:] = 0  # padding entries of the shorter sequence
+    mean = table / table.sum(1, keepdim=True).clamp_min(1e-12)
+    probs = torch.rand(batch, heads, visual, generator=g)
+    for pooling in (table, mean):
+        index = region_index(pooling)
+        assert index is not None and index.num_regions == k
+        torch.testing.assert_close(_pool(probs.clone(), index), probs @ pooling, atol=1e-6, rtol=0)
+    soft = table.clone()
+    soft[0, 0] = 0.5
+    assert region_index(soft) is None
+    torch.testing.assert_close(_pool(probs.clone(), soft), probs @ soft)

@@ -9,6 +9,8 @@ visual token's weight by a per-head factor before pooling (:mod:`.value_norms`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..errors import AttributionError
@@ -139,8 +141,44 @@ def _scaled_keys_t(visual_keys: torch.Tensor, scaling: float) -> torch.Tensor:
     return (visual_keys.float() * scaling).reshape(batch * num_kv, num_visual, dim).transpose(1, 2).contiguous()
 
 
+class RegionIndex(NamedTuple):
+    """Pooling where every visual token lies in at most one region: (B, Nv) region of each token, and its weight
+    (1 for sum pooling, 1 / region size for mean, 0 for a batch's padding entries)."""
+
+    region: torch.Tensor
+    weight: torch.Tensor
+    num_regions: int
+
+
+def region_index(pooling: torch.Tensor) -> RegionIndex | None:
+    """The :class:`RegionIndex` form of a (B, Nv, K) pooling table, or None if a token lies in several regions.
+
+    Why: regions partition the visual tokens, so pooling is a sum per region. Done as a scatter it reads Nv
+    numbers per head, where the dense product reads the whole (Nv, K) table: on a 2048-token video with 128
+    regions that table is as large as the product over the visual keys itself.
+    """
+    nonzero = pooling.ne(0)
+    if bool((nonzero.sum(-1) > 1).any()):
+        return None
+    region = nonzero.to(torch.uint8).argmax(-1)  # a token outside every region (padding): region 0, weight 0
+    return RegionIndex(region, pooling.gather(-1, region[..., None])[..., 0], int(pooling.shape[-1]))
+
+
+def _pool(probs: torch.Tensor, pooling: torch.Tensor | RegionIndex) -> torch.Tensor:
+    """(B, H, K) region sums of (B, H, Nv) per-token values, by a dense table or a :class:`RegionIndex`."""
+    if not isinstance(pooling, RegionIndex):
+        return torch.matmul(probs, pooling)
+    batch, heads, num_visual = probs.shape
+    out = probs.new_zeros(batch, heads, pooling.num_regions)
+    region = pooling.region[:, None, :].expand(batch, heads, num_visual)
+    return out.scatter_add_(-1, region, probs.mul_(pooling.weight[:, None, :]))
+
+
 def _features_from_lse(query, logsumexp, keys_t, pooling, visual_mask=None, visual_weights=None) -> torch.Tensor:
-    """(B, H, K): four small kernels per layer and step (cast, fused product, exp, pooling)."""
+    """(B, H, K): four small kernels per layer and step (cast, fused product, exp, pooling).
+
+    ``pooling``: a (B, Nv, K) table or its :class:`RegionIndex` form (the same sums, without the table product).
+    """
     batch, num_heads, _, dim = query.shape
     groups = num_heads // (keys_t.shape[0] // batch)
     q = query[:, :, -1].float().reshape(keys_t.shape[0], groups, dim)
@@ -152,7 +190,7 @@ def _features_from_lse(query, logsumexp, keys_t, pooling, visual_mask=None, visu
     probs = scores.exp_()
     if visual_weights is not None:
         probs = probs.mul_(visual_weights)
-    return torch.matmul(probs, pooling)
+    return _pool(probs, pooling)
 
 
 def _last_row_features(query, key, scaling, positions, pooling, attention_mask, weights=None) -> torch.Tensor:
