@@ -13,16 +13,16 @@ own copy of the model and cache and alternate step by step (rotating order), so 
 machine hit all of them alike; the ratio is the median over steps of the paired step-time ratio:
 
   baseline   forward only
-  streamer   forward + AttributionStreamer.put with a consumer thread reading every event: the
-             log-sum-exp route ("lse", the default on CPU sdpa); the decode step records each layer's
-             query row and normaliser, and the streamer's worker thread computes the product over
-             the visual keys and the estimator's scores beside the decode loop
+  streamer   forward + AttributionStreamer.put (capture, estimator, queue) with a consumer thread
+             reading every event: the log-sum-exp route ("lse", the default on CPU sdpa)
   full-row   the same, forced onto the fallback route that recomputes the row over all keys
 
-Per layer: the features' own work for one layer and step (LSE route: the worker's product over the
-visual keys; full-row: the decode loop's product over all keys) against one layer's share of the
-baseline decode step. Total work: process CPU seconds of every thread, streamer over baseline, each
-route run on its own until its worker is done: what attribution costs in all, wherever it runs.
+Generate-like blocks: the same, but the routes alternate block by block (``--steps`` steps each,
+``--repeats`` times), each block timed until the streamer's worker thread is done, as generate
+returns only then; with process CPU time (every thread) beside the wall time.
+
+Per layer: the capture's own work for one layer and step (LSE route: a product over the visual
+keys; full-row: over all keys) against one layer's share of the baseline decode step.
 Memory: bytes the capture allocates per decode step (every tensor an op creates during a step,
 streamer minus baseline, counted with a TorchDispatchMode), against context length.
 
@@ -47,7 +47,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from hf_vattr import AttributionStreamer, LinearEstimator
-from hf_vattr.capture.pooling import _features_from_lse, _scaled_keys_t, _visual_keys, attention_row_features
+from hf_vattr.capture.pooling import (_features_from_lse, _scaled_keys_t, _visual_keys, attention_row_features,
+                                      region_index)
 from hf_vattr.testing import build_model, build_processor, example_inputs, example_video_inputs, video_metadata
 
 QWEN3_VL_2B_TEXT = dict(
@@ -119,12 +120,12 @@ class Bench:
         return cache
 
     def steps(self, cache, context: int, steps: int, route: str, counter: AllocationCounter | None = None,
-              cpu: list[float] | None = None) -> list[float]:
+              cpu: list[float] | None = None, wall: list[float] | None = None) -> list[float]:
         """Per-step wall times of ``steps`` cached decode steps from ``context`` tokens.
 
-        ``cpu``: gets the CPU seconds of the whole process (every thread: the decode loop, the streamer's worker
-        and the consumer) from the third step (after the per-stream set-up) until the streamer's worker has
-        finished the last one.
+        ``cpu`` / ``wall``: get the CPU seconds of the whole process (every thread: the decode loop, the streamer's
+        worker and the consumer) / the wall seconds from the third step (after the per-stream set-up) until the
+        streamer's worker has finished the last one, as ``generate`` returns only then.
         """
         if cache.get_seq_length() > context:
             cache.crop(context - cache.get_seq_length())  # negative: tokens to drop from the end
@@ -139,12 +140,12 @@ class Bench:
             if route == "full-row":
                 streamer.capture.path = "full-row"
         token, times = self.token, []
-        cpu_start = time.process_time()
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
         try:
             with torch.no_grad():
                 for step in range(steps):
                     if step == 2:
-                        cpu_start = time.process_time()
+                        cpu_start, wall_start = time.process_time(), time.perf_counter()
                     start = time.perf_counter()
                     if counter is not None and step > 0:  # the first step also builds per-stream state
                         with counter:
@@ -163,13 +164,30 @@ class Bench:
                     times.append(time.perf_counter() - start)
         finally:
             if streamer is not None:
-                streamer._finish_by_hand()  # joins the worker: every step's features and scores are computed
+                streamer._finish_by_hand()  # joins the worker: every step's text and events are done
                 consumer.join()
                 if self.device == "cpu" and self.attn == "sdpa":
                     assert streamer.capture.path == ("full-row" if route == "full-row" else "lse"), streamer.capture.path
         if cpu is not None:
             cpu.append(time.process_time() - cpu_start)
+        if wall is not None:
+            wall.append(time.perf_counter() - wall_start)
         return times
+
+    def blocks(self, cache, context: int, steps: int, repeats: int) -> tuple[list[float], list[float]]:
+        """Streamer over baseline, per repeat: wall and process CPU of a block of decode steps, as generate runs it.
+
+        The routes alternate block by block (not step by step): the streamer's worker thread (text, spans,
+        events) runs beside the decode loop, and would otherwise run during the *next route's* step, slowing
+        it instead of its own. A block ends when the worker has finished its last step (generate returns then).
+        """
+        wall: dict[str, list[float]] = {"baseline": [], "streamer": []}
+        cpu: dict[str, list[float]] = {"baseline": [], "streamer": []}
+        for _ in range(repeats):
+            for route in ("baseline", "streamer"):
+                self.steps(cache, context, steps, route, cpu=cpu[route], wall=wall[route])
+        return ([s / b for s, b in zip(wall["streamer"], wall["baseline"])],
+                [s / b for s, b in zip(cpu["streamer"], cpu["baseline"])])
 
     def paired(self, context: int, steps: int) -> dict[str, list[float]]:
         """Per-step times of the three routes, alternating step by step (rotating the order), each on its
@@ -226,7 +244,11 @@ class Bench:
         keys = cache.layers[0].keys
         query = torch.randn(1, 16, 1, 128).to(self.dtype)
         positions = torch.arange(self.visual)[None] + 5
-        pooling = torch.rand(1, self.visual, 16)
+        # the streamer's default regions: a 4x4 grid per image or frame group, each token in one region
+        num_regions = 16 * max(1, self.video_frames // 2)
+        pooling = torch.zeros(1, self.visual, num_regions)
+        pooling[0, torch.arange(self.visual), torch.arange(self.visual) % num_regions] = 1.0
+        index = region_index(pooling)  # what the lse route pools with (a scatter); full-row uses the table
         weights = torch.rand(1, 16, self.visual)  # value-norm weights: computed once per prompt, then reused
         out = {}
         with torch.no_grad():
@@ -239,8 +261,8 @@ class Bench:
             keys_t = _scaled_keys_t(_visual_keys(keys, positions), module.scaling)
             for name, fn in {
                 # what a decode step runs: the visual keys were gathered and scaled at the first step
-                "lse": lambda: _features_from_lse(query, lse, keys_t, pooling),
-                "lse, value_norm": lambda: _features_from_lse(query, lse, keys_t, pooling, None, weights),
+                "lse": lambda: _features_from_lse(query, lse, keys_t, index),
+                "lse, value_norm": lambda: _features_from_lse(query, lse, keys_t, index, None, weights),
                 "full-row": lambda: attention_row_features(query, keys, module.scaling, positions[0], pooling[0]),
             }.items():
                 fn()
@@ -253,10 +275,6 @@ class Bench:
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - start)
                 out[name] = statistics.median(times)
-            counter = AllocationCounter()
-            with counter:
-                _features_from_lse(query, lse, keys_t, pooling)
-            out["lse bytes"] = counter.bytes
         return out
 
 
@@ -266,6 +284,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (the per-layer cost is what scales)")
     parser.add_argument("--steps", type=int, default=40, help="timed decode steps per route")
+    parser.add_argument("--repeats", type=int, default=6, help="generate-like blocks per route")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu.sh)")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, flash_attention_2, eager")
@@ -291,17 +310,16 @@ def main() -> None:
             layer = bench.per_layer(cache) if args.device == "cpu" else {"lse": float("nan"), "full-row": float("nan")}
             layer_time = med["baseline"] / args.layers
             rows_layer.append((dtype_name, context, layer["lse"], layer["lse, value_norm"], layer["full-row"], layer_time))
-            allocated, process_cpu = {}, {}
+            allocated = {}
             for route in per_token:
                 counter = AllocationCounter()
                 bench.steps(cache, context, 5, route, counter)
                 allocated[route] = counter.bytes / 4  # steps 2-5
-            for route in ("baseline", "streamer") * 3:  # total CPU work, every thread, alternating
-                bench.steps(cache, context, args.steps, route, cpu=process_cpu.setdefault(route, []))
-            rows_cpu.append((dtype_name, context, statistics.median(
-                [s / b for s, b in zip(process_cpu["streamer"], process_cpu["baseline"])])))
+            block_wall, block_cpu = bench.blocks(cache, context, args.steps, args.repeats)
+            rows_cpu.append((dtype_name, context, statistics.median(block_wall), min(block_wall), max(block_wall),
+                             statistics.median(block_cpu)))
             rows_mem.append((dtype_name, context, (allocated["streamer"] - allocated["baseline"]) / args.layers,
-                             layer["lse bytes"], (allocated["full-row"] - allocated["baseline"]) / args.layers))
+                             (allocated["full-row"] - allocated["baseline"]) / args.layers))
             print(rows_e2e[-1], rows_layer[-1], rows_mem[-1], rows_cpu[-1], flush=True)
             del cache
 
@@ -319,7 +337,7 @@ def main() -> None:
         title,
         "",
         f"`python benchmarks/bench_streamer.py --threads {args.threads} --steps {args.steps} "
-        f"--layers {args.layers}{options}`. Random weights at Qwen3-VL-2B text dims (hidden 2048, "
+        f"--repeats {args.repeats} --layers {args.layers}{options}`. Random weights at Qwen3-VL-2B text dims (hidden 2048, "
         f"16 heads, 8 KV heads, head_dim 128, intermediate 6144), {args.layers} decoder layers, sdpa, "
         f"{bench.visual} visual tokens; the KV cache is a real prefill of the {prompt} prompt extended with random "
         f"keys/values to the context length. {args.steps} cached decode steps per route, the three routes "
@@ -336,24 +354,25 @@ def main() -> None:
     lines += [f"| {d} | {c} | {b * 1000:.1f} | **{s:.3f}** | {f:.3f} | {sc:.3f} | {fc:.3f} |"
               for d, c, b, s, f, sc, fc in rows_e2e]
     lines += ["", "Wall: what a user waits for per token. Decode-thread CPU: the CPU time of the thread running the "
-              "model alone (`time.thread_time`), insensitive to other processes on a shared machine; the worker "
-              "(which computes the features from what the decode step recorded, and the scores) and the consumer "
-              "run beside it.",
+              "model alone (`time.thread_time`), insensitive to other processes on a shared machine; the worker and "
+              "consumer threads run beside it.",
               "",
-              "Total work: CPU seconds of the whole process, every thread, from the first decode step until the "
-              f"worker has finished the last (steps 3 to {args.steps}; each route run three times on its own, "
-              "alternating; the median of the three ratios), streamer over baseline. This is what the attribution "
-              "costs in all, wherever it runs:",
               "",
-              "| dtype | context | streamer / baseline, process CPU |",
-              "|---|---:|---:|"]
-    lines += [f"| {d} | {c} | {r:.3f} |" for d, c, r in rows_cpu]
+              f"Generate-like blocks: each route runs {args.steps} decode steps on its own, the routes alternating "
+              f"block by block, {args.repeats} blocks each; a block is timed from its third step until the streamer's "
+              "worker has finished the last step (generate returns only then). Step-by-step alternation (above) "
+              "lets the streamer's worker thread (text decoding, spans, events) run during the next route's step; "
+              "blocks charge it to the streamer. Wall: the median of the per-pair ratios (and their range); process "
+              "CPU: every thread's CPU seconds, what the attribution costs in all, wherever it runs:",
+              "",
+              "| dtype | context | streamer / baseline, wall (blocks) | range over pairs | process CPU |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {d} | {c} | **{r:.3f}** | {lo:.3f}-{hi:.3f} | {p:.3f} |" for d, c, r, lo, hi, p in rows_cpu]
     lines += [
         "",
-        "Per layer and decode step: the features' own work (on the lse route, what the worker computes from the "
-        "decode step's record: the product over the visual keys), timed right after the layer's attention kernel "
-        "as in decoding (cold caches: the same ops cost about 0.07 ms in a warm loop), against one layer's share "
-        "of the baseline step:",
+        "Per layer and decode step: the capture's own work (pooled by the streamer's default regions, a 4x4 grid "
+        "per image or frame group), timed right after the layer's attention kernel as in decoding (cold caches: "
+        "the same ops cost about 0.07 ms in a warm loop), against one layer's share of the baseline step:",
         "",
         "| dtype | context | lse route ms | lse route, value_norm ms | full-row ms | layer decode ms | lse / layer "
         "| full-row / layer |",
@@ -363,17 +382,15 @@ def main() -> None:
               f"| {f / t:.3f} |" for d, c, a, v, f, t in rows_layer]
     lines += [
         "",
-        "Added memory: bytes the capture allocates per layer and decode step (temporaries, steady state): in the "
-        "decode thread (streamer minus baseline) and, on the lse route, in the worker (the product, counted on its "
-        "own). Besides, the lse route keeps one float32 copy of the visual keys per layer, made at the "
+        "Added memory: bytes the capture allocates per layer and decode step (temporaries, streamer minus baseline, "
+        "steady state). Besides, the lse route keeps one float32 copy of the visual keys per layer, made at the "
         f"first decode step: {8 * bench.visual * 128 * 4 / 2**20:.2f} MiB per layer here (KV heads x visual tokens "
         "x head_dim x 4 bytes), whatever the trace length.",
         "",
-        "| dtype | context | lse route, decode thread | lse route, worker | full-row route |",
-        "|---|---:|---:|---:|---:|",
+        "| dtype | context | lse route | full-row route |",
+        "|---|---:|---:|---:|",
     ]
-    lines += [f"| {d} | {c} | {s / 1024:.1f} KiB | {w / 1024:.1f} KiB | {f / 1024:.1f} KiB |"
-              for d, c, s, w, f in rows_mem]
+    lines += [f"| {d} | {c} | {s / 1024:.1f} KiB | {f / 1024:.1f} KiB |" for d, c, s, f in rows_mem]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.write:

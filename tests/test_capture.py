@@ -77,38 +77,6 @@ def test_decode_steps_match_eager_rows(get_tiny):
     torch.testing.assert_close(rows[-1], ref[:, :, seq.shape[1] - 2], atol=TOLERANCE, rtol=0)
 
 
-class _PopEveryStep:
-    """A logits processor: runs after each forward of generate, and takes that forward's features as a pending call."""
-
-    def __init__(self, capture):
-        self.capture, self.pending = capture, []
-
-    def __call__(self, input_ids, scores):
-        self.pending.append(self.capture.pop_pending())
-        return scores
-
-
-def test_pending_decode_rows_computed_after_generation_match_eager(get_tiny):
-    """A decode step's features can be computed later (the streamer's worker does): after more forwards,
-    and after the capture stopped, they still equal the eager rows of their own positions."""
-    from transformers import LogitsProcessorList
-
-    model, proc = get_tiny("qwen3_vl")
-    inputs, layout, membership = _layout_and_membership(model, proc)
-    with AttentionCapture(model, layout.positions, membership) as cap:
-        popper = _PopEveryStep(cap)
-        out = model.generate(**inputs, max_new_tokens=5, do_sample=False, logits_processor=LogitsProcessorList([popper]),
-                             return_dict_in_generate=True)
-        assert cap.path == "lse"
-    assert not capture_active(model)
-    rows = torch.stack([pending() for pending in popper.pending])  # computed only now
-    seq, prompt_len = out.sequences, inputs["input_ids"].shape[1]
-    ref = _eager_reference(get_tiny, "qwen3_vl", extend_inputs(inputs, seq), layout.positions, membership)
-    expected = ref[:, :, prompt_len - 1: seq.shape[1] - 1].permute(2, 0, 1, 3)  # (T, L, H, K)
-    assert rows.shape == expected.shape and rows.shape[0] == 5
-    torch.testing.assert_close(rows, expected, atol=TOLERANCE, rtol=0)
-
-
 def test_only_this_models_text_attention_is_switched_and_restored_also_on_error(get_tiny):
     model, proc = get_tiny("qwen3_vl")
     other, _ = get_tiny("glm4v")

@@ -78,38 +78,6 @@ def test_streams_every_token_with_scores_matching_eager(tiny, family, get_tiny):
     assert not model._forward_hooks
 
 
-@pytest.mark.parametrize("worker_behind", [False, True], ids=["worker-keeps-up", "worker-behind"])
-def test_the_product_over_visual_keys_runs_in_the_worker_not_the_decode_loop(worker_behind, monkeypatch, get_tiny):
-    """The decode loop only records each layer's query row and normaliser; the streamer's worker thread computes
-    the features from them, so generate never waits for the product over the visual keys. A worker that falls
-    behind by the pending limit gets the next steps computed by the decode loop (bounded memory), same events."""
-    import hf_vattr.capture.attention as attention
-    import hf_vattr.streaming.streamer as streamer_module
-
-    if worker_behind:
-        monkeypatch.setattr(streamer_module, "_MAX_PENDING_STEPS", 0)
-
-    model, proc = get_tiny("qwen3_vl")
-    threads = []
-    product = attention._features_from_lse
-
-    def recording(*args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return product(*args, **kwargs)
-
-    monkeypatch.setattr(attention, "_features_from_lse", recording)
-    inputs = example_inputs(proc, [example_image()])
-    streamer = AttributionStreamer(model, proc, inputs=inputs, estimator=_random_estimator(model), keep_features=True)
-    output = model.generate(**inputs, streamer=streamer, max_new_tokens=NEW_TOKENS, do_sample=False)
-    tokens = [e for e in streamer if isinstance(e, TokenAttribution)]
-    assert streamer.capture.path == "lse" and len(tokens) == output.shape[1] - inputs["input_ids"].shape[1]
-    layers = model.config.get_text_config().num_hidden_layers
-    assert len(threads) == layers * (len(tokens) - 1)  # every decode step after the prefill, every layer
-    assert set(threads) == {threading.current_thread().name if worker_behind else "hf_vattr-attribution"}
-    reference = _eager_token_features(get_tiny, "qwen3_vl", inputs, output, streamer)
-    torch.testing.assert_close(torch.stack([t.features for t in tokens]), reference, atol=1e-5, rtol=0)
-
-
 def test_works_without_consumer_and_restores(tiny):
     """generate() finishes with nobody reading: the decode loop never waits for the consumer."""
     model, proc = tiny

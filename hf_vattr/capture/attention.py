@@ -28,8 +28,7 @@ stops, also when generation raises.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers.utils import logging
@@ -124,7 +123,7 @@ class AttentionCapture:
         self._pooling_cpu: torch.Tensor | None = None
         self._visual_key_cache: dict[int, tuple] = {}  # layer -> (cache length, scaled float keys, scale)
         self.num_regions = 0
-        self._slots: list[torch.Tensor | Callable[[], torch.Tensor] | None] = [None] * self.num_layers
+        self._slots: list[torch.Tensor | None] = [None] * self.num_layers
         if membership is not None:
             self.set_membership(membership)
         self.active = False
@@ -242,13 +241,9 @@ class AttentionCapture:
             kept = (key.shape[2], kept[1], scaling)
         self._visual_key_cache[layer] = kept
         mask = _visual_mask(attention_mask, positions, key.shape[2])
-        # Only the row's inputs are taken here: two copies of (B, H, D) and (B, H) numbers, so that nothing the model
-        # reuses (a compiled graph's output buffers) is read later. The product over the visual keys runs when the
-        # step is resolved: in the streamer's worker thread, beside the decode loop (``pop_pending``).
         index = self._region_index.get(query.device)
-        self._slots[layer] = functools.partial(
-            _features_from_lse, query[:, :, -1:].to(torch.float32, copy=True), lse.to(torch.float32, copy=True),
-            kept[1], pooling if index is None else index, mask, weights)
+        self._slots[layer] = _features_from_lse(query, lse.float(), kept[1], pooling if index is None else index, mask,
+                                                weights)
         self._set_path("lse")
 
     def _record(self, module, query, key, value, attention_mask, scaling, output) -> None:
@@ -296,33 +291,17 @@ class AttentionCapture:
 
     def pop(self) -> torch.Tensor:
         """Features of the latest forward: (L, H, K) or (B, L, H, K) for rows='last', (T, L, H, K) for rows='all'."""
-        return self.pop_pending()()
-
-    def pop_pending(self) -> Callable[[], torch.Tensor]:
-        """The latest forward's features, as a call that computes them (what :meth:`pop` returns when called).
-
-        Why: on the log-sum-exp route a decode step only records each layer's query row and normaliser; the
-        product over the visual keys is left to whoever calls the result. The streamer calls it in its worker
-        thread, so the decode loop never pays for it. Everything the call reads is the capture's own copy:
-        it may run after later forwards, or after the capture stopped.
-        """
         missing = [i for i, s in enumerate(self._slots) if s is None]
         if missing:
             raise CaptureError(
                 f"No attention was captured for layers {missing}. Was a forward run inside the capture, and does the "
                 "model route attention through transformers' AttentionInterface?"
             )
-        slots, self._slots = self._slots, [None] * self.num_layers
-        return functools.partial(_stack_slots, slots, self.rows == "all", self.batched)
+        device = self._slots[0].device  # type: ignore[union-attr]
+        slots = [s.to(device) for s in self._slots]  # type: ignore[union-attr]
+        self._slots = [None] * self.num_layers
+        if self.rows == "all":
+            return torch.stack(slots, dim=-3)
+        stacked = torch.stack(slots, dim=1)  # (B, L, H, K)
+        return stacked if self.batched else stacked[0]
 
-
-
-def _stack_slots(slots: list, all_rows: bool, batched: bool) -> torch.Tensor:
-    """One forward's per-layer features stacked, computing the layers left as calls (the log-sum-exp route)."""
-    layers = [slot() if callable(slot) else slot for slot in slots]
-    device = layers[0].device
-    layers = [layer.to(device) for layer in layers]  # layers split over devices (device_map) meet on the first
-    if all_rows:
-        return torch.stack(layers, dim=-3)
-    stacked = torch.stack(layers, dim=1)  # (B, L, H, K)
-    return stacked if batched else stacked[0]

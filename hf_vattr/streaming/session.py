@@ -11,10 +11,9 @@ Batches: every row of ``input_ids`` (left padding allowed) gets its own layout a
 from __future__ import annotations
 
 import copy
-import functools
 import threading
 from collections.abc import Mapping
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from transformers.utils import logging
@@ -340,19 +339,9 @@ class AttributionSession:
     # ------------------------------------------------------------------ per step
     def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Features ``(B, L, H, K)`` of the latest forward and their region scores ``(B, K)``, on the model's device."""
-        return self.pending_scores()()
-
-    def pending_scores(self) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        """The latest forward's features and scores as a call: taken in the decode loop, computed by the caller.
-
-        The streamer's worker makes the call, so the product over the visual keys and the estimator run
-        beside the decode loop instead of inside it (:meth:`AttentionCapture.pop_pending`).
-        """
         if self.capture is None:
             raise CaptureError("The session was not opened.")
-        return functools.partial(_features_and_scores, self.capture.pop_pending(), self.estimator)
-
-
-def _features_and_scores(features: Callable[[], torch.Tensor], estimator: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    computed = features()
-    return computed, computed.mean(dim=(1, 2)) if estimator is None else estimator(computed)
+        features = self.capture.pop()
+        if self.estimator is None:
+            return features, features.mean(dim=(1, 2))
+        return features, self.estimator(features)

@@ -21,17 +21,15 @@ is seen with the exception in hand, reported to the consumer as :class:`Generati
 exception is its ``__cause__``), and everything is undone before control returns to generate's caller.
 Other calls of the same model, in other threads or without this streamer, pass through untouched.
 
-Producer-consumer: inside the decode loop ``put`` only takes what the capture recorded (on the constant-cost
-route, each layer's query row and softmax normaliser) and enqueues it; a worker thread computes the features
-(the product over the visual keys) and the estimator's scores, decodes text, splits spans and moves scores to
-the host, so the decode loop waits neither for the attribution nor for the consumer.
+Producer-consumer: inside the decode loop ``put`` only takes the captured features, scores them
+on the model's device and enqueues a reference; a worker thread decodes text, splits spans and
+moves scores to the host, so the decode loop never waits for the consumer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import copy
 import functools
 import queue
@@ -68,22 +66,8 @@ __all__ = [
 
 _END = object()
 _POLL_INTERVAL = 0.01  # seconds the worker sleeps when it has nothing to do (events lag tokens by at most this)
-# Decode steps whose features wait for the worker. Beyond this the decode loop computes them itself: the worker
-# fell behind (no core to spare), and what waits (each layer's query row) must not grow with the trace.
-_MAX_PENDING_STEPS = 64
 _INPUT_KEYS = ("input_ids", "attention_mask", "image_grid_thw", "pixel_values", "video_grid_thw", "pixel_values_videos",
                "second_per_grid_ts")
-
-
-def _current_cuda_streams(model: Any) -> list:
-    """The calling thread's current CUDA stream on each device holding the model's weights (none on CPU)."""
-    devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
-    return [torch.cuda.current_stream(device) for device in sorted(devices, key=str)]
-
-
-def _computed(result: Any) -> Any:
-    """A step computed in the decode loop, handed to the worker like one it computes itself."""
-    return result
 
 
 class GenerationError(AttributionError, RuntimeError):
@@ -490,13 +474,11 @@ class AttributionStreamer(TextStreamer):
                 self._open(value)
                 return
             try:
-                step = self.session.pending_scores()  # type: ignore[union-attr]
-                if len(self._work) >= _MAX_PENDING_STEPS:
-                    step = functools.partial(_computed, step())
+                features, scores = self.session.scores()  # type: ignore[union-attr]
             except BaseException as error:
                 self._fail(error, f"attention capture failed: {error}")
                 raise
-            self._work.append((value.reshape(-1).tolist(), step))
+            self._work.append((value.reshape(-1).tolist(), scores, features if self.keep_features else None))
         elif self._state in ("new", "running"):
             # Another generate than the armed one: refused there. Before the stream starts this is the only call
             # the consumer could be waiting for, so it learns too; a running stream goes on untouched.
@@ -545,7 +527,6 @@ class AttributionStreamer(TextStreamer):
         if self._delivers_text:
             TextStreamer.put(self, prompt_ids[0])  # skip_prompt: only marks it; else the prompt text, as TextStreamer
         self._opened = True
-        self._decode_streams = _current_cuda_streams(self.model)
         worker = threading.Thread(target=self._work_loop, name="hf_vattr-attribution", daemon=True)
         worker.start()
         self._worker = worker
@@ -591,10 +572,25 @@ class AttributionStreamer(TextStreamer):
     # ------------------------------------------------------------------ worker thread
     def _work_loop(self) -> None:
         try:
-            with contextlib.ExitStack() as streams:
-                for stream in self._decode_streams:  # the worker reads what the decode steps recorded: same streams
-                    streams.enter_context(torch.cuda.stream(stream))
-                self._work_until_end()
+            while True:
+                if not self._work:
+                    self._wake.wait(_POLL_INTERVAL)
+                    continue
+                item = self._work.popleft()
+                if item is _END:
+                    for s in range(len(self._splitters)):
+                        closed = self._splitters[s].flush()
+                        if self._held[s]:
+                            self._emit_tokens(s, self._splitters[s].pop_sections())
+                        self._emit_spans(s, closed)
+                    if self._delivers_text:
+                        TextStreamer.end(self)
+                    self._events.put(_END)
+                    return
+                if isinstance(item, _Failure):
+                    self._events.put(item)
+                    return
+                self._handle_step(*item)
         except BaseException as error:  # never leave the consumer waiting; generate stops at its next token
             with self._lock:
                 if self._state in ("new", "running"):
@@ -602,30 +598,7 @@ class AttributionStreamer(TextStreamer):
             self._closed.set()
             self._events.put(_Failure(error, f"attribution worker failed: {error}"))
 
-    def _work_until_end(self) -> None:
-        while True:
-            if not self._work:
-                self._wake.wait(_POLL_INTERVAL)
-                continue
-            item = self._work.popleft()
-            if item is _END:
-                for s in range(len(self._splitters)):
-                    closed = self._splitters[s].flush()
-                    if self._held[s]:
-                        self._emit_tokens(s, self._splitters[s].pop_sections())
-                    self._emit_spans(s, closed)
-                if self._delivers_text:
-                    TextStreamer.end(self)
-                self._events.put(_END)
-                return
-            if isinstance(item, _Failure):
-                self._events.put(item)
-                return
-            self._handle_step(*item)
-
-    def _handle_step(self, token_ids: list[int], step: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        features, scores = step()  # the product over the visual keys and the estimator: here, not in the decode loop
-        features = features if self.keep_features else None
+    def _handle_step(self, token_ids: list[int], scores: torch.Tensor, features: torch.Tensor | None) -> None:
         scores = scores.detach().float().cpu()
         for s, token_id in enumerate(token_ids):
             if self._ended[s]:

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .task import (_COL_NAMES, _ROW_NAMES, CELL, GRID, IMAGE_SIZE, SHAPES, ToyExample, ToyObject, _bbox, _draw_mask,
-                   _jitter_rgb, _paint_object, check_answer, example_seed, parse_trace, position_name,
-                   prompt_messages, region_on_evidence)
+                   _jitter_rgb, _paint_object, check_answer, draw_relation, example_seed, parse_trace,
+                   position_name, prompt_messages, region_on_evidence)
 
 __all__ = [
     "HARD_COLOURS",
@@ -231,15 +231,7 @@ def _count_question(objects: list[ToyObject], cells: list[tuple[int, int]], line
 def _relation_question(rng: np.random.Generator, kind: str, objects: list[ToyObject],
                        cells: list[tuple[int, int]]) -> tuple[str, list[str], list[tuple], str]:
     """A left / above question ("Is the red object left of the blue object?"): locate each, compare."""
-    n = len(objects)
-    axis = 1 if kind == "left" else 0
-    pairs = [(i, j) for i in range(n) for j in range(n) if i < j and cells[i][axis] != cells[j][axis]]
-    i, j = pairs[int(rng.integers(len(pairs)))]
-    if cells[i][axis] > cells[j][axis]:
-        i, j = j, i  # now i is left of / above j
-    yes = bool(rng.integers(2))
-    a, b = (i, j) if yes else (j, i)
-    relation = "left of" if kind == "left" else "above"
+    a, b, yes, relation = draw_relation(rng, kind, cells)
     ca, cb = objects[a].colour, objects[b].colour
     steps = [f"The {ca} object is at the {objects[a].position}.",
              f"The {cb} object is at the {objects[b].position}.",

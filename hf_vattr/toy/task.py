@@ -219,6 +219,23 @@ def _paint_object(rng: np.random.Generator, pixels: np.ndarray, shape: str, colo
 # ----------------------------------------------------------------------------- examples
 
 
+def draw_relation(rng: np.random.Generator, kind: str, cells: Sequence[tuple[int, int]]) -> tuple[int, int, bool, str]:
+    """The pair of a left / above question: ``(a, b, yes, relation)``, where "a is <relation> b" is true iff ``yes``.
+
+    Two draws from ``rng`` (the pair, then yes / no), in that order: the default and hard tasks share them, so
+    their examples stay what their seeds made before.
+    """
+    n = len(cells)
+    axis = 1 if kind == "left" else 0
+    pairs = [(i, j) for i in range(n) for j in range(n) if i < j and cells[i][axis] != cells[j][axis]]
+    i, j = pairs[int(rng.integers(len(pairs)))]
+    if cells[i][axis] > cells[j][axis]:
+        i, j = j, i  # now i is left of / above j
+    yes = bool(rng.integers(2))
+    a, b = (i, j) if yes else (j, i)
+    return a, b, yes, "left of" if kind == "left" else "above"
+
+
 def _reading_order(cells: Sequence[tuple[int, int]]) -> list[int]:
     return sorted(range(len(cells)), key=lambda i: cells[i])
 
@@ -280,14 +297,7 @@ def make_example(seed: int, kind: str | None = None, n_objects: int | None = Non
         step_objs = order
         answer = COUNT_WORDS[len(order)]
     else:
-        axis = 1 if kind == "left" else 0
-        pairs = [(i, j) for i in range(n) for j in range(n) if i < j and cells[i][axis] != cells[j][axis]]
-        i, j = pairs[int(rng.integers(len(pairs)))]
-        if cells[i][axis] > cells[j][axis]:
-            i, j = j, i  # now i is left of / above j
-        yes = bool(rng.integers(2))
-        a, b = (i, j) if yes else (j, i)
-        relation = "left of" if kind == "left" else "above"
+        a, b, yes, relation = draw_relation(rng, kind, cells)
         question = f"Is the {objects[a].colour} object {relation} the {objects[b].colour} object?"
         steps = [f"The {objects[a].colour} object is at the {objects[a].position}.",
                  f"The {objects[b].colour} object is at the {objects[b].position}."]
