@@ -154,7 +154,9 @@ class AttentionCapture:
         if device not in self._positions:
             self._positions[device] = self._positions_cpu.to(device)
             self._pooling[device] = self._pooling_cpu.to(device)
-            self._region_index[device] = region_index(self._pooling[device])
+            # CPU only: a scatter is the cheaper read there; CUDA's scatter adds atomically (run-to-run order), and
+            # its dense product over the table is cheap anyway.
+            self._region_index[device] = region_index(self._pooling[device]) if device.type == "cpu" else None
 
     # -- lifecycle
     def __enter__(self) -> "AttentionCapture":

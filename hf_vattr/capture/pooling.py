@@ -165,7 +165,8 @@ def region_index(pooling: torch.Tensor) -> RegionIndex | None:
 
 
 def _pool(probs: torch.Tensor, pooling: torch.Tensor | RegionIndex) -> torch.Tensor:
-    """(B, H, K) region sums of (B, H, Nv) per-token values, by a dense table or a :class:`RegionIndex`."""
+    """(B, H, K) region sums of (B, H, Nv) per-token values, by a dense table or a :class:`RegionIndex`
+    (which scales ``probs`` in place: the caller's temporary)."""
     if not isinstance(pooling, RegionIndex):
         return torch.matmul(probs, pooling)
     batch, heads, num_visual = probs.shape
