@@ -67,21 +67,25 @@ def _reference_total_effect(model, processor, record, mask: torch.Tensor, items=
     return float(original[0, 0] - ablated[0, 0]), new != generated[:close]
 
 
-@pytest.mark.slow
-def test_total_answer_effects_equal_a_batch_of_one_regeneration_scored_by_full_forwards(toy, total_record):
-    model, processor = toy
-    record = total_record
+def _assert_total_effects_match_regeneration(model, processor, record, items=None, prompt=None, config=CONFIG):
+    """Every mask's recorded answer effect (single regions, then subsets) equals the batch-of-one reference."""
     answer = next(i for i, sp in enumerate(record.spans) if sp["section"] == "answer")
-    k = record.num_regions
-    masks = list(torch.eye(k, dtype=torch.bool)) + list(record.subset_masks)
+    masks = list(torch.eye(record.num_regions, dtype=torch.bool)) + list(record.subset_masks)
     measured = torch.cat([record.loo_effects[answer], record.subset_effects[answer]])
     changed = 0
     for m, mask in enumerate(masks):
-        reference, regenerated_differently = _reference_total_effect(model, processor, record, mask)
+        reference, regenerated_differently = _reference_total_effect(model, processor, record, mask, items, prompt,
+                                                                     config)
         changed += regenerated_differently
         assert measured[m].item() == pytest.approx(reference, abs=2e-3), (m, measured[m].item(), reference)
     assert changed >= 1  # the example exercises the regenerated path, not only the teacher-forced shortcut
     assert record.config["answer_effects"] == "total"
+
+
+@pytest.mark.slow
+def test_total_answer_effects_equal_a_batch_of_one_regeneration_scored_by_full_forwards(toy, total_record):
+    model, processor = toy
+    _assert_total_effects_match_regeneration(model, processor, total_record)
 
 
 @pytest.mark.slow
@@ -97,17 +101,8 @@ def test_total_answer_effects_on_a_video_equal_a_regeneration_scored_by_full_for
     clip = make_video_example(11, n_frames=4)
     items, prompt = [DecodedVideo(clip.frames, clip.video_metadata, "toy clip")], video_prompt_messages(clip)
     record = collect_example(model, processor, items, prompt, config)
-    answer = next(i for i, sp in enumerate(record.spans) if sp["section"] == "answer")
-    masks = list(torch.eye(record.num_regions, dtype=torch.bool)) + list(record.subset_masks)
-    measured = torch.cat([record.loo_effects[answer], record.subset_effects[answer]])
     assert record.prompt_regions().layout.images[0].kind == "video" and record.num_regions == 4 * 2  # 2 groups
-    changed = 0
-    for m, mask in enumerate(masks):
-        reference, regenerated_differently = _reference_total_effect(model, processor, record, mask, items, prompt,
-                                                                     config)
-        changed += regenerated_differently
-        assert measured[m].item() == pytest.approx(reference, abs=2e-3), (m, measured[m].item(), reference)
-    assert changed >= 1  # some ablation changes the reasoning: the regenerated path is exercised
+    _assert_total_effects_match_regeneration(model, processor, record, items, prompt, config)
 
 
 @pytest.mark.slow

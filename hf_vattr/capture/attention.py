@@ -119,7 +119,7 @@ class AttentionCapture:
         self._layer_of = {module: i for i, module in enumerate(self.modules)}
         self._positions: dict[torch.device, torch.Tensor] = {}
         self._pooling: dict[torch.device, torch.Tensor] = {}
-        self._region_index: dict[torch.device, RegionIndex | None] = {}  # the same pooling as a scatter, if it is one
+        self._lse_pooling: dict[torch.device, torch.Tensor | RegionIndex] = {}  # what the LSE route pools with
         self._pooling_cpu: torch.Tensor | None = None
         self._visual_key_cache: dict[int, tuple] = {}  # layer -> (cache length, scaled float keys, scale)
         self.num_regions = 0
@@ -145,7 +145,7 @@ class AttentionCapture:
         self._pooling_cpu = membership.contiguous()
         self._positions.clear()
         self._pooling.clear()
-        self._region_index.clear()
+        self._lse_pooling.clear()
         self.num_regions = int(membership.shape[-1])
         self._prepare(input_device(self.model))  # moved once, not per step
 
@@ -154,9 +154,10 @@ class AttentionCapture:
         if device not in self._positions:
             self._positions[device] = self._positions_cpu.to(device)
             self._pooling[device] = self._pooling_cpu.to(device)
-            # CPU only: a scatter is the cheaper read there; CUDA's scatter adds atomically (run-to-run order), and
-            # its dense product over the table is cheap anyway.
-            self._region_index[device] = region_index(self._pooling[device]) if device.type == "cpu" else None
+            # On CPU the same sums as a scatter, when regions partition the tokens: the cheaper read. CUDA keeps the
+            # table: its scatter adds atomically (run-to-run order), and its dense product is cheap anyway.
+            index = region_index(self._pooling[device]) if device.type == "cpu" else None
+            self._lse_pooling[device] = self._pooling[device] if index is None else index
 
     # -- lifecycle
     def __enter__(self) -> "AttentionCapture":
@@ -230,7 +231,7 @@ class AttentionCapture:
 
     def _record_lse(self, module, query, key, value, lse, attention_mask, scaling) -> None:
         self._check_batch(query.shape[0])
-        positions, pooling = self._device_tables(query.device)
+        positions, _ = self._device_tables(query.device)
         layer = self._layer_of[module]
         weights = self._weights(layer, module, value, positions)
         # The visual keys sit in the prompt, so they never change while the cache grows by one token a step:
@@ -243,8 +244,7 @@ class AttentionCapture:
             kept = (key.shape[2], kept[1], scaling)
         self._visual_key_cache[layer] = kept
         mask = _visual_mask(attention_mask, positions, key.shape[2])
-        index = self._region_index.get(query.device)
-        self._slots[layer] = _features_from_lse(query, lse.float(), kept[1], pooling if index is None else index, mask,
+        self._slots[layer] = _features_from_lse(query, lse.float(), kept[1], self._lse_pooling[query.device], mask,
                                                 weights)
         self._set_path("lse")
 
