@@ -293,6 +293,8 @@ def main() -> None:
                              "its tables go to their own section of --write")
     parser.add_argument("--write", default=None, help="markdown file whose streaming section to replace")
     args = parser.parse_args()
+    if args.steps < 3 or args.repeats < 1:  # blocks are timed from their third step; a median needs one pair
+        parser.error(f"--steps must be at least 3 and --repeats at least 1 (got {args.steps} and {args.repeats}).")
     torch.set_num_threads(args.threads)
 
     rows_e2e, rows_layer, rows_mem, rows_cpu = [], [], [], []
